@@ -1,0 +1,122 @@
+"""The cache: objects at <path>/<h[:2]>/<h>, temp files under <path>/tmp, and the byte budget."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+
+from . import fsutil
+
+log = logging.getLogger(__name__)
+
+TMP = b"tmp"
+
+
+class Cache:
+    """Owns the cache folder's descriptors and the in-memory account of bytes used.
+
+    `used` starts from the catalog and follows every object added or dropped;
+    `reserve()` holds room for files in flight so that a batch never overshoots.
+    """
+
+    def __init__(self, path: str, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.root_fd = fsutil.open_root(path, create=True)
+        self._subdirs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.used = 0
+        self.reserved = 0
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(TMP, 0o700, dir_fd=self.root_fd)
+        self.tmp_fd = os.open(TMP, fsutil.O_SUBDIR, dir_fd=self.root_fd)
+
+    def close(self) -> None:
+        for fd in self._subdirs.values():
+            os.close(fd)
+        self._subdirs.clear()
+        os.close(self.tmp_fd)
+        os.close(self.root_fd)
+
+    def object_path(self, h: str) -> str:
+        return os.path.join(self.path, h[:2], h)
+
+    def subdir_fd(self, h: str) -> int:
+        """The descriptor of the object's two-digit folder, created on first use and kept open."""
+        key = h[:2]
+        fd = self._subdirs.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._subdirs.get(key)
+                if fd is None:
+                    fd = fsutil.open_subdir(self.root_fd, [key.encode()], create=True)
+                    self._subdirs[key] = fd
+        return fd
+
+    def has_object(self, h: str) -> bool:
+        try:
+            os.stat(h, dir_fd=self.subdir_fd(h), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open_object(self, h: str) -> int:
+        return os.open(h, fsutil.O_READ_FILE, dir_fd=self.subdir_fd(h))
+
+    def remove_object(self, h: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(h, dir_fd=self.subdir_fd(h))
+
+    # -- the byte budget ----------------------------------------------------------------
+
+    def set_used(self, used: int) -> None:
+        with self._lock:
+            self.used = used
+
+    def free(self) -> int:
+        with self._lock:
+            return self.capacity - self.used - self.reserved
+
+    def reserve(self, size: int) -> bool:
+        """Hold `size` bytes for a file on its way in; False when it does not fit."""
+        with self._lock:
+            if self.used + self.reserved + size > self.capacity:
+                return False
+            self.reserved += size
+            return True
+
+    def commit(self, size: int) -> None:
+        """A reserved file is now an object."""
+        with self._lock:
+            self.reserved -= size
+            self.used += size
+
+    def release(self, size: int) -> None:
+        """A reserved file did not come in after all."""
+        with self._lock:
+            self.reserved -= size
+
+    def dropped(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def clear_tmp(self) -> int:
+        """Temp files are half-written copies from a process that died: nothing refers to them."""
+        removed = 0
+        for entry in os.scandir(self.tmp_fd):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(entry.name, dir_fd=self.tmp_fd)
+                removed += 1
+        return removed
+
+    def object_folders(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.root_fd)
+                      if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
+
+    def objects_in(self, folder: str) -> list[os.DirEntry]:
+        with fsutil.subdir(self.root_fd, [folder.encode()]) as fd:
+            return list(os.scandir(fd))

@@ -1,0 +1,471 @@
+"""The catalog: every SQL statement of cloudmanagerd lives in this module.
+
+Tables (schema version 1):
+- files: one row per content hash (name as raw bytes, size, added, pin, export bookkeeping).
+- ingests: files in flight from the inbox to the cache, committed before the rename so
+  that start-up can finish or undo whatever a crash interrupted.
+- cache_entries: which node holds which file in its cache, and when it was last used.
+- uploads: one row per (file, remote) pair: state, attempts, next attempt, last error,
+  and a claim (owner node, lease expiry) so that several nodes never send the same pair.
+- copies: where a file's copies live (remote, url), verified or marked bad.
+- remote_stats: per-remote error counters that survive a restart.
+- transfer: bytes in and out of each node, by month.
+- nodes: heartbeats of the nodes sharing this catalog.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Ambiguous, NotFound
+from .sqlite import SqliteDatabase
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE files (
+        hash TEXT PRIMARY KEY,
+        name BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        added REAL NOT NULL,
+        pinned INTEGER NOT NULL DEFAULT 0,
+        removing INTEGER NOT NULL DEFAULT 0,
+        exported REAL,
+        confirmed INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX files_added ON files(added);
+    CREATE TABLE ingests (
+        node TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        name BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        started REAL NOT NULL,
+        PRIMARY KEY (node, hash, name)
+    );
+    CREATE TABLE cache_entries (
+        hash TEXT NOT NULL REFERENCES files(hash),
+        node TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        last_used REAL NOT NULL,
+        PRIMARY KEY (hash, node)
+    );
+    CREATE INDEX cache_lru ON cache_entries(node, last_used);
+    CREATE TABLE uploads (
+        hash TEXT NOT NULL REFERENCES files(hash),
+        remote TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'retrying', 'failed', 'done')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        claim_owner TEXT,
+        lease_expiry REAL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (hash, remote)
+    );
+    CREATE INDEX uploads_due ON uploads(state, next_attempt);
+    CREATE TABLE copies (
+        hash TEXT NOT NULL REFERENCES files(hash),
+        remote TEXT NOT NULL,
+        url TEXT NOT NULL,
+        created REAL NOT NULL,
+        verified REAL,
+        bad INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hash, remote)
+    );
+    CREATE TABLE remote_stats (
+        remote TEXT PRIMARY KEY,
+        errors INTEGER NOT NULL DEFAULT 0,
+        successes INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at REAL
+    );
+    CREATE TABLE transfer (
+        node TEXT NOT NULL,
+        month TEXT NOT NULL,
+        incoming INTEGER NOT NULL DEFAULT 0,
+        outgoing INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node, month)
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        heartbeat REAL NOT NULL,
+        pid INTEGER,
+        info TEXT
+    );
+    """,
+]
+
+ACTIVE_STATES = ("queued", "active", "retrying")
+
+
+@dataclass(frozen=True)
+class IngestRecord:
+    hash: str
+    name: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class UploadClaim:
+    hash: str
+    remote: str
+    attempts: int
+    size: int
+
+
+def month_of(now: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(now))
+
+
+class Catalog:
+    """The catalog of one node; `node` names this node's rows in a shared database."""
+
+    def __init__(self, db: SqliteDatabase, node: str) -> None:
+        self.db = db
+        self.node = node
+
+    @classmethod
+    def open(cls, url: str, node: str) -> Catalog:
+        if url.startswith("sqlite:///"):
+            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
+        else:
+            raise NotImplementedError(f"catalog {url}: only sqlite:/// catalogs are supported so far")
+        catalog.migrate()
+        return catalog
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        conn = self.db.connection()
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not exists:
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        with self.db.tx() as conn:
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"catalog schema version {version} is newer than this cloudmanagerd understands "
+                    f"({SCHEMA_VERSION}); upgrade cloudmanagerd")
+            for step in MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def begin_ingest(self, records: Sequence[IngestRecord], now: float) -> None:
+        """Durably note the files about to leave the inbox, before any of them moves."""
+        with self.db.tx() as conn:
+            conn.executemany(
+                "INSERT INTO ingests(node, hash, name, size, started) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [(self.node, r.hash, r.name, r.size, now) for r in records])
+
+    def finish_ingest(self, records: Sequence[IngestRecord], remotes: Sequence[str], now: float) -> list[str]:
+        """Register files whose objects are durably in the cache; returns the hashes that were new."""
+        new: list[str] = []
+        month = month_of(now)
+        with self.db.tx() as conn:
+            for r in records:
+                inserted = conn.execute(
+                    "INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (r.hash, r.name, r.size, now)).rowcount
+                conn.execute(
+                    "INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO UPDATE SET last_used=excluded.last_used",
+                    (r.hash, self.node, r.size, now))
+                if inserted:
+                    new.append(r.hash)
+                    conn.executemany(
+                        "INSERT INTO uploads(hash, remote, state, next_attempt, updated) "
+                        "VALUES (?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
+                        [(r.hash, remote, now, now) for remote in remotes])
+                conn.execute("DELETE FROM ingests WHERE node=? AND hash=? AND name=?", (self.node, r.hash, r.name))
+            incoming = sum(r.size for r in records)
+            self._add_transfer(conn, month, incoming=incoming)
+        return new
+
+    def abandon_ingest(self, records: Iterable[IngestRecord]) -> None:
+        with self.db.tx() as conn:
+            conn.executemany("DELETE FROM ingests WHERE node=? AND hash=? AND name=?",
+                             [(self.node, r.hash, r.name) for r in records])
+
+    def pending_ingests(self) -> list[IngestRecord]:
+        rows = self.db.connection().execute(
+            "SELECT hash, name, size FROM ingests WHERE node=? ORDER BY started", (self.node,)).fetchall()
+        return [IngestRecord(h, bytes(n), s) for h, n, s in rows]
+
+    def cached_here(self, hashes: Iterable[str]) -> set[str]:
+        hashes = list(hashes)
+        if not hashes:
+            return set()
+        conn = self.db.connection()
+        marks = ",".join("?" * len(hashes))
+        rows = conn.execute(f"SELECT hash FROM cache_entries WHERE node=? AND hash IN ({marks})",
+                            (self.node, *hashes)).fetchall()
+        return {r[0] for r in rows}
+
+    def cached_hashes_with_prefix(self, prefix: str) -> set[str]:
+        """Cached hashes starting with a 2-digit cache folder name: one folder at a time keeps memory flat."""
+        rows = self.db.connection().execute(
+            "SELECT hash FROM cache_entries WHERE node=? AND hash >= ? AND hash < ?",
+            (self.node, prefix, prefix + "g")).fetchall()
+        return {r[0] for r in rows}
+
+    def cache_usage(self) -> tuple[int, int]:
+        """(bytes, files) in this node's cache."""
+        row = self.db.connection().execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM cache_entries WHERE node=?", (self.node,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def forget_cache_entry(self, h: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute("DELETE FROM cache_entries WHERE node=? AND hash=?", (self.node, h))
+
+    def register_recovered(self, h: str, name: bytes, size: int, remotes: Sequence[str], now: float) -> None:
+        self.finish_ingest([IngestRecord(h, name, size)], remotes, now)
+
+    def touch(self, h: str, now: float) -> None:
+        with self.db.tx() as conn:
+            conn.execute("UPDATE cache_entries SET last_used=? WHERE node=? AND hash=?", (now, self.node, h))
+
+    # -- uploads --------------------------------------------------------------------------
+
+    def release_claims(self, now: float) -> int:
+        """Pairs this node had in flight when it stopped go back to the queue."""
+        with self.db.tx() as conn:
+            return conn.execute(
+                "UPDATE uploads SET state=CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END, "
+                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE state='active' AND claim_owner=?",
+                (now, self.node)).rowcount
+
+    def claim_due(self, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = ()) -> list[UploadClaim]:
+        """Take up to `limit` due pairs whose file is in this node's cache, oldest first."""
+        if limit <= 0:
+            return []
+        skip = ",".join("?" * len(skip_remotes))
+        skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
+        with self.db.tx() as conn:
+            rows = conn.execute(
+                "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u "
+                "JOIN cache_entries c ON c.hash=u.hash AND c.node=? JOIN files f ON f.hash=u.hash "
+                f"WHERE u.state IN ('queued', 'retrying') AND u.next_attempt <= ? {skip_sql} "
+                "ORDER BY u.next_attempt LIMIT ?",
+                (self.node, now, *skip_remotes, limit)).fetchall()
+            conn.executemany(
+                "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
+                "WHERE hash=? AND remote=?",
+                [(self.node, now + lease, now, h, r) for h, r, _, _ in rows])
+        return [UploadClaim(h, r, a, s) for h, r, a, s in rows]
+
+    def next_due_time(self) -> float | None:
+        row = self.db.connection().execute(
+            "SELECT MIN(next_attempt) FROM uploads WHERE state IN ('queued', 'retrying')").fetchone()
+        return row[0]
+
+    def upload_done(self, h: str, remote: str, url: str, size: int, redundancy: int, now: float) -> None:
+        """Record a verified copy; once the file has its copies, cancel its other pending pairs."""
+        with self.db.tx() as conn:
+            conn.execute(
+                "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
+                (h, remote, url, now, now))
+            conn.execute(
+                "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
+                "updated=? WHERE hash=? AND remote=?", (now, h, remote))
+            good = conn.execute("SELECT COUNT(*) FROM copies WHERE hash=? AND bad=0", (h,)).fetchone()[0]
+            if good >= redundancy:
+                conn.execute("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying')", (h,))
+            conn.execute(
+                "INSERT INTO remote_stats(remote, successes) VALUES (?, 1) "
+                "ON CONFLICT DO UPDATE SET successes=successes+1", (remote,))
+            self._add_transfer(conn, month_of(now), outgoing=size)
+
+    def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float) -> None:
+        """A failed attempt: retry at `next_attempt`, or give the pair up when it is None."""
+        state = "failed" if next_attempt is None else "retrying"
+        with self.db.tx() as conn:
+            conn.execute(
+                "UPDATE uploads SET state=?, attempts=attempts+1, next_attempt=?, last_error=?, "
+                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=?",
+                (state, next_attempt if next_attempt is not None else now, error, now, h, remote))
+            conn.execute(
+                "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
+                "last_error_at=excluded.last_error_at", (remote, error, now))
+
+    def top_up(self, h: str, remote_order: Sequence[str], healthy: set[str], redundancy: int, now: float) -> list[str]:
+        """Queue spare remotes so that a file's copies plus fresh attempts reach `redundancy`.
+
+        A pair that keeps failing keeps retrying, but does not count: the next healthy remote
+        in config order is queued beside it, so a dead remote never holds redundancy back.
+        """
+        added: list[str] = []
+        with self.db.tx() as conn:
+            pairs = dict(conn.execute("SELECT remote, state FROM uploads WHERE hash=?", (h,)).fetchall())
+            good = {r for (r,) in conn.execute("SELECT remote FROM copies WHERE hash=? AND bad=0", (h,))}
+            in_play = len(good) + sum(1 for r, s in pairs.items() if s in ("queued", "active") and r not in good)
+            for remote in remote_order:
+                if in_play >= redundancy:
+                    break
+                if remote in pairs or remote in good or remote not in healthy:
+                    continue
+                conn.execute(
+                    "INSERT INTO uploads(hash, remote, state, next_attempt, updated) VALUES (?, ?, 'queued', ?, ?)",
+                    (h, remote, now, now))
+                added.append(remote)
+                in_play += 1
+        return added
+
+    def retry_failed(self, hashes: Sequence[str] | None, now: float) -> int:
+        """Put given-up pairs back in the queue (all of them when `hashes` is None)."""
+        with self.db.tx() as conn:
+            if hashes is None:
+                return conn.execute(
+                    "UPDATE uploads SET state='queued', attempts=0, next_attempt=?, updated=? WHERE state='failed'",
+                    (now, now)).rowcount
+            return sum(conn.execute(
+                "UPDATE uploads SET state='queued', attempts=0, next_attempt=?, updated=? "
+                "WHERE state='failed' AND hash=?", (now, now, h)).rowcount for h in hashes)
+
+    def remote_stats(self) -> dict[str, dict[str, Any]]:
+        conn = self.db.connection()
+        stats: dict[str, dict[str, Any]] = {}
+        for remote, errors, last_error in conn.execute("SELECT remote, errors, last_error FROM remote_stats"):
+            stats[remote] = {"errors": errors, "last_error": last_error, "copies": 0}
+        for remote, n in conn.execute("SELECT remote, COUNT(*) FROM copies WHERE bad=0 GROUP BY remote"):
+            stats.setdefault(remote, {"errors": 0, "last_error": None})["copies"] = n
+        return stats
+
+    # -- queries for status, ls and info --------------------------------------------------
+
+    def counts(self, min_redundancy: int, redundancy: int) -> dict[str, Any]:
+        with self.db.read() as conn:
+            files, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
+            by_state = dict(conn.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall())
+            queued_bytes = conn.execute(
+                "SELECT COALESCE(SUM(f.size), 0) FROM uploads u JOIN files f ON f.hash=u.hash "
+                "WHERE u.state IN ('queued', 'retrying', 'active')").fetchone()[0]
+            copies = conn.execute("SELECT COUNT(*) FROM copies WHERE bad=0").fetchone()[0]
+            below = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(f.size), 0), MIN(f.added) FROM files f "
+                "LEFT JOIN (SELECT hash, COUNT(*) n FROM copies WHERE bad=0 GROUP BY hash) c ON c.hash=f.hash "
+                "WHERE COALESCE(c.n, 0) < ?", (min_redundancy,)).fetchone()
+            below_redundancy = conn.execute(
+                "SELECT COUNT(*) FROM files f "
+                "LEFT JOIN (SELECT hash, COUNT(*) n FROM copies WHERE bad=0 GROUP BY hash) c ON c.hash=f.hash "
+                "WHERE COALESCE(c.n, 0) < ?", (redundancy,)).fetchone()[0]
+            cache_bytes, cache_files = conn.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM cache_entries WHERE node=?", (self.node,)).fetchone()
+            transfer = conn.execute(
+                "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0) FROM transfer WHERE node=?",
+                (self.node,)).fetchone()
+            month = conn.execute(
+                "SELECT incoming, outgoing FROM transfer WHERE node=? AND month=?",
+                (self.node, month_of(time.time()))).fetchone() or (0, 0)
+        return {
+            "files": files, "bytes": total,
+            "uploads": {s: by_state.get(s, 0) for s in ("queued", "active", "retrying", "failed", "done")},
+            "queued_bytes": queued_bytes, "copies": copies,
+            "below_min": below[0], "below_min_bytes": below[1], "oldest_below_min_added": below[2],
+            "below_redundancy": below_redundancy,
+            "cache_bytes": cache_bytes, "cache_files": cache_files,
+            "total_incoming": transfer[0], "total_outgoing": transfer[1],
+            "month_incoming": month[0], "month_outgoing": month[1],
+        }
+
+    def resolve(self, prefix: str) -> str:
+        """The one hash starting with `prefix` (6+ lowercase hex digits), or NotFound/Ambiguous."""
+        rows = self.db.connection().execute(
+            "SELECT hash FROM files WHERE hash >= ? AND hash < ? ORDER BY hash LIMIT 2",
+            (prefix, prefix + "g")).fetchall()
+        if not rows:
+            raise NotFound(f"no file with hash {prefix}")
+        if len(rows) > 1:
+            raise Ambiguous(f"hash prefix {prefix} matches several files; give more digits")
+        return rows[0][0]
+
+    def list_files(self, state: str | None = None, name_glob: str | None = None,
+                   limit: int | None = None) -> list[dict[str, Any]]:
+        where, args = ["1=1"], []
+        if state == "cached":
+            where.append("EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "evicted":
+            where.append("NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "pending":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
+                         "AND u.state IN ('queued', 'active', 'retrying'))")
+        elif state == "failed":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
+        if name_glob is not None:
+            where.append("CAST(f.name AS TEXT) GLOB ?")
+            args.append(name_glob)
+        sql = f"SELECT f.hash FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self.db.read() as conn:
+            hashes = [r[0] for r in conn.execute(sql, args).fetchall()]
+            return [self._file_object(conn, h) for h in hashes]
+
+    def file_info(self, h: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            info = self._file_object(conn, h)
+        if info is None:
+            raise NotFound(f"no file with hash {h}")
+        return info
+
+    def _file_object(self, conn, h: str) -> dict[str, Any] | None:
+        row = conn.execute("SELECT name, size, added, pinned FROM files WHERE hash=?", (h,)).fetchone()
+        if row is None:
+            return None
+        name, size, added, pinned = row
+        cached = conn.execute("SELECT 1 FROM cache_entries WHERE hash=? AND node=?", (h, self.node)).fetchone()
+        copies = conn.execute("SELECT remote, url FROM copies WHERE hash=? AND bad=0 ORDER BY created",
+                              (h,)).fetchall()
+        pairs = conn.execute("SELECT remote, state, last_error, attempts FROM uploads WHERE hash=? "
+                             "AND state != 'done' ORDER BY remote", (h,)).fetchall()
+        return {
+            "hash": h, "name": bytes(name), "size": size, "added": added, "cached": cached is not None,
+            "pinned": bool(pinned),
+            "copies": [{"remote": r, "url": u} for r, u in copies],
+            "pending": [r for r, s, _, _ in pairs if s in ACTIVE_STATES],
+            "failed": [{"remote": r, "error": e, "attempts": a} for r, s, e, a in pairs if s == "failed"],
+        }
+
+    # -- counters -------------------------------------------------------------------------
+
+    def _add_transfer(self, conn, month: str, incoming: int = 0, outgoing: int = 0) -> None:
+        if not incoming and not outgoing:
+            return
+        conn.execute(
+            "INSERT INTO transfer(node, month, incoming, outgoing) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET incoming=incoming+excluded.incoming, outgoing=outgoing+excluded.outgoing",
+            (self.node, month, incoming, outgoing))
+
+    def add_transfer(self, now: float, incoming: int = 0, outgoing: int = 0) -> None:
+        with self.db.tx() as conn:
+            self._add_transfer(conn, month_of(now), incoming, outgoing)
+
+    def heartbeat(self, pid: int, now: float) -> None:
+        with self.db.tx() as conn:
+            conn.execute("INSERT INTO nodes(node, heartbeat, pid) VALUES (?, ?, ?) "
+                         "ON CONFLICT DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid",
+                         (self.node, now, pid))

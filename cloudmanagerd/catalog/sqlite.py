@@ -1,0 +1,87 @@
+"""SQLite connections: WAL, a busy timeout, full durability, one connection per thread."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+class SqliteDatabase:
+    """Hands each thread its own connection; writes go through `tx()` (BEGIN IMMEDIATE).
+
+    WAL lets readers (status, ls) run beside the ingest writer. `synchronous=FULL`
+    because ingest relies on a commit being on disk before it renames a file out of
+    the inbox: a power cut must not lose the row that points at the cache object.
+    """
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE, commit, or roll back on any error."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several SELECTs."""
+        conn = self.connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def backup_to(self, fd: int) -> None:
+        """A consistent online copy of the database, written to an open file descriptor."""
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(self.path), prefix=".backup-") as tmp:
+            target = sqlite3.connect(tmp.name)
+            try:
+                self.connection().backup(target)
+            finally:
+                target.close()
+            with open(tmp.name, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    os.write(fd, chunk)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -1,0 +1,260 @@
+"""cloudmanagerctl: ask the running daemon over its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from .names import show
+from .protocol import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, LineReader, ProtocolError, decode, encode
+from .status import human_size
+
+DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+DEFAULT_SOCKET = "/run/cloudmanagerd/control.sock"
+
+
+class Failed(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    config = args.config or os.environ.get("CLOUDMANAGERD_CONFIG") or DEFAULT_CONFIG
+    if not os.path.exists(config):
+        if args.config:
+            raise Failed(f"config {config} does not exist", EXIT_FAILED)
+        return DEFAULT_SOCKET
+    from .config import ConfigError, load_config
+    try:
+        return load_config(config).control.socket
+    except ConfigError as exc:
+        raise Failed(f"{config}: {exc.errors[0]}") from None
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise Failed(f"cannot reach cloudmanagerd at {path}: {exc.strerror} (is it running?)",
+                         EXIT_UNREACHABLE) from None
+        self.reader = LineReader(self.sock, limit=1 << 30)
+
+    def call(self, request: dict[str, Any], fds: list[int] | None = None, progress=None) -> Any:
+        data = encode(request)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+        while True:
+            try:
+                line = self.reader.readline()
+            except (ProtocolError, OSError) as exc:
+                raise Failed(f"lost the connection to cloudmanagerd: {exc}", EXIT_UNREACHABLE) from None
+            if line is None:
+                raise Failed("cloudmanagerd closed the connection without answering", EXIT_UNREACHABLE)
+            reply = decode(line)
+            if "progress" in reply:
+                if progress:
+                    progress(reply["progress"])
+                continue
+            if not reply.get("ok"):
+                raise Failed(str(reply.get("error", "the daemon said no")))
+            return reply.get("result")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- human output ---------------------------------------------------------------------------
+
+def ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def print_status(s: dict[str, Any]) -> None:
+    cache, up, safety = s["cache"], s["uploads"], s["safety"]
+    print(f"cloudmanagerd {s['version']} on {s['node']}: {s['state']} (pid {s['pid']}, up {s['uptime']:.0f}s)")
+    for problem in s["problems"]:
+        print(f"  problem: {problem}")
+    print(f"inbox    {s['inbox']['path']}: {s['inbox']['pending']} pending, {s['inbox']['rejected']} rejected")
+    print(f"cache    {cache['path']}: {human_size(cache['used'])} of {human_size(cache['capacity'])} "
+          f"({cache['usage_ratio']:.1%}), {cache['files']} files")
+    print(f"catalog  {s['catalog']['files']} files, {human_size(s['catalog']['bytes'])}")
+    print(f"uploads  {up['queued']} queued ({human_size(up['queued_bytes'])}), {up['active']} active, "
+          f"{up['retrying']} retrying, {up['failed']} failed; {up['copies']} copies")
+    oldest = f", oldest {ago(safety['oldest_below_min'])}" if safety["oldest_below_min"] is not None else ""
+    print(f"safety   {safety['below_min']} files below min_redundancy ({human_size(safety['below_min_bytes'])})"
+          f"{oldest}, {safety['below_redundancy']} below redundancy")
+    for r in s["remotes"]:
+        health = "healthy" if r["healthy"] else "UNHEALTHY"
+        err = f", last error: {r['last_error']}" if r["last_error"] else ""
+        print(f"remote   {r['name']} ({r['type']}): {health}, {r['copies']} copies, {r['errors']} errors{err}")
+    t = s["transfer"]
+    print(f"transfer {t['month']}: in {human_size(t['incoming'])}, out {human_size(t['outgoing'])}")
+
+
+def print_files(files: list[dict[str, Any]]) -> None:
+    if not files:
+        return
+    now = time.time()
+    print(f"{'HASH':<14} {'SIZE':>10} {'ADDED':>9} {'CACHED':<6} {'COPIES':<6} NAME")
+    for f in files:
+        print(f"{f['hash'][:12]:<14} {human_size(f['size']):>10} {ago(now - f['added']):>9} "
+              f"{'yes' if f['cached'] else 'no':<6} {len(f['copies']):<6} {show(f['name'])}")
+
+
+def print_info(f: dict[str, Any]) -> None:
+    print(f"hash     {f['hash']}")
+    print(f"name     {show(f['name'])}")
+    print(f"size     {human_size(f['size'])} ({f['size']} bytes)")
+    print(f"added    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(f['added']))}")
+    print(f"cached   {'yes' if f['cached'] else 'no'}{', pinned' if f['pinned'] else ''}")
+    for c in f["copies"]:
+        print(f"copy     {c['remote']}: {c['url']}")
+    for r in f["pending"]:
+        print(f"pending  {r}")
+    for r in f["failed"]:
+        print(f"failed   {r['remote']} after {r['attempts']} attempts: {r['error']}")
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    client = Client(socket_path(args))
+    try:
+        return COMMANDS[args.command](client, args)
+    finally:
+        client.close()
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    s = client.call({"cmd": "status"})
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print_status(s)
+    if args.check and s["safety"]["below_min"]:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    files = client.call({"cmd": "ls", "state": args.state, "name": args.name, "limit": args.limit})
+    if args.json:
+        print(json.dumps(files, indent=2))
+    else:
+        print_files(files)
+    return EXIT_OK
+
+
+def cmd_info(client: Client, args: argparse.Namespace) -> int:
+    f = client.call({"cmd": "info", "hash": args.hash})
+    if args.json:
+        print(json.dumps(f, indent=2))
+    else:
+        print_info(f)
+    return EXIT_OK
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    if args.output:
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise Failed(f"cannot open {args.output} for writing: {exc.strerror}") from None
+    elif sys.stdout.isatty():
+        raise Failed("get: stdout is a terminal; give -o PATH or redirect the output", EXIT_USAGE)
+    else:
+        sys.stdout.flush()
+        fd = os.dup(sys.stdout.fileno())
+    show_progress = sys.stderr.isatty()
+
+    def progress(p: dict[str, int]) -> None:
+        if show_progress and p.get("total"):
+            print(f"\r{human_size(p['done'])} of {human_size(p['total'])}", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = client.call({"cmd": "get", "hash": args.hash}, fds=[fd], progress=progress)
+    finally:
+        os.close(fd)
+        if show_progress:
+            print("\r", end="", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result), file=sys.stderr if not args.output else sys.stdout)
+    elif args.output:
+        print(f"{result['hash'][:12]}: {human_size(result['size'])} written to {args.output}")
+    return EXIT_OK
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    if not args.hashes and not args.all:
+        raise Failed("retry: name one or more hashes, or pass --all", EXIT_USAGE)
+    result = client.call({"cmd": "retry", "hashes": args.hashes, "all": args.all})
+    print(json.dumps(result) if args.json else f"{result['requeued']} upload(s) queued again")
+    return EXIT_OK
+
+
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    result = client.call({"cmd": "reload"})
+    print(json.dumps(result) if args.json else "reload requested")
+    return EXIT_OK
+
+
+COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
+            "reload": cmd_reload}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloudmanagerctl", description="Query and steer a running cloudmanagerd.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", help=f"find the socket in this config (default {DEFAULT_CONFIG})")
+    where.add_argument("-s", "--socket", help="the control socket")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="one screen of state")
+    s.add_argument("--check", action="store_true", help="exit 1 while any file is below min_redundancy")
+    s = sub.add_parser("ls", help="files, newest first")
+    s.add_argument("--state", choices=["cached", "evicted", "pending", "failed"])
+    s.add_argument("--name", help="glob on the original name")
+    s.add_argument("--limit", type=int)
+    s = sub.add_parser("info", help="one file")
+    s.add_argument("hash")
+    s = sub.add_parser("get", help="write a file's bytes to PATH or stdout")
+    s.add_argument("hash")
+    s.add_argument("-o", "--output", metavar="PATH")
+    s = sub.add_parser("retry", help="put failed uploads back in the queue")
+    s.add_argument("hashes", nargs="*")
+    s.add_argument("--all", action="store_true")
+    sub.add_parser("reload", help="re-read the config, like systemctl reload")
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except Failed as exc:
+        print(f"cloudmanagerctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The composition root: build every part from the config, start in order, stop in reverse."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from . import __version__, fsutil
+from .cache import Cache
+from .catalog import Catalog
+from .config import Config, ConfigError, load_config
+from .control import ControlServer
+from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
+from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
+from .ingest import Ingestor, IngestWorker, Rejector
+from .names import show
+from .notify import Notifier
+from .protocol import FULL_HASH, HASH_PREFIX
+from .remotes import build_remote
+from .status import build_status, file_object, summary_line
+from .uploads import Uploader
+
+log = logging.getLogger("cloudmanagerd")
+
+DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+PUMP_INTERVAL = 1.0
+PROBE_INTERVAL = 30.0
+STATUS_INTERVAL = 2.0
+
+
+def preflight(config: Config) -> list[str]:
+    """Problems with the folders that would stop the daemon; each one line that says what to do."""
+    problems = []
+    inbox = config.inbox
+    if not os.path.isdir(inbox):
+        problems.append(f"inbox: {inbox} does not exist or is not a folder (create it: mkdir -p {inbox})")
+    elif not os.access(inbox, os.W_OK | os.X_OK):
+        problems.append(f"inbox: {inbox} is not writable by user {_user()} "
+                        f"(files are moved out of it; run: chown {_user()} {inbox})")
+    for key, path in (("cache.path", config.cache.path), ("state", config.state),
+                      ("ingest.rejected", config.ingest.rejected)):
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{key}: {path} is not writable by user {_user()} (run: chown {_user()} {existing})")
+    for rc in config.remotes:
+        if rc.type == "directory":
+            path = str(rc.get("path"))
+            if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+                problems.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
+                                f"add a drop-in with ReadWritePaths={path}; else chown it)")
+    return problems
+
+
+def _user() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+class Daemon:
+    """Every part of a running cloudmanagerd, wired together."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.state = "starting"
+        self.notifier = Notifier()
+        self._stack = contextlib.ExitStack()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+
+    # -- build and start ------------------------------------------------------------------
+
+    def start(self) -> None:
+        c = self.config
+        os.makedirs(c.state, exist_ok=True)
+        self._lock_state()
+        self.catalog = Catalog.open(c.catalog, c.node)
+        self._stack.callback(self.catalog.close)
+        self.cache = Cache(c.cache.path, c.cache.capacity)
+        self._stack.callback(self.cache.close)
+        self.rejector = Rejector(c.ingest.rejected)
+        self._stack.callback(self.rejector.close)
+        try:
+            self.inbox_fd = fsutil.open_root(c.inbox)
+        except OSError as exc:
+            raise StartupError(explain_oserror(exc, f"inbox {c.inbox}")) from None
+        self._stack.callback(os.close, self.inbox_fd)
+
+        remotes = {rc.name: build_remote(rc) for rc in c.remotes}
+        self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
+                                 c.cluster.lease)
+        self.ingestor = Ingestor(self.inbox_fd, self.cache, self.catalog, self.rejector,
+                                 self.uploader.targets, c.ingest.ignore)
+        self.ingestor.reconcile()
+        self.cache.set_used(self.catalog.cache_usage()[0])
+        released = self.catalog.release_claims(time.time())
+        if released:
+            log.info("%d upload(s) interrupted by the last stop are queued again", released)
+
+        self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox_fd, rel))
+        self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan, self._registered)
+        self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
+        self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
+                                             job_defaults={"coalesce": True, "max_instances": 1,
+                                                           "misfire_grace_time": None})
+        self.scheduler.add_job(self.uploader.pump, "interval", seconds=PUMP_INTERVAL, id="pump",
+                               next_run_time=_now())
+        self.scheduler.add_job(self._rescan, "interval", seconds=c.ingest.rescan, id="rescan")
+        self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
+        self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
+        self.uploader.wake = self.wake_pump
+        self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())
+
+        self.watcher.start()
+        self.worker.start()
+        self.scheduler.start()
+        self.request_scan(b"")
+        self.control.start()
+        self.state = "running"
+        self.notifier.ready()
+        self._refresh_status()
+        log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
+                 c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _lock_state(self) -> None:
+        path = os.path.join(self.config.state, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StartupError(f"state {self.config.state}: another cloudmanagerd is already running "
+                                   "with this state folder (stop it first)") from None
+            raise
+        self._stack.callback(os.close, fd)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def request_scan(self, rel: bytes) -> None:
+        """Scan a folder of the inbox in the scheduler's pool; found files settle before ingest."""
+        self.scheduler.add_job(self._scan, args=[rel], next_run_time=_now())
+
+    def _scan(self, rel: bytes) -> None:
+        count = scan(self.inbox_fd, rel, self.ingestor.ignored, self.queue.put_settle, lambda *a: None)
+        if rel == b"" and count:
+            log.info("inbox scan found %d file(s)", count)
+
+    def _rescan(self) -> None:
+        self.worker.offer_waiting()
+        self._scan(b"")
+
+    def _lost_events(self, reason: str) -> None:
+        log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
+        self.request_scan(b"")
+
+    def _registered(self, hashes: list[str]) -> None:
+        self.wake_pump()
+
+    def wake_pump(self) -> None:
+        with contextlib.suppress(Exception):
+            self.scheduler.modify_job("pump", next_run_time=_now())
+
+    def problems(self) -> list[str]:
+        return self.worker.problems() + self.uploader.problems()
+
+    def status(self) -> dict[str, Any]:
+        c = self.config
+        counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+        stats = self.catalog.remote_stats()
+        remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
+                    "copies": stats.get(rc.name, {}).get("copies", 0),
+                    "errors": stats.get(rc.name, {}).get("errors", 0),
+                    "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
+        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
+                            inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
+                            rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
+                            counts=counts, active=self.uploader.active_count(), remotes=remotes)
+
+    def _refresh_status(self) -> None:
+        try:
+            self.notifier.status(summary_line(self.status()))
+        except Exception as exc:  # the catalog may be busy or gone; say so rather than die
+            self.notifier.status(f"status unavailable: {exc}")
+
+    def healthy(self) -> bool:
+        """For systemd's watchdog: the ingest thread and the scheduler are alive and turning."""
+        fresh = time.monotonic() - 30
+        return (self.worker.is_alive() and self.worker.last_progress > fresh
+                and self.scheduler.running and self.uploader.last_progress > fresh)
+
+    def run(self) -> int:
+        interval = self.notifier.watchdog_interval
+        while not self.stop_requested.wait(min(interval or 1.0, 1.0)):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if interval and self.healthy():
+                self.notifier.watchdog()
+        return 0
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        self.state = "reloading"
+        try:
+            new = load_config(self.config.source or DEFAULT_CONFIG)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload failed, keeping the running config: %s", line)
+            self.notifier.status(f"reload failed: {exc.errors[0]}")
+        else:
+            logging.getLogger().setLevel(new.log.level.upper())
+            log.info("reloaded %s (log level applied; other changes take effect on restart)", new.source)
+        self.state = "running"
+        self.notifier.ready()
+
+    # -- stop ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop in reverse order: no new requests, no new files, finish the file in hand, then close."""
+        self.state = "stopping"
+        self.notifier.stopping()
+        log.info("stopping")
+        for part in ("control", "watcher", "worker"):
+            if hasattr(self, part):
+                getattr(self, part).stop()
+        if hasattr(self, "watcher"):
+            self.watcher.join(10)
+        if hasattr(self, "worker"):
+            self.worker.join(60)
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if hasattr(self, "uploader"):
+            self.uploader.close()
+        if hasattr(self, "control"):
+            self.control.join(5)
+        self._stack.close()
+        log.info("stopped")
+
+    # -- control commands ------------------------------------------------------------------
+
+    def _commands(self) -> dict[str, Any]:
+        return {
+            "status": lambda req, fds, progress: self.status(),
+            "ls": self._cmd_ls,
+            "info": lambda req, fds, progress: file_object(self.catalog.file_info(self._hash_arg(req))),
+            "get": self._cmd_get,
+            "retry": self._cmd_retry,
+            "reload": self._cmd_reload,
+        }
+
+    def _hash_arg(self, req: dict[str, Any]) -> str:
+        value = req.get("hash")
+        if not isinstance(value, str) or not HASH_PREFIX.match(value):
+            raise NotFound(f"bad hash {value!r}: give 6 to 64 lowercase hex digits")
+        return value if FULL_HASH.match(value) and self._known(value) else self.catalog.resolve(value)
+
+    def _known(self, h: str) -> bool:
+        try:
+            self.catalog.file_info(h)
+        except NotFound:
+            return False
+        return True
+
+    def _cmd_ls(self, req: dict[str, Any], fds: list[int], progress: Any) -> list[dict[str, Any]]:
+        state = req.get("state")
+        if state not in (None, "cached", "evicted", "pending", "failed"):
+            raise CloudManagerError(f"ls: unknown state {state!r}; use cached, evicted, pending or failed")
+        name = req.get("name")
+        limit = req.get("limit")
+        if name is not None and not isinstance(name, str):
+            raise CloudManagerError("ls: name must be a glob pattern (a string)")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise CloudManagerError("ls: limit must be a whole number, 0 or more")
+        return [file_object(f) for f in self.catalog.list_files(state, name, limit)]
+
+    def _cmd_get(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        h = self._hash_arg(req)
+        if len(fds) != 1:
+            raise CloudManagerError("get: pass exactly one open file descriptor to write to")
+        info = self.catalog.file_info(h)
+        if not info["cached"]:
+            raise CloudManagerError(f"get {h}: the file is not in this node's cache")
+        src = self.cache.open_object(h)
+        try:
+            with contextlib.suppress(OSError):
+                os.lseek(fds[0], 0, os.SEEK_CUR)
+            written = fsutil.copy_fd(src, fds[0], lambda done: None)
+        finally:
+            os.close(src)
+        now = time.time()
+        self.catalog.touch(h, now)
+        self.catalog.add_transfer(now, outgoing=written)
+        return {"hash": h, "size": written, "name": show(info["name"])}
+
+    def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        hashes = req.get("hashes")
+        if req.get("all"):
+            revived = self.catalog.retry_failed(None, time.time())
+        else:
+            if not isinstance(hashes, list) or not hashes:
+                raise CloudManagerError("retry: name one or more hashes, or pass --all")
+            revived = self.catalog.retry_failed([self._hash_arg({"hash": h}) for h in hashes], time.time())
+        self.wake_pump()
+        return {"requeued": revived}
+
+    def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        self.reload_requested.set()
+        return {"reloading": True}
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    if os.environ.get("JOURNAL_STREAM"):
+        with contextlib.suppress(ImportError):
+            from systemd.journal import JournalHandler
+            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="cloudmanagerd")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            root.addHandler(handler)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cloudmanagerd", description="Turn a drop folder into a content-addressed "
+                                "store, cached locally and copied to remote hosts.")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG),
+                   help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 or 1")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+    p.add_argument("--version", action="version", version=f"cloudmanagerd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return 1
+    problems = preflight(config)
+    if args.check_config:
+        for line in problems:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        if not problems:
+            print(f"cloudmanagerd: {args.config}: config OK")
+        return 1 if problems else 0
+    setup_logging(args.log_level or config.log.level)
+    if problems:
+        for line in problems:
+            log.error("%s", line)
+        return 1
+
+    daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop_requested.set())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    try:
+        daemon.start()
+        code = daemon.run()
+    except CloudManagerError as exc:
+        log.error("%s", exc)
+        code = 1
+    except OSError as exc:
+        log.error("%s", explain_oserror(exc, exc.filename or "start-up"))
+        code = 1
+    finally:
+        daemon.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

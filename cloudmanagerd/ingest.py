@@ -1,0 +1,563 @@
+"""Ingest: take finished files out of the inbox into the catalog and the cache, crash-safely.
+
+The durable order, for a batch of files:
+  1. hash each file (streamed SHA-256) and re-stat it: a file that changed is put back;
+  2. commit an "ingesting" row per file (hash, name, size): durable before anything moves;
+  3. rename each file into <cache>/<h[:2]>/<h> (copy + fsync + unlink across mounts);
+  4. make the objects and both folders durable (fsync, or one syncfs for a large batch);
+  5. commit the files as registered and cached, with their upload pairs.
+A crash or power cut between any two steps leaves an "ingesting" row that `reconcile()`
+finishes or undoes at start-up, so nothing is lost and nothing half-done remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+import fnmatch
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from . import fsutil
+from .cache import Cache
+from .catalog import Catalog, IngestRecord
+from .errors import explain_oserror
+from .names import show
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+SYNCFS_BATCH = 16  # from this many files on, one syncfs is cheaper than an fsync per file
+
+
+@dataclass
+class Candidate:
+    rel: bytes
+    dir_fd: int
+    name: bytes
+    fd: int
+    st: os.stat_result
+    hash: str = ""
+    moved: bool = False
+    copied: bool = False
+
+    @property
+    def record(self) -> IngestRecord:
+        return IngestRecord(self.hash, self.rel, self.st.st_size)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dir_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Without ctime, which our own rename into the cache changes."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    while n := os.readv(fd, [buf]):
+        digest.update(view[:n])
+    return digest.hexdigest()
+
+
+class Rejector:
+    """Moves entries that can never be ingested to the rejected folder, keeping their relative path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.root_fd = fsutil.open_root(path, create=True, mode=0o750)
+        self.count = sum(1 for _ in os.scandir(self.root_fd))
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def reject(self, dir_fd: int, name: bytes, rel: bytes, reason: str) -> bool:
+        parts = fsutil.split_rel(rel)[:-1]
+        try:
+            with fsutil.subdir(self.root_fd, parts, create=True) as target_fd:
+                target = name
+                for n in range(1, 1000):
+                    try:
+                        os.stat(target, dir_fd=target_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        break
+                    target = name + b".%d" % n
+                os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.error("cannot move %s to the rejected folder %s: %s (left in the inbox)",
+                      show(rel), self.path, explain_oserror(exc, "rename").split(": ", 1)[1])
+            return False
+        self.count += 1
+        log.warning("rejected %s: %s (moved to %s)", show(rel), reason, self.path)
+        return True
+
+
+@dataclass
+class IngestResult:
+    registered: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    requeue: list[bytes] = field(default_factory=list)      # changed while hashed: take again later
+    waiting: list[tuple[bytes, str]] = field(default_factory=list)  # left in the inbox, with why
+    directories: list[bytes] = field(default_factory=list)  # folders to scan
+
+
+class Ingestor:
+    """Turns inbox entries (relative byte paths) into registered, cached files."""
+
+    def __init__(self, inbox_fd: int, cache: Cache, catalog: Catalog, rejector: Rejector,
+                 remotes: Callable[[], Sequence[str]], ignore: Sequence[str],
+                 now: Callable[[], float] = time.time) -> None:
+        self.inbox_fd = inbox_fd
+        self.cache = cache
+        self.catalog = catalog
+        self.rejector = rejector
+        self.remotes = remotes
+        self.ignore = tuple(ignore)
+        self.now = now
+
+    def ignored(self, rel: bytes) -> bool:
+        return any(fnmatch.fnmatchcase(os.fsdecode(part), pattern)
+                   for part in fsutil.split_rel(rel) for pattern in self.ignore)
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def ingest(self, rels: Sequence[bytes]) -> IngestResult:
+        result = IngestResult()
+        candidates: list[Candidate] = []
+        try:
+            for rel in dict.fromkeys(rels):
+                candidate = self._open(rel, result)
+                if candidate is not None:
+                    candidates.append(candidate)
+            self._hash_all(candidates, result)
+            candidates = [c for c in candidates if c.hash]
+            self._store(candidates, result)
+        finally:
+            for c in candidates:
+                c.close()
+        return result
+
+    def _open(self, rel: bytes, result: IngestResult) -> Candidate | None:
+        parts = fsutil.split_rel(rel)
+        if not parts or self.ignored(rel):
+            return None
+        dir_fd = os.dup(self.inbox_fd)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                try:
+                    child = os.open(part, fsutil.O_SUBDIR, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    os.close(dir_fd)
+                    return None
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        self._reject_component(dir_fd, part, b"/".join(parts[:i + 1]))
+                    else:
+                        log.warning("cannot open folder %s in the inbox: %s", show(b"/".join(parts[:i + 1])),
+                                    explain_oserror(exc, "open").split(": ", 1)[1])
+                    os.close(dir_fd)
+                    return None
+                os.close(dir_fd)
+                dir_fd = child
+            return self._open_file(dir_fd, parts[-1], b"/".join(parts), result)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(dir_fd)
+            raise
+
+    def _reject_component(self, dir_fd: int, name: bytes, rel: bytes) -> None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self.rejector.reject(dir_fd, name, rel, "a symbolic link in place of a folder (never followed)")
+
+    def _open_file(self, dir_fd: int, name: bytes, rel: bytes, result: IngestResult) -> Candidate | None:
+        """Open one entry for hashing, or deal with it (reject, scan, skip) and return None."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.close(dir_fd)
+            return None
+        reason = kind_reason(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(dir_fd)
+            result.directories.append(rel)
+            return None
+        if reason:
+            self.rejector.reject(dir_fd, name, rel, reason)
+            os.close(dir_fd)
+            return None
+        try:
+            fd = os.open(name, fsutil.O_READ_FILE, dir_fd=dir_fd)
+        except FileNotFoundError:
+            os.close(dir_fd)
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self.rejector.reject(dir_fd, name, rel, "unreadable (permission denied for the daemon's user)")
+            elif exc.errno == errno.ELOOP:
+                self.rejector.reject(dir_fd, name, rel, "a symbolic link (never followed)")
+            else:
+                log.warning("cannot open %s: %s", show(rel), explain_oserror(exc, "open").split(": ", 1)[1])
+            os.close(dir_fd)
+            return None
+        fst = os.fstat(fd)
+        reason = kind_reason(fst.st_mode)
+        if reason or stat.S_ISDIR(fst.st_mode):
+            # swapped between the stat and the open
+            os.close(fd)
+            os.close(dir_fd)
+            result.requeue.append(rel)
+            return None
+        if fst.st_size > self.cache.capacity:
+            os.close(fd)
+            os.close(dir_fd)
+            result.waiting.append((rel, "too-large"))
+            return None
+        return Candidate(rel, dir_fd, name, fd, fst)
+
+    def _hash_all(self, candidates: list[Candidate], result: IngestResult) -> None:
+        for c in candidates:
+            try:
+                h = sha256_fd(c.fd)
+                after = os.fstat(c.fd)
+            except OSError as exc:
+                log.warning("cannot read %s: %s", show(c.rel), explain_oserror(exc, "read").split(": ", 1)[1])
+                result.requeue.append(c.rel)
+                continue
+            if signature(after) != signature(c.st):
+                log.info("%s changed while it was hashed; taking it again later", show(c.rel))
+                result.requeue.append(c.rel)
+                continue
+            c.hash = h
+
+    def _store(self, candidates: list[Candidate], result: IngestResult) -> None:
+        if not candidates:
+            return
+        cached = self.catalog.cached_here({c.hash for c in candidates})
+        fresh: dict[str, Candidate] = {}
+        duplicates: list[Candidate] = []
+        for c in candidates:
+            if c.hash in cached or c.hash in fresh:
+                duplicates.append(c)
+            elif self.cache.reserve(c.st.st_size):
+                fresh[c.hash] = c
+            else:
+                result.waiting.append((c.rel, "cache-full"))
+        todo = list(fresh.values())
+        if todo:
+            self.catalog.begin_ingest([c.record for c in todo], self.now())
+            try:
+                self._move_all(todo)
+                self._make_durable(todo)
+                self._check_unchanged(todo, result)
+            except BaseException:
+                self._undo(todo)
+                raise
+            done = [c for c in todo if c.moved]
+            for c in todo:
+                if not c.moved:
+                    self.cache.release(c.st.st_size)
+            if done:
+                self.catalog.finish_ingest([c.record for c in done], self.remotes(), self.now())
+                for c in done:
+                    self.cache.commit(c.st.st_size)
+                    if c.copied:
+                        self._unlink_source(c)
+                    log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size)
+                result.registered.extend(c.hash for c in done)
+            self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
+        for c in duplicates:
+            if self._still_same(c):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(c.name, dir_fd=c.dir_fd)
+                log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash)
+                result.duplicates += 1
+
+    def _move_all(self, todo: list[Candidate]) -> None:
+        for c in todo:
+            if not self._still_same(c):
+                continue
+            target_fd = self.cache.subdir_fd(c.hash)
+            try:
+                os.rename(c.name, c.hash, src_dir_fd=c.dir_fd, dst_dir_fd=target_fd)
+                c.moved = True
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_in(c, target_fd)
+
+    def _copy_in(self, c: Candidate, target_fd: int) -> None:
+        """Across mounts: copy to a temp name, fsync, rename in; the inbox entry goes after the commit."""
+        tmp = f"{c.hash}.{os.getpid()}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
+        try:
+            os.lseek(c.fd, 0, os.SEEK_SET)
+            fsutil.copy_fd(c.fd, out)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            os.unlink(tmp, dir_fd=self.cache.tmp_fd)
+            raise
+        os.close(out)
+        os.rename(tmp, c.hash, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=target_fd)
+        c.moved = c.copied = True
+
+    def _make_durable(self, todo: list[Candidate]) -> None:
+        moved = [c for c in todo if c.moved]
+        if not moved:
+            return
+        if len(moved) >= SYNCFS_BATCH:
+            fsutil.syncfs(self.cache.root_fd)
+            if any(c.copied for c in moved):
+                return
+            fsutil.syncfs(self.inbox_fd)
+            return
+        folders: dict[tuple[int, int], int] = {}
+        for c in moved:
+            if not c.copied:
+                os.fsync(c.fd)
+            for fd in (c.dir_fd, self.cache.subdir_fd(c.hash)):
+                st = os.fstat(fd)
+                folders.setdefault((st.st_dev, st.st_ino), fd)
+        for fd in folders.values():
+            os.fsync(fd)
+
+    def _check_unchanged(self, todo: list[Candidate], result: IngestResult) -> None:
+        """A writer that still held the file open may have written after the hash: put it back."""
+        for c in todo:
+            if not c.moved or c.copied:
+                continue
+            if content_signature(os.fstat(c.fd)) != content_signature(c.st):
+                log.warning("%s changed after it was hashed; putting it back in the inbox", show(c.rel))
+                self._move_back(c)
+                result.requeue.append(c.rel)
+
+    def _move_back(self, c: Candidate) -> None:
+        target_fd = self.cache.subdir_fd(c.hash)
+        try:
+            os.rename(c.hash, c.name, src_dir_fd=target_fd, dst_dir_fd=c.dir_fd)
+        except OSError:
+            self.rejector.reject(target_fd, c.hash.encode(), c.rel, "changed while it was being taken in")
+        c.moved = False
+
+    def _undo(self, todo: list[Candidate]) -> None:
+        for c in todo:
+            if c.moved and not c.copied:
+                with contextlib.suppress(OSError):
+                    self._move_back(c)
+            elif c.copied:
+                self.cache.remove_object(c.hash)
+            self.cache.release(c.st.st_size)
+            c.moved = False
+
+    def _still_same(self, c: Candidate) -> bool:
+        """The name still points at the inode that was hashed (not swapped since)."""
+        try:
+            st = os.stat(c.name, dir_fd=c.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (c.st.st_dev, c.st.st_ino)
+
+    def _unlink_source(self, c: Candidate) -> None:
+        if self._still_same(c):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(c.name, dir_fd=c.dir_fd)
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Finish or undo what a crash left half-done: temp files and "ingesting" rows."""
+        removed = self.cache.clear_tmp()
+        if removed:
+            log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
+        for record in self.catalog.pending_ingests():
+            self._reconcile_one(record)
+
+    def _reconcile_one(self, r: IngestRecord) -> None:
+        in_inbox = self._inbox_has(r.name)
+        if self.cache.has_object(r.hash) and r.hash not in self.catalog.cached_here([r.hash]):
+            fd = self.cache.open_object(r.hash)
+            try:
+                good = sha256_fd(fd) == r.hash
+                if good:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if good:
+                os.fsync(self.cache.subdir_fd(r.hash))
+                self.catalog.finish_ingest([r], self.remotes(), self.now())
+                log.info("finished the interrupted ingest of %s hash=%s", show(r.name), r.hash)
+                if in_inbox:
+                    self._remove_inbox_copy(r)
+                return
+            log.warning("dropping a torn cache object for %s hash=%s", show(r.name), r.hash)
+            self.cache.remove_object(r.hash)
+        self.catalog.abandon_ingest([r])
+        if not in_inbox and r.hash not in self.catalog.cached_here([r.hash]):
+            log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash)
+
+    def _inbox_has(self, rel: bytes) -> bool:
+        parts = fsutil.split_rel(rel)
+        try:
+            with fsutil.subdir(self.inbox_fd, parts[:-1]) as fd:
+                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+    def _remove_inbox_copy(self, r: IngestRecord) -> None:
+        """The inbox entry of a cross-mount copy that was interrupted after its object was complete."""
+        parts = fsutil.split_rel(r.name)
+        try:
+            with fsutil.subdir(self.inbox_fd, parts[:-1]) as fd:
+                file_fd = os.open(parts[-1], fsutil.O_READ_FILE, dir_fd=fd)
+                try:
+                    same = sha256_fd(file_fd) == r.hash
+                finally:
+                    os.close(file_fd)
+                if same:
+                    os.unlink(parts[-1], dir_fd=fd)
+        except OSError:
+            pass
+
+
+def kind_reason(mode: int) -> str | None:
+    """Why an entry of this type can never be ingested (None for files and folders)."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (never followed)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node, not a file"
+    return "not a regular file"
+
+
+class IngestWorker:
+    """The ingest thread: takes ready entries in batches and feeds them to the Ingestor.
+
+    Files that do not fit wait in the inbox untouched (back-pressure); they are offered
+    again by `offer_waiting()` whenever room may have appeared. `last_progress` tells the
+    health watchdog that this thread is alive, busy or idle by choice.
+    """
+
+    BATCH = 512
+
+    def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
+                 on_registered: Callable[[list[str]], None]) -> None:
+        self.ingestor = ingestor
+        self.queue = queue
+        self.scan = scan
+        self.on_registered = on_registered
+        self.waiting: dict[bytes, str] = {}
+        self.last_progress = time.monotonic()
+        self.registered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._error_logged: str | None = None
+        self._announced: set[bytes] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def offer_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for rel in waiting:
+            self.queue.put_ready(rel)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last_progress = time.monotonic()
+            rels = self.queue.take(self.BATCH, timeout=0.5)
+            if not rels or self._stop.is_set():
+                for rel in rels:
+                    self.queue.put_ready(rel)
+                continue
+            try:
+                result = self.ingestor.ingest(rels)
+            except OSError as exc:
+                self._failed(rels, explain_oserror(exc, "ingest"))
+                continue
+            except Exception:
+                log.exception("ingest of %d file(s) failed; they stay in the inbox", len(rels))
+                self._failed(rels, None)
+                continue
+            self._error_logged = None
+            self._apply(rels, result)
+
+    def _failed(self, rels: Sequence[bytes], message: str | None) -> None:
+        if message and message != self._error_logged:
+            log.error("%s; %d file(s) stay in the inbox and are retried", message, len(rels))
+            self._error_logged = message
+        for rel in rels:
+            self.queue.put_settle(rel)
+        self._stop.wait(2.0)
+
+    def _apply(self, rels: Sequence[bytes], result: IngestResult) -> None:
+        for rel in result.requeue:
+            self.queue.put_settle(rel)
+        for rel in result.directories:
+            self.scan(rel)
+        was_full = any(r == "cache-full" for r in self.waiting.values())
+        for rel in rels:
+            self.waiting.pop(rel, None)
+        for rel, reason in result.waiting:
+            if reason == "too-large" and rel not in self._announced:
+                log.warning("%s is larger than the whole cache (%d bytes); it stays in the inbox",
+                            show(rel), self.ingestor.cache.capacity)
+                self._announced.add(rel)
+            self.waiting[rel] = reason
+        full = any(r == "cache-full" for r in self.waiting.values())
+        if full and not was_full:
+            log.warning("cache full: new files wait in the inbox until room is made")
+        elif was_full and not full:
+            log.info("room in the cache again: ingest resumed")
+        if result.registered:
+            self.registered += len(result.registered)
+            self.on_registered(result.registered)
+
+    def problems(self) -> list[str]:
+        full = sum(1 for r in self.waiting.values() if r == "cache-full")
+        large = [rel for rel, r in self.waiting.items() if r == "too-large"]
+        out = []
+        if full:
+            out.append(f"cache full: {full} files waiting in the inbox for room")
+        if large:
+            shown = ", ".join(show(rel) for rel in large[:3]) + (" ..." if len(large) > 3 else "")
+            out.append(f"larger than the whole cache, left in the inbox: {shown}")
+        return out

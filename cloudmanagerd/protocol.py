@@ -1,0 +1,69 @@
+"""The control socket's wire format, shared by the daemon and cloudmanagerctl.
+
+One JSON object per line each way. Requests: {"cmd": "status"}, {"cmd": "info", "hash": ...}.
+Replies: {"ok": true, "result": ...} or {"ok": false, "error": "..."}; a long request may
+first send {"progress": {"done": N, "total": M}} lines. File descriptors for `get -o` and
+the like travel beside the request line as SCM_RIGHTS ancillary data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from typing import Any
+
+MAX_LINE = 1 << 20
+HASH_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
+FULL_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+# exit codes of cloudmanagerctl
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"malformed request: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed request: expected a JSON object")
+    return message
+
+
+class LineReader:
+    """Reads lines and the file descriptors that arrived with them from a stream socket."""
+
+    def __init__(self, sock: socket.socket, limit: int = MAX_LINE) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.buffer = bytearray()
+        self.fds: list[int] = []
+
+    def readline(self) -> bytes | None:
+        """The next line (without its newline), or None at end of stream; ProtocolError when too long."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                return line
+            if len(self.buffer) > self.limit:
+                raise ProtocolError(f"request too long (over {self.limit} bytes)")
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 8)
+            self.fds.extend(fds)
+            if not data:
+                return None
+            self.buffer += data
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds

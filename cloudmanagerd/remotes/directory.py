@@ -1,0 +1,117 @@
+"""A remote on any mounted filesystem (NAS, NFS, SMB): copies at <path>/<h[:2]>/<h>."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+
+from .. import fsutil
+from ..errors import explain_oserror
+from .base import MISSING, REMOTE, TRANSIENT, Progress, RemoteError
+
+# errnos that no retry can fix until someone changes the remote itself
+REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                 errno.EDQUOT, errno.ELOOP}
+
+
+class DirectoryRemote:
+    kind = "directory"
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+
+    def _error(self, exc: OSError, what: str) -> RemoteError:
+        kind = REMOTE if exc.errno in REMOTE_ERRNOS else TRANSIENT
+        return RemoteError(explain_oserror(exc, f"{what} {self.path}"), kind)
+
+    def _root(self) -> int:
+        try:
+            return fsutil.open_root(self.path)
+        except OSError as exc:
+            raise self._error(exc, "remote folder") from None
+
+    def put(self, h: str, src_fd: int, size: int, progress: Progress | None = None) -> str:
+        root = self._root()
+        try:
+            with fsutil.subdir(root, [h[:2].encode()], create=True) as folder:
+                tmp = f".{h}.{uuid.uuid4().hex[:8]}.tmp"
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
+                try:
+                    os.lseek(src_fd, 0, os.SEEK_SET)
+                    written = fsutil.copy_fd(src_fd, out, progress)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+                if written != size:
+                    os.unlink(tmp, dir_fd=folder)
+                    raise RemoteError(f"remote {self.name}: wrote {written} bytes of {size}; the source changed")
+                os.rename(tmp, h, src_dir_fd=folder, dst_dir_fd=folder)
+                os.fsync(folder)
+                if os.stat(h, dir_fd=folder, follow_symlinks=False).st_size != size:
+                    raise RemoteError(f"remote {self.name}: the stored copy has the wrong size")
+        except OSError as exc:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp, dir_fd=folder)  # type: ignore[possibly-undefined]
+            raise self._error(exc, "write to") from None
+        finally:
+            os.close(root)
+        return os.path.join(self.path, h[:2], h)
+
+    def get(self, h: str, url: str, dst_fd: int, progress: Progress | None = None) -> None:
+        root = self._root()
+        try:
+            with fsutil.subdir(root, [h[:2].encode()]) as folder:
+                src = os.open(h, fsutil.O_READ_FILE, dir_fd=folder)
+                try:
+                    fsutil.copy_fd(src, dst_fd, progress)
+                finally:
+                    os.close(src)
+        except FileNotFoundError:
+            raise RemoteError(f"remote {self.name}: copy of {h} is missing", MISSING) from None
+        except OSError as exc:
+            raise self._error(exc, "read from") from None
+        finally:
+            os.close(root)
+
+    def exists(self, h: str, url: str) -> int | None:
+        root = self._root()
+        try:
+            with fsutil.subdir(root, [h[:2].encode()]) as folder:
+                return os.stat(h, dir_fd=folder, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, "read from") from None
+        finally:
+            os.close(root)
+
+    def delete(self, h: str, url: str) -> None:
+        root = self._root()
+        try:
+            with fsutil.subdir(root, [h[:2].encode()]) as folder:
+                os.unlink(h, dir_fd=folder)
+                os.fsync(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, "delete from") from None
+        finally:
+            os.close(root)
+
+    def probe(self) -> None:
+        root = self._root()
+        try:
+            name = f".probe.{uuid.uuid4().hex[:8]}"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=root)
+            os.close(fd)
+            os.unlink(name, dir_fd=root)
+        except OSError as exc:
+            raise self._error(exc, "write to") from None
+        finally:
+            os.close(root)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,173 @@
+"""Uploads: the per-(file, remote) state machine, backoff, and the pump the scheduler runs.
+
+The state lives in the catalog (attempts, next attempt time, last error, claim); the
+scheduler only calls `pump()`, which claims what is due and hands it to a thread pool.
+A restart therefore resumes the queue exactly where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from .cache import Cache
+from .catalog import Catalog, UploadClaim
+from .config import UploadConfig
+from .remotes.base import FILE, REMOTE, Remote, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Full jitter: uniform between 0 and the exponential bound, so that retries spread out."""
+    bound = min(maximum, initial * 2 ** max(attempt - 1, 0))
+    return rng.uniform(0, bound)
+
+
+def next_attempt(kind: str, attempts_after: int, policy: UploadConfig, now: float,
+                 rng: random.Random) -> float | None:
+    """When to try a failed pair again; None gives it up (only `retry` revives it)."""
+    if kind == FILE:
+        return None
+    if policy.retry.max_attempts and attempts_after >= policy.retry.max_attempts:
+        return None
+    return now + backoff_delay(attempts_after, policy.retry.initial, policy.retry.max, rng)
+
+
+class Uploader:
+    """Sends cached files to remotes, `policy.concurrency` transfers at once."""
+
+    def __init__(self, catalog: Catalog, cache: Cache, remotes: Mapping[str, Remote], order: Sequence[str],
+                 policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.catalog = catalog
+        self.cache = cache
+        self.remotes = dict(remotes)
+        self.order = list(order)
+        self.policy = policy
+        self.lease = lease
+        self.now = now
+        self.rng = rng or random.Random()
+        self.unhealthy: dict[str, str] = {}
+        self.wake: Callable[[], None] = lambda: None
+        self.last_progress = time.monotonic()
+        self._active: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="upload")
+        self._closed = False
+
+    # -- what the rest of the daemon asks ------------------------------------------------
+
+    def targets(self) -> list[str]:
+        """The remotes a new file goes to: the first `redundancy` healthy ones in config order."""
+        healthy = [r for r in self.order if r not in self.unhealthy]
+        chosen = healthy[: self.policy.redundancy]
+        if len(chosen) < self.policy.redundancy:
+            # too few healthy remotes: queue on the sick ones too, they retry until fixed
+            chosen += [r for r in self.order if r not in chosen][: self.policy.redundancy - len(chosen)]
+        return chosen
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def problems(self) -> list[str]:
+        return [f"remote {name}: {message}" for name, message in sorted(self.unhealthy.items())]
+
+    # -- the scheduler's job -------------------------------------------------------------
+
+    def pump(self) -> None:
+        self.last_progress = time.monotonic()
+        if self._closed:
+            return
+        with self._lock:
+            free = self.policy.concurrency - len(self._active)
+        if free <= 0:
+            return
+        claims = self.catalog.claim_due(self.now(), free, self.lease)
+        for claim in claims:
+            with self._lock:
+                self._active.add((claim.hash, claim.remote))
+            self._pool.submit(self._transfer, claim)
+
+    def probe_unhealthy(self) -> None:
+        for name in list(self.unhealthy):
+            remote = self.remotes.get(name)
+            if remote is None:
+                self.unhealthy.pop(name, None)
+                continue
+            try:
+                remote.probe()
+            except RemoteError as exc:
+                self.unhealthy[name] = str(exc)
+                continue
+            log.info("remote %s is reachable again", name)
+            self.unhealthy.pop(name, None)
+            self.wake()
+
+    def _transfer(self, claim: UploadClaim) -> None:
+        try:
+            self._send(claim)
+        except Exception:
+            log.exception("upload of hash=%s to remote=%s failed unexpectedly", claim.hash, claim.remote)
+            self._failed(claim, RemoteError("internal error (see the log)"))
+        finally:
+            with self._lock:
+                self._active.discard((claim.hash, claim.remote))
+            self.last_progress = time.monotonic()
+            self.wake()
+
+    def _send(self, claim: UploadClaim) -> None:
+        remote = self.remotes.get(claim.remote)
+        if remote is None:
+            self._failed(claim, RemoteError(f"remote {claim.remote} is no longer configured", FILE))
+            return
+        try:
+            fd = self.cache.open_object(claim.hash)
+        except OSError as exc:
+            self._failed(claim, RemoteError(f"cache object unreadable: {exc.strerror}"))
+            return
+        try:
+            started = time.monotonic()
+            url = remote.put(claim.hash, fd, claim.size)
+        except RemoteError as exc:
+            self._failed(claim, exc)
+            return
+        finally:
+            os.close(fd)
+        self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
+        if self.unhealthy.pop(claim.remote, None) is not None:
+            log.info("remote %s works again", claim.remote)
+        log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
+                 time.monotonic() - started)
+
+    def _failed(self, claim: UploadClaim, exc: RemoteError) -> None:
+        attempts = claim.attempts + 1
+        now = self.now()
+        when = next_attempt(exc.kind, attempts, self.policy, now, self.rng)
+        if exc.kind == REMOTE:
+            if self.unhealthy.get(claim.remote) != str(exc):
+                log.error("remote %s: %s", claim.remote, exc)
+            self.unhealthy[claim.remote] = str(exc)
+        if when is None:
+            log.error("gave up uploading hash=%s to remote=%s after %d attempt(s): %s "
+                      "(cloudmanagerctl retry %s)", claim.hash, claim.remote, attempts, exc, claim.hash[:12])
+        else:
+            log.warning("upload of hash=%s to remote=%s failed (attempt=%d, next in %.0fs): %s",
+                        claim.hash, claim.remote, attempts, when - now, exc)
+        self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
+        healthy = {r for r in self.order if r not in self.unhealthy}
+        self.catalog.top_up(claim.hash, self.order, healthy, self.policy.redundancy, now)
+
+    def close(self) -> None:
+        """Let transfers in hand finish; what was not started stays queued in the catalog."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.catalog.release_claims(self.now())
+        for remote in self.remotes.values():
+            remote.close()

@@ -38,6 +38,7 @@ DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
 PUMP_INTERVAL = 1.0
 PROBE_INTERVAL = 30.0
 STATUS_INTERVAL = 2.0
+STALL_CHECK_INTERVAL = 1.0
 
 
 def preflight(config: Config) -> list[str]:
@@ -124,6 +125,7 @@ class Daemon:
                                next_run_time=_now())
         self.scheduler.add_job(self._rescan, "interval", seconds=c.ingest.rescan, id="rescan")
         self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
+        self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
         self.uploader.wake = self.wake_pump
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .cache import Cache
 from .catalog import Catalog, UploadClaim
 from .config import UploadConfig
-from .remotes.base import FILE, REMOTE, Remote, RemoteError
+from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,28 @@ def next_attempt(kind: str, attempts_after: int, policy: UploadConfig, now: floa
     return now + backoff_delay(attempts_after, policy.retry.initial, policy.retry.max, rng)
 
 
+def stall_verdict(transfer: Transfer, reports_progress: bool, stall: float, min_rate: float,
+                  now: float) -> str | None:
+    """Why a transfer must be cancelled now, or None to let it run.
+
+    With progress reports: no byte for `stall` seconds, or an average below `min_rate` once
+    `stall` has passed. Without them (a subprocess that cannot tell), the whole transfer may
+    take `stall` plus the time `min_rate` allows for its size.
+    """
+    elapsed = now - transfer.started
+    if reports_progress:
+        if now - transfer.last_change > stall:
+            return f"stalled: no progress for {now - transfer.last_change:.0f}s (upload.stall)"
+        if min_rate and elapsed > stall and transfer.done / elapsed < min_rate:
+            return (f"too slow: {transfer.done / elapsed / 1024:.1f} KiB/s on average, below "
+                    f"upload.min_rate {min_rate / 1024:.1f} KiB/s")
+        return None
+    allowed = stall + (transfer.size / min_rate if min_rate else float("inf"))
+    if elapsed > allowed:
+        return f"took {elapsed:.0f}s, longer than upload.stall plus its size at upload.min_rate"
+    return None
+
+
 class Uploader:
     """Sends cached files to remotes, `policy.concurrency` transfers at once."""
 
@@ -56,7 +78,7 @@ class Uploader:
         self.unhealthy: dict[str, str] = {}
         self.wake: Callable[[], None] = lambda: None
         self.last_progress = time.monotonic()
-        self._active: set[tuple[str, str]] = set()
+        self._active: dict[tuple[str, str], Transfer | None] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="upload")
         self._closed = False
@@ -92,7 +114,7 @@ class Uploader:
         claims = self.catalog.claim_due(self.now(), free, self.lease)
         for claim in claims:
             with self._lock:
-                self._active.add((claim.hash, claim.remote))
+                self._active[(claim.hash, claim.remote)] = None
             self._pool.submit(self._transfer, claim)
 
     def probe_unhealthy(self) -> None:
@@ -118,7 +140,7 @@ class Uploader:
             self._failed(claim, RemoteError("internal error (see the log)"))
         finally:
             with self._lock:
-                self._active.discard((claim.hash, claim.remote))
+                self._active.pop((claim.hash, claim.remote), None)
             self.last_progress = time.monotonic()
             self.wake()
 
@@ -132,9 +154,16 @@ class Uploader:
         except OSError as exc:
             self._failed(claim, RemoteError(f"cache object unreadable: {exc.strerror}"))
             return
+        transfer = Transfer(claim.size)
+        with self._lock:
+            self._active[(claim.hash, claim.remote)] = transfer
         try:
             started = time.monotonic()
-            url = remote.put(claim.hash, fd, claim.size)
+            url = remote.put(claim.hash, fd, claim.size, transfer)
+        except Cancelled as exc:
+            if not self._closed:  # stopping is no failure: close() releases the claim uncounted
+                self._failed(claim, exc)
+            return
         except RemoteError as exc:
             self._failed(claim, exc)
             return
@@ -164,9 +193,26 @@ class Uploader:
         healthy = {r for r in self.order if r not in self.unhealthy}
         self.catalog.top_up(claim.hash, self.order, healthy, self.policy.redundancy, now)
 
+    def check_stalls(self) -> None:
+        """The scheduler's watch over transfers in flight: a hung remote never freezes the queue."""
+        now = time.monotonic()
+        with self._lock:
+            active = [(key, t) for key, t in self._active.items() if t is not None and not t.cancelled]
+        for (h, name), transfer in active:
+            remote = self.remotes.get(name)
+            reason = stall_verdict(transfer, getattr(remote, "reports_progress", True), self.policy.stall,
+                                   self.policy.min_rate, now)
+            if reason:
+                log.warning("cancelling the upload of hash=%s to remote=%s: %s", h, name, reason)
+                transfer.cancel(reason)
+
     def close(self) -> None:
-        """Let transfers in hand finish; what was not started stays queued in the catalog."""
+        """Stop transfers in flight (they are retried after the restart) and release their claims."""
         self._closed = True
+        with self._lock:
+            for transfer in self._active.values():
+                if transfer is not None:
+                    transfer.cancel("the daemon is stopping")
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.catalog.release_claims(self.now())
         for remote in self.remotes.values():

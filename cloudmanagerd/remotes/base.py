@@ -1,14 +1,14 @@
-"""The Remote protocol every backend implements, and the errors they raise."""
+"""The Remote protocol every backend implements, the errors they raise, and transfer progress."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
 from typing import Protocol
 
-Progress = Callable[[int], None]
-
 # How the upload loop treats an error (SPEC: transient errors retry; remote errors mark the
-# remote unhealthy and say what to fix; file errors give up this pair and use a spare remote).
+# remote unhealthy and say what to fix; file errors give up this pair and use a spare remote;
+# missing means a recorded copy is gone and must be marked bad).
 TRANSIENT = "transient"
 REMOTE = "remote"
 FILE = "file"
@@ -23,14 +23,65 @@ class RemoteError(Exception):
         self.kind = kind
 
 
+class Cancelled(RemoteError):
+    """The uploader stopped a transfer (stalled, too slow, or the daemon is stopping)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, TRANSIENT)
+
+
+class Transfer:
+    """One transfer's progress, watched by the uploader, and its word that the transfer must stop.
+
+    Backends call `update(bytes_done)` as bytes move (it raises Cancelled once the uploader
+    cancelled the transfer), and backends that wait on a subprocess poll `cancelled`.
+    """
+
+    def __init__(self, size: int, monotonic=time.monotonic) -> None:
+        self.size = size
+        self.done = 0
+        self.monotonic = monotonic
+        self.started = monotonic()
+        self.last_change = self.started
+        self.reason: str | None = None
+        self._event = threading.Event()
+
+    def update(self, done: int) -> None:
+        if done != self.done:
+            self.done = done
+            self.last_change = self.monotonic()
+        self.check()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled")
+
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` unless cancelled first; True when cancelled."""
+        return self._event.wait(timeout)
+
+
 class Remote(Protocol):
+    """A place that holds at most one copy of each object, named by its hash."""
+
     name: str
     kind: str
+    # True when bytes flowing are reported through Transfer.update (stall detection by
+    # progress); False for backends that can only be timed as a whole.
+    reports_progress: bool
 
-    def put(self, h: str, src_fd: int, size: int, progress: Progress | None = None) -> str:
-        """Store the object read from `src_fd` under hash `h`; returns its URL once it is complete."""
+    def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
+        """Store the object read from `src_fd` (from offset 0) under hash `h`; returns its URL once complete."""
 
-    def get(self, h: str, url: str, dst_fd: int, progress: Progress | None = None) -> None:
+    def get(self, h: str, url: str, dst_fd: int, transfer: Transfer | None = None) -> None:
         """Write the object's bytes to `dst_fd`; RemoteError(kind=MISSING) when it is gone."""
 
     def exists(self, h: str, url: str) -> int | None:
@@ -43,4 +94,4 @@ class Remote(Protocol):
         """Raise RemoteError when the remote cannot take uploads now."""
 
     def close(self) -> None:
-        ...
+        """Release clients and processes."""

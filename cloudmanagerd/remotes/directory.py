@@ -8,8 +8,9 @@ import os
 import uuid
 
 from .. import fsutil
+from ..config import RemoteConfig
 from ..errors import explain_oserror
-from .base import MISSING, REMOTE, TRANSIENT, Progress, RemoteError
+from .base import MISSING, REMOTE, TRANSIENT, RemoteError, Transfer
 
 # errnos that no retry can fix until someone changes the remote itself
 REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
@@ -18,6 +19,7 @@ REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.E
 
 class DirectoryRemote:
     kind = "directory"
+    reports_progress = True
 
     def __init__(self, name: str, path: str) -> None:
         self.name = name
@@ -33,40 +35,44 @@ class DirectoryRemote:
         except OSError as exc:
             raise self._error(exc, "remote folder") from None
 
-    def put(self, h: str, src_fd: int, size: int, progress: Progress | None = None) -> str:
+    def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
         root = self._root()
         try:
             with fsutil.subdir(root, [h[:2].encode()], create=True) as folder:
-                tmp = f".{h}.{uuid.uuid4().hex[:8]}.tmp"
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
-                try:
-                    os.lseek(src_fd, 0, os.SEEK_SET)
-                    written = fsutil.copy_fd(src_fd, out, progress)
-                    os.fsync(out)
-                finally:
-                    os.close(out)
-                if written != size:
-                    os.unlink(tmp, dir_fd=folder)
-                    raise RemoteError(f"remote {self.name}: wrote {written} bytes of {size}; the source changed")
-                os.rename(tmp, h, src_dir_fd=folder, dst_dir_fd=folder)
-                os.fsync(folder)
-                if os.stat(h, dir_fd=folder, follow_symlinks=False).st_size != size:
-                    raise RemoteError(f"remote {self.name}: the stored copy has the wrong size")
+                self._write(folder, h, src_fd, size, transfer)
         except OSError as exc:
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp, dir_fd=folder)  # type: ignore[possibly-undefined]
             raise self._error(exc, "write to") from None
         finally:
             os.close(root)
         return os.path.join(self.path, h[:2], h)
 
-    def get(self, h: str, url: str, dst_fd: int, progress: Progress | None = None) -> None:
+    def _write(self, folder: int, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
+        """Temp name, fsync, rename: a copy under its final name is always complete."""
+        tmp = f".{h}.{uuid.uuid4().hex[:8]}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        try:
+            try:
+                os.lseek(src_fd, 0, os.SEEK_SET)
+                written = fsutil.copy_fd(src_fd, out, transfer.update if transfer else None)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            if written != size:
+                raise RemoteError(f"remote {self.name}: read {written} bytes of {size}; the source changed")
+            os.rename(tmp, h, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=folder)
+            raise
+        os.fsync(folder)
+
+    def get(self, h: str, url: str, dst_fd: int, transfer: Transfer | None = None) -> None:
         root = self._root()
         try:
             with fsutil.subdir(root, [h[:2].encode()]) as folder:
                 src = os.open(h, fsutil.O_READ_FILE, dir_fd=folder)
                 try:
-                    fsutil.copy_fd(src, dst_fd, progress)
+                    fsutil.copy_fd(src, dst_fd, transfer.update if transfer else None)
                 finally:
                     os.close(src)
         except FileNotFoundError:
@@ -115,3 +121,7 @@ class DirectoryRemote:
 
     def close(self) -> None:
         pass
+
+
+def from_config(rc: RemoteConfig) -> DirectoryRemote:
+    return DirectoryRemote(rc.name, str(rc.get("path")))

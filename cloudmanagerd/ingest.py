@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -274,6 +275,8 @@ class Ingestor:
                 self._check_unchanged(todo, result)
             except BaseException:
                 self._undo(todo)
+                with contextlib.suppress(Exception):
+                    self.catalog.abandon_ingest([c.record for c in todo])
                 raise
             done = [c for c in todo if c.moved]
             for c in todo:
@@ -512,6 +515,10 @@ class IngestWorker:
                 result = self.ingestor.ingest(rels)
             except OSError as exc:
                 self._failed(rels, explain_oserror(exc, "ingest"))
+                continue
+            except sqlite3.Error as exc:
+                self._failed(rels, f"catalog: {exc} (free some space on the state folder's disk)"
+                             if "full" in str(exc) else f"catalog: {exc}")
                 continue
             except Exception:
                 log.exception("ingest of %d file(s) failed; they stay in the inbox", len(rels))

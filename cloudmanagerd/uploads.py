@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Full jitter: uniform between 0 and the exponential bound, so that retries spread out."""
-    bound = min(maximum, initial * 2 ** max(attempt - 1, 0))
+    # the exponent is capped: with max_attempts 0 a pair may fail thousands of times, and
+    # 2 ** 1024 no longer converts to a float (OverflowError would wedge the pair as active)
+    bound = min(maximum, initial * 2.0 ** min(max(attempt - 1, 0), 1000))
     return rng.uniform(0, bound)
 
 

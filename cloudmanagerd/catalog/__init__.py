@@ -415,8 +415,9 @@ class Catalog:
         elif state == "failed":
             where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
         if name_glob is not None:
-            where.append("CAST(f.name AS TEXT) GLOB ?")
-            args.append(name_glob)
+            # names are raw bytes; a non-UTF-8 pattern arrives with surrogate escapes (os.fsdecode)
+            where.append("CAST(f.name AS TEXT) GLOB CAST(? AS TEXT)")
+            args.append(name_glob.encode("utf-8", "surrogateescape"))
         sql = f"SELECT f.hash FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
         if limit is not None:
             sql += " LIMIT ?"

@@ -67,11 +67,18 @@ def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_buffers = threading.local()
+
+
 def sha256_fd(fd: int) -> str:
+    """Streamed SHA-256 from the fd's current offset, in 1 MiB reads into a reused buffer
+    (allocating a fresh megabyte per file cost more than hashing a small file)."""
     digest = hashlib.sha256()
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    buf = bytearray(HASH_CHUNK)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     while n := os.readv(fd, [buf]):
         digest.update(view[:n])

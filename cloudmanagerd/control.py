@@ -89,7 +89,8 @@ class ControlServer:
                     conn.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started when an earlier start-up step failed
+            self._thread.join(timeout)
         with self._lock:
             clients = list(self._clients)
         for t in clients:

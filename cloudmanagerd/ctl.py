@@ -208,6 +208,45 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pin(client: Client, args: argparse.Namespace) -> int:
+    result = client.call({"cmd": args.command, "hash": args.hash}, progress=_progress_printer())
+    print(json.dumps(result) if args.json else
+          f"{result['hash'][:12]}: {'pinned in the cache' if result['pinned'] else 'may be evicted again'}")
+    return EXIT_OK
+
+
+def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    result = client.call({"cmd": "rm", "hash": args.hash})
+    print(json.dumps(result) if args.json else f"{result['hash'][:12]}: removed from the cache, every remote "
+          "and the catalog")
+    return EXIT_OK
+
+
+def cmd_verify(client: Client, args: argparse.Namespace) -> int:
+    result = client.call({"cmd": "verify", "remotes": args.remotes}, progress=_progress_printer())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    c = result["cache"]
+    print(f"cache: {c['checked']} checked, {c['corrupt']} corrupt, {c['missing']} missing, "
+          f"{c['refetched']} fetched again, {c['lost']} lost")
+    if "remotes" in result:
+        r = result["remotes"]
+        print(f"remotes: {r['checked']} copies checked, {r['bad']} bad (being replaced), "
+              f"{r['unreachable']} could not be checked")
+    return EXIT_FAILED if c["lost"] else EXIT_OK
+
+
+def _progress_printer():
+    if not sys.stderr.isatty():
+        return None
+
+    def show_progress(p: dict[str, int]) -> None:
+        if p.get("total"):
+            print(f"\r{p['done']} of {p['total']}", end="", file=sys.stderr, flush=True)
+    return show_progress
+
+
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
     print(json.dumps(result) if args.json else "reload requested")
@@ -215,7 +254,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
-            "reload": cmd_reload}
+            "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -240,6 +279,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("hashes", nargs="*")
     s.add_argument("--all", action="store_true")
     sub.add_parser("reload", help="re-read the config, like systemctl reload")
+    for name, text in (("pin", "keep a file in the cache (fetched back if needed)"),
+                       ("unpin", "let a pinned file be evicted again"),
+                       ("rm", "forget a file: remove it from the cache, every remote and the catalog")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("hash")
+    s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
+    s.add_argument("--remotes", action="store_true")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p

@@ -23,12 +23,16 @@ from .catalog import Catalog
 from .config import Config, ConfigError, load_config
 from .control import ControlServer
 from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
+from .eviction import Evictor
+from .fetch import Fetcher
 from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker, Rejector
 from .names import show
 from .notify import Notifier
 from .protocol import FULL_HASH, HASH_PREFIX
+from .removal import Remover
 from .remotes import build_remote
+from .scrub import Scrubber
 from .status import build_status, file_object, summary_line
 from .uploads import Uploader
 
@@ -39,6 +43,7 @@ PUMP_INTERVAL = 1.0
 PROBE_INTERVAL = 30.0
 STATUS_INTERVAL = 2.0
 STALL_CHECK_INTERVAL = 1.0
+SCRUB_INTERVAL = 60.0
 
 
 def preflight(config: Config) -> list[str]:
@@ -105,11 +110,17 @@ class Daemon:
         self._stack.callback(os.close, self.inbox_fd)
 
         remotes = {rc.name: build_remote(rc) for rc in c.remotes}
+        self.evictor = Evictor(self.cache, self.catalog, lambda: self.config.upload.min_redundancy)
+        self.fetcher = Fetcher(self.cache, self.catalog, remotes, self.evictor)
+        self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
+        self.remover = Remover(self.cache, self.catalog, remotes)
         self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
                                  c.cluster.lease)
+        self.uploader.ensure_cached = self.fetcher.ensure_cached
         self.ingestor = Ingestor(self.inbox_fd, self.cache, self.catalog, self.rejector,
-                                 self.uploader.targets, c.ingest.ignore)
+                                 self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()
+        self.evictor.reconcile()
         self.cache.set_used(self.catalog.cache_usage()[0])
         released = self.catalog.release_claims(time.time())
         if released:
@@ -128,6 +139,10 @@ class Daemon:
         self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
         self.uploader.wake = self.wake_pump
+        self.uploader.on_copy = self._copy_made
+        if c.cache.scrub:
+            self.scheduler.add_job(self._scrub, "interval", seconds=SCRUB_INTERVAL, id="scrub")
+        self.scheduler.add_job(self.remover.resume, id="resume-removals", next_run_time=_now())
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())
 
         self.watcher.start()
@@ -175,6 +190,18 @@ class Daemon:
 
     def _registered(self, hashes: list[str]) -> None:
         self.wake_pump()
+
+    def _copy_made(self, h: str) -> None:
+        """A new copy may let a cached file go: files waiting for room get another chance."""
+        if self.worker.waiting:
+            self.worker.offer_waiting()
+
+    def _scrub(self) -> None:
+        budget = int(self.config.cache.scrub * SCRUB_INTERVAL)
+        report = self.scrubber.step(budget)
+        if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
+            log.warning("scrub: %s", report)
+            self.wake_pump()
 
     def wake_pump(self) -> None:
         with contextlib.suppress(Exception):
@@ -264,6 +291,10 @@ class Daemon:
             "ls": self._cmd_ls,
             "info": lambda req, fds, progress: file_object(self.catalog.file_info(self._hash_arg(req))),
             "get": self._cmd_get,
+            "pin": self._cmd_pin,
+            "unpin": lambda req, fds, progress: self._set_pin(req, False),
+            "rm": lambda req, fds, progress: self.remover.remove(self._hash_arg(req)),
+            "verify": self._cmd_verify,
             "retry": self._cmd_retry,
             "reload": self._cmd_reload,
         }
@@ -298,8 +329,7 @@ class Daemon:
         if len(fds) != 1:
             raise CloudManagerError("get: pass exactly one open file descriptor to write to")
         info = self.catalog.file_info(h)
-        if not info["cached"]:
-            raise CloudManagerError(f"get {h}: the file is not in this node's cache")
+        self.fetcher.ensure_cached(h, progress)
         src = self.cache.open_object(h)
         try:
             with contextlib.suppress(OSError):
@@ -311,6 +341,25 @@ class Daemon:
         self.catalog.touch(h, now)
         self.catalog.add_transfer(now, outgoing=written)
         return {"hash": h, "size": written, "name": show(info["name"])}
+
+    def _cmd_pin(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        h = self._hash_arg(req)
+        self.fetcher.ensure_cached(h, progress)
+        return self._set_pin({"hash": h}, True)
+
+    def _set_pin(self, req: dict[str, Any], pinned: bool) -> dict[str, Any]:
+        h = self._hash_arg(req)
+        self.catalog.set_pinned(h, pinned)
+        if not pinned and self.worker.waiting:
+            self.worker.offer_waiting()
+        return {"hash": h, "pinned": pinned}
+
+    def _cmd_verify(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        result: dict[str, Any] = {"cache": self.scrubber.verify_cache(progress)}
+        if req.get("remotes"):
+            result["remotes"] = self.scrubber.verify_remotes(progress)
+        self.wake_pump()
+        return result
 
     def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         hashes = req.get("hashes")

@@ -245,7 +245,8 @@ class InboxWatcher:
         self.observer.stop()
 
     def join(self, timeout: float | None = None) -> None:
-        self.observer.join(timeout)
+        if self.observer.ident is not None:  # start() may have failed (watch limit on the inbox itself)
+            self.observer.join(timeout)
 
     def is_alive(self) -> bool:
         return self.observer.is_alive()

@@ -133,7 +133,7 @@ class Ingestor:
 
     def __init__(self, inbox_fd: int, cache: Cache, catalog: Catalog, rejector: Rejector,
                  remotes: Callable[[], Sequence[str]], ignore: Sequence[str],
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, reserve: Callable[[int], bool] | None = None) -> None:
         self.inbox_fd = inbox_fd
         self.cache = cache
         self.catalog = catalog
@@ -141,6 +141,8 @@ class Ingestor:
         self.remotes = remotes
         self.ignore = tuple(ignore)
         self.now = now
+        # room for a file coming in; the daemon passes the Evictor's, which makes room by eviction
+        self.reserve = reserve or cache.reserve
 
     def ignored(self, rel: bytes) -> bool:
         return any(fnmatch.fnmatchcase(os.fsdecode(part), pattern)
@@ -269,7 +271,7 @@ class Ingestor:
         for c in candidates:
             if c.hash in cached or c.hash in fresh:
                 duplicates.append(c)
-            elif self.cache.reserve(c.st.st_size):
+            elif self.reserve(c.st.st_size):
                 fresh[c.hash] = c
             else:
                 result.waiting.append((c.rel, "cache-full"))
@@ -277,7 +279,7 @@ class Ingestor:
         if todo:
             self.catalog.begin_ingest([c.record for c in todo], self.now())
             try:
-                self._move_all(todo)
+                self._move_all(todo, result)
                 self._make_durable(todo)
                 self._check_unchanged(todo, result)
             except BaseException:
@@ -305,7 +307,7 @@ class Ingestor:
                 log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash)
                 result.duplicates += 1
 
-    def _move_all(self, todo: list[Candidate]) -> None:
+    def _move_all(self, todo: list[Candidate], result: IngestResult) -> None:
         for c in todo:
             if not self._still_same(c):
                 continue
@@ -314,9 +316,27 @@ class Ingestor:
                 os.rename(c.name, c.hash, src_dir_fd=c.dir_fd, dst_dir_fd=target_fd)
                 c.moved = True
             except OSError as exc:
-                if exc.errno != errno.EXDEV:
+                if exc.errno not in (errno.EXDEV, errno.EACCES, errno.EPERM):
                     raise
-                self._copy_in(c, target_fd)
+                why = self._why_stuck(c)
+                if why:
+                    # Only this file waits (until the next rescan); failing the whole batch would
+                    # retry it every 2 s forever and hold up every file batched with it.
+                    log.error("cannot move %s out of the inbox: %s; it stays there", show(c.rel), why)
+                    result.waiting.append((c.rel, "stuck"))
+                elif exc.errno == errno.EXDEV:
+                    self._copy_in(c, target_fd)
+                else:
+                    raise
+
+    def _why_stuck(self, c: Candidate) -> str | None:
+        """Why the daemon's user may not take this entry out of its inbox folder, if it may not."""
+        if not os.access(".", os.W_OK | os.X_OK, dir_fd=c.dir_fd, effective_ids=True):
+            return "its folder is not writable by the daemon's user (make it group-writable: chmod g+w)"
+        st = os.fstat(c.dir_fd)
+        if st.st_mode & stat.S_ISVTX and c.st.st_uid != os.geteuid() and st.st_uid != os.geteuid():
+            return "its folder is sticky and the file is another user's (chmod -t the folder)"
+        return None
 
     def _copy_in(self, c: Candidate, target_fd: int) -> None:
         """Across mounts: copy to a temp name, fsync, rename in; the inbox entry goes after the commit."""
@@ -500,7 +520,8 @@ class IngestWorker:
         self.queue.close()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started when an earlier start-up step failed
+            self._thread.join(timeout)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -568,9 +589,13 @@ class IngestWorker:
     def problems(self) -> list[str]:
         full = sum(1 for r in self.waiting.values() if r == "cache-full")
         large = [rel for rel, r in self.waiting.items() if r == "too-large"]
+        stuck = [rel for rel, r in self.waiting.items() if r == "stuck"]
         out = []
+        if stuck:
+            shown = ", ".join(show(rel) for rel in stuck[:3]) + (" ..." if len(stuck) > 3 else "")
+            out.append(f"cannot move out of the inbox (see the log): {shown}")
         if full:
-            out.append(f"cache full: {full} files waiting in the inbox for room")
+            out.append(f"cache full: {full} files waiting for uploads")
         if large:
             shown = ", ".join(show(rel) for rel in large[:3]) + (" ..." if len(large) > 3 else "")
             out.append(f"larger than the whole cache, left in the inbox: {shown}")

@@ -55,6 +55,8 @@ class LineReader:
             if end >= 0:
                 line = bytes(self.buffer[:end])
                 del self.buffer[: end + 1]
+                if len(line) > self.limit:  # the newline may arrive in the same read that crosses the limit
+                    raise ProtocolError(f"request too long (over {self.limit} bytes)")
                 return line
             if len(self.buffer) > self.limit:
                 raise ProtocolError(f"request too long (over {self.limit} bytes)")

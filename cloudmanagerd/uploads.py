@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .cache import Cache
 from .catalog import Catalog, UploadClaim
 from .config import UploadConfig
+from .errors import CloudManagerError
 from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class Uploader:
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
         self.wake: Callable[[], None] = lambda: None
+        # set by the daemon: bring an evicted file back before re-copying it (self-heal), and
+        # hear about every new copy (room may have appeared in the cache)
+        self.ensure_cached: Callable[[str], None] | None = None
+        self.on_copy: Callable[[str], None] = lambda h: None
         self.last_progress = time.monotonic()
         self._active: dict[tuple[str, str], Transfer | None] = {}
         self._lock = threading.Lock()
@@ -152,9 +157,10 @@ class Uploader:
             self._failed(claim, RemoteError(f"remote {claim.remote} is no longer configured", FILE))
             return
         try:
-            fd = self.cache.open_object(claim.hash)
-        except OSError as exc:
-            self._failed(claim, RemoteError(f"cache object unreadable: {exc.strerror}"))
+            fd = self._open_source(claim.hash)
+        except (OSError, CloudManagerError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self._failed(claim, RemoteError(f"no local copy to send: {message}"))
             return
         transfer = Transfer(claim.size)
         with self._lock:
@@ -172,10 +178,20 @@ class Uploader:
         finally:
             os.close(fd)
         self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
+        self.on_copy(claim.hash)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
                  time.monotonic() - started)
+
+    def _open_source(self, h: str) -> int:
+        try:
+            return self.cache.open_object(h)
+        except FileNotFoundError:
+            if self.ensure_cached is None:
+                raise
+        self.ensure_cached(h)
+        return self.cache.open_object(h)
 
     def _failed(self, claim: UploadClaim, exc: RemoteError) -> None:
         attempts = claim.attempts + 1

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import Ambiguous, NotFound
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
 MIGRATIONS: list[str] = [
@@ -98,6 +98,15 @@ MIGRATIONS: list[str] = [
         pid INTEGER,
         info TEXT
     );
+    """,
+    # 2: eviction is marked before the object goes (start-up finishes it), and the scrub
+    # remembers when each cache object and each remote copy was last checked.
+    """
+    ALTER TABLE cache_entries ADD COLUMN evicting INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cache_entries ADD COLUMN verified REAL;
+    CREATE INDEX cache_verified ON cache_entries(node, verified);
+    CREATE INDEX copies_verified ON copies(verified);
+    CREATE INDEX files_removing ON files(removing) WHERE removing=1;
     """,
 ]
 
@@ -244,6 +253,144 @@ class Catalog:
         with self.db.tx() as conn:
             conn.execute("UPDATE cache_entries SET last_used=? WHERE node=? AND hash=?", (now, self.node, h))
 
+    # -- eviction, fetch-back, pins, removal ---------------------------------------------------
+
+    def eviction_candidates(self, min_copies: int, scan_limit: int = 10_000) -> list[tuple[str, int]]:
+        """Cached, unpinned files with at least `min_copies` good copies, least recently used first.
+
+        Only the `scan_limit` least recently used entries are looked at, so that the decision
+        stays fast with a million cached files even when most of them cannot go yet.
+        """
+        rows = self.db.connection().execute(
+            "SELECT c.hash, c.size FROM (SELECT hash, size, last_used FROM cache_entries "
+            "  WHERE node=? AND evicting=0 ORDER BY last_used LIMIT ?) c "
+            "JOIN files f ON f.hash=c.hash "
+            "WHERE f.pinned=0 AND f.removing=0 "
+            "AND (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0) >= ? "
+            "ORDER BY c.last_used",
+            (self.node, scan_limit, max(min_copies, 1))).fetchall()
+        return [(h, s) for h, s in rows]
+
+    def mark_evicting(self, hashes: Sequence[str]) -> None:
+        with self.db.tx() as conn:
+            conn.executemany("UPDATE cache_entries SET evicting=1 WHERE node=? AND hash=?",
+                             [(self.node, h) for h in hashes])
+
+    def drop_cache_entries(self, hashes: Sequence[str]) -> None:
+        """The objects are gone from the cache: the catalog says so only now."""
+        with self.db.tx() as conn:
+            conn.executemany("DELETE FROM cache_entries WHERE node=? AND hash=?", [(self.node, h) for h in hashes])
+
+    def evicting(self) -> list[tuple[str, int]]:
+        return [(h, s) for h, s in self.db.connection().execute(
+            "SELECT hash, size FROM cache_entries WHERE node=? AND evicting=1", (self.node,))]
+
+    def unmark_evicting(self, hashes: Sequence[str]) -> None:
+        with self.db.tx() as conn:
+            conn.executemany("UPDATE cache_entries SET evicting=0 WHERE node=? AND hash=?",
+                             [(self.node, h) for h in hashes])
+
+    def add_cache_entry(self, h: str, size: int, now: float, incoming: int = 0) -> None:
+        with self.db.tx() as conn:
+            conn.execute(
+                "INSERT INTO cache_entries(hash, node, size, last_used, verified) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET last_used=excluded.last_used, evicting=0",
+                (h, self.node, size, now, now))
+            self._add_transfer(conn, month_of(now), incoming=incoming)
+
+    def good_copies(self, h: str) -> list[tuple[str, str]]:
+        """(remote, url) of the file's good copies, the remotes with the best record first."""
+        return [(r, u) for r, u in self.db.connection().execute(
+            "SELECT k.remote, k.url FROM copies k LEFT JOIN remote_stats s ON s.remote=k.remote "
+            "WHERE k.hash=? AND k.bad=0 "
+            "ORDER BY COALESCE(s.successes, 0) - 4 * COALESCE(s.errors, 0) DESC, k.created", (h,))]
+
+    def mark_copy_bad(self, h: str, remote: str, error: str, now: float) -> None:
+        """A copy that is missing or holds other bytes: it no longer counts, and the remote is charged."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE copies SET bad=1 WHERE hash=? AND remote=?", (h, remote))
+            conn.execute("DELETE FROM uploads WHERE hash=? AND remote=? AND state='done'", (h, remote))
+            conn.execute(
+                "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
+                "last_error_at=excluded.last_error_at", (remote, error, now))
+
+    def mark_copy_verified(self, h: str, remote: str, now: float) -> None:
+        with self.db.tx() as conn:
+            conn.execute("UPDATE copies SET verified=? WHERE hash=? AND remote=?", (now, h, remote))
+
+    def replace_bad_copy(self, h: str, remote: str, now: float) -> None:
+        """Queue a new upload to a remote whose copy went bad (the old record is dropped)."""
+        with self.db.tx() as conn:
+            conn.execute("DELETE FROM copies WHERE hash=? AND remote=? AND bad=1", (h, remote))
+            conn.execute(
+                "INSERT INTO uploads(hash, remote, state, next_attempt, updated) VALUES (?, ?, 'queued', ?, ?) "
+                "ON CONFLICT DO UPDATE SET state='queued', attempts=0, next_attempt=excluded.next_attempt, "
+                "updated=excluded.updated", (h, remote, now, now))
+
+    def under_replicated(self, redundancy: int, limit: int = 1000) -> list[str]:
+        """Files with fewer good copies than wanted and nothing queued to fix it."""
+        return [h for (h,) in self.db.connection().execute(
+            "SELECT f.hash FROM files f WHERE f.removing=0 "
+            "AND (SELECT COUNT(*) FROM copies k WHERE k.hash=f.hash AND k.bad=0) < ? "
+            "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state IN ('queued', 'active', 'retrying')) "
+            "LIMIT ?", (redundancy, limit))]
+
+    def set_pinned(self, h: str, pinned: bool) -> None:
+        with self.db.tx() as conn:
+            conn.execute("UPDATE files SET pinned=? WHERE hash=?", (int(pinned), h))
+
+    def pinned_bytes(self) -> int:
+        return self.db.connection().execute(
+            "SELECT COALESCE(SUM(size), 0) FROM files WHERE pinned=1").fetchone()[0]
+
+    def begin_remove(self, h: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute("UPDATE files SET removing=1 WHERE hash=?", (h,))
+            conn.execute("DELETE FROM uploads WHERE hash=? AND state != 'active'", (h,))
+
+    def removing(self) -> list[str]:
+        return [h for (h,) in self.db.connection().execute("SELECT hash FROM files WHERE removing=1")]
+
+    def all_copies(self, h: str) -> list[tuple[str, str]]:
+        return [(r, u) for r, u in self.db.connection().execute(
+            "SELECT remote, url FROM copies WHERE hash=?", (h,))]
+
+    def forget_copy(self, h: str, remote: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute("DELETE FROM copies WHERE hash=? AND remote=?", (h, remote))
+
+    def finish_remove(self, h: str) -> None:
+        with self.db.tx() as conn:
+            for table in ("uploads", "copies", "cache_entries", "ingests"):
+                conn.execute(f"DELETE FROM {table} WHERE hash=?", (h,))
+            conn.execute("DELETE FROM files WHERE hash=?", (h,))
+
+    def scrub_candidates(self, limit: int) -> list[tuple[str, int]]:
+        """Cache objects least recently checked first."""
+        return [(h, s) for h, s in self.db.connection().execute(
+            "SELECT hash, size FROM cache_entries WHERE node=? AND evicting=0 "
+            "ORDER BY verified IS NOT NULL, verified LIMIT ?", (self.node, limit))]
+
+    def mark_cache_verified(self, h: str, now: float) -> None:
+        with self.db.tx() as conn:
+            conn.execute("UPDATE cache_entries SET verified=? WHERE node=? AND hash=?", (now, self.node, h))
+
+    def copies_to_check(self, limit: int) -> list[tuple[str, str, str, int]]:
+        """(hash, remote, url, size) of good copies, least recently checked first."""
+        return [tuple(r) for r in self.db.connection().execute(
+            "SELECT k.hash, k.remote, k.url, f.size FROM copies k JOIN files f ON f.hash=k.hash "
+            "WHERE k.bad=0 AND f.removing=0 ORDER BY k.verified IS NOT NULL, k.verified LIMIT ?", (limit,))]
+
+    def cached_entries(self, after: str = "", limit: int = 1000) -> list[tuple[str, int]]:
+        return [(h, s) for h, s in self.db.connection().execute(
+            "SELECT hash, size FROM cache_entries WHERE node=? AND hash > ? ORDER BY hash LIMIT ?",
+            (self.node, after, limit))]
+
+    def file_size(self, h: str) -> int | None:
+        row = self.db.connection().execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
+        return row[0] if row else None
+
     # -- uploads --------------------------------------------------------------------------
 
     def release_claims(self, now: float) -> int:
@@ -262,11 +409,10 @@ class Catalog:
         skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
         with self.db.tx() as conn:
             rows = conn.execute(
-                "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u "
-                "JOIN cache_entries c ON c.hash=u.hash AND c.node=? JOIN files f ON f.hash=u.hash "
-                f"WHERE u.state IN ('queued', 'retrying') AND u.next_attempt <= ? {skip_sql} "
+                "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u JOIN files f ON f.hash=u.hash "
+                f"WHERE u.state IN ('queued', 'retrying') AND u.next_attempt <= ? AND f.removing=0 {skip_sql} "
                 "ORDER BY u.next_attempt LIMIT ?",
-                (self.node, now, *skip_remotes, limit)).fetchall()
+                (now, *skip_remotes, limit)).fetchall()
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",

@@ -1,0 +1,136 @@
+"""Fetch back: bring an evicted file from a remote into the cache, verified by its SHA-256.
+
+Remotes are tried in order of past success. A copy that is missing or holds other bytes
+is marked bad (so the redundancy count drops and the upload loop makes a new copy) and
+charged to its remote; the next remote is tried. Two requests for one hash fetch it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from .cache import Cache
+from .catalog import Catalog
+from .errors import CacheFull, CloudManagerError, NotFound
+from .eviction import Evictor
+from .ingest import sha256_fd
+from .remotes.base import MISSING, Remote, RemoteError, Transfer
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ReportingTransfer(Transfer):
+    """A Transfer that also tells a client how far the fetch is, at most ~10 times a second."""
+
+    def __init__(self, size: int, progress: ProgressFn | None) -> None:
+        super().__init__(size)
+        self.progress = progress
+        self._last_report = 0.0
+
+    def update(self, done: int) -> None:
+        super().update(done)
+        now = time.monotonic()
+        if self.progress is not None and now - self._last_report >= 0.1:
+            self._last_report = now
+            with contextlib.suppress(OSError):
+                self.progress(done, self.size)
+
+
+class Fetcher:
+    def __init__(self, cache: Cache, catalog: Catalog, remotes: Mapping[str, Remote], evictor: Evictor,
+                 now: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self.catalog = catalog
+        self.remotes = remotes
+        self.evictor = evictor
+        self.now = now
+        self._lock = threading.Lock()
+        self._inflight: dict[str, threading.Lock] = {}
+        self._counter = 0
+
+    def ensure_cached(self, h: str, progress: ProgressFn | None = None) -> None:
+        """Return once the object is in the cache (fetching it if needed); raise with the reason otherwise."""
+        with self._lock:
+            gate = self._inflight.setdefault(h, threading.Lock())
+        with gate:  # a second request for the same hash waits for the first, then finds it cached
+            try:
+                if self.catalog.cached_here([h]) and self.cache.has_object(h):
+                    self.catalog.touch(h, self.now())
+                    return
+                self._fetch(h, progress)
+            finally:
+                with self._lock:
+                    if self._inflight.get(h) is gate:
+                        del self._inflight[h]
+
+    def _fetch(self, h: str, progress: ProgressFn | None) -> None:
+        size = self.catalog.file_size(h)
+        if size is None:
+            raise NotFound(f"no file with hash {h}")
+        copies = self.catalog.good_copies(h)
+        if not copies:
+            raise CloudManagerError(f"{h[:12]}: not in the cache and no good copy on any remote (the file is lost)")
+        if not self.evictor.reserve(size):
+            raise CacheFull(f"no room in the cache to fetch {h[:12]} ({size} bytes): the cache holds pinned files "
+                            "and files still waiting for their copies; unpin some or raise cache.capacity")
+        errors = []
+        try:
+            for name, url in copies:
+                remote = self.remotes.get(name)
+                if remote is None:
+                    errors.append(f"{name}: not configured")
+                    continue
+                try:
+                    self._fetch_from(h, size, remote, url, progress)
+                except RemoteError as exc:
+                    errors.append(f"{name}: {exc}")
+                    continue
+                self.cache.commit(size)
+                return
+        except BaseException:
+            self.cache.release(size)
+            raise
+        self.cache.release(size)
+        raise CloudManagerError(f"{h[:12]}: could not fetch it from any remote ({'; '.join(errors)})")
+
+    def _fetch_from(self, h: str, size: int, remote: Remote, url: str, progress: ProgressFn | None) -> None:
+        with self._lock:
+            self._counter += 1
+            tmp = f"{h}.fetch.{os.getpid()}.{self._counter}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
+        try:
+            try:
+                remote.get(h, url, fd, ReportingTransfer(size, progress))
+                os.fsync(fd)
+                os.lseek(fd, 0, os.SEEK_SET)
+                digest = sha256_fd(fd)
+            except RemoteError as exc:
+                if exc.kind == MISSING:
+                    self._bad_copy(h, remote.name, f"copy of {h[:12]} is missing")
+                raise
+            if digest != h:
+                self._bad_copy(h, remote.name, f"copy of {h[:12]} holds other bytes (sha256 {digest[:12]})")
+                raise RemoteError(f"copy failed verification (sha256 {digest[:12]})")
+            os.rename(tmp, h, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=self.cache.subdir_fd(h))
+            tmp = ""
+            os.fsync(self.cache.subdir_fd(h))
+        finally:
+            os.close(fd)
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=self.cache.tmp_fd)
+        self.catalog.add_cache_entry(h, size, self.now(), incoming=size)
+        log.info("fetched hash=%s remote=%s size=%d, verified", h, remote.name, size)
+
+    def _bad_copy(self, h: str, remote: str, why: str) -> None:
+        log.error("remote %s: %s; marked bad, a new copy will be made", remote, why)
+        now = self.now()
+        self.catalog.mark_copy_bad(h, remote, why, now)
+        self.catalog.replace_bad_copy(h, remote, now)

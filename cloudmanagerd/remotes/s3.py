@@ -1,0 +1,428 @@
+"""A remote on any S3 server (AWS, SeaweedFS, MinIO, Ceph): copies at s3://<bucket>/<prefix><h>.
+
+Uploads and downloads go through boto3's managed transfer (s3transfer): one PUT below
+`multipart_threshold`, a multipart upload with `max_concurrency` parts in flight above it.
+We never write multipart by hand.
+
+What a reader of a bucket can see:
+
+* A PUT is atomic and a multipart upload becomes visible only when it is completed, so an
+  object under its final key is always whole. `put` also checks the stored size with a
+  HEAD before it reports the copy.
+* A put cancelled by the uploader (stall, too slow, daemon stopping) raises `Cancelled` from
+  the progress callback inside the transfer's worker thread; s3transfer then fails the
+  transfer and runs its failure clean-up, which aborts the multipart upload (AbortMultipartUpload),
+  so nothing is left on the server. A request that is waiting for the server's answer
+  (no bytes moving, so no callback) notices the cancellation only when the server answers
+  or `read_timeout` expires.
+* A process killed in the middle of a multipart upload (SIGKILL, power loss) cannot abort it:
+  the parts stay on the server, invisible under the key but stored (and billed). At most
+  once an hour, `put` and `probe` call `cleanup_incomplete`, which aborts multipart uploads
+  under the prefix that are older than INCOMPLETE_AGE. (An AWS lifecycle rule
+  "AbortIncompleteMultipartUpload" does the same on the server side.)
+
+Reading the source: s3transfer keeps up to ten parts of a *file object* in memory (640 MiB
+with 64 MiB parts), but streams a *file name* part by part from disk. The cache object is
+therefore given to it by name, as /proc/self/fd/<fd>, which reopens the very file the
+caller opened (even if it has been unlinked since) without touching the caller's fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
+from botocore.config import Config
+from s3transfer.subscribers import BaseSubscriber
+
+from ..config import RemoteConfig
+from .base import FILE, MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MiB = 1 << 20
+INCOMPLETE_AGE = 2 * 86400.0  # multipart uploads older than this are leftovers of a killed daemon
+CLEANUP_INTERVAL = 3600.0
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+           "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
+           "InvalidSecurity", "NotSignedUp", "403", "Forbidden"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_NO_BUCKET = {"NoSuchBucket"}
+_WRONG_REGION = {"AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException",
+                 "301"}
+_FILE_CODES = {"EntityTooLarge"}
+# Errors a server gives when it does not understand boto3's default checksums.
+_CHECKSUM_HINT_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "XAmzContentSHA256Mismatch",
+                        "BadDigest", "InvalidDigest"}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _FdWriter(io.RawIOBase):
+    """A file object over the caller's fd that never closes it.
+
+    s3transfer writes a seekable target at absolute offsets (`seek(offset)`, `write`): they are
+    taken from the fd's position when the download started, written with pwrite, so the
+    shared file offset is left alone. A pipe or socket is written in order with write.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        try:
+            self.base: int | None = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            self.base = None
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.base is not None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self.base is None:
+            raise io.UnsupportedOperation("seek")
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            raise io.UnsupportedOperation("seek from the end")
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            if self.base is None:
+                n = os.write(self.fd, view)
+            else:
+                n = os.pwrite(self.fd, view, self.base + self.pos)
+            self.pos += n
+            view = view[n:]
+        return total
+
+
+class _Progress:
+    """A Callback for s3transfer: sums the byte counts its worker threads report and hands
+    the total to the Transfer, whose update() raises Cancelled once the uploader cancelled."""
+
+    def __init__(self, transfer: Transfer | None) -> None:
+        self.transfer = transfer
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, amount: int) -> None:
+        with self._lock:
+            self.total += amount  # negative when a retried request rewinds
+            total = self.total
+        if self.transfer is not None:
+            self.transfer.update(max(total, 0))
+
+
+class _KnownSize(BaseSubscriber):
+    """Tells s3transfer the object's size, which we already have from our HEAD."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self.size)
+
+
+class S3Remote:
+    kind = "s3"
+    reports_progress = True
+
+    def __init__(self, name: str, bucket: str, prefix: str = "", endpoint: str | None = None,
+                 region: str | None = None, access_key_id: str | None = None,
+                 secret_access_key: str | None = None, request_checksum: str = "when_supported",
+                 connect_timeout: float = 10, read_timeout: float = 60,
+                 multipart_threshold: int = 64 * MiB, multipart_chunksize: int = 64 * MiB,
+                 max_concurrency: int = 4) -> None:
+        self.name = name
+        self.bucket = bucket
+        self.prefix = prefix or ""
+        self.endpoint = endpoint
+        self.request_checksum = request_checksum
+        self.where = endpoint or "AWS S3"
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": 2, "mode": "standard"},
+            request_checksum_calculation=request_checksum,
+            response_checksum_validation=request_checksum,
+            s3={"addressing_style": "path"} if endpoint else None,
+        )
+        # A session per remote: credentials and region of one remote never leak to another.
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=region or ("us-east-1" if endpoint else None),
+        )
+        self.client = session.client("s3", endpoint_url=endpoint, config=config)
+        self.transfer_config = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+            preferred_transfer_client="classic",
+        )
+        self._cleanup_lock = threading.Lock()
+        self._next_cleanup = 0.0
+
+    def key(self, h: str) -> str:
+        return f"{self.prefix}{h}"
+
+    def url(self, h: str) -> str:
+        return f"s3://{self.bucket}/{self.key(h)}"
+
+    # -- errors --------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, what: str) -> RemoteError:
+        """A boto3/botocore/s3transfer exception as a one-line RemoteError of the right kind."""
+        if isinstance(exc, Cancelled):  # raised by our callback in a worker thread: a fresh one,
+            return Cancelled(str(exc))   # without that thread's frames (and their sockets)
+        if isinstance(exc, RemoteError):
+            return exc
+        if isinstance(exc, botocore.exceptions.ClientError):
+            return self._client_error(exc, what)
+        if isinstance(exc, (botocore.exceptions.NoCredentialsError,
+                            botocore.exceptions.PartialCredentialsError)):
+            return RemoteError("no credentials: set access_key_id and secret_access_key_file "
+                               "(or configure the standard AWS credential chain)", REMOTE)
+        if isinstance(exc, botocore.exceptions.CredentialRetrievalError):
+            return RemoteError(f"cannot get credentials: {_one_line(exc)}", REMOTE)
+        if isinstance(exc, botocore.exceptions.ConnectionError):  # refused, closed, timeouts, TLS
+            return RemoteError(f"cannot reach {self.where}: {_one_line(exc)}", TRANSIENT)
+        if isinstance(exc, botocore.exceptions.ParamValidationError):
+            return RemoteError(f"{what}: {_one_line(exc)} (check bucket and prefix)", REMOTE)
+        if isinstance(exc, botocore.exceptions.NoRegionError):
+            return RemoteError("no region: set region", REMOTE)
+        last = getattr(exc, "last_exception", None)  # s3transfer's RetriesExceededError
+        if isinstance(last, BaseException):
+            return self._error(last, what)
+        if isinstance(exc, OSError):
+            return RemoteError(f"{what}: {exc.strerror or _one_line(exc)}", TRANSIENT)
+        return RemoteError(f"{what}: {type(exc).__name__}: {_one_line(exc)}", TRANSIENT)
+
+    def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> RemoteError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = _one_line(error.get("Message") or exc)
+        if code in _NO_BUCKET:
+            return self._no_bucket()
+        if code in _DENIED or status == 403:
+            return RemoteError(f"access denied by {self.where} to bucket {self.bucket} "
+                               f"({code or status}: check the credentials)", REMOTE)
+        if code in _WRONG_REGION or status == 301:
+            return RemoteError(f"bucket {self.bucket} is in another region ({code}: set region)", REMOTE)
+        if code == "InvalidBucketName":
+            return RemoteError(f"{self.bucket!r} is not a valid bucket name (fix bucket)", REMOTE)
+        if code in _FILE_CODES:
+            return RemoteError(f"{what}: {self.where} refuses an object this large ({code})", FILE)
+        if code in _NOT_FOUND or status == 404:
+            return RemoteError(f"{what}: not found", MISSING)
+        text = f"{what}: {code or status}: {message}"
+        if code in _CHECKSUM_HINT_CODES and self.request_checksum == "when_supported":
+            text += " (if the server rejects boto3's checksums, set request_checksum: when_required)"
+        return RemoteError(text, TRANSIENT)  # 5xx, SlowDown, throttling, and anything unknown
+
+    def _no_bucket(self) -> RemoteError:
+        return RemoteError(f"bucket {self.bucket} does not exist at {self.where} (create it)", REMOTE)
+
+    def _missing(self, h: str, what: str) -> RemoteError:
+        """A 404 for the object: the copy is gone, unless it is the whole bucket that is."""
+        try:
+            self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+        except RemoteError as error:
+            return self._no_bucket() if error.kind == MISSING else error
+        return RemoteError(f"{what}: copy {self.url(h)} is missing", MISSING)
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(...)`, any exception turned into a RemoteError that keeps no reference to it.
+
+        A botocore exception's traceback holds the HTTP response, whose socket file keeps
+        the connection open even after client.close(); chaining it to our error (as
+        `raise ... from` does, through __context__) would leak the socket for as long as
+        anyone holds the RemoteError.
+        """
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            error = self._error(exc, what)
+        raise error
+
+    # -- the Remote protocol -------------------------------------------------------------
+
+    def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
+        if transfer is not None:
+            transfer.check()
+        self._maybe_cleanup()
+        what = f"upload to {self.url(h)}"
+        self._call(what, self._upload, h, src_fd, transfer)
+        stored = self._stored_size(h, what)
+        if stored != size:
+            # Something changed the object or the source on the way; leave nothing that
+            # looks complete under the key (same hash, same bytes: a concurrent writer of the
+            # same object cannot have produced another size).
+            with contextlib.suppress(RemoteError):
+                self._call(what, self.client.delete_object, Bucket=self.bucket, Key=self.key(h))
+            raise RemoteError(f"{what}: the server holds {stored} bytes, expected {size}", TRANSIENT)
+        return self.url(h)
+
+    def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
+        os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
+        # By name, so that s3transfer streams each part from disk (see the module doc).
+        source = f"/proc/self/fd/{src_fd}"
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            future = manager.upload(source, self.bucket, self.key(h),
+                                    subscribers=[ProgressCallbackInvoker(_Progress(transfer))])
+            future.result()  # raises Cancelled from the progress callback; the manager aborts
+
+    def _head(self, h: str) -> int:
+        return int(self.client.head_object(Bucket=self.bucket, Key=self.key(h))["ContentLength"])
+
+    def _stored_size(self, h: str, what: str) -> int | None:
+        try:
+            return self._call(what, self._head, h)
+        except RemoteError as error:
+            if error.kind == MISSING:
+                return None
+            raise
+
+    def get(self, h: str, url: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        if transfer is not None:
+            transfer.check()
+        what = f"download of {self.url(h)}"
+        # Our own HEAD first: a 404 is told apart from a missing bucket here, and s3transfer,
+        # given the size, does not send its own.
+        size = self._stored_size(h, what)
+        if size is None:
+            raise self._missing(h, what)
+        self._call(what, self._download, h, size, dst_fd, transfer)
+
+    def _download(self, h: str, size: int, dst_fd: int, transfer: Transfer | None) -> None:
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            future = manager.download(self.bucket, self.key(h), _FdWriter(dst_fd),
+                                      subscribers=[_KnownSize(size), ProgressCallbackInvoker(_Progress(transfer))])
+            future.result()
+
+    def exists(self, h: str, url: str) -> int | None:
+        what = f"check of {self.url(h)}"
+        try:
+            return self._call(what, self._head, h)
+        except RemoteError as error:
+            if error.kind != MISSING:
+                raise
+        error = self._missing(h, what)
+        if error.kind != MISSING:
+            raise error
+        return None
+
+    def delete(self, h: str, url: str) -> None:
+        try:
+            self._call(f"delete of {self.url(h)}", self.client.delete_object, Bucket=self.bucket,
+                       Key=self.key(h))
+        except RemoteError as error:
+            if error.kind != MISSING:
+                raise
+
+    def probe(self) -> None:
+        try:
+            self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+        except RemoteError as error:
+            if error.kind != MISSING:
+                raise
+            raise self._no_bucket() from None
+        self._maybe_cleanup()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- leftovers of killed uploads -----------------------------------------------------
+
+    def cleanup_incomplete(self, older_than: float = INCOMPLETE_AGE) -> int:
+        """Abort multipart uploads under the prefix started more than `older_than` seconds ago.
+
+        They are what a daemon killed in the middle of a multipart upload leaves behind:
+        parts that are stored (and billed) but never visible as an object. Returns how many
+        were aborted.
+        """
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=older_than)
+        aborted = 0
+        what = f"clean-up of incomplete uploads in bucket {self.bucket}"
+        pages = self._call(what, lambda: list(self.client.get_paginator("list_multipart_uploads")
+                                              .paginate(Bucket=self.bucket, Prefix=self.prefix)))
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                if initiated is not None and initiated > cutoff:
+                    continue
+                self._call(what, self.client.abort_multipart_upload, Bucket=self.bucket, Key=upload["Key"],
+                           UploadId=upload["UploadId"])
+                aborted += 1
+        if aborted:
+            log.info("remote %s: aborted %d incomplete multipart upload(s) older than %.0fs",
+                     self.name, aborted, older_than)
+        return aborted
+
+    def _maybe_cleanup(self) -> None:
+        with self._cleanup_lock:
+            now = time.monotonic()
+            if now < self._next_cleanup:
+                return
+            self._next_cleanup = now + CLEANUP_INTERVAL
+        try:
+            self.cleanup_incomplete()
+        except RemoteError as exc:  # e.g. a key allowed to put but not to list uploads
+            log.debug("remote %s: %s", self.name, exc)
+
+
+def from_config(rc: RemoteConfig) -> S3Remote:
+    secret = rc.get("secret_access_key")
+    secret_file = rc.get("secret_access_key_file")
+    if secret_file:
+        try:
+            with open(str(secret_file), encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or _one_line(exc)
+            raise RemoteError(f"remote {rc.name}: cannot read secret_access_key_file {secret_file}: "
+                              f"{reason}", REMOTE) from None
+        if not secret:
+            raise RemoteError(f"remote {rc.name}: secret_access_key_file {secret_file} is empty", REMOTE)
+    return S3Remote(
+        rc.name,
+        bucket=str(rc.get("bucket")),
+        prefix=str(rc.get("prefix") or ""),
+        endpoint=_opt(rc.get("endpoint")),
+        region=_opt(rc.get("region")),
+        access_key_id=_opt(rc.get("access_key_id")),
+        secret_access_key=_opt(secret),
+        request_checksum=str(rc.get("request_checksum") or "when_supported"),
+    )
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)

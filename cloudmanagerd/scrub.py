@@ -1,0 +1,122 @@
+"""Verify and scrub: find rotten or missing copies, in the cache and on the remotes, and replace them.
+
+`verify_cache` re-hashes every cache object; `verify_remotes` checks that every recorded
+copy still exists with the right size; `step` does a bounded amount of both, so that the
+scheduler can run it with a byte budget per hour (`cache.scrub`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .cache import Cache
+from .catalog import Catalog
+from .errors import CloudManagerError
+from .fetch import Fetcher, ProgressFn
+from .ingest import sha256_fd
+from .remotes.base import Remote, RemoteError
+
+log = logging.getLogger(__name__)
+
+REMOTE_CHECKS_PER_STEP = 20
+
+
+class Scrubber:
+    def __init__(self, cache: Cache, catalog: Catalog, remotes: Mapping[str, Remote], fetcher: Fetcher,
+                 now: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self.catalog = catalog
+        self.remotes = remotes
+        self.fetcher = fetcher
+        self.now = now
+
+    # -- the cache -------------------------------------------------------------------------
+
+    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+        try:
+            fd = self.cache.open_object(h)
+        except FileNotFoundError:
+            problem = "missing"
+        else:
+            try:
+                problem = None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
+            finally:
+                os.close(fd)
+        report["checked"] += 1
+        if problem is None:
+            self.catalog.mark_cache_verified(h, self.now())
+            return
+        report[problem] += 1
+        log.error("cache object hash=%s is %s; dropping it", h, problem)
+        self.cache.remove_object(h)
+        self.catalog.drop_cache_entries([h])
+        self.cache.dropped(size)
+        try:
+            self.fetcher.ensure_cached(h)
+            report["refetched"] += 1
+        except CloudManagerError as exc:
+            report["lost"] += 1
+            log.error("hash=%s could not be restored: %s", h, exc)
+
+    def verify_cache(self, progress: ProgressFn | None = None) -> dict[str, int]:
+        report = {"checked": 0, "missing": 0, "corrupt": 0, "refetched": 0, "lost": 0}
+        total = self.catalog.cache_usage()[1]
+        after = ""
+        while batch := self.catalog.cached_entries(after):
+            for h, size in batch:
+                self.check_object(h, size, report)
+                if progress:
+                    progress(report["checked"], total)
+            after = batch[-1][0]
+        return report
+
+    # -- the remotes -------------------------------------------------------------------------
+
+    def check_copy(self, h: str, remote_name: str, url: str, size: int, report: dict[str, int]) -> None:
+        remote = self.remotes.get(remote_name)
+        if remote is None:
+            return
+        report["checked"] += 1
+        try:
+            found = remote.exists(h, url)
+        except RemoteError as exc:
+            report["unreachable"] += 1
+            log.warning("cannot check the copy of hash=%s on remote=%s: %s", h, remote_name, exc)
+            return
+        if found is None or (found >= 0 and found != size):
+            why = "missing" if found is None else f"has {found} bytes instead of {size}"
+            report["bad"] += 1
+            log.error("remote %s: copy of hash=%s is %s; marked bad, a new copy will be made", remote_name, h, why)
+            now = self.now()
+            self.catalog.mark_copy_bad(h, remote_name, f"copy {why}", now)
+            self.catalog.replace_bad_copy(h, remote_name, now)
+            return
+        self.catalog.mark_copy_verified(h, remote_name, self.now())
+
+    def verify_remotes(self, progress: ProgressFn | None = None) -> dict[str, int]:
+        report = {"checked": 0, "bad": 0, "unreachable": 0}
+        copies = self.catalog.copies_to_check(limit=-1)
+        for i, (h, remote, url, size) in enumerate(copies, 1):
+            self.check_copy(h, remote, url, size, report)
+            if progress:
+                progress(i, len(copies))
+        return report
+
+    # -- the budgeted background scrub -----------------------------------------------------
+
+    def step(self, byte_budget: int) -> dict[str, Any]:
+        report = {"checked": 0, "missing": 0, "corrupt": 0, "refetched": 0, "lost": 0}
+        spent = 0
+        for h, size in self.catalog.scrub_candidates(limit=1000):
+            if spent and spent + size > byte_budget:
+                break
+            self.check_object(h, size, report)
+            spent += size
+        remote_report = {"checked": 0, "bad": 0, "unreachable": 0}
+        for h, remote, url, size in self.catalog.copies_to_check(REMOTE_CHECKS_PER_STEP):
+            self.check_copy(h, remote, url, size, remote_report)
+        return {"cache": report, "remotes": remote_report, "bytes": spent}

@@ -247,6 +247,21 @@ def _progress_printer():
     return show_progress
 
 
+def cmd_backup(client: Client, args: argparse.Namespace) -> int:
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise Failed(f"cannot open {args.output} for writing: {exc.strerror}") from None
+    try:
+        result = client.call({"cmd": "backup"}, fds=[fd])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(json.dumps(result) if args.json else f"catalog backed up to {args.output} "
+          f"({human_size(result['bytes'])})")
+    return EXIT_OK
+
+
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
     print(json.dumps(result) if args.json else "reload requested")
@@ -254,7 +269,8 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
-            "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify}
+            "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
+            "backup": cmd_backup}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -284,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
                        ("rm", "forget a file: remove it from the cache, every remote and the catalog")):
         s = sub.add_parser(name, help=text)
         s.add_argument("hash")
+    s = sub.add_parser("backup", help="a consistent copy of the catalog, while the daemon runs")
+    s.add_argument("-o", "--output", metavar="FILE", required=True)
     s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
     s.add_argument("--remotes", action="store_true")
     for sp in sub.choices.values():

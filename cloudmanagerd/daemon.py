@@ -295,6 +295,7 @@ class Daemon:
             "unpin": lambda req, fds, progress: self._set_pin(req, False),
             "rm": lambda req, fds, progress: self.remover.remove(self._hash_arg(req)),
             "verify": self._cmd_verify,
+            "backup": self._cmd_backup,
             "retry": self._cmd_retry,
             "reload": self._cmd_reload,
         }
@@ -360,6 +361,12 @@ class Daemon:
             result["remotes"] = self.scrubber.verify_remotes(progress)
         self.wake_pump()
         return result
+
+    def _cmd_backup(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
+        if len(fds) != 1:
+            raise CloudManagerError("backup: pass exactly one open file descriptor to write to")
+        size = self.catalog.db.backup_to(fds[0])
+        return {"bytes": size}
 
     def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         hashes = req.get("hashes")

@@ -40,6 +40,7 @@ from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, Inot
 from watchdog.observers.polling import PollingObserver
 
 from . import fsutil
+from .errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,15 @@ class InboxWatcher:
                                event_filter=None if polling else EVENT_FILTER)
 
     def start(self) -> None:
-        self.observer.start()
+        try:
+            self.observer.start()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StartupError(f"inbox {self.path}: {SYSCTL_HINTS['watch-limit']}") from None
+            if exc.errno == errno.EMFILE:
+                raise StartupError(f"inbox {self.path}: the inotify instance limit was reached "
+                                   "(raise the sysctl fs.inotify.max_user_instances)") from None
+            raise
 
     def stop(self) -> None:
         self.observer.stop()

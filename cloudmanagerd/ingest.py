@@ -143,6 +143,7 @@ class Ingestor:
         self.now = now
         # room for a file coming in; the daemon passes the Evictor's, which makes room by eviction
         self.reserve = reserve or cache.reserve
+        self._stuck_logged: set[bytes] = set()  # files that cannot be moved out, said once each
 
     def ignored(self, rel: bytes) -> bool:
         return any(fnmatch.fnmatchcase(os.fsdecode(part), pattern)
@@ -322,7 +323,9 @@ class Ingestor:
                 if why:
                     # Only this file waits (until the next rescan); failing the whole batch would
                     # retry it every 2 s forever and hold up every file batched with it.
-                    log.error("cannot move %s out of the inbox: %s; it stays there", show(c.rel), why)
+                    if c.rel not in self._stuck_logged:
+                        self._stuck_logged.add(c.rel)
+                        log.error("cannot move %s out of the inbox: %s; it stays there", show(c.rel), why)
                     result.waiting.append((c.rel, "stuck"))
                 elif exc.errno == errno.EXDEV:
                     self._copy_in(c, target_fd)

@@ -436,7 +436,8 @@ class Catalog:
                 "updated=? WHERE hash=? AND remote=?", (now, h, remote))
             good = conn.execute("SELECT COUNT(*) FROM copies WHERE hash=? AND bad=0", (h,)).fetchone()[0]
             if good >= redundancy:
-                conn.execute("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying')", (h,))
+                # given-up pairs go too: the file no longer needs them, and `retry` must not over-copy
+                conn.execute("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')", (h,))
             conn.execute(
                 "INSERT INTO remote_stats(remote, successes) VALUES (?, 1) "
                 "ON CONFLICT DO UPDATE SET successes=successes+1", (remote,))

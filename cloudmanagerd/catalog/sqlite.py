@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
+
+from .. import fsutil
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -65,9 +68,10 @@ class SqliteDatabase:
         finally:
             conn.execute("COMMIT")
 
-    def backup_to(self, fd: int) -> None:
-        """A consistent online copy of the database, written to an open file descriptor."""
-        import tempfile
+    def backup_to(self, fd: int) -> int:
+        """A consistent online copy of the database (SQLite's backup API), written to an open
+        descriptor; returns its size. The copy is made beside the catalog first because the
+        backup API needs a database file, and the client's descriptor may be a pipe."""
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(self.path), prefix=".backup-") as tmp:
             target = sqlite3.connect(tmp.name)
             try:
@@ -75,8 +79,7 @@ class SqliteDatabase:
             finally:
                 target.close()
             with open(tmp.name, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    os.write(fd, chunk)
+                return fsutil.copy_fd(src.fileno(), fd)
 
     def close(self) -> None:
         with self._lock:

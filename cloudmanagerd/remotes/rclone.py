@@ -115,17 +115,23 @@ def public_remote(remote: str) -> str:
 def error_detail(result: Result) -> str:
     """rclone's own one-line reason: the final "Failed to ..." line, else the last error logged."""
     last_error = ""
+    continues = False  # whether the last plain line may go on in the next ones
     for line in result.stderr_tail:
         text = line.strip()
         if not text:
             continue
         if text.startswith("{"):
+            continues = False
             with contextlib.suppress(ValueError, AttributeError):
                 entry = json.loads(text)
                 if entry.get("level") in ("error", "critical", "fatal"):
                     last_error = str(entry.get("msg", ""))
             continue
+        if continues and not _LOG_PREFIX.match(text):
+            last_error += " " + text  # "Failed to copyto: AccessDenied: ...\n\tstatus code: 403"
+            continue
         last_error = _LOG_PREFIX.sub("", text)
+        continues = True
     return one_line(last_error or result.last_stderr_line() or "no message")
 
 

@@ -36,11 +36,14 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import CancelledError as FutureCancelled
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
+import s3transfer.exceptions
 from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
@@ -70,6 +73,25 @@ _CHECKSUM_HINT_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+# What _call converts; anything else is a bug, left to propagate with its traceback.
+_EXPECTED = (RemoteError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+             boto3.exceptions.Boto3Error, s3transfer.exceptions.RetriesExceededError,
+             s3transfer.exceptions.S3UploadFailedError, s3transfer.exceptions.S3DownloadFailedError,
+             FutureCancelled, OSError)
+
+
+def _forget(exc: BaseException) -> None:
+    """Drop the tracebacks of an exception and of those chained to it."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__context__, e.__cause__, getattr(e, "last_exception", None)]
 
 
 class _FdWriter(io.RawIOBase):
@@ -223,6 +245,8 @@ class S3Remote:
             return self._error(last, what)
         if isinstance(exc, OSError):
             return RemoteError(f"{what}: {exc.strerror or _one_line(exc)}", TRANSIENT)
+        if isinstance(exc, FutureCancelled):
+            return Cancelled(f"{what}: cancelled")
         return RemoteError(f"{what}: {type(exc).__name__}: {_one_line(exc)}", TRANSIENT)
 
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> RemoteError:
@@ -260,17 +284,19 @@ class S3Remote:
         return RemoteError(f"{what}: copy {self.url(h)} is missing", MISSING)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(...)`, any exception turned into a RemoteError that keeps no reference to it.
+        """`fn(...)`, its boto3/botocore/s3transfer/OS errors turned into a RemoteError.
 
-        A botocore exception's traceback holds the HTTP response, whose socket file keeps
-        the connection open even after client.close(); chaining it to our error (as
-        `raise ... from` does, through __context__) would leak the socket for as long as
-        anyone holds the RemoteError.
+        The RemoteError keeps no reference to the original exception, whose traceback is
+        dropped too: its frames hold HTTP responses, and a response's socket file keeps the
+        connection open even after client.close(). s3transfer stores a failed transfer's
+        exception in its future, whose frames refer back to it, so without this the socket
+        would stay open until the garbage collector finds the cycle.
         """
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:
+        except _EXPECTED as exc:
             error = self._error(exc, what)
+            _forget(exc)
         raise error
 
     # -- the Remote protocol -------------------------------------------------------------

@@ -35,8 +35,21 @@ def socket_path(args: argparse.Namespace) -> str:
     from .config import ConfigError, load_config
     try:
         return load_config(config).control.socket
-    except ConfigError as exc:
-        raise Failed(f"{config}: {exc.errors[0]}") from None
+    except ConfigError:
+        # a config being edited must not cut the operator off from the running daemon
+        return lenient_socket(config)
+
+
+def lenient_socket(config: str) -> str:
+    import yaml
+    try:
+        with open(config, "rb") as f:
+            data = yaml.safe_load(f)
+        path = data["control"]["socket"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return os.path.join(os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0], "control.sock") \
+            if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET
+    return os.path.join(os.path.dirname(os.path.abspath(config)), str(path))
 
 
 class Client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -25,6 +26,7 @@ from .control import ControlServer
 from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
 from .eviction import Evictor
 from .fetch import Fetcher
+from .logs import setup_logging
 from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker, Rejector
 from .names import show
@@ -109,7 +111,7 @@ class Daemon:
             raise StartupError(explain_oserror(exc, f"inbox {c.inbox}")) from None
         self._stack.callback(os.close, self.inbox_fd)
 
-        remotes = {rc.name: build_remote(rc) for rc in c.remotes}
+        self.remotes = remotes = {rc.name: build_remote(rc) for rc in c.remotes}
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.config.upload.min_redundancy)
         self.fetcher = Fetcher(self.cache, self.catalog, remotes, self.evictor)
         self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
@@ -140,8 +142,7 @@ class Daemon:
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
         self.uploader.wake = self.wake_pump
         self.uploader.on_copy = self._copy_made
-        if c.cache.scrub:
-            self.scheduler.add_job(self._scrub, "interval", seconds=SCRUB_INTERVAL, id="scrub")
+        self.scheduler.add_job(self._scrub, "interval", seconds=SCRUB_INTERVAL, id="scrub")
         self.scheduler.add_job(self.remover.resume, id="resume-removals", next_run_time=_now())
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())
 
@@ -198,6 +199,8 @@ class Daemon:
 
     def _scrub(self) -> None:
         budget = int(self.config.cache.scrub * SCRUB_INTERVAL)
+        if budget <= 0:
+            return
         report = self.scrubber.step(budget)
         if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
             log.warning("scrub: %s", report)
@@ -255,10 +258,54 @@ class Daemon:
                 log.error("reload failed, keeping the running config: %s", line)
             self.notifier.status(f"reload failed: {exc.errors[0]}")
         else:
-            logging.getLogger().setLevel(new.log.level.upper())
-            log.info("reloaded %s (log level applied; other changes take effect on restart)", new.source)
+            try:
+                self.apply(new)
+            except CloudManagerError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                self.notifier.status(f"reload failed: {exc}")
         self.state = "running"
         self.notifier.ready()
+
+    def apply(self, new: Config) -> None:
+        """Apply what can change while running; keep (and name) what needs a restart."""
+        old = self.config
+        remotes_new = {rc.name: rc for rc in new.remotes}
+        remotes_old = {rc.name: rc for rc in old.remotes}
+        built = {name: build_remote(rc) for name, rc in remotes_new.items() if remotes_old.get(name) != rc}
+        needs_restart = [key for key in RESTART_KEYS if _dotted(old, key) != _dotted(new, key)]
+        if needs_restart:
+            log.warning("reload: %s changed; restart cloudmanagerd to apply %s", ", ".join(needs_restart),
+                        "it" if len(needs_restart) == 1 else "them")
+        kept = {key.split(".")[0]: getattr(old, key.split(".")[0]) for key in ("inbox", "state", "catalog",
+                                                                                  "node", "control")}
+        upload = dataclasses.replace(new.upload, concurrency=old.upload.concurrency)
+        ingest = dataclasses.replace(new.ingest, observer=old.ingest.observer, rejected=old.ingest.rejected)
+        cache = dataclasses.replace(new.cache, path=old.cache.path)
+        cluster = old.cluster
+        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster, **kept)
+
+        logging.getLogger().setLevel(new.log.level.upper())
+        self.cache.capacity = new.cache.capacity
+        self.uploader.policy = upload
+        self.ingestor.ignore = tuple(new.ingest.ignore)
+        self.queue.settle = new.ingest.settle
+        if new.ingest.rescan != old.ingest.rescan:
+            self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
+        for name in set(remotes_old) - set(remotes_new):
+            self.remotes.pop(name).close()
+            self.uploader.unhealthy.pop(name, None)
+        for name, remote in built.items():
+            previous = self.remotes.get(name)
+            self.remotes[name] = remote
+            self.uploader.unhealthy.pop(name, None)
+            if previous is not None:
+                previous.close()
+        self.uploader.order = [rc.name for rc in new.remotes]
+        log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
+                 new.cache.capacity, upload.redundancy, upload.min_redundancy,
+                 ",".join(self.uploader.order) or "none")
+        self.worker.offer_waiting()
+        self.wake_pump()
 
     # -- stop ---------------------------------------------------------------------------------
 
@@ -384,26 +431,19 @@ class Daemon:
         return {"reloading": True}
 
 
+# Keys a running daemon cannot change: they name the folders, database and socket it holds open.
+RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
+                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+
+
+def _dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-def setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    if os.environ.get("JOURNAL_STREAM"):
-        with contextlib.suppress(ImportError):
-            from systemd.journal import JournalHandler
-            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="cloudmanagerd")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            root.addHandler(handler)
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

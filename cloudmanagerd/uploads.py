@@ -12,7 +12,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .cache import Cache
@@ -67,12 +67,12 @@ def stall_verdict(transfer: Transfer, reports_progress: bool, stall: float, min_
 class Uploader:
     """Sends cached files to remotes, `policy.concurrency` transfers at once."""
 
-    def __init__(self, catalog: Catalog, cache: Cache, remotes: Mapping[str, Remote], order: Sequence[str],
+    def __init__(self, catalog: Catalog, cache: Cache, remotes: MutableMapping[str, Remote], order: Sequence[str],
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.catalog = catalog
         self.cache = cache
-        self.remotes = dict(remotes)
+        self.remotes = remotes  # shared with fetch, scrub and rm; a reload changes it in place
         self.order = list(order)
         self.policy = policy
         self.lease = lease

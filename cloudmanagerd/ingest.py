@@ -303,8 +303,17 @@ class Ingestor:
             self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
         for c in duplicates:
             if self._still_same(c):
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(c.name, dir_fd=c.dir_fd)
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    if c.rel not in self._stuck_logged:
+                        self._stuck_logged.add(c.rel)
+                        log.error("%s is already stored as %s but cannot be removed from the inbox: %s",
+                                  show(c.rel), c.hash, self._why_stuck(c) or "permission denied")
+                    result.waiting.append((c.rel, "stuck"))
+                    continue
                 log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash)
                 result.duplicates += 1
 

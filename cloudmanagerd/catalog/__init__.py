@@ -15,6 +15,7 @@ Tables (schema version 1):
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 from ..errors import Ambiguous, NotFound
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
 MIGRATIONS: list[str] = [
@@ -108,6 +109,76 @@ MIGRATIONS: list[str] = [
     CREATE INDEX copies_verified ON copies(verified);
     CREATE INDEX files_removing ON files(removing) WHERE removing=1;
     """,
+    # 3: counters kept by triggers, so that `status` costs the same with a million files as with
+    # ten (a COUNT/SUM over 1M rows takes 27-70 ms); files.good counts each file's good copies.
+    """
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL DEFAULT 0);
+    ALTER TABLE files ADD COLUMN good INTEGER NOT NULL DEFAULT 0;
+    UPDATE files SET good=(SELECT COUNT(*) FROM copies k WHERE k.hash=files.hash AND k.bad=0);
+    CREATE INDEX files_good ON files(good, added);
+    INSERT INTO counters(name, value) SELECT 'files', COUNT(*) FROM files;
+    INSERT INTO counters(name, value) SELECT 'bytes', COALESCE(SUM(size), 0) FROM files;
+    INSERT INTO counters(name, value) SELECT 'copies', COUNT(*) FROM copies WHERE bad=0;
+    INSERT INTO counters(name, value) SELECT 'uploads:' || state, COUNT(*) FROM uploads GROUP BY state;
+    INSERT INTO counters(name, value) SELECT 'pending_bytes', COALESCE(SUM(f.size), 0) FROM uploads u
+        JOIN files f ON f.hash=u.hash WHERE u.state IN ('queued', 'active', 'retrying');
+    INSERT INTO counters(name, value) SELECT 'good:' || good, COUNT(*) FROM files GROUP BY good;
+    INSERT INTO counters(name, value) SELECT 'goodbytes:' || good, SUM(size) FROM files GROUP BY good;
+    INSERT INTO counters(name, value) SELECT 'cache_files:' || node, COUNT(*) FROM cache_entries GROUP BY node;
+    INSERT INTO counters(name, value) SELECT 'cache_bytes:' || node, SUM(size) FROM cache_entries GROUP BY node;
+    CREATE TRIGGER files_ins AFTER INSERT ON files BEGIN
+        INSERT INTO counters VALUES ('files', 1), ('bytes', NEW.size), ('good:' || NEW.good, 1),
+            ('goodbytes:' || NEW.good, NEW.size) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER files_del AFTER DELETE ON files BEGIN
+        INSERT INTO counters VALUES ('files', -1), ('bytes', -OLD.size), ('good:' || OLD.good, -1),
+            ('goodbytes:' || OLD.good, -OLD.size) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER files_good AFTER UPDATE OF good ON files WHEN OLD.good != NEW.good BEGIN
+        INSERT INTO counters VALUES ('good:' || OLD.good, -1), ('goodbytes:' || OLD.good, -OLD.size),
+            ('good:' || NEW.good, 1), ('goodbytes:' || NEW.good, NEW.size)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER copies_ins AFTER INSERT ON copies WHEN NEW.bad=0 BEGIN
+        UPDATE files SET good=good+1 WHERE hash=NEW.hash;
+        INSERT INTO counters VALUES ('copies', 1) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER copies_del AFTER DELETE ON copies WHEN OLD.bad=0 BEGIN
+        UPDATE files SET good=good-1 WHERE hash=OLD.hash;
+        INSERT INTO counters VALUES ('copies', -1) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER copies_bad AFTER UPDATE OF bad ON copies WHEN OLD.bad != NEW.bad BEGIN
+        UPDATE files SET good=good + (CASE WHEN NEW.bad=0 THEN 1 ELSE -1 END) WHERE hash=NEW.hash;
+        INSERT INTO counters VALUES ('copies', CASE WHEN NEW.bad=0 THEN 1 ELSE -1 END)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER uploads_ins AFTER INSERT ON uploads BEGIN
+        INSERT INTO counters VALUES ('uploads:' || NEW.state, 1),
+            ('pending_bytes', CASE WHEN NEW.state IN ('queued', 'active', 'retrying')
+                              THEN (SELECT size FROM files WHERE hash=NEW.hash) ELSE 0 END)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER uploads_del AFTER DELETE ON uploads BEGIN
+        INSERT INTO counters VALUES ('uploads:' || OLD.state, -1),
+            ('pending_bytes', CASE WHEN OLD.state IN ('queued', 'active', 'retrying')
+                              THEN -(SELECT size FROM files WHERE hash=OLD.hash) ELSE 0 END)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER uploads_state AFTER UPDATE OF state ON uploads WHEN OLD.state != NEW.state BEGIN
+        INSERT INTO counters VALUES ('uploads:' || OLD.state, -1), ('uploads:' || NEW.state, 1),
+            ('pending_bytes', (SELECT size FROM files WHERE hash=NEW.hash) *
+                ((NEW.state IN ('queued', 'active', 'retrying')) - (OLD.state IN ('queued', 'active', 'retrying'))))
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER cache_ins AFTER INSERT ON cache_entries BEGIN
+        INSERT INTO counters VALUES ('cache_files:' || NEW.node, 1), ('cache_bytes:' || NEW.node, NEW.size)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END;
+    CREATE TRIGGER cache_del AFTER DELETE ON cache_entries BEGIN
+        INSERT INTO counters VALUES ('cache_files:' || OLD.node, -1), ('cache_bytes:' || OLD.node, -OLD.size)
+            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
+    END
+    """,
 ]
 
 ACTIVE_STATES = ("queued", "active", "retrying")
@@ -126,6 +197,20 @@ class UploadClaim:
     remote: str
     attempts: int
     size: int
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration into statements; a trigger body's semicolons stay inside its statement."""
+    statements, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                statements.append(current.strip())
+            current = ""
+    if current.strip(" \n;"):
+        statements.append(current.strip(" \n;"))
+    return statements
 
 
 def month_of(now: float) -> str:
@@ -169,9 +254,8 @@ class Catalog:
                     f"catalog schema version {version} is newer than this cloudmanagerd understands "
                     f"({SCHEMA_VERSION}); upgrade cloudmanagerd")
             for step in MIGRATIONS[version:]:
-                for statement in step.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in split_statements(step):
+                    conn.execute(statement)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
 
@@ -502,23 +586,15 @@ class Catalog:
     # -- queries for status, ls and info --------------------------------------------------
 
     def counts(self, min_redundancy: int, redundancy: int) -> dict[str, Any]:
+        """Status figures from trigger-kept counters: constant time whatever the catalog's size."""
         with self.db.read() as conn:
-            files, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
-            by_state = dict(conn.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall())
-            queued_bytes = conn.execute(
-                "SELECT COALESCE(SUM(f.size), 0) FROM uploads u JOIN files f ON f.hash=u.hash "
-                "WHERE u.state IN ('queued', 'retrying', 'active')").fetchone()[0]
-            copies = conn.execute("SELECT COUNT(*) FROM copies WHERE bad=0").fetchone()[0]
-            below = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(f.size), 0), MIN(f.added) FROM files f "
-                "LEFT JOIN (SELECT hash, COUNT(*) n FROM copies WHERE bad=0 GROUP BY hash) c ON c.hash=f.hash "
-                "WHERE COALESCE(c.n, 0) < ?", (min_redundancy,)).fetchone()
-            below_redundancy = conn.execute(
-                "SELECT COUNT(*) FROM files f "
-                "LEFT JOIN (SELECT hash, COUNT(*) n FROM copies WHERE bad=0 GROUP BY hash) c ON c.hash=f.hash "
-                "WHERE COALESCE(c.n, 0) < ?", (redundancy,)).fetchone()[0]
-            cache_bytes, cache_files = conn.execute(
-                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM cache_entries WHERE node=?", (self.node,)).fetchone()
+            c = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            below_min = range(max(min_redundancy, 0))
+            oldest = None
+            for k in below_min:
+                row = conn.execute("SELECT MIN(added) FROM files WHERE good=?", (k,)).fetchone()
+                if row[0] is not None and (oldest is None or row[0] < oldest):
+                    oldest = row[0]
             transfer = conn.execute(
                 "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0) FROM transfer WHERE node=?",
                 (self.node,)).fetchone()
@@ -526,12 +602,14 @@ class Catalog:
                 "SELECT incoming, outgoing FROM transfer WHERE node=? AND month=?",
                 (self.node, month_of(time.time()))).fetchone() or (0, 0)
         return {
-            "files": files, "bytes": total,
-            "uploads": {s: by_state.get(s, 0) for s in ("queued", "active", "retrying", "failed", "done")},
-            "queued_bytes": queued_bytes, "copies": copies,
-            "below_min": below[0], "below_min_bytes": below[1], "oldest_below_min_added": below[2],
-            "below_redundancy": below_redundancy,
-            "cache_bytes": cache_bytes, "cache_files": cache_files,
+            "files": c.get("files", 0), "bytes": c.get("bytes", 0),
+            "uploads": {s: c.get(f"uploads:{s}", 0) for s in ("queued", "active", "retrying", "failed", "done")},
+            "queued_bytes": c.get("pending_bytes", 0), "copies": c.get("copies", 0),
+            "below_min": sum(c.get(f"good:{k}", 0) for k in below_min),
+            "below_min_bytes": sum(c.get(f"goodbytes:{k}", 0) for k in below_min),
+            "oldest_below_min_added": oldest,
+            "below_redundancy": sum(c.get(f"good:{k}", 0) for k in range(max(redundancy, 0))),
+            "cache_bytes": c.get(f"cache_bytes:{self.node}", 0), "cache_files": c.get(f"cache_files:{self.node}", 0),
             "total_incoming": transfer[0], "total_outgoing": transfer[1],
             "month_incoming": month[0], "month_outgoing": month[1],
         }

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import io
 import logging
 import os
@@ -82,16 +83,38 @@ _EXPECTED = (RemoteError, botocore.exceptions.BotoCoreError, botocore.exceptions
              FutureCancelled, OSError)
 
 
+def _chained(exc: BaseException) -> list[BaseException]:
+    """The exceptions behind `exc`: its cause and context, botocore's wrapped `error`, and
+    s3transfer's `last_exception`."""
+    kwargs = getattr(exc, "kwargs", None)
+    linked = [exc.__cause__, exc.__context__, getattr(exc, "last_exception", None),
+              kwargs.get("error") if isinstance(kwargs, dict) else None]
+    return [e for e in linked if isinstance(e, BaseException)]
+
+
+def _find_cancelled(exc: BaseException) -> Cancelled | None:
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, Cancelled):
+            return e
+        todo += _chained(e)
+    return None
+
+
 def _forget(exc: BaseException) -> None:
     """Drop the tracebacks of an exception and of those chained to it."""
     todo, seen = [exc], set()
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if id(e) in seen:
             continue
         seen.add(id(e))
         e.__traceback__ = None
-        todo += [e.__context__, e.__cause__, getattr(e, "last_exception", None)]
+        todo += _chained(e)
 
 
 class _FdWriter(io.RawIOBase):
@@ -222,8 +245,9 @@ class S3Remote:
 
     def _error(self, exc: BaseException, what: str) -> RemoteError:
         """A boto3/botocore/s3transfer exception as a one-line RemoteError of the right kind."""
-        if isinstance(exc, Cancelled):  # raised by our callback in a worker thread: a fresh one,
-            return Cancelled(str(exc))   # without that thread's frames (and their sockets)
+        cancelled = _find_cancelled(exc)
+        if cancelled is not None:  # raised by our callback in a worker thread, maybe wrapped by
+            return Cancelled(str(cancelled))  # botocore (HTTPClientError): a fresh one, without frames
         if isinstance(exc, RemoteError):
             return exc
         if isinstance(exc, botocore.exceptions.ClientError):
@@ -306,7 +330,12 @@ class S3Remote:
             transfer.check()
         self._maybe_cleanup()
         what = f"upload to {self.url(h)}"
-        self._call(what, self._upload, h, src_fd, transfer)
+        try:
+            self._call(what, self._upload, h, src_fd, transfer)
+        except RemoteError as error:
+            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
+                raise Cancelled(transfer.reason or "cancelled") from None
+            raise
         stored = self._stored_size(h, what)
         if stored != size:
             # Something changed the object or the source on the way; leave nothing that
@@ -346,7 +375,12 @@ class S3Remote:
         size = self._stored_size(h, what)
         if size is None:
             raise self._missing(h, what)
-        self._call(what, self._download, h, size, dst_fd, transfer)
+        try:
+            self._call(what, self._download, h, size, dst_fd, transfer)
+        except RemoteError as error:
+            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
+                raise Cancelled(transfer.reason or "cancelled") from None
+            raise
 
     def _download(self, h: str, size: int, dst_fd: int, transfer: Transfer | None) -> None:
         with create_transfer_manager(self.client, self.transfer_config) as manager:
@@ -385,6 +419,11 @@ class S3Remote:
 
     def close(self) -> None:
         self.client.close()
+        # urllib3 2 closes a dropped pool's connections only when the pool object is freed,
+        # and a failed transfer leaves exceptions in reference cycles (s3transfer's futures,
+        # botocore's frames) that still point at it: collect them now, so that close()
+        # really closes the sockets.
+        gc.collect()
 
     # -- leftovers of killed uploads -----------------------------------------------------
 

@@ -233,8 +233,13 @@ class Daemon:
             self.notifier.status(f"status unavailable: {exc}")
 
     def healthy(self) -> bool:
-        """For systemd's watchdog: the ingest thread and the scheduler are alive and turning."""
-        fresh = time.monotonic() - 30
+        """For systemd's watchdog: the ingest thread and the scheduler are alive and turning.
+
+        Waiting for the database, a remote or room in the cache still turns these loops (they
+        wait with timeouts), so only a wedged stage stops the pings: a restart would not help
+        a long outage, and it would run the unit into systemd's start limit.
+        """
+        fresh = time.monotonic() - max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
         return (self.worker.is_alive() and self.worker.last_progress > fresh
                 and self.scheduler.running and self.uploader.last_progress > fresh)
 

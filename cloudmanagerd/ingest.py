@@ -70,9 +70,10 @@ def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
 _buffers = threading.local()
 
 
-def sha256_fd(fd: int) -> str:
+def sha256_fd(fd: int, tick: Callable[[], None] | None = None) -> str:
     """Streamed SHA-256 from the fd's current offset, in 1 MiB reads into a reused buffer
-    (allocating a fresh megabyte per file cost more than hashing a small file)."""
+    (allocating a fresh megabyte per file cost more than hashing a small file); `tick` is
+    called per read, so that the health watchdog sees a long hash as progress."""
     digest = hashlib.sha256()
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -82,6 +83,8 @@ def sha256_fd(fd: int) -> str:
     view = memoryview(buf)
     while n := os.readv(fd, [buf]):
         digest.update(view[:n])
+        if tick is not None:
+            tick()
     return digest.hexdigest()
 
 
@@ -143,6 +146,7 @@ class Ingestor:
         self.now = now
         # room for a file coming in; the daemon passes the Evictor's, which makes room by eviction
         self.reserve = reserve or cache.reserve
+        self.tick: Callable[[], None] = lambda: None
         self._stuck_logged: set[bytes] = set()  # files that cannot be moved out, said once each
 
     def ignored(self, rel: bytes) -> bool:
@@ -251,7 +255,7 @@ class Ingestor:
     def _hash_all(self, candidates: list[Candidate], result: IngestResult) -> None:
         for c in candidates:
             try:
-                h = sha256_fd(c.fd)
+                h = sha256_fd(c.fd, self.tick)
                 after = os.fstat(c.fd)
             except OSError as exc:
                 log.warning("cannot read %s: %s", show(c.rel), explain_oserror(exc, "read").split(": ", 1)[1])
@@ -356,7 +360,7 @@ class Ingestor:
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
         try:
             os.lseek(c.fd, 0, os.SEEK_SET)
-            fsutil.copy_fd(c.fd, out)
+            fsutil.copy_fd(c.fd, out, lambda done: self.tick())
             os.fsync(out)
         except BaseException:
             os.close(out)
@@ -523,6 +527,9 @@ class IngestWorker:
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._error_logged: str | None = None
         self._announced: set[bytes] = set()
+        ingestor.tick = self._tick
+        # Fault injection for the watchdog test only: a wedged ingest stage must stop WATCHDOG=1.
+        self._wedge = os.environ.get("CLOUDMANAGERD_FAULT") == "wedge-ingest"
 
     def start(self) -> None:
         self._thread.start()
@@ -543,10 +550,16 @@ class IngestWorker:
         for rel in waiting:
             self.queue.put_ready(rel)
 
+    def _tick(self) -> None:
+        self.last_progress = time.monotonic()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
             rels = self.queue.take(self.BATCH, timeout=0.5)
+            if rels and self._wedge:
+                log.warning("CLOUDMANAGERD_FAULT=wedge-ingest: the ingest thread now hangs (test fault)")
+                self._stop.wait()
             if not rels or self._stop.is_set():
                 for rel in rels:
                     self.queue.put_ready(rel)

@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop_requested.set())
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # a broken lease probe must not kill us (ingest.py)
     try:
         daemon.start()
         code = daemon.run()

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 from collections.abc import Iterator, Sequence
 
@@ -88,3 +89,24 @@ def copy_fd(src_fd: int, dst_fd: int, progress=None) -> int:
 
 def split_rel(rel: bytes) -> list[bytes]:
     return [p for p in rel.split(b"/") if p and p != b"."]
+
+
+F_SETLEASE = 1024  # fcntl.h; Python's fcntl module does not export the lease commands
+F_RDLCK, F_UNLCK = 0, 2
+
+
+def open_for_writing_elsewhere(fd: int) -> bool | None:
+    """Whether anyone holds the file open for writing: True, False, or None when we may not ask.
+
+    A read lease is refused with EAGAIN while any writer exists; it needs the file's owner or
+    CAP_LEASE (otherwise EACCES: unknown). The lease is dropped at once. The daemon ignores
+    SIGIO, the signal a lease break would send.
+    """
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, F_RDLCK)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        return None
+    fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
+    return False

@@ -265,6 +265,12 @@ class Ingestor:
                 log.info("%s changed while it was hashed; taking it again later", show(c.rel))
                 result.requeue.append(c.rel)
                 continue
+            if fsutil.open_for_writing_elsewhere(c.fd):
+                # someone else closed it, but a writer still holds it open: its next write
+                # would land in the cache object, so it waits until every writer is done
+                log.info("%s is still open for writing; taking it later", show(c.rel))
+                result.requeue.append(c.rel)
+                continue
             c.hash = h
 
     def _store(self, candidates: list[Candidate], result: IngestResult) -> None:

@@ -18,7 +18,8 @@ What a reader of a bucket can see:
 * A process killed in the middle of a multipart upload (SIGKILL, power loss) cannot abort it:
   the parts stay on the server, invisible under the key but stored (and billed). At most
   once an hour, `put` and `probe` call `cleanup_incomplete`, which aborts multipart uploads
-  under the prefix that are older than INCOMPLETE_AGE. (An AWS lifecycle rule
+  under the prefix that are older than INCOMPLETE_AGE (`put` only after an upload went through,
+  so that a server that hangs does not delay an upload before it starts). (An AWS lifecycle rule
   "AbortIncompleteMultipartUpload" does the same on the server side.)
 
 Reading the source: s3transfer keeps up to ten parts of a *file object* in memory (640 MiB
@@ -37,8 +38,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import CancelledError as FutureCancelled
 from collections.abc import Callable
+from concurrent.futures import CancelledError as FutureCancelled
 from typing import Any, TypeVar
 
 import boto3
@@ -328,7 +329,6 @@ class S3Remote:
     def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
         if transfer is not None:
             transfer.check()
-        self._maybe_cleanup()
         what = f"upload to {self.url(h)}"
         try:
             self._call(what, self._upload, h, src_fd, transfer)
@@ -344,15 +344,20 @@ class S3Remote:
             with contextlib.suppress(RemoteError):
                 self._call(what, self.client.delete_object, Bucket=self.bucket, Key=self.key(h))
             raise RemoteError(f"{what}: the server holds {stored} bytes, expected {size}", TRANSIENT)
+        self._maybe_cleanup()  # now that the server has shown it answers
         return self.url(h)
 
     def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
-        # By name, so that s3transfer streams each part from disk (see the module doc).
-        source = f"/proc/self/fd/{src_fd}"
-        with create_transfer_manager(self.client, self.transfer_config) as manager:
-            future = manager.upload(source, self.bucket, self.key(h),
-                                    subscribers=[ProgressCallbackInvoker(_Progress(transfer))])
+        subscribers = [ProgressCallbackInvoker(_Progress(transfer))]
+        with contextlib.ExitStack() as stack:
+            if os.path.isdir("/proc/self/fd"):
+                # By name, so that s3transfer streams each part from disk (see the module doc).
+                source: Any = f"/proc/self/fd/{src_fd}"
+            else:  # no /proc: a file object (s3transfer then holds up to ten parts in memory)
+                source = stack.enter_context(open(os.dup(src_fd), "rb"))
+            manager = stack.enter_context(create_transfer_manager(self.client, self.transfer_config))
+            future = manager.upload(source, self.bucket, self.key(h), subscribers=subscribers)
             future.result()  # raises Cancelled from the progress callback; the manager aborts
 
     def _head(self, h: str) -> int:

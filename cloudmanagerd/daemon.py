@@ -48,9 +48,14 @@ STALL_CHECK_INTERVAL = 1.0
 SCRUB_INTERVAL = 60.0
 
 
-def preflight(config: Config) -> list[str]:
-    """Problems with the folders that would stop the daemon; each one line that says what to do."""
-    problems = []
+def preflight(config: Config) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the folders, each one line that says what to do.
+
+    Errors stop the daemon (it could not take a single file in); a remote it cannot write
+    to is only a warning: the daemon runs, reports the remote and uses the others.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
     inbox = config.inbox
     if not os.path.isdir(inbox):
         problems.append(f"inbox: {inbox} does not exist or is not a folder (create it: mkdir -p {inbox})")
@@ -68,9 +73,9 @@ def preflight(config: Config) -> list[str]:
         if rc.type == "directory":
             path = str(rc.get("path"))
             if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
-                problems.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
+                warnings.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
                                 f"add a drop-in with ReadWritePaths={path}; else chown it)")
-    return problems
+    return problems, warnings
 
 
 def _user() -> str:
@@ -470,14 +475,18 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"cloudmanagerd: {line}", file=sys.stderr)
         return 1
-    problems = preflight(config)
+    problems, warnings = preflight(config)
     if args.check_config:
         for line in problems:
             print(f"cloudmanagerd: {line}", file=sys.stderr)
+        for line in warnings:
+            print(f"cloudmanagerd: warning: {line}", file=sys.stderr)
         if not problems:
             print(f"cloudmanagerd: {args.config}: config OK")
         return 1 if problems else 0
     setup_logging(args.log_level or config.log.level)
+    for line in warnings:
+        log.warning("%s", line)
     if problems:
         for line in problems:
             log.error("%s", line)

@@ -26,14 +26,14 @@ from .control import ControlServer
 from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
 from .eviction import Evictor
 from .fetch import Fetcher
-from .logs import setup_logging
 from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker, Rejector
+from .logs import setup_logging
 from .names import show
 from .notify import Notifier
 from .protocol import FULL_HASH, HASH_PREFIX
-from .removal import Remover
 from .remotes import build_remote
+from .removal import Remover
 from .scrub import Scrubber
 from .status import build_status, file_object, summary_line
 from .uploads import Uploader
@@ -376,9 +376,9 @@ class Daemon:
             raise CloudManagerError(f"ls: unknown state {state!r}; use cached, evicted, pending or failed")
         name = req.get("name")
         limit = req.get("limit")
-        if name is not None and not isinstance(name, str):
+        if name is not None and (not isinstance(name, str) or not _encodable(name)):
             raise CloudManagerError("ls: name must be a glob pattern (a string)")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 63):
             raise CloudManagerError("ls: limit must be a whole number, 0 or more")
         return [file_object(f) for f in self.catalog.list_files(state, name, limit)]
 
@@ -444,6 +444,15 @@ class Daemon:
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
                 "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+
+
+def _encodable(name: str) -> bool:
+    """A name pattern the catalog can match (a lone surrogate from JSON is not a byte name)."""
+    try:
+        name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dotted(config: Any, key: str) -> Any:

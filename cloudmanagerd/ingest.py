@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import threading
 import fnmatch
 import hashlib
 import logging
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -417,7 +417,8 @@ class Catalog:
         return [h for (h,) in self.db.connection().execute(
             "SELECT f.hash FROM files f WHERE f.removing=0 "
             "AND (SELECT COUNT(*) FROM copies k WHERE k.hash=f.hash AND k.bad=0) < ? "
-            "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state IN ('queued', 'active', 'retrying')) "
+            "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
+            "AND u.state IN ('queued', 'active', 'retrying')) "
             "LIMIT ?", (redundancy, limit))]
 
     def set_pinned(self, h: str, pinned: bool) -> None:

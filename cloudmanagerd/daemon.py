@@ -46,6 +46,7 @@ PROBE_INTERVAL = 30.0
 STATUS_INTERVAL = 2.0
 STALL_CHECK_INTERVAL = 1.0
 SCRUB_INTERVAL = 60.0
+HEAL_INTERVAL = 30.0
 
 
 def preflight(config: Config) -> tuple[list[str], list[str]]:
@@ -148,6 +149,8 @@ class Daemon:
         self.uploader.wake = self.wake_pump
         self.uploader.on_copy = self._copy_made
         self.scheduler.add_job(self._scrub, "interval", seconds=SCRUB_INTERVAL, id="scrub")
+        self.scheduler.add_job(self.uploader.heal, "interval", seconds=HEAL_INTERVAL, id="heal",
+                               next_run_time=_now())
         self.scheduler.add_job(self.remover.resume, id="resume-removals", next_run_time=_now())
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())
 
@@ -311,6 +314,7 @@ class Daemon:
             if previous is not None:
                 previous.close()
         self.uploader.order = [rc.name for rc in new.remotes]
+        self.scheduler.modify_job("heal", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,
                  ",".join(self.uploader.order) or "none")

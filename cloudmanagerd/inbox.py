@@ -36,7 +36,11 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
+from watchdog.observers.inotify import (
+    InotifyFullEmitter,
+    InotifyObserver,
+    InotifyWatchGroup,
+)
 from watchdog.observers.polling import PollingObserver
 
 from . import fsutil

@@ -34,6 +34,8 @@ def decode(line: bytes) -> dict[str, Any]:
         message = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed request: {exc}") from None
+    except RecursionError:  # "[[[[...": a client must not get an internal error and a traceback logged
+        raise ProtocolError("malformed request: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("malformed request: expected a JSON object")
     return message

@@ -224,6 +224,18 @@ class Uploader:
                 log.warning("cancelling the upload of hash=%s to remote=%s: %s", h, name, reason)
                 transfer.cancel(reason)
 
+    def heal(self) -> int:
+        """Queue new copies for files below redundancy with nothing queued (after a copy went bad,
+        a remote was removed, or a reload raised the redundancy)."""
+        healthy = {r for r in self.order if r not in self.unhealthy}
+        now = self.now()
+        queued = sum(bool(self.catalog.top_up(h, self.order, healthy, self.policy.redundancy, now))
+                     for h in self.catalog.under_replicated(self.policy.redundancy))
+        if queued:
+            log.info("queued new copies for %d file(s) below redundancy", queued)
+            self.wake()
+        return queued
+
     def close(self) -> None:
         """Stop transfers in flight (they are retried after the restart) and release their claims."""
         self._closed = True

@@ -413,10 +413,9 @@ class Catalog:
                 "updated=excluded.updated", (h, remote, now, now))
 
     def under_replicated(self, redundancy: int, limit: int = 1000) -> list[str]:
-        """Files with fewer good copies than wanted and nothing queued to fix it."""
+        """Files with fewer good copies than wanted and nothing queued to fix it (index on files.good)."""
         return [h for (h,) in self.db.connection().execute(
-            "SELECT f.hash FROM files f WHERE f.removing=0 "
-            "AND (SELECT COUNT(*) FROM copies k WHERE k.hash=f.hash AND k.bad=0) < ? "
+            "SELECT f.hash FROM files f WHERE f.good < ? AND f.removing=0 "
             "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
             "AND u.state IN ('queued', 'active', 'retrying')) "
             "LIMIT ?", (redundancy, limit))]

@@ -27,7 +27,7 @@ class SqliteDatabase:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)
@@ -43,7 +43,14 @@ class SqliteDatabase:
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                # a thread that ended (a control client's, a pool's) left its connection here:
+                # close it, or every `cloudmanagerctl status` would leak two descriptors
+                for thread, old in self._all:
+                    if not thread.is_alive():
+                        with contextlib.suppress(sqlite3.Error):
+                            old.close()
+                self._all = [(t, c) for t, c in self._all if t.is_alive()]
+                self._all.append((threading.current_thread(), conn))
         return conn
 
     @contextlib.contextmanager
@@ -83,7 +90,7 @@ class SqliteDatabase:
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
+            for _thread, conn in self._all:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._all.clear()

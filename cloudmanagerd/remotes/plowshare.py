@@ -13,7 +13,8 @@ code and the tail of its stderr kept for the error message.
 - put: `plowup [auth] HOST /proc/self/fd/N:<h>`: the cache object's fd is inherited by plowup
   and its children (curl), and the copy is named by its hash on the host. The URL is plowup's
   last stdout line; anything that does not look like a URL is an error ("plowup printed no
-  URL: ..."), never recorded as a copy.
+  URL: ..."), never recorded as a copy. plowup skips empty files (exit 0, no URL): an empty
+  file is a FILE error here, and goes to the other remotes.
 - get: `plowdown URL -o TMPDIR --temp-rename` into a private temporary folder (under `tmp_dir`,
   else the system's), whose file is then copied into the destination fd; the folder is
   removed whatever happens. The path plowdown prints must name a file inside that folder.
@@ -126,7 +127,9 @@ class _Call(Plowshare):
         try:
             last = super().parse_output(hostname, output)
         except IndexError:  # the package's split()[-1] on empty output
-            raise RemoteError(f"{tool} printed nothing", TRANSIENT) from None
+            said = self.result.last_stderr_line() if self.result else ""
+            raise RemoteError(f"{tool} printed nothing" + (f": {one_line(said, 200)}" if said else ""),
+                              TRANSIENT) from None
         line = self.result.stdout_lines()[-1] if self.result and self.result.stdout_lines() else last
         if self.download_dir is None:
             if not URL_RE.fullmatch(line):
@@ -227,6 +230,8 @@ class PlowshareRemote:
     def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
         if transfer is not None:
             transfer.check()
+        if size == 0:  # plowup skips them ("filesize is null") and exits 0 without a URL
+            raise RemoteError(f"plowup does not upload empty files: this one cannot go to {self.host}", FILE)
         timeout = None if transfer is not None else self.transfer_timeout
         with self._auth_options() as options:
             call = _Call(self, options, transfer, timeout, pass_fds=(src_fd,))

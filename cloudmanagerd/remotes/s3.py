@@ -259,8 +259,8 @@ class S3Remote:
                                "(or configure the standard AWS credential chain)", REMOTE)
         if isinstance(exc, botocore.exceptions.CredentialRetrievalError):
             return RemoteError(f"cannot get credentials: {_one_line(exc)}", REMOTE)
-        if isinstance(exc, botocore.exceptions.ConnectionError):  # refused, closed, timeouts, TLS
-            return RemoteError(f"cannot reach {self.where}: {_one_line(exc)}", TRANSIENT)
+        if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            return RemoteError(self._connection_problem(exc), TRANSIENT)  # refused, closed, timeouts, TLS
         if isinstance(exc, botocore.exceptions.ParamValidationError):
             return RemoteError(f"{what}: {_one_line(exc)} (check bucket and prefix)", REMOTE)
         if isinstance(exc, botocore.exceptions.NoRegionError):
@@ -273,6 +273,19 @@ class S3Remote:
         if isinstance(exc, FutureCancelled):
             return Cancelled(f"{what}: cancelled")
         return RemoteError(f"{what}: {type(exc).__name__}: {_one_line(exc)}", TRANSIENT)
+
+    def _connection_problem(self, exc: BaseException) -> str:
+        if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+            return f"{self.where} did not answer in time"
+        if isinstance(exc, botocore.exceptions.ConnectionClosedError):
+            return f"{self.where} closed the connection before answering"
+        if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
+            return f"cannot connect to {self.where}: timed out (is the server up? check endpoint)"
+        if isinstance(exc, botocore.exceptions.SSLError):
+            return f"TLS error with {self.where}: {_one_line(exc)}"
+        if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+            return f"cannot connect to {self.where} (is the server up? check endpoint)"
+        return f"cannot reach {self.where}: {_one_line(exc)}"
 
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> RemoteError:
         error = exc.response.get("Error", {})
@@ -306,7 +319,7 @@ class S3Remote:
             self._call(f"bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
         except RemoteError as error:
             return self._no_bucket() if error.kind == MISSING else error
-        return RemoteError(f"{what}: copy {self.url(h)} is missing", MISSING)
+        return RemoteError(f"copy {self.url(h)} is missing", MISSING)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(...)`, its boto3/botocore/s3transfer/OS errors turned into a RemoteError.
@@ -423,12 +436,22 @@ class S3Remote:
         self._maybe_cleanup()
 
     def close(self) -> None:
+        # client.close() only drops urllib3's connection pools, and urllib3 2 closes a pool's
+        # connections when the pool object is freed; a failed transfer leaves exceptions in
+        # reference cycles (s3transfer's futures, botocore's frames) that still point at it,
+        # so the sockets would stay open until the garbage collector runs. Close the pools
+        # first (botocore keeps them in private attributes; if those change, collect).
+        try:
+            session = self.client._endpoint.http_session
+            managers = [session._manager, *session._proxy_managers.values()]
+            pools = [manager.pools[key] for manager in managers for key in manager.pools.keys()]
+        except (AttributeError, KeyError, TypeError):
+            pools = None
+        for pool in pools or ():
+            pool.close()
         self.client.close()
-        # urllib3 2 closes a dropped pool's connections only when the pool object is freed,
-        # and a failed transfer leaves exceptions in reference cycles (s3transfer's futures,
-        # botocore's frames) that still point at it: collect them now, so that close()
-        # really closes the sockets.
-        gc.collect()
+        if pools is None:
+            gc.collect()
 
     # -- leftovers of killed uploads -----------------------------------------------------
 

@@ -18,7 +18,8 @@ logs on stderr, which give both the transfer's progress and its last error.
   hold keys); get, exists and delete find the object from the configured remote and the hash,
   as the directory backend does.
 - exists: `rclone lsjson --stat`; delete: `rclone deletefile`; probe: `rclone mkdir <remote>`
-  (checks the config, the credentials and the bucket or folder without listing it).
+  (checks the config, the credentials and the bucket or folder without listing it; creates
+  a missing one, as a put would).
 
 Exit codes (rclone's documented ones): 5 temporary: retried; 7 fatal and 8 transfer limit:
 the remote is unhealthy, with the reason; 3 directory not found and 4 file not found: the

@@ -296,7 +296,7 @@ class S3Remote:
             return self._no_bucket()
         if code in _DENIED or status == 403:
             return RemoteError(f"access denied by {self.where} to bucket {self.bucket} "
-                               f"({code or status}: check the credentials)", REMOTE)
+                               f"({code or status}: check the credentials and what they are allowed)", REMOTE)
         if code in _WRONG_REGION or status == 301:
             return RemoteError(f"bucket {self.bucket} is in another region ({code}: set region)", REMOTE)
         if code == "InvalidBucketName":

@@ -1,0 +1,374 @@
+"""The s3 backend against a real SeaweedFS S3 server: the shared contract, multipart, cancel,
+misconfiguration and outage, the config path, and the daemon end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import wait_for
+from remote_contract import RemoteContract, fetch, make_object
+from seaweed import SeaweedFS, free_ports, seaweed  # noqa: F401  (the session fixture)
+
+from cloudmanagerd.config import parse_remotes
+from cloudmanagerd.remotes import build_remote
+from cloudmanagerd.remotes.base import MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
+from cloudmanagerd.remotes.s3 import S3Remote
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bucket(seaweed: SeaweedFS) -> str:  # noqa: F811
+    return seaweed.make_bucket()
+
+
+def make_remote(seaweed: SeaweedFS, bucket: str, **kwargs) -> S3Remote:  # noqa: F811
+    options = {"prefix": f"t-{uuid.uuid4().hex[:8]}/", "endpoint": seaweed.endpoint,
+               "access_key_id": seaweed.access_key, "secret_access_key": seaweed.secret_key,
+               "connect_timeout": 2, "read_timeout": 30, **kwargs}
+    return S3Remote("s3", bucket, **options)
+
+
+@pytest.fixture
+def remote(seaweed: SeaweedFS, bucket: str) -> Iterator[S3Remote]:  # noqa: F811
+    r = make_remote(seaweed, bucket)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def broken_remote(seaweed: SeaweedFS, bucket: str) -> Iterator[S3Remote]:  # noqa: F811
+    r = make_remote(seaweed, bucket, secret_access_key="wrong" + seaweed.secret_key[5:])
+    yield r
+    r.close()
+
+
+class TestS3Remote(RemoteContract):
+    pass
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def random_file(path: Path, size: int) -> str:
+    """Write `size` bytes to `path`, every MiB different (one random MiB, each copy stamped
+    with its number: fast, and no two parts alike); their SHA-256."""
+    digest = hashlib.sha256()
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for number, start in enumerate(range(0, size, MiB)):
+            piece = (number.to_bytes(8, "big") + block[8:])[: size - start]
+            digest.update(piece)
+            f.write(piece)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(MiB):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def incomplete_uploads(seaweed: SeaweedFS, bucket: str, prefix: str) -> list[dict]:  # noqa: F811
+    with seaweed.client() as s3:
+        return s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+
+
+class CancelAfter(Transfer):
+    """The uploader's view of a transfer that it cancels (as for a stall) once `limit` bytes moved."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size)
+        self.limit = limit
+
+    def update(self, done: int) -> None:
+        if done >= self.limit and not self.cancelled:
+            self.cancel("test cancels the transfer mid-way")
+        super().update(done)
+
+
+# -- big files --------------------------------------------------------------------------------
+
+def test_a_large_file_goes_up_in_parts_and_comes_back_identical(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    src = tmp_path / "big"
+    size = 150 * MiB
+    h = random_file(src, size)
+    r = make_remote(seaweed, bucket, multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+    try:
+        transfer = Transfer(size)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            url = r.put(h, fd, size, transfer)
+        finally:
+            os.close(fd)
+        assert url == f"s3://{bucket}/{r.prefix}{h}"
+        assert transfer.done == size, "progress was reported up to the whole size"
+        with seaweed.client() as s3:
+            head = s3.head_object(Bucket=bucket, Key=r.prefix + h)
+        assert head["ContentLength"] == size
+        assert head["ETag"].strip('"').endswith("-19"), f"150 MiB in 8 MiB parts is 19 parts: {head['ETag']}"
+        assert incomplete_uploads(seaweed, bucket, r.prefix) == []
+
+        back = tmp_path / "back"
+        back_transfer = Transfer(size)
+        fd = os.open(back, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            r.get(h, url, fd, back_transfer)
+        finally:
+            os.close(fd)
+        assert back.stat().st_size == size
+        assert file_sha256(back) == h
+        assert back_transfer.done == size
+    finally:
+        r.close()
+        for path in (src, tmp_path / "back"):  # pytest keeps the last runs' tmp_path
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("threshold", [4 * MiB, 64 * MiB], ids=["multipart", "single-put"])
+def test_a_transfer_cancelled_mid_upload_leaves_nothing(seaweed, bucket, tmp_path, threshold) -> None:  # noqa: F811
+    src = tmp_path / "src"
+    size = 24 * MiB
+    h = random_file(src, size)
+    r = make_remote(seaweed, bucket, multipart_threshold=threshold, multipart_chunksize=4 * MiB)
+    try:
+        transfer = CancelAfter(size, 10 * MiB)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            with pytest.raises(Cancelled, match="test cancels"):
+                r.put(h, fd, size, transfer)
+            assert os.lseek(fd, 0, os.SEEK_CUR) >= 0, "the caller's fd is still open"
+        finally:
+            os.close(fd)
+        assert transfer.done < size
+        assert r.exists(h, "") is None
+        # s3transfer's failure clean-up aborted the multipart upload: no parts left behind
+        assert incomplete_uploads(seaweed, bucket, r.prefix) == []
+    finally:
+        r.close()
+
+
+def test_leftovers_of_a_killed_multipart_upload_are_cleaned_up(seaweed, bucket, remote) -> None:  # noqa: F811
+    key = remote.prefix + "0" * 64
+    with seaweed.client() as s3:  # what a SIGKILL in the middle of a multipart upload leaves
+        upload = s3.create_multipart_upload(Bucket=bucket, Key=key)
+        s3.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * MiB)
+    assert len(incomplete_uploads(seaweed, bucket, remote.prefix)) == 1
+    assert remote.cleanup_incomplete() == 0, "a recent upload may be another node's, in progress"
+    assert remote.cleanup_incomplete(older_than=0) == 1
+    assert incomplete_uploads(seaweed, bucket, remote.prefix) == []
+    assert remote.exists("0" * 64, "") is None
+
+
+def test_a_source_that_does_not_match_its_size_leaves_no_object(remote) -> None:
+    data = os.urandom(100_000)
+    h, fd = make_object(data)
+    try:
+        with pytest.raises(RemoteError, match="expected 100001") as info:
+            remote.put(h, fd, len(data) + 1)
+    finally:
+        os.close(fd)
+    assert info.value.kind == TRANSIENT
+    assert remote.exists(h, "") is None
+
+
+def test_get_into_a_pipe(remote) -> None:
+    data = os.urandom(20_000)  # below the pipe's buffer: no reader thread needed
+    h, url = RemoteContract().put(remote, data)
+    rd, wr = os.pipe()
+    try:
+        remote.get(h, url, wr)
+        os.close(wr)
+        wr = -1
+        assert os.read(rd, 1 << 20) == data
+    finally:
+        os.close(rd)
+        if wr >= 0:
+            os.close(wr)
+
+
+# -- what the user misconfigured, and outages ---------------------------------------------------
+
+def test_a_missing_bucket_says_create_it(seaweed, tmp_path) -> None:  # noqa: F811
+    r = make_remote(seaweed, f"cmtest-absent-{uuid.uuid4().hex[:8]}")
+    try:
+        h, fd = make_object(b"no bucket")
+        try:
+            with pytest.raises(RemoteError) as info:
+                r.put(h, fd, 9)
+        finally:
+            os.close(fd)
+        assert info.value.kind == REMOTE
+        assert "does not exist" in str(info.value) and r.bucket in str(info.value)
+        for call in (r.probe, lambda: r.exists(h, ""), lambda: fetch(r, h, "")):
+            with pytest.raises(RemoteError, match="does not exist") as info:
+                call()
+            assert info.value.kind == REMOTE, "a missing bucket is not a missing copy"
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("which", ["secret", "key id"])
+def test_wrong_credentials_are_access_denied(seaweed, bucket, which) -> None:  # noqa: F811
+    if which == "secret":
+        r = make_remote(seaweed, bucket, secret_access_key="not-the-secret")
+    else:
+        r = make_remote(seaweed, bucket, access_key_id="AKIDNOTKNOWN")
+    try:
+        h, fd = make_object(b"denied")
+        try:
+            with pytest.raises(RemoteError) as info:
+                r.put(h, fd, 6)
+        finally:
+            os.close(fd)
+        for call in (r.probe, lambda: r.exists(h, ""), lambda: fetch(r, h, "")):
+            with pytest.raises(RemoteError) as other:
+                call()
+            assert other.value.kind == REMOTE
+        assert info.value.kind == REMOTE
+        assert "access denied" in str(info.value) and "credentials" in str(info.value)
+    finally:
+        r.close()
+
+
+def test_a_server_that_is_down_is_transient_and_fast(bucket) -> None:
+    [port] = free_ports(1)  # nothing listens there
+    r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{port}", access_key_id="k",
+                 secret_access_key="s", connect_timeout=1, read_timeout=5)
+    try:
+        started = time.monotonic()
+        h, fd = make_object(b"down")
+        try:
+            with pytest.raises(RemoteError) as info:
+                r.put(h, fd, 4)
+        finally:
+            os.close(fd)
+        with pytest.raises(RemoteError) as probed:
+            r.probe()
+        assert info.value.kind == TRANSIENT and probed.value.kind == TRANSIENT
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert time.monotonic() - started < 10
+    finally:
+        r.close()
+
+
+def test_a_hung_server_cannot_hold_a_cancelled_upload_beyond_the_read_timeout(bucket) -> None:
+    """A server that accepts the connection and then says nothing (the kernel completes the
+    handshake of a listening socket nobody accepts on): the uploader's cancel takes effect at
+    the latest when the socket's read_timeout expires."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        port = hung.getsockname()[1]
+        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{port}", access_key_id="k",
+                     secret_access_key="s", connect_timeout=1, read_timeout=2)
+        transfer = Transfer(8 * MiB)
+        timer = threading.Timer(0.5, transfer.cancel, ["stalled: no progress (upload.stall)"])
+        h, fd = make_object(os.urandom(8 * MiB))
+        try:
+            started = time.monotonic()
+            timer.start()
+            with pytest.raises(Cancelled, match="stalled"):
+                r.put(h, fd, 8 * MiB, transfer)
+            assert time.monotonic() - started < 8
+        finally:
+            timer.cancel()
+            timer.join()
+            os.close(fd)
+            r.close()
+
+
+def test_request_checksum_when_required_works(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    r = make_remote(seaweed, bucket, request_checksum="when_required", multipart_threshold=8 * MiB,
+                    multipart_chunksize=8 * MiB)
+    try:
+        small = os.urandom(300_000)
+        h, url = RemoteContract().put(r, small)
+        assert fetch(r, h, url) == small
+        src = tmp_path / "parts"
+        big_h = random_file(src, 12 * MiB)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            url = r.put(big_h, fd, 12 * MiB)  # in two parts
+        finally:
+            os.close(fd)
+        assert r.exists(big_h, url) == 12 * MiB
+        assert hashlib.sha256(fetch(r, big_h, url)).hexdigest() == big_h
+    finally:
+        r.close()
+
+
+# -- the config path -----------------------------------------------------------------------------
+
+def remote_config(tmp_path: Path, **options):
+    [rc] = parse_remotes([{"name": "sw", **options}], base_dir=str(tmp_path))
+    return rc
+
+
+def test_from_config_reads_the_secret_file(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    secret = tmp_path / "secret"
+    secret.write_text(seaweed.secret_key + "\n")
+    options = seaweed.remote_options(bucket, prefix="cfg/")
+    del options["secret_access_key"]
+    r = build_remote(remote_config(tmp_path, **options, secret_access_key_file=str(secret)))
+    try:
+        assert isinstance(r, S3Remote) and r.kind == "s3" and r.reports_progress
+        data = b"from the config" * 100
+        h, url = RemoteContract().put(r, data)
+        assert url == f"s3://{bucket}/cfg/{h}"
+        assert fetch(r, h, url) == data
+        r.delete(h, url)
+    finally:
+        r.close()
+
+
+def test_from_config_names_a_missing_secret_file(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    options = seaweed.remote_options(bucket)
+    del options["secret_access_key"]
+    missing = tmp_path / "nope" / "secret"
+    with pytest.raises(RemoteError) as info:
+        build_remote(remote_config(tmp_path, **options, secret_access_key_file=str(missing)))
+    assert info.value.kind == REMOTE
+    assert str(missing) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_missing_object_is_missing_not_an_error(remote) -> None:
+    with pytest.raises(RemoteError) as info:
+        fetch(remote, "f" * 64, "")
+    assert info.value.kind == MISSING and "missing" in str(info.value)
+
+
+# -- the daemon end to end ------------------------------------------------------------------------
+
+def test_daemon_copies_a_dropped_file_to_s3(daemon_factory, seaweed, bucket, workdir) -> None:  # noqa: F811
+    d = daemon_factory(remotes=1, start=False, upload={"redundancy": 2})
+    d.config["remotes"].append({"name": "sw", **seaweed.remote_options(bucket, prefix="e2e/")})
+    d.config_path.write_text(yaml.safe_dump(d.config))
+    d.start()
+    data = os.urandom(200_000)
+    h = hashlib.sha256(data).hexdigest()
+    (d.inbox / "payload.bin").write_bytes(data)
+
+    def copies():
+        return {r["name"]: r for r in d.status()["remotes"]}
+
+    remotes = wait_for(lambda: (c := copies()) and c["sw"]["copies"] == 1 and c["r0"]["copies"] == 1 and c,
+                       message="a copy on the directory remote and on S3")
+    assert remotes["sw"]["healthy"] and remotes["sw"]["type"] == "s3"
+    with seaweed.client() as s3:
+        head = s3.head_object(Bucket=bucket, Key=f"e2e/{h}")
+        assert head["ContentLength"] == len(data)
+        assert s3.get_object(Bucket=bucket, Key=f"e2e/{h}")["Body"].read() == data
+    [f] = [f for f in d.files() if f["hash"] == h]
+    assert len(f["copies"]) == 2
+    assert d.stop() == 0

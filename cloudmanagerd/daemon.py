@@ -32,7 +32,7 @@ from .logs import setup_logging
 from .names import show
 from .notify import Notifier
 from .protocol import FULL_HASH, HASH_PREFIX
-from .remotes import build_remote
+from .remotes import RemoteError, build_remote
 from .removal import Remover
 from .scrub import Scrubber
 from .status import build_status, file_object, summary_line
@@ -79,6 +79,20 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def build_remotes(config: Config) -> dict[str, Any]:
+    """Every configured remote's client; a remote that cannot even be built (a missing secret
+    file, an unknown type) is a start-up error naming it."""
+    built: dict[str, Any] = {}
+    for rc in config.remotes:
+        try:
+            built[rc.name] = build_remote(rc)
+        except RemoteError as exc:
+            for remote in built.values():
+                remote.close()
+            raise StartupError(f"remotes.{rc.name}: {exc}") from None
+    return built
+
+
 def _user() -> str:
     import pwd
     try:
@@ -117,7 +131,8 @@ class Daemon:
             raise StartupError(explain_oserror(exc, f"inbox {c.inbox}")) from None
         self._stack.callback(os.close, self.inbox_fd)
 
-        self.remotes = remotes = {rc.name: build_remote(rc) for rc in c.remotes}
+        self.remotes = remotes = build_remotes(c)
+        self._stack.callback(lambda: [r.close() for r in self.remotes.values()])
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.config.upload.min_redundancy)
         self.fetcher = Fetcher(self.cache, self.catalog, remotes, self.evictor)
         self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
@@ -490,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     problems, warnings = preflight(config)
     if args.check_config:
+        try:
+            for remote in build_remotes(config).values():
+                remote.close()
+        except StartupError as exc:
+            problems.append(str(exc))
         for line in problems:
             print(f"cloudmanagerd: {line}", file=sys.stderr)
         for line in warnings:

@@ -245,5 +245,3 @@ class Uploader:
                     transfer.cancel("the daemon is stopping")
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.catalog.release_claims(self.now())
-        for remote in self.remotes.values():
-            remote.close()

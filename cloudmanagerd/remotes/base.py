@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Protocol
 
+from ..errors import CloudManagerError
+
 # How the upload loop treats an error (SPEC: transient errors retry; remote errors mark the
 # remote unhealthy and say what to fix; file errors give up this pair and use a spare remote;
 # missing means a recorded copy is gone and must be marked bad).
@@ -15,7 +17,7 @@ FILE = "file"
 MISSING = "missing"
 
 
-class RemoteError(Exception):
+class RemoteError(CloudManagerError):
     """A failed remote operation; `kind` decides what the upload loop does next."""
 
     def __init__(self, message: str, kind: str = TRANSIENT) -> None:

@@ -218,7 +218,7 @@ class Daemon:
     def _copy_made(self, h: str) -> None:
         """A new copy may let a cached file go: files waiting for room get another chance."""
         if self.worker.waiting:
-            self.worker.offer_waiting()
+            self.worker.offer_waiting("cache-full")
 
     def _scrub(self) -> None:
         budget = int(self.config.cache.scrub * SCRUB_INTERVAL)
@@ -428,7 +428,7 @@ class Daemon:
         h = self._hash_arg(req)
         self.catalog.set_pinned(h, pinned)
         if not pinned and self.worker.waiting:
-            self.worker.offer_waiting()
+            self.worker.offer_waiting("cache-full")
         return {"hash": h, "pinned": pinned}
 
     def _cmd_verify(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:

@@ -7,10 +7,11 @@ undoes a marked eviction (`reconcile`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .cache import Cache
 from .catalog import Catalog
@@ -18,15 +19,17 @@ from .catalog import Catalog
 log = logging.getLogger(__name__)
 
 
-def choose_victims(candidates: Sequence[tuple[str, int]], needed: int) -> list[tuple[str, int]]:
+def choose_victims(candidates: Iterable[tuple[str, int]], needed: int) -> list[tuple[str, int]]:
     """The shortest least-recently-used prefix of `candidates` that frees `needed` bytes, or [] if none does."""
     chosen, freed = [], 0
+    if needed <= 0:
+        return chosen
     for h, size in candidates:
-        if freed >= needed:
-            break
         chosen.append((h, size))
         freed += size
-    return chosen if freed >= needed else []
+        if freed >= needed:  # stop before reading another row
+            return chosen
+    return []
 
 
 class Evictor:
@@ -44,7 +47,8 @@ class Evictor:
             if size > self.cache.capacity:
                 return False
             needed = size - self.cache.free()
-            victims = choose_victims(self.catalog.eviction_candidates(self.min_copies()), needed)
+            with contextlib.closing(self.catalog.eviction_candidates(self.min_copies())) as candidates:
+                victims = choose_victims(candidates, needed)  # reads only as many rows as it needs
             if not victims:
                 return False
             self.evict(victims)

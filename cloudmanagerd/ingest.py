@@ -551,9 +551,12 @@ class IngestWorker:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def offer_waiting(self) -> None:
-        waiting, self.waiting = self.waiting, {}
-        for rel in waiting:
+    def offer_waiting(self, only_reason: str | None = None) -> None:
+        """Offer files waiting in the inbox again: all of them, or only those waiting for `only_reason`
+        (a new copy makes room, but does not make a too-large file fit or a stuck one movable)."""
+        offered = [rel for rel, reason in self.waiting.items() if only_reason in (None, reason)]
+        for rel in offered:
+            del self.waiting[rel]
             self.queue.put_ready(rel)
 
     def _tick(self) -> None:

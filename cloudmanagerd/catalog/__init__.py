@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,21 +339,32 @@ class Catalog:
 
     # -- eviction, fetch-back, pins, removal ---------------------------------------------------
 
-    def eviction_candidates(self, min_copies: int, scan_limit: int = 10_000) -> list[tuple[str, int]]:
+    def eviction_candidates(self, min_copies: int, scan_limit: int = 10_000) -> Iterator[tuple[str, int]]:
         """Cached, unpinned files with at least `min_copies` good copies, least recently used first.
 
-        Only the `scan_limit` least recently used entries are looked at, so that the decision
-        stays fast with a million cached files even when most of them cannot go yet.
+        Read lazily, in the order of the LRU index: the caller stops as soon as it has enough,
+        so a typical decision reads a handful of rows even with a million cached files (a
+        fixed LRU window of 10,000 rows cost ~0.5-1 s there, could never free more than those
+        rows hold, and was filled for good by pinned files, which age to the front). Files
+        still short of copies are skipped, at most `scan_limit` of them, so that the decision
+        stays bounded when most of the cache cannot go yet. Close the iterator when done.
         """
-        rows = self.db.connection().execute(
-            "SELECT c.hash, c.size FROM (SELECT hash, size, last_used FROM cache_entries "
-            "  WHERE node=? AND evicting=0 ORDER BY last_used LIMIT ?) c "
-            "JOIN files f ON f.hash=c.hash "
-            "WHERE f.pinned=0 AND f.removing=0 "
-            "AND (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0) >= ? "
-            "ORDER BY c.last_used",
-            (self.node, scan_limit, max(min_copies, 1))).fetchall()
-        return [(h, s) for h, s in rows]
+        cursor = self.db.connection().execute(
+            "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0) "
+            "FROM cache_entries c JOIN files f ON f.hash=c.hash "
+            "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 ORDER BY c.last_used",
+            (self.node,))
+        need, skipped = max(min_copies, 1), 0
+        try:
+            for h, size, good in cursor:
+                if good >= need:
+                    yield h, size
+                else:
+                    skipped += 1
+                    if skipped >= scan_limit:
+                        return
+        finally:
+            cursor.close()
 
     def mark_evicting(self, hashes: Sequence[str]) -> None:
         with self.db.tx() as conn:

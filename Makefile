@@ -7,7 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 APT_RUN := python3-venv python3-dev gcc pkg-config libsystemd-dev
-APT_TEST := $(APT_RUN) strace rclone sqlite3 util-linux procps
+# debootstrap and systemd-container: tests/systemd boots a Debian 12 under systemd-nspawn.
+APT_TEST := $(APT_RUN) strace rclone sqlite3 util-linux procps debootstrap systemd-container
 APT_BENCH := $(APT_TEST) git git-annex rclone openssl
 
 # Install the Debian packages that are missing (apt-get update first, and only when needed).
@@ -19,7 +20,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv clean install uninstall
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(call apt_install,$(APT_RUN))
@@ -47,3 +48,64 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# -- the system service: `make install` / `make uninstall`, as root (README: "Install as a service") --
+# The program lives in its own virtualenv under /opt (FHS: add-on software packages), built with
+# Debian's python3, and is linked into /usr/local/bin. The files `make install` owns (unit,
+# sysusers and tmpfiles snippets) go to the /usr/local/lib/... directories that systemd reads
+# for locally installed software, with less precedence than /etc: /etc is the operator's, where
+# a same-named file or a `systemctl edit` drop-in overrides ours and survives a re-install. The operator's config is
+# installed once and never overwritten. Offline: make install PIP_FLAGS="--no-index --find-links DIR"
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_VENV ?= /opt/cloudmanagerd
+BINDIR ?= /usr/local/bin
+UNITDIR ?= /usr/local/lib/systemd/system
+SYSUSERSDIR ?= /usr/local/lib/sysusers.d
+TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
+CONFDIR ?= /etc/cloudmanagerd
+DOCDIR ?= /usr/local/share/doc/cloudmanagerd
+PIP_FLAGS ?=
+# Whether systemd is the running init (sd_booted): not in a chroot or a container build.
+SYSTEMD_RUNNING = test -d /run/systemd/system
+
+define need_root
+	@test "$$(id -u)" = 0 || { echo "make $@: run this as root" >&2; exit 1; }
+endef
+
+install:
+	$(need_root)
+	@# procps: /bin/kill, for the unit's ExecReload=
+	$(call apt_install,$(APT_RUN) procps)
+	umask 022; test -x $(INSTALL_VENV)/bin/python || $(INSTALL_PYTHON) -m venv $(INSTALL_VENV)
+	umask 022; $(INSTALL_VENV)/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) .
+	install -d -m 0755 $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(DOCDIR)
+	ln -sfn $(INSTALL_VENV)/bin/cloudmanagerd $(BINDIR)/cloudmanagerd
+	ln -sfn $(INSTALL_VENV)/bin/cloudmanagerctl $(BINDIR)/cloudmanagerctl
+	sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/cloudmanagerd/|$(DOCDIR)/|g' \
+	  systemd/cloudmanagerd.service > $(UNITDIR)/cloudmanagerd.service
+	chmod 0644 $(UNITDIR)/cloudmanagerd.service
+	install -m 0644 systemd/cloudmanagerd.sysusers $(SYSUSERSDIR)/cloudmanagerd.conf
+	install -m 0644 systemd/cloudmanagerd.tmpfiles $(TMPFILESDIR)/cloudmanagerd.conf
+	install -m 0644 README.md etc/config.yaml $(DOCDIR)/
+	systemd-sysusers $(SYSUSERSDIR)/cloudmanagerd.conf
+	systemd-tmpfiles --create $(TMPFILESDIR)/cloudmanagerd.conf
+	install -d -m 0755 $(CONFDIR)
+	@# readable by the group: cloudmanagerctl finds the control socket in it
+	if test -e $(CONFDIR)/config.yaml; then echo "kept the existing $(CONFDIR)/config.yaml"; \
+	else install -m 0640 -o root -g cloudmanager etc/config.yaml $(CONFDIR)/config.yaml; fi
+	if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
+	@echo "installed; start it with: systemctl enable --now cloudmanagerd (upgrades: systemctl restart cloudmanagerd)"
+
+uninstall:
+	$(need_root)
+	if $(SYSTEMD_RUNNING) && test -f $(UNITDIR)/cloudmanagerd.service; then \
+	  systemctl disable --now cloudmanagerd.service; fi
+	rm -f $(UNITDIR)/cloudmanagerd.service $(SYSUSERSDIR)/cloudmanagerd.conf $(TMPFILESDIR)/cloudmanagerd.conf
+	for b in cloudmanagerd cloudmanagerctl; do \
+	  if test "$$(readlink $(BINDIR)/$$b)" = $(INSTALL_VENV)/bin/$$b; then rm -f $(BINDIR)/$$b; fi; done
+	if test -f $(INSTALL_VENV)/pyvenv.cfg; then rm -rf $(INSTALL_VENV); fi
+	rm -f $(DOCDIR)/README.md $(DOCDIR)/config.yaml
+	if test -d $(DOCDIR); then rmdir --ignore-fail-on-non-empty $(DOCDIR); fi
+	if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
+	@echo "kept: $(CONFDIR) (config), /srv/cloudmanager (data), /var/lib/cloudmanagerd (catalog)," \
+	  "drop-ins under /etc/systemd/system/cloudmanagerd.service.d, and user and group cloudmanager"

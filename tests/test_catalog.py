@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cloudmanagerd.errors import StartupError
+
 from cloudmanagerd.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, IngestRecord, month_of
 from cloudmanagerd.catalog.sqlite import BUSY_TIMEOUT_MS
 from cloudmanagerd.errors import Ambiguous, NotFound
@@ -128,7 +130,8 @@ def test_a_newer_schema_is_refused_with_a_clear_error(catalog: Catalog, db_path:
 
 
 def test_only_sqlite_urls_are_accepted_for_now(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError):
+    # a one-line start-up error (no traceback) that says what to use instead
+    with pytest.raises(StartupError, match="not supported .* use a sqlite:/// catalog"):
         Catalog.open("postgresql://localhost/cm", "node1")
 
 

@@ -46,7 +46,10 @@ def lenient_socket(config: str) -> str:
         with open(config, "rb") as f:
             data = yaml.safe_load(f)
         path = data["control"]["socket"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, yaml.YAMLError) as exc:
+        raise Failed(f"{config}: cannot read control.socket from it ({str(exc).splitlines()[0]}); "
+                     "give the socket with -s") from None
+    except (KeyError, TypeError):
         return os.path.join(os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0], "control.sock") \
             if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET
     return os.path.join(os.path.dirname(os.path.abspath(config)), str(path))
@@ -277,7 +280,7 @@ def cmd_backup(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
-    print(json.dumps(result) if args.json else "reload requested")
+    print(json.dumps(result) if args.json else "config reloaded")
     return EXIT_OK
 
 

@@ -527,6 +527,10 @@ class IngestWorker:
         self.scan = scan
         self.on_registered = on_registered
         self.waiting: dict[bytes, str] = {}
+        # offers come from upload and control threads while this thread sorts a batch: a lock, and a
+        # count of offers, so that room made during an attempt that found none is not missed
+        self._waiting_lock = threading.Lock()
+        self._offers = 0
         self.last_progress = time.monotonic()
         self.registered = 0
         self._stop = threading.Event()
@@ -554,9 +558,12 @@ class IngestWorker:
     def offer_waiting(self, only_reason: str | None = None) -> None:
         """Offer files waiting in the inbox again: all of them, or only those waiting for `only_reason`
         (a new copy makes room, but does not make a too-large file fit or a stuck one movable)."""
-        offered = [rel for rel, reason in self.waiting.items() if only_reason in (None, reason)]
+        with self._waiting_lock:
+            self._offers += 1
+            offered = [rel for rel, reason in self.waiting.items() if only_reason in (None, reason)]
+            for rel in offered:
+                del self.waiting[rel]
         for rel in offered:
-            del self.waiting[rel]
             self.queue.put_ready(rel)
 
     def _tick(self) -> None:
@@ -565,6 +572,7 @@ class IngestWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
+            offers = self._offers  # before the take: an offer that finds these files taken counts
             rels = self.queue.take(self.BATCH, timeout=0.5)
             if rels and self._wedge:
                 log.warning("CLOUDMANAGERD_FAULT=wedge-ingest: the ingest thread now hangs (test fault)")
@@ -588,6 +596,8 @@ class IngestWorker:
                 continue
             self._error_logged = None
             self._apply(rels, result)
+            if self._offers != offers:  # room may have appeared after this batch found none
+                self.offer_waiting("cache-full")
 
     def _failed(self, rels: Sequence[bytes], message: str | None) -> None:
         if message and message != self._error_logged:
@@ -602,16 +612,17 @@ class IngestWorker:
             self.queue.put_settle(rel)
         for rel in result.directories:
             self.scan(rel)
-        was_full = any(r == "cache-full" for r in self.waiting.values())
-        for rel in rels:
-            self.waiting.pop(rel, None)
-        for rel, reason in result.waiting:
-            if reason == "too-large" and rel not in self._announced:
-                log.warning("%s is larger than the whole cache (%d bytes); it stays in the inbox",
-                            show(rel), self.ingestor.cache.capacity)
-                self._announced.add(rel)
-            self.waiting[rel] = reason
-        full = any(r == "cache-full" for r in self.waiting.values())
+        with self._waiting_lock:
+            was_full = any(r == "cache-full" for r in self.waiting.values())
+            for rel in rels:
+                self.waiting.pop(rel, None)
+            for rel, reason in result.waiting:
+                if reason == "too-large" and rel not in self._announced:
+                    log.warning("%s is larger than the whole cache (%d bytes); it stays in the inbox",
+                                show(rel), self.ingestor.cache.capacity)
+                    self._announced.add(rel)
+                self.waiting[rel] = reason
+            full = any(r == "cache-full" for r in self.waiting.values())
         if full and not was_full:
             log.warning("cache full: new files wait in the inbox until room is made")
         elif was_full and not full:
@@ -621,9 +632,11 @@ class IngestWorker:
             self.on_registered(result.registered)
 
     def problems(self) -> list[str]:
-        full = sum(1 for r in self.waiting.values() if r == "cache-full")
-        large = [rel for rel, r in self.waiting.items() if r == "too-large"]
-        stuck = [rel for rel, r in self.waiting.items() if r == "stuck"]
+        with self._waiting_lock:
+            waiting = dict(self.waiting)
+        full = sum(1 for r in waiting.values() if r == "cache-full")
+        large = [rel for rel, r in waiting.items() if r == "too-large"]
+        stuck = [rel for rel, r in waiting.items() if r == "stuck"]
         out = []
         if stuck:
             shown = ", ".join(show(rel) for rel in stuck[:3]) + (" ..." if len(stuck) > 3 else "")

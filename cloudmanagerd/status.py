@@ -54,14 +54,17 @@ def human_size(n: float) -> str:
 
 
 def summary_line(status: dict[str, Any]) -> str:
-    """What `systemctl status` shows: short, and it changes only when something did."""
+    """What `systemctl status` shows: a problem first when there is one, then the figures; short,
+    and it changes only when something did."""
     cache, uploads, safety = status["cache"], status["uploads"], status["safety"]
     parts = [f"{status['catalog']['files']} files",
              f"cache {human_size(cache['used'])}/{human_size(cache['capacity'])}",
              f"{uploads['queued'] + uploads['retrying'] + uploads['active']} uploads pending"]
     if safety["below_min"]:
         parts.append(f"{safety['below_min']} under-replicated")
-    if status["problems"]:
-        parts.append(status["problems"][0] + (f" (+{len(status['problems']) - 1} more)"
-                                              if len(status["problems"]) > 1 else ""))
-    return ", ".join(parts)
+    line = ", ".join(parts)
+    problems = status["problems"]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        line = f"{problems[0]}{more}; {line}"
+    return line

@@ -197,7 +197,8 @@ def test_a_broken_reload_says_so_in_status_and_keeps_running(daemon_factory, not
     # the old config runs on: same capacity, still healthy, still pinging
     assert d.proc.poll() is None
     s = d.status()
-    assert s["cache"]["capacity"] == 2**30 and s["state"] == "running"
+    assert s["cache"]["capacity"] == 2**30 and s["state"] == "degraded"
+    assert s["problems"][0].startswith("reload failed: cache.capacity")
     wait_for(lambda: len(notify.times("WATCHDOG=1", after=reloading)) >= 2, message="pings after the failed reload")
 
     # a fixed config reloads, and STATUS= goes back to the summary
@@ -206,6 +207,7 @@ def test_a_broken_reload_says_so_in_status_and_keeps_running(daemon_factory, not
     again = time.monotonic()
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: d.status()["cache"]["capacity"] == 2 * 2**30, message="the fixed config applied")
+    assert d.status()["state"] == "running" and d.status()["problems"] == []
     wait_for(lambda: any(v.startswith("0 files") and "2.0 GiB" in v for _, v in notify.values("STATUS=", after=again)),
              message="STATUS= summary with the new capacity")
     assert d.stop() == 0

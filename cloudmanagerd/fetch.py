@@ -8,6 +8,7 @@ charged to its remote; the next remote is tried. Two requests for one hash fetch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from .cache import Cache
 from .catalog import Catalog
 from .errors import CacheFull, CloudManagerError, NotFound
 from .eviction import Evictor
-from .ingest import sha256_fd
+from .ingest import HASH_CHUNK, sha256_fd
 from .remotes.base import MISSING, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
@@ -29,18 +30,66 @@ ProgressFn = Callable[[int, int], None]
 class ReportingTransfer(Transfer):
     """A Transfer that also tells a client how far the fetch is, at most ~10 times a second."""
 
-    def __init__(self, size: int, progress: ProgressFn | None) -> None:
+    def __init__(self, size: int, progress: ProgressFn | None, hasher: TrailingHasher | None = None) -> None:
         super().__init__(size)
         self.progress = progress
+        self.hasher = hasher
         self._last_report = 0.0
 
     def update(self, done: int) -> None:
         super().update(done)
+        if self.hasher is not None:
+            self.hasher.advance(done)
         now = time.monotonic()
         if self.progress is not None and now - self._last_report >= 0.1:
             self._last_report = now
             with contextlib.suppress(OSError):
                 self.progress(done, self.size)
+
+
+class TrailingHasher:
+    """Hashes a file while a sequential writer fills it, so the hash is ready when the copy is.
+
+    The writer reports how many bytes it has written (a contiguous prefix, for a backend
+    whose `sequential_get` is true); this thread reads them back from the page cache and
+    hashes them on the other core instead of in a second pass afterwards.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.offset = 0
+        self.written = 0
+        self.final: int | None = None
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fetch-hash", daemon=True)
+        self._thread.start()
+
+    def advance(self, written: int) -> None:
+        self.written = written
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            target = self.final if self.final is not None else self.written
+            if self.offset < target:
+                data = os.pread(self.fd, min(HASH_CHUNK, target - self.offset), self.offset)
+                if not data:
+                    return
+                self.digest.update(data)
+                self.offset += len(data)
+            elif self.final is not None:
+                return
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def finish(self, size: int) -> str | None:
+        """The hex digest of the first `size` bytes, or None if the file fell short."""
+        self.final = size
+        self._wake.set()
+        self._thread.join()
+        return self.digest.hexdigest() if self.offset == size else None
 
 
 class Fetcher:
@@ -105,12 +154,18 @@ class Fetcher:
             self._counter += 1
             tmp = f"{h}.fetch.{os.getpid()}.{self._counter}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
+        hasher = TrailingHasher(fd) if getattr(remote, "sequential_get", False) else None
         try:
             try:
-                remote.get(h, url, fd, ReportingTransfer(size, progress))
+                try:
+                    remote.get(h, url, fd, ReportingTransfer(size, progress, hasher))
+                finally:
+                    written = os.fstat(fd).st_size
+                    digest = hasher.finish(written) if hasher is not None else None
                 os.fsync(fd)
-                os.lseek(fd, 0, os.SEEK_SET)
-                digest = sha256_fd(fd)
+                if digest is None:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    digest = sha256_fd(fd)
             except RemoteError as exc:
                 if exc.kind == MISSING:
                     self._bad_copy(h, remote.name, f"copy of {h[:12]} is missing")

@@ -79,6 +79,9 @@ class Remote(Protocol):
     # True when bytes flowing are reported through Transfer.update (stall detection by
     # progress); False for backends that can only be timed as a whole.
     reports_progress: bool
+    # True when get() fills its destination front to back while reporting progress, so that
+    # fetch can hash the bytes behind the writer instead of reading them back afterwards.
+    sequential_get: bool
 
     def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
         """Store the object read from `src_fd` (from offset 0) under hash `h`; returns its URL once complete."""

@@ -20,6 +20,7 @@ REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.E
 class DirectoryRemote:
     kind = "directory"
     reports_progress = True
+    sequential_get = True  # get() writes its destination front to back (fetch hashes behind it)
 
     def __init__(self, name: str, path: str) -> None:
         self.name = name

@@ -372,3 +372,16 @@ def test_daemon_copies_a_dropped_file_to_s3(daemon_factory, seaweed, bucket, wor
     [f] = [f for f in d.files() if f["hash"] == h]
     assert len(f["copies"]) == 2
     assert d.stop() == 0
+
+
+def test_a_small_put_whose_bytes_do_not_match_their_hash_is_refused_by_the_server(remote) -> None:
+    """Small objects go up in one PUT carrying their SHA-256: the server checks what arrived."""
+    data = os.urandom(50_000)
+    _, fd = make_object(data)
+    wrong = hashlib.sha256(b"other bytes").hexdigest()
+    try:
+        with pytest.raises(RemoteError):
+            remote.put(wrong, fd, len(data))
+    finally:
+        os.close(fd)
+    assert remote.exists(wrong, "") is None

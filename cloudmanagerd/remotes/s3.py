@@ -235,6 +235,9 @@ class S3Remote:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             retries={"max_attempts": 2, "mode": "standard"},
+            # botocore keeps 10 connections; uploads at once times parts at once can need more, and
+            # a full pool throws connections away and opens new ones
+            max_pool_connections=64,
             request_checksum_calculation=request_checksum,
             response_checksum_validation=request_checksum,
             s3={"addressing_style": "path"} if endpoint else None,

@@ -51,9 +51,12 @@ def prepare_socket_path(path: str) -> None:
 
 
 class ControlServer:
-    def __init__(self, path: str, mode: int, group: str | None, commands: dict[str, Command]) -> None:
+    def __init__(self, path: str, mode: int, group: str | None, commands: dict[str, Command],
+                 on_client_done: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.commands = commands
+        # called in a client's thread as it ends (the daemon closes that thread's catalog connection)
+        self.on_client_done = on_client_done
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         prepare_socket_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -149,6 +152,10 @@ class ControlServer:
             for fd in reader.take_fds():
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            try:
+                self.on_client_done()
+            except Exception:
+                log.exception("control: cleaning up after a client failed")
             with self._lock:
                 self._conns.discard(conn)
                 self._clients.discard(threading.current_thread())

@@ -170,7 +170,8 @@ class Daemon:
         self.scheduler.add_job(self.uploader.heal, "interval", seconds=HEAL_INTERVAL, id="heal",
                                next_run_time=_now())
         self.scheduler.add_job(self.remover.resume, id="resume-removals", next_run_time=_now())
-        self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands())
+        self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
+                                     on_client_done=self.catalog.db.release)
 
         self.watcher.start()
         self.worker.start()

@@ -106,11 +106,14 @@ def wait_for_quiet(probe: Callable[[], list], timeout: float = 5.0) -> list:
         time.sleep(0.02)
 
 
+SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "STATE_DIRECTORY",
+               "RUNTIME_DIRECTORY", "CLOUDMANAGERD_CONFIG", "LISTEN_FDS")
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the caller's systemd and config environment out of the tests."""
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "STATE_DIRECTORY",
-                 "RUNTIME_DIRECTORY", "CLOUDMANAGERD_CONFIG", "LISTEN_FDS"):
+    for name in SYSTEMD_ENV:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -289,3 +292,53 @@ def daemon_factory(workdir: Path) -> Iterator[Callable[..., Daemon]]:
 def sha256_of(path: Path) -> str:
     import hashlib
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def module_daemon(prefix: str, remotes: int = 2, **overrides: Any) -> Iterator[Daemon]:
+    """A daemon shared by a module's tests (module-scoped fixtures cannot use `workdir`):
+    started with the systemd environment kept out, stopped (exit 0 asserted) and removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    root.chmod(0o755)
+    d = Daemon(root, default_config(root, remotes, **overrides))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in SYSTEMD_ENV:
+                mp.delenv(name, raising=False)
+            d.start()
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0
+        d._close_log()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class LineClient:
+    """One raw connection to the control socket: bytes out, one JSON reply per line back."""
+
+    def __init__(self, path: str, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def reply(self) -> dict[str, Any] | None:
+        """The next reply, or None when the daemon closed the connection."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        self.send(json.dumps(request).encode() + b"\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -5,22 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import Daemon, default_config, wait_for
-
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "STATE_DIRECTORY",
-               "RUNTIME_DIRECTORY", "CLOUDMANAGERD_CONFIG", "LISTEN_FDS")
+from conftest import Daemon, LineClient, module_daemon, wait_for
 
 # dropped one at a time, in this order: the newest is the last
 DROPS = [
@@ -50,14 +44,7 @@ class Populated:
 @pytest.fixture(scope="module")
 def pop() -> Iterator[Populated]:
     """One daemon for the read-mostly tests, holding DROPS, each with its two copies."""
-    root = Path(tempfile.mkdtemp(prefix="cm-ctl-", dir="/tmp"))
-    root.chmod(0o755)
-    d = Daemon(root, default_config(root, 2))
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in SYSTEMD_ENV:
-                mp.delenv(name, raising=False)
-            d.start()
+    with module_daemon("cm-ctl-") as d:
         (d.inbox / "docs").mkdir()
         for name, data in DROPS:
             with open(os.path.join(os.fsencode(d.inbox), name), "wb") as f:
@@ -65,12 +52,7 @@ def pop() -> Iterator[Populated]:
             h = sha(data)
             wait_for(lambda: any(f["hash"] == h and len(f["copies"]) == 2 for f in d.files()),
                      message=f"{name!r} registered with two copies")
-        yield Populated(d, root)
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0
-        d._close_log()
-        shutil.rmtree(root, ignore_errors=True)
+        yield Populated(d, d.root)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -355,29 +337,7 @@ def test_exit_2_on_usage_errors(pop: Populated) -> None:
 
 # -- the raw socket ---------------------------------------------------------------------------------
 
-class Conn:
-    """One connection to the control socket, several requests on it."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def send(self, raw: bytes) -> None:
-        self.sock.sendall(raw)
-
-    def reply(self) -> dict[str, Any] | None:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.sock.close()
+Conn = LineClient
 
 
 @pytest.fixture

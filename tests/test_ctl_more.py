@@ -13,20 +13,16 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, default_config, wait_for
+from conftest import Daemon, module_daemon, wait_for
 
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "STATE_DIRECTORY",
-               "RUNTIME_DIRECTORY", "CLOUDMANAGERD_CONFIG", "LISTEN_FDS")
 DROPS = {"a.txt": b"alpha\n" * 400, "b.txt": b"bravo\n" * 500, "c.txt": b"charlie\n" * 600}
 UNKNOWN = "f" * 64
 
@@ -41,23 +37,11 @@ H = {name: sha(data) for name, data in DROPS.items()}
 @pytest.fixture(scope="module")
 def pop() -> Iterator[Daemon]:
     """One daemon holding DROPS, each with two copies."""
-    root = Path(tempfile.mkdtemp(prefix="cm-ctl2-", dir="/tmp"))
-    root.chmod(0o755)
-    d = Daemon(root, default_config(root, 2))
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in SYSTEMD_ENV:
-                mp.delenv(name, raising=False)
-            d.start()
+    with module_daemon("cm-ctl2-") as d:
         for name, data in DROPS.items():
             (d.inbox / name).write_bytes(data)
         wait_for(lambda: sum(len(f["copies"]) == 2 for f in d.files()) == len(DROPS), message="every file copied twice")
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0
-        d._close_log()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:
@@ -270,6 +254,6 @@ def test_retry_revives_given_up_uploads_in_both_forms(daemon_factory) -> None:
 
 def test_reload_human_form(pop: Daemon) -> None:
     before = pop.log().count("reloaded ")
-    assert ok(pop.ctl("reload")).strip() == "reload requested"
+    assert ok(pop.ctl("reload")).strip() == "config reloaded"
     wait_for(lambda: pop.log().count("reloaded ") > before, message="the reload")
     assert pop.status()["state"] == "running"

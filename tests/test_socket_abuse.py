@@ -14,10 +14,8 @@ import contextlib
 import grp
 import json
 import os
-import shutil
 import socket
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, default_config, wait_for
+from conftest import Daemon, LineClient, module_daemon, wait_for
 
 from cloudmanagerd.control import MAX_CLIENTS
 
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "STATE_DIRECTORY",
-               "RUNTIME_DIRECTORY", "CLOUDMANAGERD_CONFIG", "LISTEN_FDS")
 DATA = b"a file the abuse must not harm\n" * 64
 FD_SLACK = 4       # a lazily opened cache folder descriptor is no leak
 THREAD_SLACK = 16  # nor the pools' lazily started threads (scheduler 10, uploads 4), waiting on futexes;
@@ -51,31 +47,8 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return kinds
 
 
-class Conn:
-    def __init__(self, path: str, timeout: float = 10) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def send(self, raw: bytes) -> None:
-        self.sock.sendall(raw)
-
-    def reply(self) -> dict[str, Any] | None:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
-        self.send(json.dumps(request).encode() + b"\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
+def Conn(path: str, timeout: float = 10) -> LineClient:  # noqa: N802 - reads like the class it makes
+    return LineClient(path, timeout)
 
 
 class Shared:
@@ -106,22 +79,10 @@ class Shared:
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Shared]:
     """One daemon, one file with its copies; the abuse tests take turns on it."""
-    root = Path(tempfile.mkdtemp(prefix="cm-abuse-", dir="/tmp"))
-    root.chmod(0o755)
-    d = Daemon(root, default_config(root, 1))
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in SYSTEMD_ENV:
-                mp.delenv(name, raising=False)
-            d.start()
+    with module_daemon("cm-abuse-", remotes=1) as d:
         (d.inbox / "kept.txt").write_bytes(DATA)
         wait_for(lambda: any(f["copies"] for f in d.files()), message="the file registered and copied")
         yield Shared(d)
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0
-        d._close_log()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def prompt_status(d: Daemon, limit: float = 1.0) -> dict[str, Any]:

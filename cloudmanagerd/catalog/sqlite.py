@@ -53,6 +53,18 @@ class SqliteDatabase:
                 self._all.append((threading.current_thread(), conn))
         return conn
 
+    def release(self) -> None:
+        """Close the calling thread's connection: for short-lived threads (a control client's),
+        so that their descriptors go with them instead of waiting for the next new thread."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            self._all = [(t, c) for t, c in self._all if c is not conn]
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE, commit, or roll back on any error."""

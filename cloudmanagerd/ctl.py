@@ -32,6 +32,10 @@ def socket_path(args: argparse.Namespace) -> str:
         if args.config:
             raise Failed(f"config {config} does not exist", EXIT_FAILED)
         return DEFAULT_SOCKET
+    if not args.config and not os.access(config, os.R_OK):
+        # the default config is readable by the service's group only; anyone else may still
+        # try the default socket (and learns from its permissions whether they may use it)
+        return DEFAULT_SOCKET
     from .config import ConfigError, load_config
     try:
         return load_config(config).control.socket

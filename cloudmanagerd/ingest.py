@@ -524,6 +524,41 @@ class Ingestor:
         if not in_inbox and r.hash not in self.catalog.cached_here([r.hash]):
             log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash)
 
+    def adopt_orphans(self) -> int:
+        """Cache objects without a catalog row. The durable order never leaves one, but a restored
+        backup of the catalog or an object copied in by hand can: one whose bytes match its name
+        is registered (as `recovered/<hash>`: its original name is unknown) and uploaded; any
+        other is moved to the rejected folder. Runs in the ingest thread, before any ingest."""
+        adopted = 0
+        for folder in self.cache.object_folders():
+            known = self.catalog.cached_hashes_with_prefix(folder)
+            for entry in self.cache.objects_in(folder):
+                if entry.name in known or not entry.is_file(follow_symlinks=False):
+                    continue
+                adopted += self._adopt(folder, entry.name)
+        if adopted:
+            log.warning("registered %d cache object(s) the catalog did not know", adopted)
+        return adopted
+
+    def _adopt(self, folder: str, name: str) -> int:
+        fd = os.open(name, fsutil.O_READ_FILE, dir_fd=self.cache.subdir_fd(folder))
+        try:
+            size = os.fstat(fd).st_size
+            good = len(name) == 64 and name.startswith(folder) and sha256_fd(fd, self.tick) == name
+        finally:
+            os.close(fd)
+        if self.catalog.cached_here([name]):
+            return 0  # fetched meanwhile
+        if good and self.cache.reserve(size):
+            self.catalog.finish_ingest([IngestRecord(name, b"recovered/" + name.encode(), size)], self.remotes(),
+                                       self.now())
+            self.cache.commit(size)
+            return 1
+        self.rejector.reject(self.cache.subdir_fd(folder), name.encode(), b"cache/" + name.encode(),
+                             "a cache object without a catalog row whose bytes do not match its name"
+                             if not good else "a cache object without a catalog row, and no room for it")
+        return 0
+
     def _inbox_has(self, rel: bytes) -> bool:
         parts = fsutil.split_rel(rel)
         try:
@@ -624,6 +659,10 @@ class IngestWorker:
         self.last_progress = time.monotonic()
 
     def _run(self) -> None:
+        try:
+            self.ingestor.adopt_orphans()
+        except OSError as exc:
+            log.error("%s", explain_oserror(exc, "checking the cache for objects without a row"))
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
             offers = self._offers  # before the take: an offer that finds these files taken counts

@@ -344,3 +344,40 @@ def test_two_identical_files_in_one_batch_give_one_object(parts: Parts) -> None:
     assert result.duplicates == 1
     assert list(parts.inbox.iterdir()) == []
     assert parts.objects() == {digest(data): data}
+
+
+def test_cache_objects_without_rows_are_adopted_or_rejected(tmp_path: Path) -> None:
+    """A hand-copied object (or one from a restored catalog backup) is registered when its bytes
+    match its name, and moved to the rejected folder when they do not: never silently kept."""
+    from cloudmanagerd.cache import Cache
+    from cloudmanagerd.catalog import Catalog
+    from cloudmanagerd.ingest import Ingestor, Rejector
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cache = Cache(str(tmp_path / "cache"), 1 << 20)
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'c.sqlite3'}", "n1")
+    rejector = Rejector(str(tmp_path / "rejected"))
+    inbox_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ingestor = Ingestor(inbox_fd, cache, catalog, rejector, lambda: ["r0"], [])
+        good = b"adopt me"
+        h = hashlib.sha256(good).hexdigest()
+        (tmp_path / "cache" / h[:2]).mkdir(exist_ok=True)
+        (tmp_path / "cache" / h[:2] / h).write_bytes(good)
+        liar = hashlib.sha256(b"something else").hexdigest()
+        (tmp_path / "cache" / liar[:2]).mkdir(exist_ok=True)
+        (tmp_path / "cache" / liar[:2] / liar).write_bytes(b"not what the name says")
+
+        assert ingestor.adopt_orphans() == 1
+        info = catalog.file_info(h)
+        assert info["cached"] and info["name"] == b"recovered/" + h.encode() and info["pending"] == ["r0"]
+        assert cache.used == len(good)
+        assert not (tmp_path / "cache" / liar[:2] / liar).exists()
+        assert (tmp_path / "rejected" / "cache" / liar).read_bytes() == b"not what the name says"
+        assert ingestor.adopt_orphans() == 0  # nothing left to adopt
+    finally:
+        os.close(inbox_fd)
+        rejector.close()
+        cache.close()
+        catalog.close()

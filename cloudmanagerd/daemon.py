@@ -143,6 +143,7 @@ class Daemon:
         self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
                                  c.cluster.lease)
         self.uploader.ensure_cached = self.fetcher.ensure_cached
+        self.uploader.chain_pumps = True
         self.ingestor = Ingestor(self.inbox_fd, self.cache, self.catalog, self.rejector,
                                  self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()

@@ -53,6 +53,16 @@ class SqliteDatabase:
                 self._all.append((threading.current_thread(), conn))
         return conn
 
+    def relax_durability(self) -> None:
+        """This thread's commits go to the WAL without an fsync each (synchronous=NORMAL): a power
+        cut may lose its last few commits, never corrupt the database. Only for threads whose
+        records are cheap to lose (the upload workers'): ingest keeps FULL, it renames files on
+        the strength of its commits."""
+        conn = self.connection()
+        if not getattr(self._local, "relaxed", False):
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.relaxed = True
+
     def release(self) -> None:
         """Close the calling thread's connection: for short-lived threads (a control client's),
         so that their descriptors go with them instead of waiting for the next new thread."""
@@ -60,6 +70,7 @@ class SqliteDatabase:
         if conn is None:
             return
         self._local.conn = None
+        self._local.relaxed = False
         with self._lock:
             self._all = [(t, c) for t, c in self._all if c is not conn]
         with contextlib.suppress(sqlite3.Error):

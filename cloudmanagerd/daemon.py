@@ -205,7 +205,7 @@ class Daemon:
         self.scheduler.add_job(self._scan, args=[rel], next_run_time=_now())
 
     def _scan(self, rel: bytes) -> None:
-        count = scan(self.inbox_fd, rel, self.ingestor.ignored, self.queue.put_settle, lambda *a: None)
+        count = scan(self.inbox_fd, rel, self.ingestor.ignored, self.queue.put_settle)
         if rel == b"" and count:
             log.info("inbox scan found %d file(s)", count)
 

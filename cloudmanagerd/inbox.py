@@ -265,8 +265,7 @@ class InboxWatcher:
         return self.observer.is_alive()
 
 
-def scan(inbox_fd: int, rel: bytes, ignored: Callable[[bytes], bool], found: Callable[[bytes], None],
-         reject_symlink: Callable[[int, bytes, bytes], None]) -> int:
+def scan(inbox_fd: int, rel: bytes, ignored: Callable[[bytes], bool], found: Callable[[bytes], None]) -> int:
     """Walk a folder of the inbox from descriptors, never following a symlink; returns entries found."""
     count = 0
     stack = [rel]

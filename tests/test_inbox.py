@@ -636,7 +636,7 @@ class ScanRun:
             def found(child: bytes) -> None:
                 self.found.append(child)
                 self.on_found(child)
-            return scan(fd, rel, self.ignore, found, lambda *a: None)
+            return scan(fd, rel, self.ignore, found)
         finally:
             os.close(fd)
 

@@ -204,9 +204,11 @@ class PlowshareRemote:
         detail = one_line(result.last_stderr_line(), 200)
         meaning = EXIT_MEANINGS.get(code, "unknown exit code")
         if code == ERR_NOMODULE:
-            message = f"plowshare module {self.host!r} is not installed ({tool} exit 2): fix `host:` or install the module"
+            message = (f"plowshare module {self.host!r} is not installed ({tool} exit 2): "
+                       "fix `host:` or install the module")
         elif code == 4:
-            fix = f"check auth_file {self.auth_file}" if self.auth_file else f"{self.host} wants an account: set auth_file"
+            fix = (f"check auth_file {self.auth_file}" if self.auth_file
+                   else f"{self.host} wants an account: set auth_file")
             message = f"login failed on {self.host} ({tool} exit 4): {fix}"
         elif code == 12:
             message = (f"{self.host} refused: the account needs more permissions ({tool} exit 12): "

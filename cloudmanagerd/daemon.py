@@ -27,11 +27,12 @@ from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
 from .eviction import Evictor
 from .fetch import Fetcher
 from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
-from .ingest import Ingestor, IngestWorker, Rejector
+from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
 from .names import show
 from .notify import Notifier
 from .protocol import FULL_HASH, HASH_PREFIX
+from .rejects import Rejector
 from .remotes import RemoteError, build_remote
 from .removal import Remover
 from .scrub import Scrubber
@@ -154,7 +155,8 @@ class Daemon:
             log.info("%d upload(s) interrupted by the last stop are queued again", released)
 
         self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox_fd, rel))
-        self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan, self._registered)
+        self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan, self._registered,
+                                   first=self.ingestor.adopt_orphans)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,

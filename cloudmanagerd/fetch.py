@@ -19,7 +19,7 @@ from .cache import Cache
 from .catalog import Catalog
 from .errors import CacheFull, CloudManagerError, NotFound
 from .eviction import Evictor
-from .ingest import HASH_CHUNK, sha256_fd
+from .hashing import HASH_CHUNK, sha256_fd
 from .remotes.base import MISSING, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)

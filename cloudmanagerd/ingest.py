@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import hashlib
 import logging
 import os
-import queue
 import sqlite3
 import stat
 import threading
@@ -30,11 +28,12 @@ from . import fsutil
 from .cache import Cache
 from .catalog import Catalog, IngestRecord
 from .errors import explain_oserror
+from .hashing import sha256_fd
 from .names import show
+from .rejects import Rejector
 
 log = logging.getLogger(__name__)
 
-HASH_CHUNK = 1 << 20
 SYNCFS_BATCH = 16  # from this many files on, one syncfs is cheaper than an fsync per file
 
 
@@ -66,114 +65,6 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
 def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
     """Without ctime, which our own rename into the cache changes."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-_buffers = threading.local()
-
-
-OVERLAP_MIN = 16 << 20  # from this size on, reading and hashing run on both cores at once
-
-
-def sha256_fd(fd: int, tick: Callable[[], None] | None = None) -> str:
-    """Streamed SHA-256 from the fd's current offset; `tick` is called per read, so that the
-    health watchdog sees a long hash as progress.
-
-    Small files are read into a reused 1 MiB buffer (allocating a fresh megabyte per file cost
-    more than hashing a small file). Large ones are read by a second thread into rotating
-    buffers while this one hashes: both calls release the GIL, so the file is hashed at
-    nearly the speed of the hash alone instead of read time plus hash time.
-    """
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    try:
-        remaining = os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR)
-    except OSError:
-        remaining = 0
-    if remaining >= OVERLAP_MIN:
-        return _sha256_overlapped(fd, tick)
-    digest = hashlib.sha256()
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    while n := os.readv(fd, [buf]):
-        digest.update(view[:n])
-        if tick is not None:
-            tick()
-    return digest.hexdigest()
-
-
-def _sha256_overlapped(fd: int, tick: Callable[[], None] | None) -> str:
-    digest = hashlib.sha256()
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    full: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
-    for _ in range(3):
-        free.put(bytearray(HASH_CHUNK))
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            while not stop.is_set():
-                buf = free.get()
-                n = os.readv(fd, [buf])
-                full.put((buf, n))
-                if n == 0:
-                    return
-        except OSError as exc:
-            full.put(exc)
-
-    reader = threading.Thread(target=read, name="hash-reader", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = full.get()
-            if isinstance(item, OSError):
-                raise item
-            buf, n = item
-            if n == 0:
-                return digest.hexdigest()
-            digest.update(memoryview(buf)[:n])
-            free.put(buf)
-            if tick is not None:
-                tick()
-    finally:
-        stop.set()
-        free.put(bytearray(0))  # unblocks a reader waiting for a buffer
-        reader.join()
-
-
-class Rejector:
-    """Moves entries that can never be ingested to the rejected folder, keeping their relative path."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.root_fd = fsutil.open_root(path, create=True, mode=0o750)
-        self.count = sum(1 for _ in os.scandir(self.root_fd))
-
-    def close(self) -> None:
-        os.close(self.root_fd)
-
-    def reject(self, dir_fd: int, name: bytes, rel: bytes, reason: str) -> bool:
-        parts = fsutil.split_rel(rel)[:-1]
-        try:
-            with fsutil.subdir(self.root_fd, parts, create=True) as target_fd:
-                target = name
-                for n in range(1, 1000):
-                    try:
-                        os.stat(target, dir_fd=target_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        break
-                    target = name + b".%d" % n
-                os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            log.error("cannot move %s to the rejected folder %s: %s (left in the inbox)",
-                      show(rel), self.path, explain_oserror(exc, "rename").split(": ", 1)[1])
-            return False
-        self.count += 1
-        log.warning("rejected %s: %s (moved to %s)", show(rel), reason, self.path)
-        return True
 
 
 @dataclass
@@ -610,11 +501,14 @@ class IngestWorker:
     BATCH = 512
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
-                 on_registered: Callable[[list[str]], None]) -> None:
+                 on_registered: Callable[[list[str]], None], first: Callable[[], None] | None = None) -> None:
         self.ingestor = ingestor
         self.queue = queue
         self.scan = scan
         self.on_registered = on_registered
+        # run in this thread before any batch, so that it never races an ingest (the daemon
+        # adopts cache objects without a catalog row here)
+        self.first = first
         self.waiting: dict[bytes, str] = {}
         # offers come from upload and control threads while this thread sorts a batch: a lock, and a
         # count of offers, so that room made during an attempt that found none is not missed
@@ -659,10 +553,11 @@ class IngestWorker:
         self.last_progress = time.monotonic()
 
     def _run(self) -> None:
-        try:
-            self.ingestor.adopt_orphans()
-        except OSError as exc:
-            log.error("%s", explain_oserror(exc, "checking the cache for objects without a row"))
+        if self.first is not None:
+            try:
+                self.first()
+            except OSError as exc:
+                log.error("%s", explain_oserror(exc, "before the first ingest"))
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
             offers = self._offers  # before the take: an offer that finds these files taken counts

@@ -17,7 +17,7 @@ from .cache import Cache
 from .catalog import Catalog
 from .errors import CloudManagerError
 from .fetch import Fetcher, ProgressFn
-from .ingest import sha256_fd
+from .hashing import sha256_fd
 from .remotes.base import Remote, RemoteError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from cloudmanagerd import ingest as ingest_module
 from cloudmanagerd.cache import Cache
 from cloudmanagerd.catalog import Catalog, IngestRecord
 from cloudmanagerd.errors import NotFound
-from cloudmanagerd.ingest import Ingestor, Rejector
+from cloudmanagerd.ingest import Ingestor
+from cloudmanagerd.rejects import Rejector
 
 IGNORE = [".*", "*.part", "*.tmp", "*~"]
 
@@ -349,10 +350,6 @@ def test_two_identical_files_in_one_batch_give_one_object(parts: Parts) -> None:
 def test_cache_objects_without_rows_are_adopted_or_rejected(tmp_path: Path) -> None:
     """A hand-copied object (or one from a restored catalog backup) is registered when its bytes
     match its name, and moved to the rejected folder when they do not: never silently kept."""
-    from cloudmanagerd.cache import Cache
-    from cloudmanagerd.catalog import Catalog
-    from cloudmanagerd.ingest import Ingestor, Rejector
-
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     cache = Cache(str(tmp_path / "cache"), 1 << 20)

@@ -247,7 +247,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         c = self.config
         counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
-        stats = self.catalog.remote_stats()
+        stats = counts["remotes"]
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),

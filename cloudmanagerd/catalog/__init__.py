@@ -604,19 +604,27 @@ class Catalog:
                 "WHERE state='failed' AND hash=?", (now, now, h)).rowcount for h in hashes)
 
     def remote_stats(self) -> dict[str, dict[str, Any]]:
-        conn = self.db.connection()
+        with self.db.read() as conn:
+            counters = dict(conn.execute(
+                "SELECT name, value FROM counters WHERE name >= 'copies:' AND name < 'copies;'").fetchall())
+            return self._remote_stats(conn, counters)
+
+    def _remote_stats(self, conn, counters: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """Errors per remote, and its good copies from the trigger-kept 'copies:<remote>' counters
+        (migration 4): no scan of the copies table."""
         stats: dict[str, dict[str, Any]] = {}
         for remote, errors, last_error in conn.execute("SELECT remote, errors, last_error FROM remote_stats"):
             stats[remote] = {"errors": errors, "last_error": last_error, "copies": 0}
-        # trigger-kept 'copies:<remote>' counters (migration 4): no scan of the copies table
-        for name, n in conn.execute("SELECT name, value FROM counters WHERE name >= 'copies:' AND name < 'copies;'"):
-            stats.setdefault(name[len("copies:"):], {"errors": 0, "last_error": None})["copies"] = n
+        for name, n in counters.items():
+            if name.startswith("copies:"):
+                stats.setdefault(name[len("copies:"):], {"errors": 0, "last_error": None})["copies"] = n
         return stats
 
     # -- queries for status, ls and info --------------------------------------------------
 
     def counts(self, min_redundancy: int, redundancy: int) -> dict[str, Any]:
-        """Status figures from trigger-kept counters: constant time whatever the catalog's size."""
+        """Status figures from trigger-kept counters: constant time whatever the catalog's size,
+        and few statements (each one lets other threads take the GIL: the tail of a status call)."""
         with self.db.read() as conn:
             c = dict(conn.execute("SELECT name, value FROM counters").fetchall())
             below_min = range(max(min_redundancy, 0))
@@ -625,12 +633,13 @@ class Catalog:
                 row = conn.execute("SELECT MIN(added) FROM files WHERE good=?", (k,)).fetchone()
                 if row[0] is not None and (oldest is None or row[0] < oldest):
                     oldest = row[0]
+            month = month_of(time.time())
             transfer = conn.execute(
-                "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0) FROM transfer WHERE node=?",
-                (self.node,)).fetchone()
-            month = conn.execute(
-                "SELECT incoming, outgoing FROM transfer WHERE node=? AND month=?",
-                (self.node, month_of(time.time()))).fetchone() or (0, 0)
+                "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0), "
+                "COALESCE(SUM(CASE WHEN month=? THEN incoming END), 0), "
+                "COALESCE(SUM(CASE WHEN month=? THEN outgoing END), 0) FROM transfer WHERE node=?",
+                (month, month, self.node)).fetchone()
+            remotes = self._remote_stats(conn, c)
         return {
             "files": c.get("files", 0), "bytes": c.get("bytes", 0),
             "uploads": {s: c.get(f"uploads:{s}", 0) for s in ("queued", "active", "retrying", "failed", "done")},
@@ -641,7 +650,8 @@ class Catalog:
             "below_redundancy": sum(c.get(f"good:{k}", 0) for k in range(max(redundancy, 0))),
             "cache_bytes": c.get(f"cache_bytes:{self.node}", 0), "cache_files": c.get(f"cache_files:{self.node}", 0),
             "total_incoming": transfer[0], "total_outgoing": transfer[1],
-            "month_incoming": month[0], "month_outgoing": month[1],
+            "month_incoming": transfer[2], "month_outgoing": transfer[3],
+            "remotes": remotes,
         }
 
     def resolve(self, prefix: str) -> str:

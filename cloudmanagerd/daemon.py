@@ -394,14 +394,8 @@ class Daemon:
         value = req.get("hash")
         if not isinstance(value, str) or not HASH_PREFIX.match(value):
             raise NotFound(f"bad hash {value!r}: give 6 to 64 lowercase hex digits")
-        return value if FULL_HASH.match(value) and self._known(value) else self.catalog.resolve(value)
-
-    def _known(self, h: str) -> bool:
-        try:
-            self.catalog.file_info(h)
-        except NotFound:
-            return False
-        return True
+        known = FULL_HASH.match(value) and self.catalog.file_size(value) is not None
+        return value if known else self.catalog.resolve(value)
 
     def _cmd_ls(self, req: dict[str, Any], fds: list[int], progress: Any) -> list[dict[str, Any]]:
         state = req.get("state")

@@ -414,17 +414,13 @@ class Daemon:
         if len(fds) != 1:
             raise CloudManagerError("get: pass exactly one open file descriptor to write to")
         info = self.catalog.file_info(h)
-        self.fetcher.ensure_cached(h, progress)
+        self.fetcher.ensure_cached(h, progress)  # also marks the file as recently used
         src = self.cache.open_object(h)
         try:
-            with contextlib.suppress(OSError):
-                os.lseek(fds[0], 0, os.SEEK_CUR)
-            written = fsutil.copy_fd(src, fds[0], lambda done: None)
+            written = fsutil.copy_fd(src, fds[0])
         finally:
             os.close(src)
-        now = time.time()
-        self.catalog.touch(h, now)
-        self.catalog.add_transfer(now, outgoing=written)
+        self.catalog.add_transfer(time.time(), outgoing=written)
         return {"hash": h, "size": written, "name": show(info["name"])}
 
     def _cmd_pin(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:

@@ -117,6 +117,8 @@ class Cache:
         return sorted(e.name for e in os.scandir(self.root_fd)
                       if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
 
-    def objects_in(self, folder: str) -> list[os.DirEntry]:
-        with fsutil.subdir(self.root_fd, [folder.encode()]) as fd:
-            return list(os.scandir(fd))
+    def objects_in(self, folder: str) -> list[str]:
+        """Names of the regular files in one object folder (types read while the folder is open:
+        a DirEntry of a closed descriptor cannot stat on filesystems without d_type)."""
+        with fsutil.subdir(self.root_fd, [folder.encode()]) as fd, os.scandir(fd) as entries:
+            return [e.name for e in entries if e.is_file(follow_symlinks=False)]

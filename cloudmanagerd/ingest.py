@@ -423,10 +423,9 @@ class Ingestor:
         adopted = 0
         for folder in self.cache.object_folders():
             known = self.catalog.cached_hashes_with_prefix(folder)
-            for entry in self.cache.objects_in(folder):
-                if entry.name in known or not entry.is_file(follow_symlinks=False):
-                    continue
-                adopted += self._adopt(folder, entry.name)
+            for name in self.cache.objects_in(folder):
+                if name not in known:
+                    adopted += self._adopt(folder, name)
         if adopted:
             log.warning("registered %d cache object(s) the catalog did not know", adopted)
         return adopted

@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,9 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from benchlib import PY_SPY, REPO, Client, DaemonProcess, parse_size, peer_env, say, start_py_spy, stop_py_spy, table
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -60,16 +56,6 @@ GiB = 1 << 30
 FILLER = 128 * MiB
 DECISION_TARGET_MS = 50.0
 RATIO_TARGET = 0.8
-PY_SPY = shutil.which("py-spy") or next(
-    (str(p) for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), None)
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 128MiB, 1GiB)")
-    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[unit])
 
 
 def human(n: float) -> str:
@@ -78,14 +64,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.4g} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def say(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def peer_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
 
 
 def drop_caches(enabled: bool) -> None:
@@ -133,12 +111,15 @@ def write_random(path: Path, size: int) -> str:
 
 # -- a daemon -----------------------------------------------------------------------------------
 
-class BenchDaemon:
+class BenchDaemon(DaemonProcess):
+    grace = 60.0
+    reap_timeout = 30.0
+
     def __init__(self, root: Path, remote: dict[str, Any], capacity: int) -> None:
         self.root = root
         for name in ("inbox", "staging"):
             (root / name).mkdir(parents=True, exist_ok=True)
-        self.config = {
+        super().__init__(root, {
             "inbox": str(root / "inbox"),
             "cache": {"path": str(root / "cache"), "capacity": capacity, "scrub": 0},
             "state": str(root / "state"),
@@ -147,36 +128,17 @@ class BenchDaemon:
             "upload": {"redundancy": 1, "min_redundancy": 1, "stall": "300s"},
             "remotes": [remote],
             "log": {"level": "info"},
-        }
-        self.config_path = root / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.log_path = root / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+        }, cwd=root)
 
     def start(self) -> BenchDaemon:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cloudmanagerd", "-c", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.spawn(log_mode="ab")
         self.wait(lambda: self.request({"cmd": "status"})["ok"], 60, "the control socket")
         return self
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(600)
-            s.connect(self.config["control"]["socket"])
-            s.sendall(json.dumps(message).encode() + b"\n")
-            buf = b""
-            while True:
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    raise ConnectionError("the daemon closed the connection")
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    reply = json.loads(line)
-                    if "progress" not in reply:
-                        return reply
+        """On a connection of its own (a `get` may take minutes)."""
+        with contextlib.closing(Client(self.socket, timeout=600)) as client:
+            return client.request(message)
 
     def info(self, h: str) -> dict[str, Any]:
         reply = self.request({"cmd": "info", "hash": h})
@@ -206,16 +168,7 @@ class BenchDaemon:
         return [sys.executable, "-m", "cloudmanagerd.ctl", "-c", str(self.config_path), *args]
 
     def log_tail(self, n: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        return super().log_tail(n)
 
 
 class Profiler:
@@ -224,15 +177,10 @@ class Profiler:
         self.out = out
         if out is not None and PY_SPY:
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.proc = subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                                          "--threads", "--output", str(out), "--nonblocking"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.proc = start_py_spy(pid, out, rate=200, settle=0, quiet=True)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
+        stop_py_spy(self.proc)
 
 
 def top_functions(path: Path, top: int = 12) -> list[str]:
@@ -302,7 +250,7 @@ def fetch_phase(kind: str, args: argparse.Namespace, work: Path, res: Results, s
         (root / "out.bin").unlink()
         res.add(kind, "cloudmanagerctl get (already cached: write only)", seconds, size)
 
-        env = peer_env()
+        env = peer_env(git_identity=False)
         rclone_conf = root / "rclone.conf"
         rclone_conf.write_text("")
         outdir = root / "rclone-out"
@@ -482,13 +430,6 @@ def evict_phase(args: argparse.Namespace, work: Path, res: Results) -> None:
 
 # -- the report --------------------------------------------------------------------------------------
 
-def table(rows: list[list[str]], header: list[str]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 1 else str(c).rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
-
-
 def report(res: Results, args: argparse.Namespace) -> tuple[str, bool]:
     title = (f"cloudmanagerd get/eviction benchmark (issue 5), {human(args.size)} file, "
              f"page cache {'warm' if args.warm else 'dropped before each command'}")
@@ -509,7 +450,8 @@ def report(res: Results, args: argparse.Namespace) -> tuple[str, bool]:
                     verdict = "PASS" if value >= RATIO_TARGET else "MISS"
                     missed |= verdict == "MISS"
                 rows.append([phase, r["what"], f"{r['seconds']:.2f} s", f"{r['rate']:.0f} MiB/s", ratio, verdict])
-        out += table(rows, ["remote", "command", "time", "throughput", "get/this", f"≥{RATIO_TARGET}x"])
+        out += table(rows, ["remote", "command", "time", "throughput", "get/this", f"≥{RATIO_TARGET}x"],
+                     {0, 2, 3, 4, 5})
         out.append("")
     if res.decisions:
         rows = []
@@ -521,7 +463,7 @@ def report(res: Results, args: argparse.Namespace) -> tuple[str, bool]:
                          f"{dcs['first_ms']:.1f}", f"{dcs['median_ms']:.1f}", f"{dcs['max_ms']:.1f}",
                          verdict if typical else "info"])
         out += table(rows, ["", f"eviction decision, {args.files:,} cached files", "victims", "first ms",
-                            "median ms", "max ms", f"<{DECISION_TARGET_MS:.0f} ms"])
+                            "median ms", "max ms", f"<{DECISION_TARGET_MS:.0f} ms"], {0, 2, 3, 4, 5, 6})
         out.append("")
     out += res.notes
     return "\n".join(out), missed

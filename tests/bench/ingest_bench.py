@@ -31,79 +31,44 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import hashlib
-import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from benchlib import (
+    Client,
+    InboxDaemon,
+    check_profile_arg,
+    fmt,
+    human_bytes,
+    nearest_rank,
+    parse_size,
+    peer_env,
+    profile_sections,
+    rmtree,
+    run_bench,
+    say,
+    table,
+    tool_version,
+    warm,
+    write_small_files,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 FILE_PHASES = ["mv", "cp", "annex", "rclone-copy", "rclone-move", "rename"]
 ALL_PHASES = FILE_PHASES + ["big", "latency"]
 DAEMON_PHASES = {"mv", "cp", "big", "latency"}
 RSS_TARGET_MB = 100.0
-
-PY_SPY = shutil.which("py-spy") or next(
-    (str(p) for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), None)
 RCLONE_FLAGS = ["--transfers", "4", "--checkers", "8", "-q"]  # rclone's defaults, said out loud
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4096, 4KiB, 256MiB, 1GiB)")
-    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:g} {unit}" if n == int(n) else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def say(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def peer_env() -> dict[str, str]:
-    """The environment for peer tools: no AWS CA bundle, a git identity, no pager."""
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@localhost", GIT_PAGER="cat", LC_ALL="C.UTF-8")
-    return env
-
-
-def rmtree(path: Path) -> None:
-    """Remove a tree, including git-annex's read-only object folders."""
-    def onerror(func, p, _exc):
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        with contextlib.suppress(OSError):
-            func(p)
-    if path.exists():
-        shutil.rmtree(path, onerror=onerror)
-
 
 def copy_tree(src: Path, dst: Path) -> None:
     """A fresh copy of the source files (untimed setup)."""
@@ -119,167 +84,13 @@ def inbox_empty(path: Path) -> bool:
     return True
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        return None
-    return None
-
-
-def tool_version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=peer_env())
-    except (OSError, subprocess.TimeoutExpired):
-        return "not installed"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
-
-
 # -- the daemon ------------------------------------------------------------------------------
 
-class Client:
-    """One persistent control connection: several requests on it, JSON lines each way."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(1 << 16)
-                if not chunk:
-                    raise ConnectionError("the daemon closed the control connection")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            reply = json.loads(line)
-            if "progress" not in reply:
-                return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class BenchDaemon:
-    """A fresh cloudmanagerd on its own folders, run as a subprocess."""
+class BenchDaemon(InboxDaemon):
+    """A fresh cloudmanagerd on its own folders, no remotes, run as a subprocess."""
 
     def __init__(self, root: Path, name: str) -> None:
-        self.dir = root / name
-        self.dir.mkdir()
-        self.inbox = self.dir / "inbox"
-        self.inbox.mkdir()
-        self.cache = self.dir / "cache"
-        self.socket = str(self.dir / "c.sock")
-        self.config = {
-            "inbox": str(self.inbox),
-            "cache": {"path": str(self.cache), "capacity": "20GiB"},
-            "state": str(self.dir / "state"),
-            "control": {"socket": self.socket},
-            "ingest": {"settle": "2s"},
-            "remotes": [],
-            "log": {"level": "warning"},
-        }
-        self.config_path = self.dir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-        self.client: Client | None = None
-        self.profiler: subprocess.Popen | None = None
-
-    def start(self) -> BenchDaemon:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cloudmanagerd", "-c", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                self.client = Client(self.socket)
-                if self.client.request({"cmd": "status"})["ok"]:
-                    return self
-            except OSError:
-                if self.client is not None:
-                    self.client.close()
-                    self.client = None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon's socket did not answer within 60 s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.client is not None
-        return self.client.request(message)
-
-    def status(self) -> dict[str, Any]:
-        reply = self.request({"cmd": "status"})
-        if not reply.get("ok"):
-            raise RuntimeError(f"status failed: {reply}")
-        return reply["result"]
-
-    def alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the daemon died with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def peak_rss_mb(self) -> float | None:
-        assert self.proc is not None
-        return vm_hwm_mb(self.proc.pid)
-
-    def object_path(self, h: str) -> Path:
-        return self.cache / h[:2] / h
-
-    def start_profiler(self, out: Path) -> None:
-        assert self.proc is not None
-        self.profiler = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(self.proc.pid), "--rate", "250", "--format", "raw",
-             "--threads", "--nonblocking", "-o", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)  # let it attach before the timed part (setup, not synchronisation of results)
-        if self.profiler.poll() is not None:
-            err = self.profiler.stderr.read().decode(errors="replace") if self.profiler.stderr else ""
-            say(f"py-spy did not start: {err.strip()}")
-            self.profiler = None
-
-    def stop_profiler(self) -> None:
-        if self.profiler is None:
-            return
-        self.profiler.send_signal(signal.SIGINT)
-        try:
-            self.profiler.wait(60)
-        except subprocess.TimeoutExpired:
-            self.profiler.kill()
-            self.profiler.wait()
-        if self.profiler.stderr:
-            self.profiler.stderr.close()
-        self.profiler = None
-
-    def stop(self) -> None:
-        self.stop_profiler()
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(root, name, remotes=[], log_level="warning")
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -330,12 +141,7 @@ class Bench:
     def make_master(self) -> Path:
         if self.master is None:
             self.master = self.root / "master"
-            self.master.mkdir()
-            self.names = [f"f{i:05d}" for i in range(self.args.files)]
-            say(f"writing {self.args.files} files of {human_bytes(self.args.file_size)} (random content)")
-            for name in self.names:
-                with open(self.master / name, "wb") as f:
-                    f.write(os.urandom(self.args.file_size))
+            self.names = write_small_files(self.master, self.args.files, self.args.file_size)
         return self.master
 
     def staging(self, name: str) -> Path:
@@ -506,7 +312,6 @@ class Bench:
         # Interleaved runs, best of each: the machine may be shared, and the best run is the
         # one least disturbed. Each daemon run is a fresh daemon (fresh catalog), and the file
         # is moved back out of its cache for the next run, so every run does the full work.
-        rss: list[float] = []
         for i in range(self.args.big_repeat):
             if shutil.which("openssl"):
                 warm(path)  # read once: both runs see a warm page cache
@@ -559,13 +364,6 @@ class Bench:
         rmtree(stage)
 
 
-def warm(path: Path) -> None:
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(8 << 20)
-        while f.readinto(buf):
-            pass
-
-
 def wait_cached(d: BenchDaemon, client: Client, h: str, started: float, timeout: float) -> float:
     """perf_counter() when the daemon says `h` is registered and cached.
 
@@ -596,63 +394,7 @@ def wait_cached(d: BenchDaemon, client: Client, h: str, started: float, timeout:
 
 # -- profiles --------------------------------------------------------------------------------
 
-FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-
-
-def summarize_profile(path: Path, top: int = 12) -> list[str]:
-    """Self and inclusive sample shares from py-spy's raw (collapsed) output."""
-    self_t: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    threads: collections.Counter[str] = collections.Counter()
-    total = 0
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return [f"  (no profile at {path})"]
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        if frames and frames[0].startswith("thread ("):
-            threads[frames[0]] += n
-            frames = frames[1:]
-        if not frames:
-            continue
-        total += n
-        names = []
-        for fr in frames:
-            m = FRAME.match(fr)
-            names.append(f"{m['func']} ({_short(m['file'])})" if m else fr)
-        self_t[names[-1]] += n
-        for name in set(names):
-            incl[name] += n
-    if not total:
-        return ["  (no samples)"]
-    out = [f"  {total} samples; busiest threads: "
-           + ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in threads.most_common(4))]
-    out.append("  self time (leaf frames):")
-    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in self_t.most_common(top)]
-    out.append("  inclusive, cloudmanagerd frames:")
-    ours = [(name, n) for name, n in incl.most_common() if "cloudmanagerd/" in name]
-    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in ours[:top]]
-    return out
-
-
-def _short(file: str) -> str:
-    for marker in ("site-packages/", "cloudmanagerd/", "lib/python3"):
-        i = file.find(marker)
-        if i >= 0:
-            return file[i:] if marker == "cloudmanagerd/" else file[i + len(marker):]
-    return file
-
-
 # -- the table -------------------------------------------------------------------------------
-
-def fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{unit}"
-
 
 def verdict(value: float | None, goal: float | None, higher: bool) -> str:
     if value is None:
@@ -660,14 +402,6 @@ def verdict(value: float | None, goal: float | None, higher: bool) -> str:
     if goal is None:
         return "info"
     return "PASS" if (value >= goal if higher else value <= goal) else "MISS"
-
-
-def table(rows: list[list[str]], header: list[str], right: set[int]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    def line(r: list[str]) -> str:
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
 def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int]:
@@ -678,7 +412,8 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     out.append("cloudmanagerd ingest benchmark (issue 3) — all figures from this one run on this machine")
-    out.append(f"machine: {os.cpu_count()} CPU ({cpu}), {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM, "
+    ram = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30
+    out.append(f"machine: {os.cpu_count()} CPU ({cpu}), {ram:.0f} GiB RAM, "
                f"Linux {platform.release()}, Python {platform.python_version()}, data on {args.tmp} ({fs})")
     out.append(f"peers: {tool_version(['git', 'annex', 'version', '--raw'])} (git-annex), "
                f"{tool_version(['rclone', 'version'])}, {tool_version(['openssl', 'version'])}")
@@ -774,16 +509,8 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     out.append(f"{sum(1 for t in targets if t[3] == 'PASS')} targets passed, {misses} missed "
                f"(bench wall time {elapsed:.0f} s; MB = 10^6 bytes)")
 
-    for phase, path in r.profiles.items():
-        out.append("")
-        out.append(f"profile of the daemon, phase {phase} (py-spy, 250 Hz, {path}):")
-        out += summarize_profile(path)
+    out += profile_sections(r.profiles, "phase ")
     return "\n".join(out), misses
-
-
-def nearest_rank(sorted_values: list[float], pct: float) -> float:
-    k = max(1, -(-len(sorted_values) * pct // 100))
-    return sorted_values[int(k) - 1]
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -819,39 +546,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 if phase not in chosen:
                     chosen.append(phase)
     args.phases = [ph for ph in ALL_PHASES if ph in chosen]
-    if args.profile:
-        if not PY_SPY:
-            p.error("--profile needs py-spy on PATH or beside this python (pip install py-spy)")
-        os.makedirs(args.profile, exist_ok=True)
+    check_profile_arg(p, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="cmb-", dir=args.tmp))
-    root.chmod(0o755)
-    bench = Bench(args, root)
-    started = time.monotonic()
-    say(f"data in {root}; phases: {', '.join(args.phases)}")
-    try:
-        for phase in args.phases:
-            bench.r.load[phase] = os.getloadavg()[0]
-            getattr(bench, "phase_" + phase.replace("-", "_"))()
-            os.sync()  # nothing a phase left dirty is flushed during the next one
-        text, misses = report(bench, args, time.monotonic() - started)
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    finally:
-        for d in bench.daemons:
-            with contextlib.suppress(Exception):
-                d.stop()
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            rmtree(root)
-    print(text, flush=True)
-    return 1 if misses and args.strict else 0
+    return run_bench(args, "cmb-", Bench, run_phases, report, f"; phases: {', '.join(args.phases)}")
+
+
+def run_phases(bench: Bench) -> None:
+    for phase in bench.args.phases:
+        bench.r.load[phase] = os.getloadavg()[0]
+        getattr(bench, "phase_" + phase.replace("-", "_"))()
+        os.sync()  # nothing a phase left dirty is flushed during the next one
 
 
 if __name__ == "__main__":

@@ -34,15 +34,13 @@ Not collected by pytest (tests/bench/conftest.py).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -51,11 +49,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import yaml
+from benchlib import (
+    PY_SPY,
+    REPO,
+    Client,
+    DaemonProcess,
+    nearest_rank,
+    proc_status_mb,
+    read_profile,
+    short_path,
+    table,
+)
+from benchlib import say as _say
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cloudmanagerd.catalog import MIGRATIONS, Catalog, split_statements  # noqa: E402
@@ -64,31 +71,9 @@ P99_TARGET_MS = 5.0
 RSS_TARGET_MB = 100.0
 NODE = "bench-node"
 REMOTES = ("r0", "r1")
-PY_SPY = shutil.which("py-spy") or next(
-    (str(p) for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), None)
 CTL = Path(sys.executable).parent / "cloudmanagerctl"
 CTL_CMD = [str(CTL)] if CTL.exists() else [sys.executable, "-m", "cloudmanagerd.ctl"]
-
-
-def say(message: str) -> None:
-    print(f"[status-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def nearest_rank(sorted_values: list[float], pct: float) -> float:
-    k = max(1, -(-len(sorted_values) * pct // 100))
-    return sorted_values[int(k) - 1]
-
-
-def proc_status(pid: int, key: str) -> float | None:
-    """A /proc/<pid>/status figure in MB (10^6 bytes)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        return None
-    return None
+say = functools.partial(_say, tag="status-bench")
 
 
 # -- 1. the catalog ----------------------------------------------------------------------------
@@ -147,73 +132,42 @@ def fabricate(path: Path, n: int) -> None:
 
 # -- 2. the daemon -------------------------------------------------------------------------------
 
-class Client:
-    """One persistent control connection."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(120)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                raise ConnectionError("the daemon closed the control connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class BenchDaemon:
+class BenchDaemon(DaemonProcess):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.inbox = root / "inbox"
         self.inbox.mkdir()
         for r in REMOTES:
             (root / "remotes" / r).mkdir(parents=True)
-        self.socket = str(root / "c.sock")
         self.state = root / "state"
         self.state.mkdir()
-        self.config = {
+        super().__init__(root, {
             "inbox": str(self.inbox),
             "cache": {"path": str(root / "cache"), "capacity": "20GiB", "scrub": 0},
             "state": str(self.state),
             "node": NODE,
-            "control": {"socket": self.socket},
+            "control": {"socket": str(root / "c.sock")},
             "ingest": {"settle": "1s"},
             "remotes": [{"name": r, "type": "directory", "path": str(root / "remotes" / r)} for r in REMOTES],
             "log": {"level": "warning"},
-        }
-        self.config_path = root / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.log_path = root / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+        })
 
     @property
     def catalog(self) -> Path:
         return self.state / "catalog.sqlite3"
 
     def start(self, switch_interval: float | None = None) -> float:
+        """Seconds until the control socket answers (on throwaway connections)."""
         started = time.monotonic()
         cmd = [sys.executable, "-m", "cloudmanagerd", "-c", str(self.config_path)]
         if switch_interval:  # a diagnosis: how much of the tail is threads queueing for the GIL?
             cmd[1:3] = ["-c", f"import sys; sys.setswitchinterval({switch_interval}); sys.argv[0] = 'cloudmanagerd'; "
                               "from cloudmanagerd.daemon import main; sys.exit(main())"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.spawn(cmd)
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+            self.alive()
             with contextlib.suppress(OSError):
-                c = Client(self.socket)
+                c = connect(self.socket)
                 try:
                     if c.request({"cmd": "status"})["ok"]:
                         return time.monotonic() - started
@@ -223,19 +177,10 @@ class BenchDaemon:
                 raise RuntimeError(f"no answer on the control socket in 300 s:\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def log_tail(self, n: int = 3000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-n:]
-        return ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def connect(path: str) -> Client:
+    """One persistent control connection (status sends no progress lines)."""
+    return Client(path, timeout=120, skip_progress=False)
 
 
 # -- 3. the feeder -------------------------------------------------------------------------------
@@ -292,36 +237,25 @@ def wall_times(cmd: list[str], runs: int) -> tuple[str, list[float]]:
 
 # -- profile -------------------------------------------------------------------------------------
 
+OURS_FIRST = ("cloudmanagerd/", "site-packages/", "lib/python3")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
 
 
+def frame_name(fr: str) -> str:
+    m = FRAME.match(fr)
+    return f"{m['func']} ({short_path(m['file'], OURS_FIRST)}{':' + m['line'] if m['line'] else ''})" if m else fr
+
+
+def control_threads(thread: str, frames: list[str]) -> bool:
+    """Only the threads that serve the control socket."""
+    return bool(frames) and ("control-client" in thread or any("control.py" in f for f in frames))
+
+
 def summarize_profile(path: Path, top: int = 14) -> list[str]:
-    self_t: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
+    counts = read_profile(path, frame_name, control_threads)
+    if counts is None:
         return [f"  (no profile at {path})"]
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        thread = frames[0] if frames and frames[0].startswith("thread (") else ""
-        frames = frames[1:] if thread else frames
-        if not frames or "control-client" not in thread and not any("control.py" in f for f in frames):
-            continue  # only the threads that serve the control socket
-        n = int(count)
-        total += n
-        names = []
-        for fr in frames:
-            m = FRAME.match(fr)
-            names.append(f"{m['func']} ({_short(m['file'])}{':' + m['line'] if m and m['line'] else ''})"
-                         if m else fr)
-        self_t[names[-1]] += n
-        for name in set(names):
-            incl[name] += n
+    total, self_t, incl, _ = counts
     if not total:
         return ["  (no samples in the control threads)"]
     out = [f"  {total} samples in the control-socket threads", "  self time (leaf frames):"]
@@ -331,21 +265,12 @@ def summarize_profile(path: Path, top: int = 14) -> list[str]:
     return out
 
 
-def _short(file: str) -> str:
-    for marker in ("cloudmanagerd/", "site-packages/", "lib/python3"):
-        i = file.find(marker)
-        if i >= 0:
-            return file[i:] if marker == "cloudmanagerd/" else file[i + len(marker):]
-    return file
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="cm-status-bench-", dir=args.tmp))
     d = BenchDaemon(root)
     feeder: Feeder | None = None
-    profiler: subprocess.Popen | None = None
     try:
         cached = Path(args.tmp) / f"cm-status-bench-catalog-{args.files}.sqlite3"
         if args.reuse and cached.exists():
@@ -359,10 +284,10 @@ def run(args: argparse.Namespace) -> int:
         say("starting the daemon")
         startup = d.start(args.switch_interval)
         pid = d.proc.pid
-        rss_idle = proc_status(pid, "VmRSS")
+        rss_idle = proc_status_mb(pid, "VmRSS")
         say(f"  control socket answers after {startup:.1f} s; RSS {rss_idle:.0f} MB")
 
-        client = Client(d.socket)
+        client = connect(d.socket)
         first = client.request({"cmd": "status"})["result"]
         files_before = first["catalog"]["files"]
         if args.feed_rate > 0:
@@ -377,10 +302,7 @@ def run(args: argparse.Namespace) -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
             profile_path = args.profile / "status.txt"
             if PY_SPY:
-                profiler = subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
-                                             "--threads", "--nonblocking", "-o", str(profile_path)],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                time.sleep(1.0)  # let py-spy attach before the timed part
+                d.start_profiler(profile_path, rate=500, settle=1.0)  # let py-spy attach before the timed part
             else:
                 say("py-spy not found; no profile")
         for _ in range(5):
@@ -401,9 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(pause)
         window = time.monotonic() - window
         during_end = reply["result"]
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(60)
+        d.stop_profiler()
         ingested = during_end["catalog"]["files"] - during_start["catalog"]["files"]
         copies = during_end["uploads"]["copies"] - during_start["uploads"]["copies"]
 
@@ -414,9 +334,9 @@ def run(args: argparse.Namespace) -> int:
         if feeder is not None:
             feeder.stop()
         client.close()
-        rss = proc_status(pid, "VmRSS")
-        hwm = proc_status(pid, "VmHWM")
-        final = Client(d.socket)
+        rss = proc_status_mb(pid, "VmRSS")
+        hwm = proc_status_mb(pid, "VmHWM")
+        final = connect(d.socket)
         files_now = final.request({"cmd": "status"})["result"]["catalog"]["files"]
         final.close()
 
@@ -437,7 +357,6 @@ def run(args: argparse.Namespace) -> int:
              "PASS" if hwm is not None and hwm <= RSS_TARGET_MB else "MISS"),
             ("daemon start until the socket answers", f"{startup:.1f} s", "", ""),
         ]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
         out = [f"cloudmanagerd status benchmark (issue 6): {files_before:,} files in the catalog "
                f"({2 * args.files:,} copies, all evicted), {os.cpu_count()} CPUs, "
                f"1-min load {os.getloadavg()[0]:.1f}",
@@ -445,9 +364,7 @@ def run(args: argparse.Namespace) -> int:
                f"while the feeder dropped {args.feed_rate:g} files/s of 4 KiB: {ingested} files ingested and "
                f"{copies} copies made meanwhile",
                f"cloudmanagerctl: {how}; catalog at the end: {files_now:,} files", ""]
-        out += [f"{'measure'.ljust(w[0])}  {'value'.rjust(w[1])}  {'target'.ljust(w[2])}  verdict",
-                f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}  -------"]
-        out += [f"{a.ljust(w[0])}  {b.rjust(w[1])}  {c.ljust(w[2])}  {v}".rstrip() for a, b, c, v in rows]
+        out += table(rows, ["measure", "value", "target", "verdict"], {1})
         if args.profile and PY_SPY:
             out += ["", f"profile of the control threads during the timed calls ({args.profile / 'status.txt'}):"]
             out += summarize_profile(args.profile / "status.txt")
@@ -459,9 +376,6 @@ def run(args: argparse.Namespace) -> int:
         return 1 if misses and args.strict else 0
     finally:
         try:
-            if profiler is not None and profiler.poll() is None:
-                profiler.kill()
-                profiler.wait()
             if feeder is not None:
                 feeder.stop()
         finally:

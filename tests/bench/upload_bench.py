@@ -41,45 +41,40 @@ from a copy of the package, to try a change without touching this checkout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import platform
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO / "tests")]
-
-# generic helpers of the ingest benchmark, and the SeaweedFS server of the tests
-from ingest_bench import (
-    PY_SPY,
-    Client,
+from benchlib import (
+    REPO,
+    InboxDaemon,
+    check_profile_arg,
     fmt,
     human_bytes,
     parse_size,
     peer_env,
+    profile_sections,
     rmtree,
+    run_bench,
     say,
-    summarize_profile,
     table,
+    terminate,
     tool_version,
-    vm_hwm_mb,
     warm,
+    write_small_files,
 )
+
+sys.path.insert(0, str(REPO / "tests"))  # the SeaweedFS server of the tests
 from seaweed import SeaweedFS, SeaweedStartError, weed_binary
 
 PREFIX = "bench/"
@@ -146,139 +141,24 @@ class LogFollower:
 
 # -- the daemon ------------------------------------------------------------------------------
 
-class UploadDaemon:
+class UploadDaemon(InboxDaemon):
     """A fresh cloudmanagerd with one s3 remote on its own folders, run as a subprocess."""
 
+    reconnect = True  # the daemon drops idle clients: a new connection then
+
     def __init__(self, root: Path, name: str, remote: dict[str, Any], concurrency: int, src: Path = REPO) -> None:
-        self.src = src  # the folder holding the cloudmanagerd package the daemon runs
-        self.dir = root / name
-        self.dir.mkdir()
-        self.inbox = self.dir / "inbox"
-        self.inbox.mkdir()
-        self.cache = self.dir / "cache"
-        self.socket = str(self.dir / "c.sock")
-        config = {
-            "inbox": str(self.inbox),
-            "cache": {"path": str(self.cache), "capacity": "20GiB"},
-            "state": str(self.dir / "state"),
-            "control": {"socket": self.socket},
-            "ingest": {"settle": "2s"},
-            "upload": {"redundancy": 1, "concurrency": concurrency},
-            "remotes": [{"name": "s3", **remote}],
-            "log": {"level": "info"},
-        }
-        self.config_path = self.dir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-        self.client: Client | None = None
-        self.profiler: subprocess.Popen | None = None
-
-    def start(self) -> UploadDaemon:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cloudmanagerd", "-c", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.src,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while True:
-            self.alive()
-            try:
-                self.client = Client(self.socket)
-                if self.client.request({"cmd": "status"})["ok"]:
-                    return self
-            except OSError:
-                if self.client is not None:
-                    self.client.close()
-                    self.client = None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon's socket did not answer within 60 s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_text()[-n:]
+        # src: the folder holding the cloudmanagerd package the daemon runs
+        super().__init__(root, name, remotes=[{"name": "s3", **remote}], log_level="info", cwd=src,
+                         upload={"redundancy": 1, "concurrency": concurrency})
 
     def problems(self) -> list[str]:
         return [line for line in self.log_text().splitlines()
                 if " ERROR " in line or " WARNING " in line or "Traceback" in line]
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """On the persistent connection; a new one if the daemon closed it (it drops idle clients)."""
-        if self.client is not None:
-            try:
-                return self.client.request(message)
-            except (OSError, ConnectionError):
-                self.client.close()
-                self.client = None
-        self.client = Client(self.socket)
-        return self.client.request(message)
-
-    def status(self) -> dict[str, Any]:
-        reply = self.request({"cmd": "status"})
-        if not reply.get("ok"):
-            raise RuntimeError(f"status failed: {reply}")
-        return reply["result"]
-
-    def object_path(self, h: str) -> Path:
-        return self.cache / h[:2] / h
-
-    def peak_rss_mb(self) -> float | None:
-        return vm_hwm_mb(self.proc.pid) if self.proc is not None else None
-
     def cpu_seconds(self) -> float:
         """User + system CPU time the daemon has used so far."""
         assert self.proc is not None
         return process_cpu(self.proc.pid)
-
-    def start_profiler(self, out: Path, gil: bool = False) -> None:
-        assert self.proc is not None and PY_SPY
-        self.profiler = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(self.proc.pid), "--rate", "250", "--format", "raw",
-             "--threads", "--nonblocking", *(["--gil"] if gil else []), "-o", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)  # let it attach before the timed part (setup, not synchronisation of results)
-        if self.profiler.poll() is not None:
-            err = self.profiler.stderr.read().decode(errors="replace") if self.profiler.stderr else ""
-            say(f"py-spy did not start: {err.strip()}")
-            self.profiler = None
-
-    def stop_profiler(self) -> None:
-        if self.profiler is None:
-            return
-        self.profiler.send_signal(signal.SIGINT)
-        try:
-            self.profiler.wait(60)
-        except subprocess.TimeoutExpired:
-            self.profiler.kill()
-            self.profiler.wait()
-        if self.profiler.stderr:
-            self.profiler.stderr.close()
-        self.profiler = None
-
-    def stop(self) -> None:
-        self.stop_profiler()
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -344,13 +224,8 @@ class Bench:
         if server is None:
             return
         proc = server.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(WEED_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+        if proc is not None:
+            terminate(proc, WEED_GRACE, reap_timeout=30)
         server.stop()  # reaped already; removes the gRPC sockets weed leaves in /tmp
 
     def fresh_bucket(self) -> str:
@@ -379,12 +254,7 @@ class Bench:
     def make_master(self) -> Path:
         if self.master is None:
             self.master = self.root / "master"
-            self.master.mkdir()
-            self.names = [f"f{i:05d}" for i in range(self.args.files)]
-            say(f"writing {self.args.files} files of {human_bytes(self.args.file_size)} (random content)")
-            for name in self.names:
-                with open(self.master / name, "wb") as f:
-                    f.write(os.urandom(self.args.file_size))
+            self.names = write_small_files(self.master, self.args.files, self.args.file_size)
             os.sync()
         return self.master
 
@@ -396,7 +266,7 @@ class Bench:
         d.start()
         if self.args.profile:
             out = Path(self.args.profile) / f"{profile}.txt"
-            d.start_profiler(out, self.args.profile_gil)
+            d.start_profiler(out, extra=["--gil"] if self.args.profile_gil else [])
             if d.profiler is not None:
                 self.r.profiles[profile] = out
         return d
@@ -641,8 +511,8 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
             tool = ("cloudmanagerd, upload.concurrency " if key.startswith("cm") else "rclone copy --transfers ")
             note = ""
             if key.startswith("cm"):
-                note = (f"all registered at {fmt(run.ingest, '.2f')} s, first copy at {fmt(run.first_upload, '.2f')} s; "
-                        f"peak RSS {fmt(run.rss, '.0f')} MB")
+                note = (f"all registered at {fmt(run.ingest, '.2f')} s, "
+                        f"first copy at {fmt(run.first_upload, '.2f')} s; peak RSS {fmt(run.rss, '.0f')} MB")
             detail.append([workload, tool + key.split("=")[1], f"{run.seconds:.2f}", files_rate(run.seconds),
                            fmt(run.cpu, ".2f"), runs_text(r.small[key]), note])
     if r.big:
@@ -683,10 +553,7 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     for p in r.problems:
         out.append(f"note: {p}")
     out.append(f"(bench wall time {elapsed:.0f} s)")
-    for name, path in r.profiles.items():
-        out.append("")
-        out.append(f"profile of the daemon, {name} (py-spy, 250 Hz, {path}):")
-        out += summarize_profile(path)
+    out += profile_sections(r.profiles)
     return "\n".join(out), misses
 
 
@@ -728,10 +595,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat = args.big_repeat = 1
     if min(args.repeat, args.big_repeat, args.files) < 1:
         p.error("--repeat, --big-repeat and --files must be at least 1")
-    if args.profile:
-        if not PY_SPY:
-            p.error("--profile needs py-spy on PATH or beside this python (pip install py-spy)")
-        os.makedirs(args.profile, exist_ok=True)
+    check_profile_arg(p, args)
     if not (Path(args.daemon_src) / "cloudmanagerd" / "__main__.py").exists():
         p.error(f"--daemon-src: no cloudmanagerd package in {args.daemon_src}")
     if not shutil.which("rclone"):
@@ -740,33 +604,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="cmu-", dir=args.tmp))
-    root.chmod(0o755)
-    bench = Bench(args, root)
-    started = time.monotonic()
-    say(f"data in {root}")
-    try:
-        bench.start_server()
-        if args.only in ("small", "all"):
-            bench.phase_small()
-        if args.only in ("big", "all"):
-            bench.phase_big()
-        text, misses = report(bench, args, time.monotonic() - started)
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    finally:
-        for d in bench.daemons:
-            with contextlib.suppress(Exception):
-                d.stop()
-        bench.stop_server()
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            rmtree(root)
-    print(text, flush=True)
-    return 1 if misses and args.strict else 0
+    return run_bench(parse_args(argv), "cmu-", Bench, run_workloads, report, finish=Bench.stop_server)
+
+
+def run_workloads(bench: Bench) -> None:
+    bench.start_server()
+    if bench.args.only in ("small", "all"):
+        bench.phase_small()
+    if bench.args.only in ("big", "all"):
+        bench.phase_big()
 
 
 if __name__ == "__main__":

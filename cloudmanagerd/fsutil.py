@@ -54,10 +54,6 @@ def subdir(root_fd: int, parts: Sequence[bytes], create: bool = False) -> Iterat
         os.close(fd)
 
 
-def fsync_dir(fd: int) -> None:
-    os.fsync(fd)
-
-
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding `fd`: one call instead of thousands of fsyncs in a batch."""
     if _libc.syncfs(fd) != 0:

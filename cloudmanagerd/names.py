@@ -10,10 +10,6 @@ def to_text(name: bytes) -> str:
     return os.fsdecode(name)
 
 
-def from_text(text: str) -> bytes:
-    return os.fsencode(text)
-
-
 def show(name: bytes | str) -> str:
     """For a terminal or a log line: printable text as is, anything else as an escape."""
     if isinstance(name, str):

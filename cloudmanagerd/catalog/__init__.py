@@ -348,9 +348,6 @@ class Catalog:
         with self.db.tx() as conn:
             conn.execute("DELETE FROM cache_entries WHERE node=? AND hash=?", (self.node, h))
 
-    def register_recovered(self, h: str, name: bytes, size: int, remotes: Sequence[str], now: float) -> None:
-        self.finish_ingest([IngestRecord(h, name, size)], remotes, now)
-
     def touch(self, h: str, now: float) -> None:
         with self.db.tx() as conn:
             conn.execute("UPDATE cache_entries SET last_used=? WHERE node=? AND hash=?", (now, self.node, h))
@@ -452,10 +449,6 @@ class Catalog:
     def set_pinned(self, h: str, pinned: bool) -> None:
         with self.db.tx() as conn:
             conn.execute("UPDATE files SET pinned=? WHERE hash=?", (int(pinned), h))
-
-    def pinned_bytes(self) -> int:
-        return self.db.connection().execute(
-            "SELECT COALESCE(SUM(size), 0) FROM files WHERE pinned=1").fetchone()[0]
 
     def begin_remove(self, h: str) -> None:
         with self.db.tx() as conn:

@@ -5,3 +5,12 @@ byte-bounded local cache and copied redundantly to remote hosts.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `from cloudmanagerd import CloudManager` loads the API (and its parts) only when asked: the
+    # daemon and cloudmanagerctl import this package too and need none of it
+    if name == "CloudManager":
+        from .api import CloudManager
+        return CloudManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

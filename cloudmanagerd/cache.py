@@ -55,6 +55,18 @@ class Cache:
                     self._subdirs[key] = fd
         return fd
 
+    def revalidate_subdir(self, h: str) -> None:
+        """Reopen the object's folder if it was deleted behind our back (st_nlink 0 on the kept
+        descriptor): else every object later written there would land in a folder nobody can see."""
+        key = h[:2]
+        with self._lock:
+            fd = self._subdirs.get(key)
+            if fd is None or os.fstat(fd).st_nlink > 0:
+                return
+            del self._subdirs[key]
+            os.close(fd)
+        log.warning("cache folder %s was removed while in use; recreating it", os.path.join(self.path, key))
+
     def has_object(self, h: str) -> bool:
         try:
             os.stat(h, dir_fd=self.subdir_fd(h), follow_symlinks=False)
@@ -64,6 +76,11 @@ class Cache:
 
     def open_object(self, h: str) -> int:
         return os.open(h, fsutil.O_READ_FILE, dir_fd=self.subdir_fd(h))
+
+    def install(self, tmp: str, h: str) -> None:
+        """Move a complete, fsynced temp file (in the tmp folder) into place as object `h`, durably."""
+        os.rename(tmp, h, src_dir_fd=self.tmp_fd, dst_dir_fd=self.subdir_fd(h))
+        os.fsync(self.subdir_fd(h))
 
     def remove_object(self, h: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -917,3 +917,15 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.en
     config = config_from_mapping(data, base_dir=os.path.dirname(source),
                                  environ=environ, hostname=hostname)
     return dataclasses.replace(config, source=source)
+
+
+def upload_policy(remotes: int, redundancy: object = None, min_redundancy: object = None) -> UploadConfig:
+    """The upload policy for the Python API: the config file's defaults and checks for `upload.redundancy`
+    and `upload.min_redundancy` given as keyword arguments."""
+    section = {key: value for key, value in (("redundancy", redundancy), ("min_redundancy", min_redundancy))
+               if value is not None}
+    parser = _Parser(".", {}, hostname="")
+    upload = parser.parse_upload({"upload": section}, remotes)
+    if parser.errors or upload is None:
+        raise ConfigError(parser.errors)
+    return upload

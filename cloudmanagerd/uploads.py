@@ -69,7 +69,8 @@ class Uploader:
 
     def __init__(self, catalog: Catalog, cache: Cache, remotes: MutableMapping[str, Remote], order: Sequence[str],
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *,
+                 ensure_cached: Callable[[str], None] | None = None) -> None:
         self.catalog = catalog
         self.cache = cache
         self.remotes = remotes  # shared with fetch, scrub and rm; a reload changes it in place
@@ -80,9 +81,10 @@ class Uploader:
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
         self.wake: Callable[[], None] = lambda: None
-        # set by the daemon: bring an evicted file back before re-copying it (self-heal), and
-        # hear about every new copy (room may have appeared in the cache)
-        self.ensure_cached: Callable[[str], None] | None = None
+        # bring an evicted file back before re-copying it (self-heal); the daemon still sets it
+        # afterwards until issue 11's core passes it here
+        self.ensure_cached = ensure_cached
+        # set by the daemon: hear about every new copy (room may have appeared in the cache)
         self.on_copy: Callable[[str], None] = lambda h: None
         self.last_progress = time.monotonic()
         self._active: dict[tuple[str, str], Transfer | None] = {}
@@ -130,6 +132,22 @@ class Uploader:
                 with self._lock:
                     self._active[(claim.hash, claim.remote)] = None
                 self._pool.submit(self._transfer, claim)
+
+    def sync_round(self) -> int:
+        """Try every pending pair once, now, in the caller's thread (the Python API's `cloud_sync`).
+
+        Backoff is not waited out. A failure may queue a spare remote for the same file (top_up);
+        those spares are tried in the same round. Returns how many transfers were attempted."""
+        attempted = 0
+        claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, due_by=float("inf"))
+        while claims:
+            for claim in claims:
+                with self._lock:
+                    self._active[(claim.hash, claim.remote)] = None
+                self._transfer(claim)
+                attempted += 1
+            claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, states=("queued",))
+        return attempted
 
     def probe_unhealthy(self) -> None:
         for name in list(self.unhealthy):

@@ -21,10 +21,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Ambiguous, NotFound, StartupError
+from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
+from ..exchange import Entry, Location
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
 MIGRATIONS: list[str] = [
@@ -196,6 +197,19 @@ MIGRATIONS: list[str] = [
             ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
     END
     """,
+    # 5: the exchange with other nodes (issue 11). Locations another node reported on remotes this
+    # node does not have are kept, to be exported again, but never counted or used; `source` is what
+    # confirmed a file (the original's block hash); the export queue reads files by (confirmed, exported).
+    """
+    CREATE TABLE foreign_copies (
+        hash TEXT NOT NULL REFERENCES files(hash),
+        host_name TEXT NOT NULL,
+        url TEXT,
+        PRIMARY KEY (hash, host_name)
+    );
+    ALTER TABLE files ADD COLUMN source TEXT;
+    CREATE INDEX files_export ON files(confirmed, exported)
+    """,
 ]
 
 ACTIVE_STATES = ("queued", "active", "retrying")
@@ -214,6 +228,10 @@ class UploadClaim:
     remote: str
     attempts: int
     size: int
+
+
+class ImportConflict(CloudManagerError):
+    """An entry contradicts the catalog (the same hash with another size): the import takes nothing."""
 
 
 def split_statements(script: str) -> list[str]:
@@ -444,7 +462,10 @@ class Catalog:
             "SELECT f.hash FROM files f WHERE f.good < ? AND f.removing=0 "
             "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
             "AND u.state IN ('queued', 'active', 'retrying')) "
-            "LIMIT ?", (redundancy, limit))]
+            # a file known only from another node's export, with no copy this node can read and no
+            # bytes here, is that node's to replicate: queuing it here would fail for ever
+            "AND (f.good > 0 OR EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)) "
+            "LIMIT ?", (redundancy, self.node, limit))]
 
     def set_pinned(self, h: str, pinned: bool) -> None:
         with self.db.tx() as conn:
@@ -468,7 +489,7 @@ class Catalog:
 
     def finish_remove(self, h: str) -> None:
         with self.db.tx() as conn:
-            for table in ("uploads", "copies", "cache_entries", "ingests"):
+            for table in ("uploads", "copies", "foreign_copies", "cache_entries", "ingests"):
                 conn.execute(f"DELETE FROM {table} WHERE hash=?", (h,))
             conn.execute("DELETE FROM files WHERE hash=?", (h,))
 
@@ -507,18 +528,23 @@ class Catalog:
                 "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE state='active' AND claim_owner=?",
                 (now, self.node)).rowcount
 
-    def claim_due(self, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = ()) -> list[UploadClaim]:
-        """Take up to `limit` due pairs whose file is in this node's cache, oldest first."""
+    def claim_due(self, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = (),
+                  due_by: float | None = None, states: Sequence[str] = ("queued", "retrying")) -> list[UploadClaim]:
+        """Take up to `limit` pairs due by `due_by` (default `now`) in `states`, oldest first.
+
+        `cloud_sync()` of the Python API passes an infinite `due_by` (every pending pair, backoff or
+        not) and then only 'queued' (the spares that failures queued in the same round)."""
         if limit <= 0:
             return []
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
+        state_sql = ",".join("?" * len(states))
         with self.db.tx() as conn:
             rows = conn.execute(
                 "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u JOIN files f ON f.hash=u.hash "
-                f"WHERE u.state IN ('queued', 'retrying') AND u.next_attempt <= ? AND f.removing=0 {skip_sql} "
+                f"WHERE u.state IN ({state_sql}) AND u.next_attempt <= ? AND f.removing=0 {skip_sql} "
                 "ORDER BY u.next_attempt LIMIT ?",
-                (now, *skip_remotes, limit)).fetchall()
+                (*states, now if due_by is None else due_by, *skip_remotes, limit)).fetchall()
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",
@@ -708,6 +734,125 @@ class Catalog:
             "pending": [r for r, s, _, _ in pairs if s in ACTIVE_STATES],
             "failed": [{"remote": r, "error": e, "attempts": a} for r, s, e, a in pairs if s == "failed"],
         }
+
+    # -- the exchange with other nodes (format 0.2, exchange.py) ----------------------------
+
+    def export_queue(self, min_copies: int, now: float, retry_after: float = 3600.0,
+                     limit: int | None = None) -> Iterator[Entry]:
+        """Files to offer other nodes, oldest first: they have `min_copies` good copies (so that their
+        entry carries locations), no `data_load` confirmed them, and they were never offered or were
+        offered `retry_after` seconds ago without a confirmation (the original's at-least-once)."""
+        sql = ("SELECT hash, name, size, added FROM files WHERE confirmed=0 AND removing=0 AND good >= ? "
+               "AND (exported IS NULL OR exported <= ?) ORDER BY added, hash")
+        args: list[Any] = [max(min_copies, 1), now - retry_after]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self.db.read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+            for h, name, size, added in rows:
+                yield self._entry(conn, h, bytes(name), size, added)
+
+    def export_queue_size(self, min_copies: int, now: float, retry_after: float = 3600.0) -> tuple[int, int]:
+        row = self.db.connection().execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE confirmed=0 AND removing=0 AND good >= ? "
+            "AND (exported IS NULL OR exported <= ?)", (max(min_copies, 1), now - retry_after)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def entry(self, h: str) -> Entry | None:
+        """One file as an exchange entry, whatever its export state."""
+        with self.db.read() as conn:
+            row = conn.execute("SELECT name, size, added FROM files WHERE hash=?", (h,)).fetchone()
+            return None if row is None else self._entry(conn, h, bytes(row[0]), row[1], row[2])
+
+    def _entry(self, conn, h: str, name: bytes, size: int, added: float) -> Entry:
+        locations = [Location(r, u) for r, u in conn.execute(
+            "SELECT remote, url FROM copies WHERE hash=? AND bad=0 ORDER BY created", (h,))]
+        known = {loc.host_name for loc in locations}
+        for (remote,) in conn.execute("SELECT remote FROM uploads WHERE hash=? AND state='failed' "
+                                      "ORDER BY remote", (h,)):
+            if remote not in known:
+                locations.append(Location(remote))
+                known.add(remote)
+        for host, url in conn.execute("SELECT host_name, url FROM foreign_copies WHERE hash=? ORDER BY host_name",
+                                      (h,)):
+            if host not in known:
+                locations.append(Location(host, url))
+        return Entry(h, name, size, int(added), tuple(locations))
+
+    def mark_exported(self, hashes: Sequence[str], now: float) -> None:
+        with self.db.tx() as conn:
+            conn.executemany("UPDATE files SET exported=? WHERE hash=?", [(now, h) for h in hashes])
+
+    def import_entries(self, entries: Sequence[Entry], local_remotes: Iterable[str], source: str | None,
+                       now: float) -> dict[str, int]:
+        """Take another node's entries in one transaction: all of them or, on any conflict, none.
+
+        Unknown files are registered (not cached here); the locations of known files are merged in.
+        A location on a remote this node has becomes a copy (verified when fetched or scrubbed); one
+        on another node's remote is kept for the next export only. Every file named is confirmed: it
+        is never offered to other nodes again. A size that contradicts the catalog's is a conflict.
+        """
+        local = set(local_remotes)
+        counts = {"files": 0, "new": 0, "copies": 0}
+        with self.db.tx() as conn:
+            for index, e in enumerate(entries):
+                row = conn.execute("SELECT size FROM files WHERE hash=?", (e.filehash,)).fetchone()
+                if row is not None and row[0] != e.filesize:
+                    raise ImportConflict(f"entry {index}: {e.filehash[:12]} is known with size {row[0]}, "
+                                         f"not {e.filesize}")
+                if row is None:
+                    conn.execute("INSERT INTO files(hash, name, size, added, confirmed, source) "
+                                 "VALUES (?, ?, ?, ?, 1, ?)", (e.filehash, e.filename, e.filesize, e.datetime, source))
+                    counts["new"] += 1
+                else:
+                    conn.execute("UPDATE files SET confirmed=1, source=COALESCE(?, source) WHERE hash=?",
+                                 (source, e.filehash))
+                counts["files"] += 1
+                for loc in e.uploads:
+                    if loc.error:
+                        continue  # another node's failed attempt tells this one nothing it can use
+                    if loc.host_name in local:
+                        counts["copies"] += conn.execute(
+                            "INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING", (e.filehash, loc.host_name, loc.url, now)).rowcount
+                    else:
+                        conn.execute("INSERT INTO foreign_copies(hash, host_name, url) VALUES (?, ?, ?) "
+                                     "ON CONFLICT DO UPDATE SET url=excluded.url", (e.filehash, loc.host_name, loc.url))
+        return counts
+
+    _PENDING = ("FROM files f WHERE f.removing=0 AND EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
+                "AND u.state IN ('queued', 'active', 'retrying'))")
+
+    def pending_upload_size(self) -> tuple[int, int]:
+        """(files, bytes) still waiting for copies."""
+        row = self.db.connection().execute(f"SELECT COUNT(*), COALESCE(SUM(f.size), 0) {self._PENDING}").fetchone()
+        return int(row[0]), int(row[1])
+
+    def pending_upload_entries(self) -> list[Entry]:
+        with self.db.read() as conn:
+            rows = conn.execute(f"SELECT f.hash, f.name, f.size, f.added {self._PENDING} "
+                                "ORDER BY f.added, f.hash").fetchall()
+            return [self._entry(conn, h, bytes(n), s, a) for h, n, s, a in rows]
+
+    def transfer_totals(self, now: float) -> dict[str, int]:
+        month = month_of(now)
+        row = self.db.connection().execute(
+            "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0), "
+            "COALESCE(SUM(CASE WHEN month=? THEN incoming END), 0), "
+            "COALESCE(SUM(CASE WHEN month=? THEN outgoing END), 0) FROM transfer WHERE node=?",
+            (month, month, self.node)).fetchone()
+        return {"total_incoming": row[0], "total_outgoing": row[1], "month_incoming": row[2],
+                "month_outgoing": row[3]}
+
+    def sync_cursor(self) -> int:
+        row = self.db.connection().execute("SELECT value FROM meta WHERE key='last_known_block'").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_sync_cursor(self, height: int) -> None:
+        with self.db.tx() as conn:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('last_known_block', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(height),))
 
     # -- counters -------------------------------------------------------------------------
 

@@ -17,13 +17,13 @@ import stat
 import time
 from typing import Any
 
-from . import fsutil
+from . import fsutil, ops
 from .cache import Cache
 from .catalog import Catalog, ImportConflict, IngestRecord
 from .config import Config, ConfigError, load_config, parse_remotes, upload_policy
 from .errors import CloudManagerError
 from .eviction import Evictor
-from .exchange import ExchangeError, dump, parse
+from .exchange import ExchangeError
 from .fetch import Fetcher
 from .hashing import HASH_CHUNK
 from .protocol import FULL_HASH
@@ -33,9 +33,7 @@ from .uploads import Uploader
 log = logging.getLogger("cloudmanagerd.api")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
-EXPORT_RETRY = 3600.0  # an exported entry nobody confirmed is offered again after an hour (the original's rule)
 LEASE = 60.0
-_MIN_ENTRY = 100  # no exchange entry is shorter: bounds how many rows a `data_dump(limit)` reads
 
 
 def _catalog_url(database_path: str) -> str:
@@ -255,14 +253,14 @@ class CloudManager:
         return {"size": size, "count": count}
 
     def blockchain_queue_info(self) -> dict[str, int]:
-        count, size = self.catalog.export_queue_size(self.policy.min_redundancy, time.time(), EXPORT_RETRY)
+        count, size = self.catalog.export_queue_size(self.policy.min_redundancy, time.time(), ops.EXPORT_RETRY)
         return {"size": size, "count": count}
 
     def sync_status(self) -> dict[str, list[dict[str, Any]]]:
         now = time.time()
         return {"cloud_queue": [_description(e) for e in self.catalog.pending_upload_entries()],
                 "blockchain_queue": [_description(e) for e in
-                                     self.catalog.export_queue(self.policy.min_redundancy, now, EXPORT_RETRY)]}
+                                     self.catalog.export_queue(self.policy.min_redundancy, now, ops.EXPORT_RETRY)]}
 
     # -- the exchange with other nodes -----------------------------------------------------
 
@@ -272,14 +270,7 @@ class CloudManager:
         if isinstance(data_limit, bool) or not isinstance(data_limit, int) or data_limit < 0:
             log.error("data_dump: the limit must be a whole number of bytes, got %r", data_limit)
             return None
-        now = time.time()
-        rows = data_limit // _MIN_ENTRY + 1
-        entries = list(self.catalog.export_queue(self.policy.min_redundancy, now, EXPORT_RETRY, limit=rows))
-        text, count = dump(entries, data_limit)
-        if text is None:
-            return None
-        self.catalog.mark_exported([e.filehash for e in entries[:count]], now)
-        return text
+        return ops.export(self.catalog, self.policy.min_redundancy, data_limit, time.time())[0]
 
     def data_load(self, data: Any, source: Any = None) -> bool:
         """Import other nodes' entries, all or nothing; True when done ("[]" too), False on bad input."""
@@ -287,19 +278,10 @@ class CloudManager:
             log.error("data_load: source must be a printable string (the original's block hash), got %.60r", source)
             return False
         try:
-            entries = parse(data)
-        except ExchangeError as exc:
+            ops.import_(self.catalog, data, self.order, source, time.time())
+        except (ExchangeError, ImportConflict) as exc:
             log.error("data_load: nothing imported: %s", exc)
             return False
-        if not entries:
-            return True
-        try:
-            counts = self.catalog.import_entries(entries, self.order, source, time.time())
-        except ImportConflict as exc:
-            log.error("data_load: nothing imported: %s", exc)
-            return False
-        log.info("data_load: %d file(s), %d new, %d copies on this node's remotes%s", counts["files"],
-                 counts["new"], counts["copies"], f", source {source}" if source else "")
         return True
 
     def last_known_block(self) -> int:

@@ -119,6 +119,9 @@ class CloudManager:
         """Copy a file in (the caller's file stays); its SHA-256, or False when it cannot fit or be read."""
         try:
             return self._upload(file_path)
+        except ValueError as exc:  # a NUL in the path, a lone surrogate that no byte escapes
+            log.error("upload %r: not a usable path: %s", file_path, exc)
+            return False
         except (OSError, CloudManagerError) as exc:
             log.error("upload %r: %s", file_path, getattr(exc, "strerror", None) or exc)
             return False

@@ -21,7 +21,8 @@ _MIN_ENTRY = 100  # no exchange entry is shorter: bounds how many rows an export
 def export(catalog: Catalog, min_copies: int, limit: int | None, now: float) -> tuple[str | None, int]:
     """(JSON text of the files due for export, at most `limit` bytes, how many); marks them exported.
     `(None, 0)` when nothing is due or not even one entry fits."""
-    rows = None if limit is None else limit // _MIN_ENTRY + 1
+    # a limit past what any catalog holds is no limit (SQLite's LIMIT takes 64-bit integers only)
+    rows = None if limit is None or limit >= _MIN_ENTRY << 62 else limit // _MIN_ENTRY + 1
     entries = list(catalog.export_queue(min_copies, now, EXPORT_RETRY, limit=rows))
     text, count = dump(entries, limit)
     if text is not None:

@@ -27,3 +27,21 @@ def test_data_dump_with_a_limit_beyond_sqlite_integers_dumps_everything(workdir:
         for limit in (0, 1, 2):
             assert cm.data_dump(limit) is None
         assert [e["filehash"] for e in json.loads(cm.data_dump(10 ** 30))] == [h]
+
+
+def test_an_imported_location_on_a_local_remote_does_not_make_an_uncopied_file_evictable(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"only here" * 10)
+    (workdir / "g").write_bytes(b"g" * 950)
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 1000, remotes=remotes) as cm:
+        h = cm.upload(str(workdir / "f"))
+        entry = cm.info(h)
+        entry["uploads"] = [{"host_name": "nas", "url": "claimed, never checked"}]
+        assert cm.data_load(json.dumps([entry])) is True
+        # the claim is unverified: f still has no copy, so it may not make room for g
+        assert cm.upload(str(workdir / "g")) is False
+        assert cm.on_cache(h)
+        assert cm.upload_queue_info()["count"] == 1
+        cm.cloud_sync()
+        assert (workdir / "nas" / h[:2] / h).read_bytes() == b"only here" * 10
+        assert cm.upload(str(workdir / "g")) == sha(b"g" * 950)  # now f has a real copy and may go

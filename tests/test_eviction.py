@@ -282,8 +282,9 @@ def _fabricate(world: World, count: int, pinned: bool, copies: int, first_used: 
                        [(h, first_used + i, int(pinned)) for i, h in enumerate(hashes)])
         tx.executemany("INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, 'n1', 1, ?)",
                        [(h, first_used + i) for i, h in enumerate(hashes)])
-        tx.executemany("INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, 'u', ?)",
-                       [(h, r, first_used) for h in hashes for r in REMOTES[:copies]])
+        # verified, as upload_done writes them (an unverified, imported copy does not count for eviction)
+        tx.executemany("INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, 'u', ?, ?)",
+                       [(h, r, first_used, first_used) for h in hashes for r in REMOTES[:copies]])
     world.cache.set_used(world.catalog.cache_usage()[0])
     return hashes
 

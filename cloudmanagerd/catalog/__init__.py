@@ -373,7 +373,7 @@ class Catalog:
     # -- eviction, fetch-back, pins, removal ---------------------------------------------------
 
     def eviction_candidates(self, min_copies: int, scan_limit: int = 10_000) -> Iterator[tuple[str, int]]:
-        """Cached, unpinned files with at least `min_copies` good copies, least recently used first.
+        """Cached, unpinned files with at least `min_copies` good, verified copies, least recently used first.
 
         Read lazily, in the order of the LRU index: the caller stops as soon as it has enough,
         so a typical decision reads a handful of rows even with a million cached files (a
@@ -383,7 +383,10 @@ class Catalog:
         stays bounded when most of the cache cannot go yet. Close the iterator when done.
         """
         cursor = self.db.connection().execute(
-            "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0) "
+            # only verified copies count: a location imported from another node (verified NULL) is a
+            # claim, and a file whose only copies are claims would be lost with its cache object
+            "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0 "
+            "AND k.verified IS NOT NULL) "
             "FROM cache_entries c JOIN files f ON f.hash=c.hash "
             "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 ORDER BY c.last_used",
             (self.node,))

@@ -139,6 +139,7 @@ class CloudManager:
                 log.error("upload %s: not a regular file", os.fsdecode(path))
                 return False
             size = st.st_size
+            self.cache.revalidate_root()
             self._refresh_used()
             if not self.evictor.reserve(size):
                 log.error("upload %s: %d bytes do not fit in the cache (%d bytes, holding files not yet "
@@ -172,6 +173,7 @@ class CloudManager:
             if copied != size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 raise CloudManagerError("the file changed while it was copied; upload it again once it is complete")
             h = digest.hexdigest()
+            self.cache.revalidate_subdir(h)
             if self.catalog.cached_here([h]) and self.cache.has_object(h):
                 self.cache.release(size)
                 self.catalog.touch(h, time.time())

@@ -55,9 +55,27 @@ class Cache:
                     self._subdirs[key] = fd
         return fd
 
+    def revalidate_root(self) -> None:
+        """Recreate the cache folder or its tmp folder if they were deleted behind our back (st_nlink 0
+        on the kept descriptor): else every temp file and object would go to a folder that is gone."""
+        with self._lock:
+            if os.fstat(self.root_fd).st_nlink > 0 and os.fstat(self.tmp_fd).st_nlink > 0:
+                return
+            for fd in self._subdirs.values():
+                os.close(fd)
+            self._subdirs.clear()
+            os.close(self.tmp_fd)
+            os.close(self.root_fd)
+            self.root_fd = fsutil.open_root(self.path, create=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(TMP, 0o700, dir_fd=self.root_fd)
+            self.tmp_fd = os.open(TMP, fsutil.O_SUBDIR, dir_fd=self.root_fd)
+        log.warning("cache folder %s or its tmp folder was removed while in use; recreating it", self.path)
+
     def revalidate_subdir(self, h: str) -> None:
         """Reopen the object's folder if it was deleted behind our back (st_nlink 0 on the kept
         descriptor): else every object later written there would land in a folder nobody can see."""
+        self.revalidate_root()
         key = h[:2]
         with self._lock:
             fd = self._subdirs.get(key)

@@ -45,3 +45,20 @@ def test_an_imported_location_on_a_local_remote_does_not_make_an_uncopied_file_e
         cm.cloud_sync()
         assert (workdir / "nas" / h[:2] / h).read_bytes() == b"only here" * 10
         assert cm.upload(str(workdir / "g")) == sha(b"g" * 950)  # now f has a real copy and may go
+
+
+def test_warm_up_and_upload_recreate_a_cache_folder_deleted_behind_their_back(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"precious" * 50)
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes) as cm:
+        h = cm.upload(str(workdir / "f"))
+        cm.cloud_sync()
+        shutil.rmtree(workdir / "store")
+        assert cm.on_cache(h) is False
+        path = cm.warm_up(h)
+        assert path and Path(path).read_bytes() == b"precious" * 50
+        assert cm.on_cache(h) and cm.used_space() == 400
+        for gone in (workdir / "store", workdir / "store" / h[:2], workdir / "store" / "tmp"):
+            shutil.rmtree(gone)
+            assert cm.upload(str(workdir / "f")) == h
+            assert cm.on_cache(h) and cm.used_space() == 400

@@ -94,6 +94,9 @@ class CloudManager:
         except BaseException:
             self._stack.close()
             raise
+        removed = self.cache.clear_tmp()  # half-done copies of a process that was killed
+        if removed:
+            log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
         self.cache.set_used(self.catalog.cache_usage()[0])
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.policy.min_redundancy)
         self.fetcher = Fetcher(self.cache, self.catalog, self.remotes, self.evictor)

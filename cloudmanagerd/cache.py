@@ -14,6 +14,30 @@ log = logging.getLogger(__name__)
 TMP = b"tmp"
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the temp file `name` belongs to another live process: its pid is the field after
+    "api" (API uploads), after "fetch" (fetch-back), or before "tmp" (inbox ingest)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in ("api", "fetch") and i + 1 < len(parts):
+            field = parts[i + 1]
+            break
+        if part == "tmp" and i > 0:
+            field = parts[i - 1]
+            break
+    else:
+        return False
+    if not field.isdigit() or int(field) == os.getpid():
+        return False
+    try:
+        os.kill(int(field), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: alive, another user's
+    return True
+
+
 class Cache:
     """Owns the cache folder's descriptors and the in-memory account of bytes used.
 
@@ -140,9 +164,14 @@ class Cache:
     # -- start-up -------------------------------------------------------------------------
 
     def clear_tmp(self) -> int:
-        """Temp files are half-written copies from a process that died: nothing refers to them."""
+        """Temp files are half-written copies from a process that died: nothing refers to them.
+
+        A temp file whose name carries the id of another live process (a daemon's or a Python API
+        script's on the same cache folder) is that process's copy in flight, and stays."""
         removed = 0
         for entry in os.scandir(self.tmp_fd):
+            if _writer_alive(entry.name):
+                continue
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(entry.name, dir_fd=self.tmp_fd)
                 removed += 1

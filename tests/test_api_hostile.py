@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from cloudmanagerd import CloudManager
@@ -62,3 +65,45 @@ def test_warm_up_and_upload_recreate_a_cache_folder_deleted_behind_their_back(wo
             shutil.rmtree(gone)
             assert cm.upload(str(workdir / "f")) == h
             assert cm.on_cache(h) and cm.used_space() == 400
+
+
+_KILLED_CHILD = r'''
+import os, sys, time
+from cloudmanagerd import CloudManager
+import cloudmanagerd.remotes.directory as directory
+w, verb = sys.argv[1], sys.argv[2]
+cm = CloudManager(f"{w}/db.sqlite3", f"{w}/store", 10**6,
+                  remotes=[{"name": "nas", "type": "directory", "path": f"{w}/nas"}])
+def stop(*args, **kwargs):
+    print("ready", flush=True)
+    time.sleep(600)
+if verb == "upload":
+    os.fsync = stop  # the copy is written, not yet in place
+    cm.upload(f"{w}/f")
+else:
+    directory.DirectoryRemote.put = stop  # a transfer in flight
+    cm.cloud_sync()
+'''
+
+
+def _kill_mid(workdir: Path, verb: str) -> None:
+    """Run `verb` in a child process and SIGKILL it in the middle."""
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(workdir), verb], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def test_a_killed_upload_leaves_no_temp_file_once_the_next_cloudmanager_opens(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"z" * 100_000)
+    _kill_mid(workdir, "upload")
+    assert os.listdir(workdir / "store" / "tmp")  # the half-done copy of the killed process
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10**6, remotes=remotes) as cm:
+        assert os.listdir(workdir / "store" / "tmp") == []
+        assert cm.exists(sha(b"z" * 100_000)) is False and cm.used_space() == 0
+        assert cm.upload(str(workdir / "f")) == sha(b"z" * 100_000)

@@ -100,8 +100,10 @@ class CloudManager:
         self.cache.set_used(self.catalog.cache_usage()[0])
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.policy.min_redundancy)
         self.fetcher = Fetcher(self.cache, self.catalog, self.remotes, self.evictor)
+        owner = f"{self.node}/api/{os.getpid()}"
+        self._release_dead_claims(f"{self.node}/api/")
         self.uploader = Uploader(self.catalog, self.cache, self.remotes, self.order, self.policy, LEASE,
-                                 ensure_cached=self.fetcher.ensure_cached)
+                                 ensure_cached=self.fetcher.ensure_cached, claim_owner=owner)
         self._stack.callback(self.uploader.close)
 
     # -- lifetime --------------------------------------------------------------------------
@@ -320,6 +322,14 @@ class CloudManager:
         return self._transfer()["month_outgoing"]
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _release_dead_claims(self, prefix: str) -> None:
+        """Queue again the transfers that a killed API process on this node had claimed."""
+        for owner in self.catalog.claim_owners(prefix):
+            pid = owner[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not fsutil.pid_alive(int(pid)):
+                released = self.catalog.release_claims(time.time(), owner)
+                log.info("%d upload(s) claimed by a stopped process (pid %s) are queued again", released, pid)
 
     def _refresh_used(self) -> None:
         """The catalog is the account of what the cache holds: a daemon sharing it adds and evicts too."""

@@ -27,15 +27,7 @@ def _writer_alive(name: str) -> bool:
             break
     else:
         return False
-    if not field.isdigit() or int(field) == os.getpid():
-        return False
-    try:
-        os.kill(int(field), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # EPERM: alive, another user's
-    return True
+    return field.isdigit() and int(field) != os.getpid() and fsutil.pid_alive(int(field))
 
 
 class Cache:

@@ -106,3 +106,14 @@ def open_for_writing_elsewhere(fd: int) -> bool | None:
         return None
     fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
     return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's included) in this PID namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: another user's live process
+    return True

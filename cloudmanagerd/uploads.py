@@ -70,7 +70,7 @@ class Uploader:
     def __init__(self, catalog: Catalog, cache: Cache, remotes: MutableMapping[str, Remote], order: Sequence[str],
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None, *,
-                 ensure_cached: Callable[[str], None] | None = None) -> None:
+                 ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None) -> None:
         self.catalog = catalog
         self.cache = cache
         self.remotes = remotes  # shared with fetch, scrub and rm; a reload changes it in place
@@ -84,6 +84,9 @@ class Uploader:
         # bring an evicted file back before re-copying it (self-heal); the daemon still sets it
         # afterwards until issue 11's core passes it here
         self.ensure_cached = ensure_cached
+        # whose name its claims carry: the node's (a daemon), or one API process's, so that a daemon's
+        # start-up never frees an API's transfers in flight and the API frees those of a killed script
+        self.claim_owner = claim_owner
         # set by the daemon: hear about every new copy (room may have appeared in the cache)
         self.on_copy: Callable[[str], None] = lambda h: None
         self.last_progress = time.monotonic()
@@ -127,7 +130,7 @@ class Uploader:
                 free = self.policy.concurrency - len(self._active)
             if free <= 0:
                 return
-            claims = self.catalog.claim_due(self.now(), free, self.lease)
+            claims = self.catalog.claim_due(self.now(), free, self.lease, owner=self.claim_owner)
             for claim in claims:
                 with self._lock:
                     self._active[(claim.hash, claim.remote)] = None
@@ -139,14 +142,16 @@ class Uploader:
         Backoff is not waited out. A failure may queue a spare remote for the same file (top_up);
         those spares are tried in the same round. Returns how many transfers were attempted."""
         attempted = 0
-        claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, due_by=float("inf"))
+        claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, due_by=float("inf"),
+                                        owner=self.claim_owner)
         while claims:
             for claim in claims:
                 with self._lock:
                     self._active[(claim.hash, claim.remote)] = None
                 self._transfer(claim)
                 attempted += 1
-            claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, states=("queued",))
+            claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, states=("queued",),
+                                            owner=self.claim_owner)
         return attempted
 
     def probe_unhealthy(self) -> None:
@@ -275,4 +280,4 @@ class Uploader:
                 if transfer is not None:
                     transfer.cancel("the daemon is stopping")
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.catalog.release_claims(self.now())
+        self.catalog.release_claims(self.now(), self.claim_owner)

@@ -107,3 +107,15 @@ def test_a_killed_upload_leaves_no_temp_file_once_the_next_cloudmanager_opens(wo
         assert os.listdir(workdir / "store" / "tmp") == []
         assert cm.exists(sha(b"z" * 100_000)) is False and cm.used_space() == 0
         assert cm.upload(str(workdir / "f")) == sha(b"z" * 100_000)
+
+
+def test_a_cloud_sync_killed_mid_transfer_does_not_strand_its_claims(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"z" * 1000)
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10**6, remotes=remotes) as cm:
+        h = cm.upload(str(workdir / "f"))
+    _kill_mid(workdir, "sync")
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10**6, remotes=remotes) as cm:
+        assert cm.cloud_sync() == 1
+        assert (workdir / "nas" / h[:2] / h).read_bytes() == b"z" * 1000
+        assert cm.upload_queue_info() == {"size": 0, "count": 0}

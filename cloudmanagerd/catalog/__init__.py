@@ -523,16 +523,23 @@ class Catalog:
 
     # -- uploads --------------------------------------------------------------------------
 
-    def release_claims(self, now: float) -> int:
-        """Pairs this node had in flight when it stopped go back to the queue."""
+    def release_claims(self, now: float, owner: str | None = None) -> int:
+        """Pairs this node (or `owner`) had in flight when it stopped go back to the queue."""
         with self.db.tx() as conn:
             return conn.execute(
                 "UPDATE uploads SET state=CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END, "
                 "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE state='active' AND claim_owner=?",
-                (now, self.node)).rowcount
+                (now, owner or self.node)).rowcount
+
+    def claim_owners(self, prefix: str) -> list[str]:
+        """The owners, starting with `prefix`, of pairs in flight."""
+        return [o for (o,) in self.db.connection().execute(
+            "SELECT DISTINCT claim_owner FROM uploads WHERE state='active' AND substr(claim_owner, 1, ?)=?",
+            (len(prefix), prefix))]
 
     def claim_due(self, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = (),
-                  due_by: float | None = None, states: Sequence[str] = ("queued", "retrying")) -> list[UploadClaim]:
+                  due_by: float | None = None, states: Sequence[str] = ("queued", "retrying"),
+                  owner: str | None = None) -> list[UploadClaim]:
         """Take up to `limit` pairs due by `due_by` (default `now`) in `states`, oldest first.
 
         `cloud_sync()` of the Python API passes an infinite `due_by` (every pending pair, backoff or
@@ -551,7 +558,7 @@ class Catalog:
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",
-                [(self.node, now + lease, now, h, r) for h, r, _, _ in rows])
+                [(owner or self.node, now + lease, now, h, r) for h, r, _, _ in rows])
         return [UploadClaim(h, r, a, s) for h, r, a, s in rows]
 
     def next_due_time(self) -> float | None:

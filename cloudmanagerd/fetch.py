@@ -173,6 +173,12 @@ class Fetcher:
             if digest != h:
                 self._bad_copy(h, remote.name, f"copy of {h[:12]} holds other bytes (sha256 {digest[:12]})")
                 raise RemoteError(f"copy failed verification (sha256 {digest[:12]})")
+            if written != size:
+                # the bytes are right and the catalog is wrong (an imported entry's size): installing the
+                # object would put more bytes in the cache than its account says, for good
+                log.error("copy of %s has the right bytes but %d of them, and the catalog says %d; not used",
+                          h[:12], written, size)
+                raise RemoteError(f"copy holds {written} bytes, the catalog says {size}")
             os.rename(tmp, h, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=self.cache.subdir_fd(h))
             tmp = ""
             os.fsync(self.cache.subdir_fd(h))

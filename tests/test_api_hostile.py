@@ -119,3 +119,18 @@ def test_a_cloud_sync_killed_mid_transfer_does_not_strand_its_claims(workdir: Pa
         assert cm.cloud_sync() == 1
         assert (workdir / "nas" / h[:2] / h).read_bytes() == b"z" * 1000
         assert cm.upload_queue_info() == {"size": 0, "count": 0}
+
+
+def test_an_imported_size_that_lies_never_puts_more_bytes_in_the_cache_than_its_account(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    data = b"the real bytes" * 100
+    h = sha(data)
+    (workdir / "nas" / h[:2]).mkdir()
+    (workdir / "nas" / h[:2] / h).write_bytes(data)
+    entry = {"version": "0.2", "datetime": "1", "filename": "x", "filesize": 5, "filehash": h,
+             "uploads": [{"host_name": "nas", "url": "u"}]}
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes) as cm:
+        assert cm.data_load(json.dumps([entry])) is True
+        assert cm.warm_up(h) is False
+        assert not (workdir / "store" / h[:2] / h).exists() and os.listdir(workdir / "store" / "tmp") == []
+        assert cm.used_space() == 0 and cm.on_cache(h) is False

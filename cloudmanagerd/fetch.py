@@ -195,4 +195,9 @@ class Fetcher:
         log.error("remote %s: %s; marked bad, a new copy will be made", remote, why)
         now = self.now()
         self.catalog.mark_copy_bad(h, remote, why, now)
-        self.catalog.replace_bad_copy(h, remote, now)
+        if self.catalog.good_copies(h) or self.catalog.cached_here([h]):
+            self.catalog.replace_bad_copy(h, remote, now)
+        else:
+            # no byte of the file is left to copy from (an imported location that was never true):
+            # a replacement upload could only fail for ever; heal() queues one if a copy turns up
+            log.error("hash=%s has no good copy left and is not cached here: the file is lost", h)

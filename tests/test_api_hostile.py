@@ -134,3 +134,16 @@ def test_an_imported_size_that_lies_never_puts_more_bytes_in_the_cache_than_its_
         assert cm.warm_up(h) is False
         assert not (workdir / "store" / h[:2] / h).exists() and os.listdir(workdir / "store" / "tmp") == []
         assert cm.used_space() == 0 and cm.on_cache(h) is False
+
+
+def test_an_imported_location_that_was_never_true_queues_no_upload_that_can_only_fail(workdir: Path):
+    remotes = folder_remotes(workdir, "nas", "backup")
+    h = sha(b"nobody has these bytes")
+    entry = {"version": "0.2", "datetime": "1", "filename": "x", "filesize": 22, "filehash": h,
+             "uploads": [{"host_name": "nas", "url": "u"}]}
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes) as cm:
+        assert cm.data_load(json.dumps([entry])) is True
+        assert cm.warm_up(h) is False
+        assert cm.upload_queue_info() == {"size": 0, "count": 0}
+        assert cm.cloud_sync() == 0
+        assert cm.sync_status()["cloud_queue"] == [] and cm.exists(h)

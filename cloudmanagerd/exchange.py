@@ -36,14 +36,18 @@ MAX_SIZE = (1 << 63) - 1
 # What `data_load` accepts in one call: the original's texts were blockchain payloads of a few KiB;
 # 8 MiB is ~25,000 entries. A larger exchange goes through `cloudmanagerctl import`, which reads a file.
 MAX_TEXT = 8 << 20
+MAX_PROBLEMS = 100
 
 
 class ExchangeError(ValueError):
-    """The text cannot be imported; `problems` names every bad entry by its index."""
+    """The text cannot be imported; `problems` names the first bad entries by their index, `count` is
+    how many are bad in all."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+    def __init__(self, problems: list[str], count: int | None = None) -> None:
+        count = len(problems) if count is None else count
+        super().__init__("; ".join(problems[:5]) + (f"; and {count - 5} more" if count > 5 else ""))
         self.problems = problems
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -124,13 +128,16 @@ def parse(text: Any, max_bytes: int | None = MAX_TEXT) -> list[Entry]:
         raise ExchangeError([f"expected a JSON array of entries, got {type(data).__name__}"])
     entries: list[Entry] = []
     problems: list[str] = []
+    bad = 0
     for index, obj in enumerate(data):
         try:
             entries.append(parse_entry(obj))
         except ValueError as exc:
-            problems.append(f"entry {index}: {exc}")
-    if problems:
-        raise ExchangeError(problems)
+            bad += 1
+            if len(problems) < MAX_PROBLEMS:  # 4 million bad entries fit in 8 MiB: name the first ones only
+                problems.append(f"entry {index}: {exc}")
+    if bad:
+        raise ExchangeError(problems, bad)
     return entries
 
 

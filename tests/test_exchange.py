@@ -109,3 +109,10 @@ def test_every_bad_entry_is_reported():
     with pytest.raises(ExchangeError) as err:
         parse(json.dumps([1, original_entry(), "x", original_entry(filesize=-2)]))
     assert [p.split(":")[0] for p in err.value.problems] == ["entry 0", "entry 2", "entry 3"]
+
+
+def test_millions_of_bad_entries_are_counted_but_only_the_first_named():
+    with pytest.raises(ExchangeError) as caught:
+        parse("[" + ",".join(["0"] * 1_000_000) + "]")
+    assert caught.value.count == 1_000_000 and len(caught.value.problems) == 100
+    assert str(caught.value).endswith("; and 999995 more")

@@ -94,7 +94,7 @@ class CloudManager:
         except BaseException:
             self._stack.close()
             raise
-        removed = self.cache.clear_tmp()  # half-done copies of a process that was killed
+        removed = self.cache.clear_tmp(keep_own=True)  # half-done copies of a process that was killed
         if removed:
             log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
         self.cache.set_used(self.catalog.cache_usage()[0])

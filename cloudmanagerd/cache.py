@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 TMP = b"tmp"
 
 
-def _writer_alive(name: str) -> bool:
-    """Whether the temp file `name` belongs to another live process: its pid is the field after
-    "api" (API uploads), after "fetch" (fetch-back), or before "tmp" (inbox ingest)."""
+def _writer_alive(name: str, keep_own: bool) -> bool:
+    """Whether the temp file `name` belongs to another live process (or to this one, with `keep_own`):
+    its pid is the field after "api" (API uploads), after "fetch" (fetch-back), or before "tmp" (ingest)."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in ("api", "fetch") and i + 1 < len(parts):
@@ -27,7 +27,9 @@ def _writer_alive(name: str) -> bool:
             break
     else:
         return False
-    return field.isdigit() and int(field) != os.getpid() and fsutil.pid_alive(int(field))
+    if not field.isdigit():
+        return False
+    return keep_own if int(field) == os.getpid() else fsutil.pid_alive(int(field))
 
 
 class Cache:
@@ -155,14 +157,16 @@ class Cache:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def clear_tmp(self) -> int:
+    def clear_tmp(self, keep_own: bool = False) -> int:
         """Temp files are half-written copies from a process that died: nothing refers to them.
 
         A temp file whose name carries the id of another live process (a daemon's or a Python API
-        script's on the same cache folder) is that process's copy in flight, and stays."""
+        script's on the same cache folder) is that process's copy in flight, and stays. So do this
+        process's own with `keep_own` (a CloudManager opened while another one of this process copies);
+        a daemon's start-up clears them (its pid may be a dead predecessor's, as pid 1 in a container)."""
         removed = 0
         for entry in os.scandir(self.tmp_fd):
-            if _writer_alive(entry.name):
+            if _writer_alive(entry.name, keep_own):
                 continue
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(entry.name, dir_fd=self.tmp_fd)

@@ -147,3 +147,21 @@ def test_an_imported_location_that_was_never_true_queues_no_upload_that_can_only
         assert cm.upload_queue_info() == {"size": 0, "count": 0}
         assert cm.cloud_sync() == 0
         assert cm.sync_status()["cloud_queue"] == [] and cm.exists(h)
+
+
+def test_opening_a_second_cloudmanager_keeps_the_temp_files_of_this_process_in_flight(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"f" * 100)
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes) as first:
+        real_fsync = os.fsync
+
+        def open_another_meanwhile(fd: int) -> None:  # as another thread of this process would
+            os.fsync = real_fsync
+            CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes).close()
+            real_fsync(fd)
+
+        os.fsync = open_another_meanwhile
+        try:
+            assert first.upload(str(workdir / "f")) == sha(b"f" * 100)
+        finally:
+            os.fsync = real_fsync

@@ -9,12 +9,15 @@ returns the documented false value or None and logs one line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import fsutil, ops
@@ -52,6 +55,24 @@ def _hash(value: Any) -> str | None:
     return value if isinstance(value, str) and FULL_HASH.fullmatch(value) else None
 
 
+def _verb(false_value: Callable[[], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A public verb never raises: after close(), or when the catalog or the cache folder fails
+    (a disk error, a lock held past the busy timeout), it logs one line and returns its false value."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def verb(self: CloudManager, *args: Any, **kwargs: Any) -> Any:
+            if self._closed:
+                log.error("%s: this CloudManager is closed", method.__name__)
+                return false_value()
+            try:
+                return method(self, *args, **kwargs)
+            except (OSError, sqlite3.Error, CloudManagerError) as exc:
+                log.error("%s: %s", method.__name__, getattr(exc, "strerror", None) or exc)
+                return false_value()
+        return verb
+    return wrap
+
+
 class CloudManager:
     """A pool of files: hashed, cached within `storage_size` bytes, copied to remotes.
 
@@ -82,6 +103,7 @@ class CloudManager:
         self.node = config.node if config is not None else socket.gethostname()
         self.order = [rc.name for rc in remote_configs]
         self._stack = contextlib.ExitStack()
+        self._closed = False
         try:
             self.catalog = Catalog.open(_catalog_url(os.fspath(database_path)), self.node)
             self._stack.callback(self.catalog.close)
@@ -109,7 +131,9 @@ class CloudManager:
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the catalog, the cache folder's descriptors and the remotes' clients."""
+        """Release the catalog, the cache folder's descriptors and the remotes' clients; every verb
+        called afterwards logs and returns its false value (the descriptors' numbers may be reused)."""
+        self._closed = True
         self._stack.close()
 
     def __enter__(self) -> CloudManager:
@@ -120,6 +144,7 @@ class CloudManager:
 
     # -- files in and out -----------------------------------------------------------------
 
+    @_verb(lambda: False)
     def upload(self, file_path: Any) -> str | bool:
         """Copy a file in (the caller's file stays); its SHA-256, or False when it cannot fit or be read."""
         try:
@@ -197,10 +222,12 @@ class CloudManager:
         log.info("added hash=%s size=%d%s", h, size, " (known content, cached again)" if known else "")
         return h
 
+    @_verb(lambda: 0)
     def cloud_sync(self) -> int:
         """Try every pending upload once, now, in this thread; returns how many transfers were tried."""
         return self.uploader.sync_round()
 
+    @_verb(lambda: False)
     def warm_up(self, file_hash: Any) -> str | bool | None:
         """The path of the file in the cache, fetched back and verified if needed; None for an unknown
         or malformed hash, False when no remote gives a good copy or there is no room."""
@@ -229,10 +256,12 @@ class CloudManager:
 
     # -- questions ------------------------------------------------------------------------
 
+    @_verb(lambda: False)
     def exists(self, file_hash: Any) -> bool:
         h = _hash(file_hash)
         return h is not None and self.catalog.file_size(h) is not None
 
+    @_verb(lambda: False)
     def on_cache(self, file_hash: Any) -> bool:
         """True only when the catalog says cached and the bytes are really there, at their size."""
         h = _hash(file_hash)
@@ -244,28 +273,34 @@ class CloudManager:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == self.catalog.file_size(h)
 
+    @_verb(lambda: None)
     def info(self, file_hash: Any) -> dict[str, Any] | None:
         h = _hash(file_hash)
         entry = self.catalog.entry(h) if h is not None else None
         return entry.to_object() if entry is not None else None
 
+    @_verb(lambda: 0)
     def used_space(self) -> int:
         return self.catalog.cache_usage()[0]
 
     def capacity(self) -> int:
         return self.cache.capacity
 
+    @_verb(lambda: 0.0)
     def usage_ratio(self) -> float:
         return min(1.0, self.used_space() / self.cache.capacity)
 
+    @_verb(lambda: {"size": 0, "count": 0})
     def upload_queue_info(self) -> dict[str, int]:
         count, size = self.catalog.pending_upload_size()
         return {"size": size, "count": count}
 
+    @_verb(lambda: {"size": 0, "count": 0})
     def blockchain_queue_info(self) -> dict[str, int]:
         count, size = self.catalog.export_queue_size(self.policy.min_redundancy, time.time(), ops.EXPORT_RETRY)
         return {"size": size, "count": count}
 
+    @_verb(lambda: {"cloud_queue": [], "blockchain_queue": []})
     def sync_status(self) -> dict[str, list[dict[str, Any]]]:
         now = time.time()
         return {"cloud_queue": [_description(e) for e in self.catalog.pending_upload_entries()],
@@ -274,6 +309,7 @@ class CloudManager:
 
     # -- the exchange with other nodes -----------------------------------------------------
 
+    @_verb(lambda: None)
     def data_dump(self, data_limit: Any) -> str | None:
         """JSON text (at most `data_limit` bytes) of files not yet exported, marking them exported;
         None when nothing is due or nothing fits."""
@@ -282,6 +318,7 @@ class CloudManager:
             return None
         return ops.export(self.catalog, self.policy.min_redundancy, data_limit, time.time())[0]
 
+    @_verb(lambda: False)
     def data_load(self, data: Any, source: Any = None) -> bool:
         """Import other nodes' entries, all or nothing; True when done ("[]" too), False on bad input."""
         if source is not None and (not isinstance(source, str) or len(source) > 1024 or not source.isprintable()):
@@ -294,9 +331,11 @@ class CloudManager:
             return False
         return True
 
+    @_verb(lambda: 0)
     def last_known_block(self) -> int:
         return self.catalog.sync_cursor()
 
+    @_verb(lambda: None)
     def visit_block(self, block_height: Any) -> None:
         if isinstance(block_height, bool) or not isinstance(block_height, int) or not 0 <= block_height < 1 << 63:
             log.error("visit_block: expected a block height (a whole number), got %r", block_height)
@@ -309,15 +348,19 @@ class CloudManager:
     def _transfer(self) -> dict[str, int]:
         return self.catalog.transfer_totals(time.time())
 
+    @_verb(lambda: 0)
     def total_incoming(self) -> int:
         return self._transfer()["total_incoming"]
 
+    @_verb(lambda: 0)
     def total_outgoing(self) -> int:
         return self._transfer()["total_outgoing"]
 
+    @_verb(lambda: 0)
     def current_incoming(self) -> int:
         return self._transfer()["month_incoming"]
 
+    @_verb(lambda: 0)
     def current_outgoing(self) -> int:
         return self._transfer()["month_outgoing"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,32 @@ def test_opening_a_second_cloudmanager_keeps_the_temp_files_of_this_process_in_f
             assert first.upload(str(workdir / "f")) == sha(b"f" * 100)
         finally:
             os.fsync = real_fsync
+
+
+def test_every_verb_after_close_returns_its_false_value_and_sends_nothing(workdir: Path):
+    remotes = folder_remotes(workdir, "nas")
+    (workdir / "f").write_bytes(b"f" * 100)
+    cm = CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=remotes)
+    h = cm.upload(str(workdir / "f"))
+    cm.close()
+    assert cm.cloud_sync() == 0 and not (workdir / "nas" / h[:2]).exists()
+    assert cm.upload(str(workdir / "f")) is False
+    assert cm.warm_up(h) is False and cm.download(h) is False
+    assert cm.exists(h) is False and cm.on_cache(h) is False and cm.info(h) is None
+    assert cm.used_space() == 0 and cm.usage_ratio() == 0.0
+    assert cm.upload_queue_info() == cm.blockchain_queue_info() == {"size": 0, "count": 0}
+    assert cm.sync_status() == {"cloud_queue": [], "blockchain_queue": []}
+    assert cm.data_dump(1000) is None and cm.data_load("[]") is False
+    assert cm.last_known_block() == 0 and cm.visit_block(5) is None
+    assert cm.total_incoming() == cm.total_outgoing() == cm.current_incoming() == cm.current_outgoing() == 0
+    cm.close()  # twice is fine
+
+
+def test_a_catalog_error_is_a_false_value_and_a_log_line_not_a_traceback(workdir: Path, monkeypatch, caplog):
+    with CloudManager(str(workdir / "db.sqlite3"), str(workdir / "store"), 10_000, remotes=[]) as cm:
+        def disk_error(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(cm.catalog, "file_size", disk_error)
+        assert cm.exists(sha(b"")) is False and cm.warm_up(sha(b"")) is False
+        assert "disk I/O error" in caplog.text

@@ -17,6 +17,7 @@ import errno
 import fnmatch
 import logging
 import os
+import resource
 import sqlite3
 import stat
 import threading
@@ -35,6 +36,17 @@ from .rejects import Rejector
 log = logging.getLogger(__name__)
 
 SYNCFS_BATCH = 16  # from this many files on, one syncfs is cheaper than an fsync per file
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def batch_limit(most: int = 512) -> int:
+    """Files per batch under the open-file limit: each holds two descriptors until its batch is
+    done. Under systemd's default soft limit of 1024 (which the unit may not raise) a batch of
+    512, beside the cache's up to 256 folders, failed with EMFILE, and again on every retry."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(8, min(most, (soft - 512) // 4))
 
 
 @dataclass
@@ -76,12 +88,15 @@ class IngestResult:
     duplicates: int = 0
     requeue: list[bytes] = field(default_factory=list)      # changed while hashed: take again later
     busy: list[bytes] = field(default_factory=list)         # still open for writing: take much later
+    later: list[bytes] = field(default_factory=list)        # not opened (out of descriptors): next batch
     waiting: list[tuple[bytes, str]] = field(default_factory=list)  # left in the inbox, with why
     directories: list[bytes] = field(default_factory=list)  # folders to scan
 
 
 class Ingestor:
     """Turns inbox entries (relative byte paths) into registered, cached files."""
+
+    SPARE_FILES = 16  # handed back when descriptors run out, to free 32 for the rest of the batch
 
     def __init__(self, inbox_fd: int | fsutil.Root, cache: Cache, catalog: Catalog, rejector: Rejector,
                  remotes: Callable[[], Sequence[str]], ignore: Sequence[str],
@@ -109,8 +124,24 @@ class Ingestor:
         result = IngestResult()
         opened: list[Candidate] = []  # every candidate opened, closed on every path below
         try:
-            for rel in dict.fromkeys(rels):
-                candidate = self._open(rel, result)
+            todo = list(dict.fromkeys(rels))
+            for i, rel in enumerate(todo):
+                try:
+                    candidate = self._open(rel, result)
+                except OSError as exc:
+                    if exc.errno not in OUT_OF_DESCRIPTORS or len(opened) <= self.SPARE_FILES:
+                        raise  # the worker logs it and tries again in a while
+                    # This batch goes on with the files it holds, but for a few handed back with
+                    # the others, so that it has descriptors left to store them (the catalog,
+                    # the cache's folders, fsync); they all come in the next batch.
+                    spare = opened[-self.SPARE_FILES:]
+                    del opened[-self.SPARE_FILES:]
+                    for c in spare:
+                        c.close()
+                    result.later.extend([c.rel for c in spare] + todo[i:])
+                    log.warning("out of file descriptors with %d file(s) open; the other %d wait for the "
+                                "next batch", len(opened), len(result.later))
+                    break
                 if candidate is not None:
                     opened.append(candidate)
             self._hash_all(opened, result)
@@ -136,6 +167,8 @@ class Ingestor:
                     os.close(dir_fd)
                     return None
                 except OSError as exc:
+                    if exc.errno in OUT_OF_DESCRIPTORS:
+                        raise
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         self._reject_component(dir_fd, part, b"/".join(parts[:i + 1]))
                     else:
@@ -181,6 +214,8 @@ class Ingestor:
             os.close(dir_fd)
             return None
         except OSError as exc:
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                raise  # _open closes dir_fd
             if exc.errno in (errno.EACCES, errno.EPERM):
                 self.rejector.reject(dir_fd, name, rel, "unreadable (permission denied for the daemon's user)")
             elif exc.errno == errno.ELOOP:
@@ -360,11 +395,9 @@ class Ingestor:
             fsutil.syncfs(self.cache.root_fd)
             if any(c.copied for c in moved):
                 return
-            inbox_fd = fsutil.dup_root(self.inbox_fd)
-            try:
-                fsutil.syncfs(inbox_fd)
-            finally:
-                os.close(inbox_fd)
+            # the inbox folders' filesystems, through descriptors the batch already holds
+            for fd in {os.fstat(c.dir_fd).st_dev: c.dir_fd for c in moved}.values():
+                fsutil.syncfs(fd)
             return
         folders: dict[tuple[int, int], int] = {}
         for c in moved:
@@ -605,7 +638,7 @@ class IngestWorker:
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
             offers = self._offers  # before the take: an offer that finds these files taken counts
-            rels = self.queue.take(self.BATCH, timeout=0.5)
+            rels = self.queue.take(min(self.BATCH, batch_limit()), timeout=0.5)
             if rels and self._wedge:
                 log.warning("CLOUDMANAGERD_FAULT=wedge-ingest: the ingest thread now hangs (test fault)")
                 self._stop.wait()
@@ -642,6 +675,8 @@ class IngestWorker:
     def _apply(self, rels: Sequence[bytes], result: IngestResult) -> None:
         for rel in result.requeue:
             self.queue.put_settle(rel)
+        for rel in result.later:
+            self.queue.put_ready(rel)
         self._back_off(rels, result.busy)
         for rel in result.directories:
             self.scan(rel)

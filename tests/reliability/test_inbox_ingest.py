@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cloudmanagerd import fsutil
+from cloudmanagerd.cache import TMP as CACHE_TMP
 from cloudmanagerd.cache import Cache
 from cloudmanagerd.catalog import Catalog
 from cloudmanagerd.inbox import InboxWatcher, PendingQueue, stat_in
@@ -235,6 +237,77 @@ def test_a_file_still_open_for_writing_waits_without_leaking_a_descriptor(parts)
     assert own_fds() == before
 
 
+def test_a_hard_link_made_out_of_the_inbox_while_the_file_is_hashed_gets_a_copy(parts, workdir: Path) -> None:
+    inbox, ingestor = parts
+    data = os.urandom(3 << 20)
+    (inbox / "dropped.bin").write_bytes(data)
+    outside = workdir / "grabbed"
+
+    def link_once() -> None:  # `ln inbox/dropped.bin ~/grabbed` by the dropper, mid-hash
+        if not outside.exists():
+            os.link(inbox / "dropped.bin", outside)
+
+    ingestor.tick = link_once
+    # the link changes the file's ctime: put back as changed, then taken again, by a copy
+    assert ingestor.ingest([b"dropped.bin"]).requeue == [b"dropped.bin"]
+    result = ingestor.ingest([b"dropped.bin"])
+    h = digest(data)
+    assert result.registered == [h]
+    obj = workdir / "cache" / h[:2] / h
+    assert obj.stat().st_nlink == 1 and obj.stat().st_ino != outside.stat().st_ino
+    with open(outside, "r+b") as f:
+        f.write(b"changed through the other name")
+    assert digest(obj.read_bytes()) == h
+    assert not (inbox / "dropped.bin").exists()
+
+
+def test_a_file_changed_through_another_name_while_copied_is_put_back(parts, workdir: Path) -> None:
+    inbox, ingestor = parts
+    data = os.urandom(3 << 20)
+    outside = workdir / "original"
+    outside.write_bytes(data)
+    os.link(outside, inbox / "link.bin")
+    ticks = []
+
+    def change_during_the_copy() -> None:
+        ticks.append(1)
+        if len(ticks) == 5:  # three reads hash it, then the copy's second read
+            with open(outside, "r+b") as f:
+                f.seek(2 << 20)
+                f.write(b"X" * 100)
+
+    ingestor.tick = change_during_the_copy
+    ingestor.cache.subdir_fd(digest(data))  # the cache keeps its folders open: not a leak
+    before = own_fds()
+    result = ingestor.ingest([b"link.bin"])
+    assert not result.registered and result.requeue == [b"link.bin"]
+    assert not (workdir / "cache" / digest(data)[:2] / digest(data)).exists()
+    assert not any(os.scandir(workdir / "cache" / os.fsdecode(CACHE_TMP))), "a temp copy was left behind"
+    assert own_fds() == before
+    ingestor.tick = lambda: None
+    now = outside.read_bytes()
+    assert ingestor.ingest([b"link.bin"]).registered == [digest(now)]
+
+
+def test_a_batch_that_runs_out_of_descriptors_goes_on_with_what_it_holds(parts) -> None:
+    inbox, ingestor = parts
+    for i in range(60):
+        (inbox / f"f{i}").write_bytes(b"file %d" % i)
+    for h in {digest(b"file %d" % i) for i in range(60)}:
+        ingestor.cache.subdir_fd(h)  # the cache's folders, opened once, are not what runs out
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = own_fds()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + 40, hard))
+    try:
+        result = ingestor.ingest([b"f%d" % i for i in range(60)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.registered and result.later
+    assert len(result.registered) + len(result.later) == 60
+    assert own_fds() == before
+    assert len(ingestor.ingest(result.later).registered) == len(result.later)
+
+
 def test_a_busy_file_is_not_looked_at_before_its_delay_unless_its_writer_closes_it() -> None:
     # the queue's clocks are injected: the delay is a decision, not a sleep
     clock = [1000.0]
@@ -396,6 +469,47 @@ def test_a_recreated_inbox_is_reopened_watched_and_rescanned(daemon_factory, how
     wait_for(lambda: registered(d, digest(b"dropped later")), timeout=15, message="a later file")
     assert d.status()["problems"] == []
     assert "is a new folder" in d.log()
+
+
+def test_an_inbox_swapped_for_a_symlink_while_running_is_not_followed(daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(ingest=QUIET)
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "private.txt").write_bytes(b"not for the store")
+    os.rmdir(d.inbox)
+    d.inbox.symlink_to(elsewhere)
+    wait_for(lambda: any("symbolic link" in p and str(d.inbox) in p for p in d.status()["problems"]),
+             message="the link named in status")
+    d.request({"cmd": "reload"})  # a rescan and a reload do not follow it either
+    assert (elsewhere / "private.txt").read_bytes() == b"not for the store"
+    assert d.files() == []
+    d.inbox.unlink()
+    d.inbox.mkdir()
+    (d.inbox / "a.txt").write_bytes(b"a real folder again")
+    wait_for(lambda: registered(d, digest(b"a real folder again")), message="a file in the real folder")
+    assert d.status()["problems"] == []
+    assert (elsewhere / "private.txt").exists()
+
+
+def test_many_files_at_once_are_taken_under_the_default_descriptor_limit(daemon_factory) -> None:
+    # systemd's default soft limit is 1024 (and the unit may not raise it): a batch of 512
+    # files held 1,024 descriptors beside the cache's folders, failed with EMFILE, and failed
+    # again on every retry. Found at start-up, the files all settle at once: one full batch.
+    d = daemon_factory(start=False, ingest=QUIET)
+    want = set()
+    for i in range(700):
+        sub = d.inbox / f"s{i % 70}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i}").write_bytes(b"file %d" % i)
+        want.add(digest(b"file %d" % i))
+    command = d.command
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    d.command = lambda *extra: ["prlimit", f"--nofile=1024:{hard}", "--", *command(*extra)]
+    d.start()
+    wait_for(lambda: want <= {f["hash"] for f in d.files()}, timeout=120, interval=0.2,
+             message="every file")
+    assert "Too many open files" not in d.log()
+    assert d.status()["problems"] == []
 
 
 # -- item 10: an inbox path that is a symlink ---------------------------------------------------------

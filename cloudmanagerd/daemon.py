@@ -26,7 +26,7 @@ from .control import ControlServer
 from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
 from .eviction import Evictor
 from .fetch import Fetcher
-from .inbox import SYSCTL_HINTS, InboxWatcher, PendingQueue, scan, stat_in
+from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
 from .names import show
@@ -48,6 +48,7 @@ STATUS_INTERVAL = 2.0
 STALL_CHECK_INTERVAL = 1.0
 SCRUB_INTERVAL = 60.0
 HEAL_INTERVAL = 30.0
+INBOX_CHECK_INTERVAL = 2.0
 
 
 def preflight(config: Config) -> tuple[list[str], list[str]]:
@@ -59,7 +60,10 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     warnings: list[str] = []
     inbox = config.inbox
-    if not os.path.isdir(inbox):
+    link = inbox_link_problem(inbox)
+    if link:
+        problems.append(link)
+    elif not os.path.isdir(inbox):
         problems.append(f"inbox: {inbox} does not exist or is not a folder (create it: mkdir -p {inbox})")
     elif not os.access(inbox, os.W_OK | os.X_OK):
         problems.append(f"inbox: {inbox} is not writable by user {_user()} "
@@ -78,6 +82,21 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
                 warnings.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
                                 f"add a drop-in with ReadWritePaths={path}; else chown it)")
     return problems, warnings
+
+
+def inbox_link_problem(inbox: str) -> str | None:
+    """An inbox path whose last component is a symlink is refused: it would take whatever the
+    link points to (anyone who may replace it could point it at any folder). Links higher up
+    the path (/srv -> /data/srv) are the admin's own layout and are allowed; below the inbox
+    nothing is ever followed (fsutil)."""
+    if not os.path.islink(inbox):
+        return None
+    try:
+        target = os.readlink(inbox)
+    except OSError:
+        target = "?"
+    return (f"inbox: {inbox} is a symbolic link to {target}, which is never followed (set inbox to "
+            f"the real folder, {os.path.realpath(inbox)}, or replace the link with a folder)")
 
 
 def build_remotes(config: Config) -> dict[str, Any]:
@@ -116,6 +135,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.reload_error: str | None = None
         self.log_level_override: str | None = None
+        self._inbox_problems: list[str] = []  # from the periodic inbox check
 
     # -- build and start ------------------------------------------------------------------
 
@@ -130,10 +150,12 @@ class Daemon:
         self.rejector = Rejector(c.ingest.rejected)
         self._stack.callback(self.rejector.close)
         try:
-            self.inbox_fd = fsutil.open_root(c.inbox)
+            self.inbox = InboxRoot(c.inbox)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a link after preflight looked
+                raise StartupError(inbox_link_problem(c.inbox) or f"inbox: {c.inbox} is a symbolic link") from None
             raise StartupError(explain_oserror(exc, f"inbox {c.inbox}")) from None
-        self._stack.callback(os.close, self.inbox_fd)
+        self._stack.callback(self.inbox.close)
 
         self.remotes = remotes = build_remotes(c)
         self._stack.callback(lambda: [r.close() for r in self.remotes.values()])
@@ -145,7 +167,7 @@ class Daemon:
                                  c.cluster.lease)
         self.uploader.ensure_cached = self.fetcher.ensure_cached
         self.uploader.chain_pumps = True
-        self.ingestor = Ingestor(self.inbox_fd, self.cache, self.catalog, self.rejector,
+        self.ingestor = Ingestor(self.inbox, self.cache, self.catalog, self.rejector,
                                  self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()
         self.evictor.reconcile()
@@ -154,7 +176,7 @@ class Daemon:
         if released:
             log.info("%d upload(s) interrupted by the last stop are queued again", released)
 
-        self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox_fd, rel))
+        self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox, rel))
         self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan, self._registered,
                                    first=self.ingestor.adopt_orphans)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
@@ -164,6 +186,7 @@ class Daemon:
         self.scheduler.add_job(self.uploader.pump, "interval", seconds=PUMP_INTERVAL, id="pump",
                                next_run_time=_now())
         self.scheduler.add_job(self._rescan, "interval", seconds=c.ingest.rescan, id="rescan")
+        self.scheduler.add_job(self._check_inbox, "interval", seconds=INBOX_CHECK_INTERVAL, id="inbox-check")
         self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
         self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
@@ -207,13 +230,34 @@ class Daemon:
         self.scheduler.add_job(self._scan, args=[rel], next_run_time=_now())
 
     def _scan(self, rel: bytes) -> None:
-        count = scan(self.inbox_fd, rel, self.ingestor.ignored, self.queue.put_settle)
+        count = scan(self.inbox, rel, self.ingestor.ignored, self.queue.put_settle)
         if rel == b"" and count:
             log.info("inbox scan found %d file(s)", count)
 
     def _rescan(self) -> None:
         self.worker.offer_waiting()
         self._scan(b"")
+
+    def _check_inbox(self) -> None:
+        """Repair what can be repaired: an inbox folder replaced by a new one is reopened, a dead
+        watcher restarted, then the inbox rescanned. What cannot is a status problem."""
+        reopened, problem = self.inbox.check()
+        if problem:
+            if problem not in self._inbox_problems:
+                log.error("%s", problem)
+            self._inbox_problems = [problem]
+            return
+        if reopened:
+            log.warning("inbox %s is a new folder (deleted and recreated?): watching it and rescanning",
+                        self.config.inbox)
+            problems = self.watcher.restart("the inbox folder was replaced")
+            if problems:
+                self.request_scan(b"")
+        else:
+            problems = self.watcher.check()
+        if self._inbox_problems and not problems:
+            log.info("inbox %s is watched again", self.config.inbox)
+        self._inbox_problems = problems
 
     def _lost_events(self, reason: str) -> None:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
@@ -242,7 +286,7 @@ class Daemon:
 
     def problems(self) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
-        return reload_error + self.worker.problems() + self.uploader.problems()
+        return reload_error + self._inbox_problems + self.worker.problems() + self.uploader.problems()
 
     def status(self) -> dict[str, Any]:
         c = self.config

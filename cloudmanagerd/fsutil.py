@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -22,15 +23,53 @@ O_READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def open_root(path: str, create: bool = False, mode: int = 0o755) -> int:
+def open_root(path: str, create: bool = False, mode: int = 0o755, follow: bool = True) -> int:
+    """Open a configured folder; with follow=False a symlink as its last component fails (ELOOP)."""
     if create:
         os.makedirs(path, mode=mode, exist_ok=True)
-    return os.open(path, O_DIR)
+    return os.open(path, O_DIR if follow else O_SUBDIR)
 
 
-def open_subdir(root_fd: int, parts: Sequence[bytes], create: bool = False, mode: int = 0o755) -> int:
+class Root:
+    """A configured folder's descriptor that can be swapped for a new one while other threads use it.
+
+    Users never hold the number itself: `dup()` hands out a private copy under the lock, and
+    `replace()` closes the old descriptor under the same lock, so no thread can dup or use a
+    number that was closed (and perhaps reused by another open) meanwhile.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def dup(self) -> int:
+        with self._lock:
+            return os.dup(self._fd)
+
+    def fstat(self) -> os.stat_result:
+        with self._lock:
+            return os.fstat(self._fd)
+
+    def replace(self, fd: int) -> None:
+        with self._lock:
+            old, self._fd = self._fd, fd
+            os.close(old)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def dup_root(root: int | Root) -> int:
+    return root.dup() if isinstance(root, Root) else os.dup(root)
+
+
+def open_subdir(root_fd: int | Root, parts: Sequence[bytes], create: bool = False, mode: int = 0o755) -> int:
     """Open root/parts... without following a symlink in any component; the caller closes the fd."""
-    fd = os.dup(root_fd)
+    fd = dup_root(root_fd)
     try:
         for part in parts:
             if create:
@@ -46,7 +85,7 @@ def open_subdir(root_fd: int, parts: Sequence[bytes], create: bool = False, mode
 
 
 @contextlib.contextmanager
-def subdir(root_fd: int, parts: Sequence[bytes], create: bool = False) -> Iterator[int]:
+def subdir(root_fd: int | Root, parts: Sequence[bytes], create: bool = False) -> Iterator[int]:
     fd = open_subdir(root_fd, parts, create=create)
     try:
         yield fd

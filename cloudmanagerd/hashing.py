@@ -82,3 +82,24 @@ def _sha256_overlapped(fd: int, tick: Callable[[], None] | None) -> str:
         stop.set()
         free.put(bytearray(0))  # unblocks a reader waiting for a buffer
         reader.join()
+
+
+def copy_hashed(src_fd: int, dst_fd: int, tick: Callable[[], None] | None = None) -> tuple[int, str]:
+    """Copy src to dst from their current offsets, hashing exactly the bytes written: (bytes, SHA-256).
+
+    Slower than an in-kernel copy, but the caller learns what the copy holds, not what the
+    source held when it was hashed before (a writer elsewhere may have changed it since).
+    """
+    digest = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while n := os.readv(src_fd, [buf]):
+        digest.update(view[:n])
+        done = 0
+        while done < n:
+            done += os.write(dst_fd, view[done:n])
+        total += n
+        if tick is not None:
+            tick()
+    return total, digest.hexdigest()

@@ -17,6 +17,7 @@ import errno
 import fnmatch
 import logging
 import os
+import resource
 import sqlite3
 import stat
 import threading
@@ -28,13 +29,24 @@ from . import fsutil
 from .cache import Cache
 from .catalog import Catalog, IngestRecord
 from .errors import explain_oserror
-from .hashing import sha256_fd
+from .hashing import copy_hashed, sha256_fd
 from .names import show
 from .rejects import Rejector
 
 log = logging.getLogger(__name__)
 
 SYNCFS_BATCH = 16  # from this many files on, one syncfs is cheaper than an fsync per file
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def batch_limit(most: int = 512) -> int:
+    """Files per batch under the open-file limit: each holds two descriptors until its batch is
+    done. Under systemd's default soft limit of 1024 (which the unit may not raise) a batch of
+    512, beside the cache's up to 256 folders, failed with EMFILE, and again on every retry."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(8, min(most, (soft - 512) // 4))
 
 
 @dataclass
@@ -53,9 +65,12 @@ class Candidate:
         return IngestRecord(self.hash, self.rel, self.st.st_size)
 
     def close(self) -> None:
-        for fd in (self.fd, self.dir_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Idempotent: a descriptor closed twice could close another thread's newer one."""
+        fd, dir_fd, self.fd, self.dir_fd = self.fd, self.dir_fd, -1, -1
+        for n in (fd, dir_fd):
+            if n >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(n)
 
 
 def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -72,6 +87,8 @@ class IngestResult:
     registered: list[str] = field(default_factory=list)
     duplicates: int = 0
     requeue: list[bytes] = field(default_factory=list)      # changed while hashed: take again later
+    busy: list[bytes] = field(default_factory=list)         # still open for writing: take much later
+    later: list[bytes] = field(default_factory=list)        # not opened (out of descriptors): next batch
     waiting: list[tuple[bytes, str]] = field(default_factory=list)  # left in the inbox, with why
     directories: list[bytes] = field(default_factory=list)  # folders to scan
 
@@ -79,9 +96,12 @@ class IngestResult:
 class Ingestor:
     """Turns inbox entries (relative byte paths) into registered, cached files."""
 
-    def __init__(self, inbox_fd: int, cache: Cache, catalog: Catalog, rejector: Rejector,
+    SPARE_FILES = 16  # handed back when descriptors run out, to free 32 for the rest of the batch
+
+    def __init__(self, inbox_fd: int | fsutil.Root, cache: Cache, catalog: Catalog, rejector: Rejector,
                  remotes: Callable[[], Sequence[str]], ignore: Sequence[str],
                  now: Callable[[], float] = time.time, reserve: Callable[[int], bool] | None = None) -> None:
+        # a Root when the daemon may reopen a recreated inbox; only ever used through dups
         self.inbox_fd = inbox_fd
         self.cache = cache
         self.catalog = catalog
@@ -102,17 +122,35 @@ class Ingestor:
 
     def ingest(self, rels: Sequence[bytes]) -> IngestResult:
         result = IngestResult()
-        candidates: list[Candidate] = []
+        opened: list[Candidate] = []  # every candidate opened, closed on every path below
         try:
-            for rel in dict.fromkeys(rels):
-                candidate = self._open(rel, result)
+            todo = list(dict.fromkeys(rels))
+            for i, rel in enumerate(todo):
+                try:
+                    candidate = self._open(rel, result)
+                except OSError as exc:
+                    if exc.errno not in OUT_OF_DESCRIPTORS or len(opened) <= self.SPARE_FILES:
+                        raise  # the worker logs it and tries again in a while
+                    # This batch goes on with the files it holds, but for a few handed back with
+                    # the others, so that it has descriptors left to store them (the catalog,
+                    # the cache's folders, fsync); they all come in the next batch.
+                    spare = opened[-self.SPARE_FILES:]
+                    del opened[-self.SPARE_FILES:]
+                    for c in spare:
+                        c.close()
+                    result.later.extend([c.rel for c in spare] + todo[i:])
+                    log.warning("out of file descriptors with %d file(s) open; the other %d wait for the "
+                                "next batch", len(opened), len(result.later))
+                    break
                 if candidate is not None:
-                    candidates.append(candidate)
-            self._hash_all(candidates, result)
-            candidates = [c for c in candidates if c.hash]
-            self._store(candidates, result)
+                    opened.append(candidate)
+            self._hash_all(opened, result)
+            for c in opened:
+                if not c.hash:  # put back: its descriptors go now, not with the batch
+                    c.close()
+            self._store([c for c in opened if c.hash], result)
         finally:
-            for c in candidates:
+            for c in opened:
                 c.close()
         return result
 
@@ -120,7 +158,7 @@ class Ingestor:
         parts = fsutil.split_rel(rel)
         if not parts or self.ignored(rel):
             return None
-        dir_fd = os.dup(self.inbox_fd)
+        dir_fd = fsutil.dup_root(self.inbox_fd)
         try:
             for i, part in enumerate(parts[:-1]):
                 try:
@@ -129,6 +167,8 @@ class Ingestor:
                     os.close(dir_fd)
                     return None
                 except OSError as exc:
+                    if exc.errno in OUT_OF_DESCRIPTORS:
+                        raise
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         self._reject_component(dir_fd, part, b"/".join(parts[:i + 1]))
                     else:
@@ -174,6 +214,8 @@ class Ingestor:
             os.close(dir_fd)
             return None
         except OSError as exc:
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                raise  # _open closes dir_fd
             if exc.errno in (errno.EACCES, errno.EPERM):
                 self.rejector.reject(dir_fd, name, rel, "unreadable (permission denied for the daemon's user)")
             elif exc.errno == errno.ELOOP:
@@ -195,6 +237,12 @@ class Ingestor:
             os.close(dir_fd)
             result.waiting.append((rel, "too-large"))
             return None
+        if fsutil.open_for_writing_elsewhere(fd):
+            # asked before hashing too: a file in the middle of a long write is not read in full
+            os.close(fd)
+            os.close(dir_fd)
+            result.busy.append(rel)
+            return None
         return Candidate(rel, dir_fd, name, fd, fst)
 
     def _hash_all(self, candidates: list[Candidate], result: IngestResult) -> None:
@@ -213,8 +261,8 @@ class Ingestor:
             if fsutil.open_for_writing_elsewhere(c.fd):
                 # someone else closed it, but a writer still holds it open: its next write
                 # would land in the cache object, so it waits until every writer is done
-                log.info("%s is still open for writing; taking it later", show(c.rel))
-                result.requeue.append(c.rel)
+                # (the worker logs this once and backs off)
+                result.busy.append(c.rel)
                 continue
             c.hash = h
 
@@ -277,6 +325,11 @@ class Ingestor:
             if not self._still_same(c):
                 continue
             target_fd = self.cache.subdir_fd(c.hash)
+            if os.fstat(c.fd).st_nlink > 1:
+                # Another name (a hard link, perhaps outside the inbox) shares this inode: renamed,
+                # the cache object would change whenever that name is written. Copied instead.
+                self._copy_in(c, target_fd, result)
+                continue
             try:
                 os.rename(c.name, c.hash, src_dir_fd=c.dir_fd, dst_dir_fd=target_fd)
                 c.moved = True
@@ -292,7 +345,7 @@ class Ingestor:
                         log.error("cannot move %s out of the inbox: %s; it stays there", show(c.rel), why)
                     result.waiting.append((c.rel, "stuck"))
                 elif exc.errno == errno.EXDEV:
-                    self._copy_in(c, target_fd)
+                    self._copy_in(c, target_fd, result)
                 else:
                     raise
 
@@ -305,17 +358,30 @@ class Ingestor:
             return "its folder is sticky and the file is another user's (chmod -t the folder)"
         return None
 
-    def _copy_in(self, c: Candidate, target_fd: int) -> None:
-        """Across mounts: copy to a temp name, fsync, rename in; the inbox entry goes after the commit."""
+    def _copy_in(self, c: Candidate, target_fd: int, result: IngestResult) -> None:
+        """Copy to a temp name, fsync, rename in; the inbox entry goes after the commit.
+
+        Across mounts, or for a file with other names. The bytes written are hashed as they are
+        copied: a copy that does not match the hash taken before (the file changed through
+        another name meanwhile) is dropped and the file taken again later.
+        """
         tmp = f"{c.hash}.{os.getpid()}.tmp"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
         try:
             os.lseek(c.fd, 0, os.SEEK_SET)
-            fsutil.copy_fd(c.fd, out, lambda done: self.tick())
+            size, copied = copy_hashed(c.fd, out, self.tick)
+            if copied != c.hash or size != c.st.st_size:
+                os.close(out)
+                os.unlink(tmp, dir_fd=self.cache.tmp_fd)
+                log.info("%s changed while it was copied into the cache; taking it again later", show(c.rel))
+                result.requeue.append(c.rel)
+                return
             os.fsync(out)
         except BaseException:
-            os.close(out)
-            os.unlink(tmp, dir_fd=self.cache.tmp_fd)
+            with contextlib.suppress(OSError):
+                os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.cache.tmp_fd)
             raise
         os.close(out)
         os.rename(tmp, c.hash, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=target_fd)
@@ -329,7 +395,9 @@ class Ingestor:
             fsutil.syncfs(self.cache.root_fd)
             if any(c.copied for c in moved):
                 return
-            fsutil.syncfs(self.inbox_fd)
+            # the inbox folders' filesystems, through descriptors the batch already holds
+            for fd in {os.fstat(c.dir_fd).st_dev: c.dir_fd for c in moved}.values():
+                fsutil.syncfs(fd)
             return
         folders: dict[tuple[int, int], int] = {}
         for c in moved:
@@ -342,14 +410,22 @@ class Ingestor:
             os.fsync(fd)
 
     def _check_unchanged(self, todo: list[Candidate], result: IngestResult) -> None:
-        """A writer that still held the file open may have written after the hash: put it back."""
+        """A writer that still held the file open may have written after the hash, or a hard link
+        may have been made to it before the rename: either way, put it back (it is then taken
+        again, by a copy if it still has other names)."""
         for c in todo:
             if not c.moved or c.copied:
                 continue
-            if content_signature(os.fstat(c.fd)) != content_signature(c.st):
+            now = os.fstat(c.fd)
+            if content_signature(now) != content_signature(c.st):
                 log.warning("%s changed after it was hashed; putting it back in the inbox", show(c.rel))
-                self._move_back(c)
-                result.requeue.append(c.rel)
+            elif now.st_nlink > 1:
+                log.warning("%s got another name (a hard link) while it was taken in; putting it back "
+                            "in the inbox to be copied", show(c.rel))
+            else:
+                continue
+            self._move_back(c)
+            result.requeue.append(c.rel)
 
     def _move_back(self, c: Candidate) -> None:
         target_fd = self.cache.subdir_fd(c.hash)
@@ -498,6 +574,7 @@ class IngestWorker:
     """
 
     BATCH = 512
+    BUSY_MAX_WAIT = 60.0  # a file a writer keeps open is looked at again at least this often
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
                  on_registered: Callable[[list[str]], None], first: Callable[[], None] | None = None) -> None:
@@ -519,6 +596,7 @@ class IngestWorker:
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._error_logged: str | None = None
         self._announced: set[bytes] = set()
+        self._busy: dict[bytes, int] = {}  # file still open for writing -> attempts so far
         ingestor.tick = self._tick
         # Fault injection for the watchdog test only: a wedged ingest stage must stop WATCHDOG=1.
         self._wedge = os.environ.get("CLOUDMANAGERD_FAULT") == "wedge-ingest"
@@ -560,7 +638,7 @@ class IngestWorker:
         while not self._stop.is_set():
             self.last_progress = time.monotonic()
             offers = self._offers  # before the take: an offer that finds these files taken counts
-            rels = self.queue.take(self.BATCH, timeout=0.5)
+            rels = self.queue.take(min(self.BATCH, batch_limit()), timeout=0.5)
             if rels and self._wedge:
                 log.warning("CLOUDMANAGERD_FAULT=wedge-ingest: the ingest thread now hangs (test fault)")
                 self._stop.wait()
@@ -597,6 +675,9 @@ class IngestWorker:
     def _apply(self, rels: Sequence[bytes], result: IngestResult) -> None:
         for rel in result.requeue:
             self.queue.put_settle(rel)
+        for rel in result.later:
+            self.queue.put_ready(rel)
+        self._back_off(rels, result.busy)
         for rel in result.directories:
             self.scan(rel)
         with self._waiting_lock:
@@ -617,6 +698,22 @@ class IngestWorker:
         if result.registered:
             self.registered += len(result.registered)
             self.on_registered(result.registered)
+
+    def _back_off(self, rels: Sequence[bytes], busy: Sequence[bytes]) -> None:
+        """Files a writer still holds open wait settle, then twice as long each time (up to a
+        minute), before they are looked at again; the writer's close event takes them at once.
+        Without this wait a file found by a scan, whose writer pauses, was retried thousands of
+        times a second."""
+        for rel in busy:
+            attempts = self._busy.get(rel, 0)
+            if attempts == 0:
+                log.info("%s is still open for writing; it is taken once its writer closes it", show(rel))
+            self._busy[rel] = attempts + 1
+            settle = max(self.queue.settle, 0.1)
+            self.queue.put_later(rel, min(settle * 2 ** attempts, max(self.BUSY_MAX_WAIT, settle)))
+        if self._busy:
+            for rel in set(rels).difference(busy):
+                self._busy.pop(rel, None)
 
     def problems(self) -> list[str]:
         with self._waiting_lock:

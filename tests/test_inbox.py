@@ -737,7 +737,7 @@ def test_a_folder_swapped_for_a_symlink_mid_walk_is_never_followed(tmp_path: Pat
 
 def test_a_parent_swapped_for_a_symlink_while_its_subfolder_waits_is_never_followed(tmp_path: Path) -> None:
     # "outer" is being listed (its descriptor is open) when it is swapped; its subfolder
-    # "inner" is opened afterwards component by component, and the symlink stops it
+    # "inner" is opened from that descriptor: the real folder (moved away), never the link
     inbox, outside, away = tmp_path / "inbox", tmp_path / "outside", tmp_path / "away"
     away.mkdir()
     build({"outer/f0.txt": b"0", "outer/inner/f1.txt": b"1"}, inbox)
@@ -755,5 +755,6 @@ def test_a_parent_swapped_for_a_symlink_while_its_subfolder_waits_is_never_follo
     run()
     assert swapped, "the walk never listed outer"
     assert not any(b"secret" in rel for rel in run.found), run.found
-    # outer's own listing came from the real folder (open descriptor); inner is handed on
-    assert sorted(run.found) == [b"outer/f0.txt", b"outer/inner"]
+    # both listings came from the real folders (open descriptors); ingest then opens each
+    # name from the inbox again, component by component, and rejects the link in its path
+    assert sorted(run.found) == [b"outer/f0.txt", b"outer/inner/f1.txt"]

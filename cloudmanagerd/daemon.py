@@ -305,6 +305,11 @@ class Daemon:
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
 
     def _refresh_status(self) -> None:
+        if self.catalog.db.write_error:
+            # a failed write is reported until a write succeeds: try one (the node's heartbeat),
+            # so that the line goes once there is room again, even while nothing else writes
+            with contextlib.suppress(sqlite3.Error):
+                self.catalog.heartbeat(os.getpid(), time.time())
         try:
             self.notifier.status(summary_line(self.status()))
         except Exception as exc:  # the catalog may be busy or gone; say so rather than die

@@ -14,6 +14,7 @@ The daemon gathers the inputs (`Daemon.health()`); the edges that read the syste
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from collections.abc import Iterable
@@ -137,7 +138,12 @@ def fs_space(path_or_fd: str | int) -> tuple[int, int]:
 
 
 def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # no descriptor left even to count them
+            return descriptor_limit()
+        raise
 
 
 def descriptor_limit() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,19 +38,24 @@ class Scrubber:
         self.now = now
         # cache objects with wrong bytes that are the only copy of their file: kept, never dropped
         self.damaged: dict[str, str] = {}
+        # one replacement at a time: two uploads of one rotten object both find it bad, and the
+        # second must not drop the good object the first has just fetched back
+        self._replacing = threading.Lock()
 
     # -- the cache -------------------------------------------------------------------------
 
-    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+    def _problem(self, h: str, size: int) -> str | None:
         try:
             fd = self.cache.open_object(h)
         except FileNotFoundError:
-            problem = "missing"
-        else:
-            try:
-                problem = None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
-            finally:
-                os.close(fd)
+            return "missing"
+        try:
+            return None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
+        finally:
+            os.close(fd)
+
+    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+        problem = self._problem(h, size)
         report["checked"] += 1
         if problem is None:
             self.damaged.pop(h, None)
@@ -68,6 +74,12 @@ class Scrubber:
         it sent): drop it and fetch the file back from a good copy. The only copy of a file is never
         dropped: it is kept (a damaged file may still be worth more than none), its uploads are given
         up, and a status problem names it. Returns "refetched", "lost" (not restored now) or "kept"."""
+        with self._replacing:
+            if self._problem(h, size) is None:  # replaced meanwhile by another finder of the same object
+                return "refetched"
+            return self._replace(h, size, why)
+
+    def _replace(self, h: str, size: int, why: str) -> str:
         if not self.catalog.good_copies(h) and self.cache.has_object(h):
             if h not in self.damaged:
                 log.error("cache object hash=%s %s, and no remote holds a good copy: kept as it is, not "

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cloudmanagerd.catalog import Catalog
 from conftest import Daemon, wait_for
+
+from .tmpfs import fill, tmpfs
 
 PAGE = 4096
 
@@ -64,7 +67,8 @@ def test_a_catalog_with_four_pages_overwritten_is_refused_at_start(daemon_factor
     assert "cloudmanagerctl backup" in line and ".recover" in line, line
 
 
-def test_garbage_written_over_the_catalog_while_running_stops_the_daemon(daemon_factory) -> None:
+@pytest.mark.parametrize("how", ["overwritten", "renamed-over"])
+def test_garbage_over_the_catalog_while_running_stops_the_daemon(daemon_factory, how: str) -> None:
     d = daemon_with_files(daemon_factory, 20)
     path = catalog_path(d)
     mark = len(d.log())
@@ -74,10 +78,14 @@ def test_garbage_written_over_the_catalog_while_running_stops_the_daemon(daemon_
         assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     finally:
         conn.close()
-    with open(path, "r+b") as f:  # every page, the header too: what `dd` or a bad restore does
-        size = f.seek(0, os.SEEK_END)
-        f.seek(0)
-        f.write(os.urandom(max(size, 8 * PAGE)))
+    size = path.stat().st_size
+    if how == "overwritten":
+        with open(path, "r+b") as f:  # every page, the header too: what `dd` or a bad restore does
+            f.write(os.urandom(max(size, 8 * PAGE)))
+    else:  # a new file put in its place: open connections keep the old one, new ones meet this
+        garbage = path.with_name("garbage")
+        garbage.write_bytes(os.urandom(max(size, 8 * PAGE)))
+        garbage.rename(path)
     # any request that reads the file meets the damage (a control client has a fresh connection)
     result = d.ctl("ls")
     assert result.returncode != 0
@@ -138,3 +146,20 @@ def test_a_read_only_catalog_is_one_line_as_an_unprivileged_daemon(daemon_factor
     refused(d)
     line = one_error_since(d, mark)
     assert str(path) in line and "not writable by user nobody" in line and "chown" in line, line
+
+
+def test_a_disk_that_fills_mid_commit_leaves_the_thread_able_to_write_again(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "state", "1m") as state:
+        catalog = Catalog.open(f"sqlite:///{state / 'catalog.sqlite3'}", "node1")
+        try:
+            catalog.db.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # commits need new room
+            filler = fill(state)
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                catalog.add_transfer(1_700_000_000.0, incoming=5)
+            assert "full" in catalog.db.write_error
+            filler.unlink()
+            catalog.add_transfer(1_700_000_000.0, incoming=7)  # the same thread, the same connection
+            assert catalog.db.write_error is None
+            assert catalog.counts(1, 1)["total_incoming"] == 7
+        finally:
+            catalog.close()

@@ -276,7 +276,7 @@ class Daemon:
         return health.assess(
             health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
                          self.scheduler.running, self.uploader.last_progress),
-            health.catalog(db.path, db.corrupt, db.recovery_hint(), db.write_error,
+            health.catalog(db.path, db.damage(), db.recovery_hint(), db.write_error,
                            health.catalog_disk_full(catalog_free, catalog_total,
                                                     db.write_error_code == sqlite3.SQLITE_FULL), catalog_free),
             [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
@@ -327,10 +327,11 @@ class Daemon:
                 self.reload_requested.clear()
                 self.reload()
             db = self.catalog.db
-            if db.corrupt:
+            damage = db.damage()
+            if damage:
                 # never run on a damaged catalog: every ingest and `ls` would fail for ever, and a
                 # restart would only refuse to start; stop, and say how to recover
-                line = f"catalog {db.path} is damaged ({db.corrupt}): {db.recovery_hint()}"
+                line = f"catalog {db.path} is damaged ({damage}): {db.recovery_hint()}"
                 log.error("stopping: %s", line)
                 self.state = "failed"
                 self.notifier.status(line)

@@ -86,6 +86,7 @@ class SqliteDatabase:
         self.corrupt: str | None = None  # the first "malformed"/"not a database" error, for good
         self.write_error: str | None = None  # the last failed write, until a write succeeds
         self.write_error_code: int | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)
 
@@ -149,9 +150,29 @@ class SqliteDatabase:
         cross-check indexes against their tables, and takes a fraction of the time at a million
         files (measured in issue 10: see the README's Catalog section)."""
         rows = self.connection().execute("PRAGMA quick_check").fetchall()
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         if rows == [("ok",)]:
             return None
         return "; ".join(str(r[0]) for r in rows[:3]) + (" ..." if len(rows) > 3 else "")
+
+    def damage(self) -> str | None:
+        """Why the running daemon can no longer trust its catalog, or None: SQLite found the file damaged,
+        or the path no longer names the file the daemon has open (deleted, or replaced by another file:
+        open connections would go on writing into a file nobody will open again)."""
+        if self.corrupt:
+            return self.corrupt
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "the file was deleted while the daemon ran"
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != self._identity:
+            return "another file was put in its place while the daemon ran"
+        return None
 
     def relax_durability(self) -> None:
         """This thread's commits go to the WAL without an fsync each (synchronous=NORMAL): a power

@@ -67,7 +67,7 @@ def test_a_catalog_with_four_pages_overwritten_is_refused_at_start(daemon_factor
     assert "cloudmanagerctl backup" in line and ".recover" in line, line
 
 
-@pytest.mark.parametrize("how", ["overwritten", "renamed-over"])
+@pytest.mark.parametrize("how", ["overwritten", "renamed-over", "deleted"])
 def test_garbage_over_the_catalog_while_running_stops_the_daemon(daemon_factory, how: str) -> None:
     d = daemon_with_files(daemon_factory, 20)
     path = catalog_path(d)
@@ -82,13 +82,14 @@ def test_garbage_over_the_catalog_while_running_stops_the_daemon(daemon_factory,
     if how == "overwritten":
         with open(path, "r+b") as f:  # every page, the header too: what `dd` or a bad restore does
             f.write(os.urandom(max(size, 8 * PAGE)))
-    else:  # a new file put in its place: open connections keep the old one, new ones meet this
+    elif how == "renamed-over":  # open connections keep the old file, new ones meet this one
         garbage = path.with_name("garbage")
         garbage.write_bytes(os.urandom(max(size, 8 * PAGE)))
         garbage.rename(path)
-    # any request that reads the file meets the damage (a control client has a fresh connection)
-    result = d.ctl("ls")
-    assert result.returncode != 0
+    else:  # open connections would write on into a file nobody opens again
+        path.unlink()
+    if how == "overwritten":  # found by the next query that reads the file (a client's fresh connection)
+        assert d.ctl("ls").returncode != 0
     assert d.proc.wait(30) == 1, "the daemon must stop (exit 1), not run on"
     d._close_log()
     log = d.log()[mark:]

@@ -6,8 +6,10 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from . import fsutil
+from .health import disk_reserve, fs_space
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,19 @@ class Cache:
 
     `used` starts from the catalog and follows every object added or dropped;
     `reserve()` holds room for files in flight so that a batch never overshoots.
+
+    The filesystem's free space is a second limit: with `cache.capacity` larger than the disk,
+    a full disk would otherwise fail every copy into the cache while eviction, counting only
+    against the capacity, never starts. `space(fd)` gives (free, total) bytes.
     """
 
-    def __init__(self, path: str, capacity: int) -> None:
+    def __init__(self, path: str, capacity: int,
+                 space: Callable[[int], tuple[int, int]] = fs_space) -> None:
         self.path = path
         self.capacity = capacity
+        self.space = space
+        # the disk, not the capacity, refused a reservation (and still limits the cache)
+        self.hit_disk_limit = False
         self.root_fd = fsutil.open_root(path, create=True)
         self._subdirs: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -128,15 +138,36 @@ class Cache:
         with self._lock:
             self.used = used
 
+    def disk_limit(self) -> int | None:
+        """What the cache may hold by its filesystem: what it holds plus the free space, less a small
+        reserve (None when the filesystem cannot tell)."""
+        try:
+            free, total = self.space(self.root_fd)
+        except OSError:
+            return None
+        return self.used + free - disk_reserve(total)
+
+    def limit(self) -> int:
+        """The effective capacity: min(cache.capacity, the disk's limit)."""
+        disk = self.disk_limit()
+        return self.capacity if disk is None else min(self.capacity, disk)
+
     def free(self) -> int:
+        limit = self.limit()
         with self._lock:
-            return self.capacity - self.used - self.reserved
+            return limit - self.used - self.reserved
 
     def reserve(self, size: int) -> bool:
         """Hold `size` bytes for a file on its way in; False when it does not fit."""
+        disk = self.disk_limit()
         with self._lock:
-            if self.used + self.reserved + size > self.capacity:
+            limit = self.capacity if disk is None else min(self.capacity, disk)
+            if self.used + self.reserved + size > limit:
+                if limit < self.capacity:
+                    self.hit_disk_limit = True
                 return False
+            if disk is None or disk >= self.capacity:
+                self.hit_disk_limit = False
             self.reserved += size
             return True
 

@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import threading
 from collections.abc import Callable
@@ -178,6 +179,8 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
         except OSError as exc:
             return {"ok": False, "error": f"{exc.strerror or exc}"}
+        except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
+            return {"ok": False, "error": f"catalog: {exc}"}
         except Exception as exc:
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {exc} (see the daemon's log)"}

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, fsutil
+from . import __version__, fsutil, health
 from .cache import Cache
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config
@@ -49,6 +50,7 @@ STALL_CHECK_INTERVAL = 1.0
 SCRUB_INTERVAL = 60.0
 HEAL_INTERVAL = 30.0
 INBOX_CHECK_INTERVAL = 2.0
+LEFTOVERS_INTERVAL = 3600.0
 
 
 def preflight(config: Config) -> tuple[list[str], list[str]]:
@@ -136,6 +138,10 @@ class Daemon:
         self.reload_error: str | None = None
         self.log_level_override: str | None = None
         self._inbox_problems: list[str] = []  # from the periodic inbox check
+        # a missing inbox is waited out (a restart would only refuse to start); an observer that
+        # could not be restarted is not: health() makes it fatal, so that systemd restarts us
+        self._watcher_broken = False
+        self._job_errors: dict[str, str] = {}
 
     # -- build and start ------------------------------------------------------------------
 
@@ -164,7 +170,7 @@ class Daemon:
         self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
         self.remover = Remover(self.cache, self.catalog, remotes)
         self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
-                                 c.cluster.lease)
+                                 c.cluster.lease, bad_object=self.scrubber.replace_bad_object)
         self.uploader.ensure_cached = self.fetcher.ensure_cached
         self.uploader.chain_pumps = True
         self.ingestor = Ingestor(self.inbox, self.cache, self.catalog, self.rejector,
@@ -183,19 +189,26 @@ class Daemon:
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
-        self.scheduler.add_job(self.uploader.pump, "interval", seconds=PUMP_INTERVAL, id="pump",
+        self.scheduler.add_job(self._guarded(self.uploader.pump), "interval", seconds=PUMP_INTERVAL, id="pump",
                                next_run_time=_now())
-        self.scheduler.add_job(self._rescan, "interval", seconds=c.ingest.rescan, id="rescan")
-        self.scheduler.add_job(self._check_inbox, "interval", seconds=INBOX_CHECK_INTERVAL, id="inbox-check")
+        self.scheduler.add_job(self._guarded(self._rescan), "interval", seconds=c.ingest.rescan, id="rescan")
+        self.scheduler.add_job(self._guarded(self._check_inbox), "interval", seconds=INBOX_CHECK_INTERVAL,
+                               id="inbox-check")
         self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
         self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
         self.uploader.wake = self.wake_pump
         self.uploader.on_copy = self._copy_made
-        self.scheduler.add_job(self._scrub, "interval", seconds=SCRUB_INTERVAL, id="scrub")
-        self.scheduler.add_job(self.uploader.heal, "interval", seconds=HEAL_INTERVAL, id="heal",
+        self.scheduler.add_job(self._guarded(self._scrub), "interval", seconds=SCRUB_INTERVAL, id="scrub")
+        self.scheduler.add_job(self._guarded(self.uploader.heal), "interval", seconds=HEAL_INTERVAL, id="heal",
                                next_run_time=_now())
-        self.scheduler.add_job(self.remover.resume, id="resume-removals", next_run_time=_now())
+        self.scheduler.add_job(self._guarded(self.remover.resume), id="resume-removals", next_run_time=_now())
+        # claims left "active" by a transfer whose record failed (a full catalog disk) come back
+        # while running, not only at the next start (issue 10)
+        self.scheduler.add_job(self._guarded(self.uploader.reclaim), "interval", seconds=max(1.0, min(30.0, c.cluster.lease / 2)),
+                               id="reclaim")
+        self.scheduler.add_job(self._guarded(self.scrubber.clean_leftovers), "interval", seconds=LEFTOVERS_INTERVAL,
+                               id="leftovers", next_run_time=_now())
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.db.release)
 
@@ -225,6 +238,21 @@ class Daemon:
 
     # -- running ---------------------------------------------------------------------------
 
+    def _guarded(self, job: Any) -> Any:
+        """A scheduler job whose catalog errors are one log line (when the error changes), not a
+        traceback every second: a full disk or a damaged file is reported by the health check."""
+        def run() -> None:
+            try:
+                job()
+            except sqlite3.Error as exc:
+                name = getattr(job, "__name__", "job")
+                if self._job_errors.get(name) != str(exc):
+                    self._job_errors[name] = str(exc)
+                    log.error("%s: catalog: %s", name, exc)
+            else:
+                self._job_errors.pop(getattr(job, "__name__", "job"), None)
+        return run
+
     def request_scan(self, rel: bytes) -> None:
         """Scan a folder of the inbox in the scheduler's pool; found files settle before ingest."""
         self.scheduler.add_job(self._scan, args=[rel], next_run_time=_now())
@@ -246,6 +274,7 @@ class Daemon:
             if problem not in self._inbox_problems:
                 log.error("%s", problem)
             self._inbox_problems = [problem]
+            self._watcher_broken = False
             return
         if reopened:
             log.warning("inbox %s is a new folder (deleted and recreated?): watching it and rescanning",
@@ -258,6 +287,7 @@ class Daemon:
         if self._inbox_problems and not problems:
             log.info("inbox %s is watched again", self.config.inbox)
         self._inbox_problems = problems
+        self._watcher_broken = bool(problems)
 
     def _lost_events(self, reason: str) -> None:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
@@ -284,9 +314,33 @@ class Daemon:
         with contextlib.suppress(Exception):
             self.scheduler.modify_job("pump", next_run_time=_now())
 
+    def health(self) -> health.Health:
+        """Every health check, in one verdict: problem lines, and what only a restart can cure."""
+        db = self.catalog.db
+        catalog_free = catalog_total = cache_free = None
+        with contextlib.suppress(OSError):
+            catalog_free, catalog_total = health.fs_space(os.path.dirname(db.path) or ".")
+        with contextlib.suppress(OSError):
+            cache_free = health.fs_space(self.cache.root_fd)[0]
+        stale = max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
+        return health.assess(
+            health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
+                         self.scheduler.running, self.uploader.last_progress),
+            health.catalog(db.path, db.damage(), db.recovery_hint(), db.write_error,
+                           health.catalog_disk_full(catalog_free, catalog_total,
+                                                    db.write_error_code == sqlite3.SQLITE_FULL), catalog_free),
+            [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
+                               self.cache.disk_limit(), self.cache.capacity, self.cache.used)],
+            [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
+            # the inbox's own findings (InboxRoot.check(), InboxWatcher.check(): alive, watching the
+            # folder the config names), from the last periodic check
+            [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
+        )
+
     def problems(self) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
-        return reload_error + self._inbox_problems + self.worker.problems() + self.uploader.problems()
+        return (reload_error + self.health().lines() + self.worker.problems()
+                + self.uploader.problems() + self.scrubber.problems())
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -302,29 +356,43 @@ class Daemon:
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
 
     def _refresh_status(self) -> None:
+        if self.catalog.db.write_error:
+            # a failed write is reported until a write succeeds: try one (the node's heartbeat),
+            # so that the line goes once there is room again, even while nothing else writes
+            with contextlib.suppress(sqlite3.Error):
+                self.catalog.heartbeat(os.getpid(), time.time())
         try:
             self.notifier.status(summary_line(self.status()))
         except Exception as exc:  # the catalog may be busy or gone; say so rather than die
             self.notifier.status(f"status unavailable: {exc}")
 
     def healthy(self) -> bool:
-        """For systemd's watchdog: the ingest thread and the scheduler are alive and turning.
-
-        Waiting for the database, a remote or room in the cache still turns these loops (they
-        wait with timeouts), so only a wedged stage stops the pings: a restart would not help
-        a long outage, and it would run the unit into systemd's start limit.
-        """
-        fresh = time.monotonic() - max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
-        return (self.worker.is_alive() and self.worker.last_progress > fresh
-                and self.scheduler.running and self.uploader.last_progress > fresh)
+        """For systemd's watchdog: nothing that only a restart can cure (see health.py)."""
+        return self.health().healthy
 
     def run(self) -> int:
         interval = self.notifier.watchdog_interval
+        reported: list[str] = []
         while not self.stop_requested.wait(min(interval or 1.0, 1.0)):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-            if interval and self.healthy():
+            db = self.catalog.db
+            damage = db.damage()
+            if damage:
+                # never run on a damaged catalog: every ingest and `ls` would fail for ever, and a
+                # restart would only refuse to start; stop, and say how to recover
+                line = f"catalog {db.path} is damaged ({damage}): {db.recovery_hint()}"
+                log.error("stopping: %s", line)
+                self.state = "failed"
+                self.notifier.status(line)
+                return 1
+            verdict = self.health()
+            if verdict.fatal != reported:
+                for line in verdict.fatal:
+                    log.error("unhealthy, no more watchdog pings: %s", line)
+                reported = verdict.fatal
+            if interval and verdict.healthy:
                 self.notifier.watchdog()
         return 0
 
@@ -411,7 +479,10 @@ class Daemon:
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if hasattr(self, "uploader"):
-            self.uploader.close()
+            try:
+                self.uploader.close()
+            except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
+                log.warning("could not release the uploads in flight: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
         self._stack.close()

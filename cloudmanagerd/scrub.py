@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,8 @@ from .remotes.base import Remote, RemoteError
 log = logging.getLogger(__name__)
 
 REMOTE_CHECKS_PER_STEP = 20
+# A folder remote's temp file younger than this may be another node's upload still running.
+LEFTOVER_AGE = 3600.0
 
 
 class Scrubber:
@@ -33,34 +36,94 @@ class Scrubber:
         self.remotes = remotes
         self.fetcher = fetcher
         self.now = now
+        # cache objects with wrong bytes that are the only copy of their file: kept, never dropped
+        self.damaged: dict[str, str] = {}
+        # one replacement at a time: two uploads of one rotten object both find it bad, and the
+        # second must not drop the good object the first has just fetched back
+        self._replacing = threading.Lock()
 
     # -- the cache -------------------------------------------------------------------------
 
-    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+    def _problem(self, h: str, size: int) -> str | None:
         try:
             fd = self.cache.open_object(h)
         except FileNotFoundError:
-            problem = "missing"
-        else:
-            try:
-                problem = None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
-            finally:
-                os.close(fd)
+            return "missing"
+        try:
+            return None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
+        finally:
+            os.close(fd)
+
+    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+        problem = self._problem(h, size)
         report["checked"] += 1
         if problem is None:
+            self.damaged.pop(h, None)
             self.catalog.mark_cache_verified(h, self.now())
             return
         report[problem] += 1
-        log.error("cache object hash=%s is %s; dropping it", h, problem)
+        if h in self.damaged:  # known, kept, reported: check it again later, quietly
+            self.catalog.mark_cache_verified(h, self.now())
+            return
+        outcome = self.replace_bad_object(h, size, f"is {problem}")
+        # a kept damaged object counts as lost: the file's right bytes are nowhere
+        report["lost" if outcome == "kept" else outcome] += 1
+
+    def replace_bad_object(self, h: str, size: int, why: str) -> str:
+        """The one path for a cache object whose bytes are wrong (the scrub, an upload that hashed what
+        it sent): drop it and fetch the file back from a good copy. The only copy of a file is never
+        dropped: it is kept (a damaged file may still be worth more than none), its uploads are given
+        up, and a status problem names it. Returns "refetched", "lost" (not restored now) or "kept"."""
+        with self._replacing:
+            if self._problem(h, size) is None:  # replaced meanwhile by another finder of the same object
+                return "refetched"
+            return self._replace(h, size, why)
+
+    def _replace(self, h: str, size: int, why: str) -> str:
+        if not self.catalog.good_copies(h) and self.cache.has_object(h):
+            if h not in self.damaged:
+                log.error("cache object hash=%s %s, and no remote holds a good copy: kept as it is, not "
+                          "uploaded (restore the file and drop it in the inbox again, or cloudmanagerctl rm %s)",
+                          h, why, h[:12])
+            self.damaged[h] = why
+            self.catalog.give_up_uploads(h, f"the only copy, in the cache, {why}", self.now())
+            return "kept"
+        log.error("cache object hash=%s %s; dropping it and fetching it again", h, why)
+        self.damaged.pop(h, None)
         self.cache.remove_object(h)
         self.catalog.drop_cache_entries([h])
         self.cache.dropped(size)
         try:
             self.fetcher.ensure_cached(h)
-            report["refetched"] += 1
         except CloudManagerError as exc:
-            report["lost"] += 1
             log.error("hash=%s could not be restored: %s", h, exc)
+            return "lost"
+        return "refetched"
+
+    def problems(self) -> list[str]:
+        damaged = sorted(self.damaged)
+        if not damaged:
+            return []
+        shown = ", ".join(h[:12] for h in damaged[:3]) + (" ..." if len(damaged) > 3 else "")
+        return [f"damaged cache object, the only copy, kept and not uploaded (see the log): {shown}"]
+
+    def clean_leftovers(self, now: float | None = None, min_age: float = LEFTOVER_AGE) -> int:
+        """Remove what killed uploads left on the remotes that can tell (temp files of folder remotes)."""
+        now = self.now() if now is None else now
+        removed = 0
+        for name, remote in list(self.remotes.items()):
+            clean = getattr(remote, "clean_leftovers", None)
+            if clean is None:
+                continue
+            try:
+                n = clean(now, min_age)
+            except RemoteError as exc:
+                log.warning("remote %s: cannot clean up leftovers of killed uploads: %s", name, exc)
+                continue
+            if n:
+                log.info("remote %s: removed %d temp file(s) left by killed uploads", name, n)
+            removed += n
+        return removed
 
     def verify_cache(self, progress: ProgressFn | None = None) -> dict[str, int]:
         report = {"checked": 0, "missing": 0, "corrupt": 0, "refetched": 0, "lost": 0}

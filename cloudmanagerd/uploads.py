@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
@@ -19,7 +20,8 @@ from .cache import Cache
 from .catalog import Catalog, UploadClaim
 from .config import UploadConfig
 from .errors import CloudManagerError
-from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, Transfer
+from .fetch import TrailingHasher
+from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, SourceMismatch, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,57 @@ def stall_verdict(transfer: Transfer, reports_progress: bool, stall: float, min_
     return None
 
 
+class SendCheck:
+    """Hashes an upload's source while the backend reads it, so that no copy of other bytes is ever
+    recorded (a cache object rotten on disk, or rewritten through a hard link: issue 10).
+
+    It trails the backend's progress, reading from the page cache the bytes the backend has just
+    read, on the other core: no second pass afterwards. For a backend that reports no progress, it
+    reads alongside from the start. `confirm()` finishes the hash and raises SourceMismatch.
+    """
+
+    def __init__(self, h: str, fd: int, size: int, reports_progress: bool) -> None:
+        self.h = h
+        self.size = size
+        self._hasher = TrailingHasher(fd)
+        self._verdict: str | None = None
+        if not reports_progress:
+            self._hasher.advance(size)
+
+    def advance(self, done: int) -> None:
+        self._hasher.advance(min(done, self.size))
+
+    @property
+    def read_all(self) -> bool:
+        return self._hasher.written >= self.size
+
+    def confirm(self) -> None:
+        if self._verdict is None:
+            digest = self._hasher.finish(self.size)
+            self._verdict = "ok" if digest == self.h else (
+                f"the cache object holds other bytes (sha256 {digest[:12]})" if digest
+                else "the cache object is shorter than the file")
+        if self._verdict != "ok":
+            raise SourceMismatch(self._verdict)
+
+    def abandon(self) -> None:
+        """Stop hashing (the transfer failed before its end): no verdict."""
+        if self._verdict is None:
+            self._hasher.finish(min(self._hasher.written, self.size))
+            self._verdict = "abandoned"
+
+
 class Uploader:
     """Sends cached files to remotes, `policy.concurrency` transfers at once."""
 
     def __init__(self, catalog: Catalog, cache: Cache, remotes: MutableMapping[str, Remote], order: Sequence[str],
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None, *,
-                 ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None) -> None:
+                 ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None,
+                 bad_object: Callable[[str, int, str], None] = lambda h, size, why: None) -> None:
         self.catalog = catalog
+        # replaces a cache object whose bytes do not match its hash (Scrubber.replace_bad_object)
+        self.bad_object = bad_object
         self.cache = cache
         self.remotes = remotes  # shared with fetch, scrub and rm; a reload changes it in place
         self.order = list(order)
@@ -170,14 +215,22 @@ class Uploader:
             self.wake()
 
     def _transfer(self, claim: UploadClaim) -> None:
-        # An upload's records only save work (a lost "done" sends the copy again, a lost attempt
-        # retries sooner), so its commits need no fsync each: see SqliteDatabase.relax_durability.
-        self.catalog.db.relax_durability()
         try:
-            self._send(claim)
-        except Exception:
-            log.exception("upload of hash=%s to remote=%s failed unexpectedly", claim.hash, claim.remote)
-            self._failed(claim, RemoteError("internal error (see the log)"))
+            # An upload's records only save work (a lost "done" sends the copy again, a lost attempt
+            # retries sooner), so its commits need no fsync each: see SqliteDatabase.relax_durability.
+            self.catalog.db.relax_durability()
+            try:
+                self._send(claim)
+            except sqlite3.Error:
+                raise
+            except Exception:
+                log.exception("upload of hash=%s to remote=%s failed unexpectedly", claim.hash, claim.remote)
+                self._failed(claim, RemoteError("internal error (see the log)"))
+        except sqlite3.Error as exc:
+            # The pair stays claimed in the catalog: `reclaim` queues it again once its lease has
+            # expired, and the health check reports the catalog (issue 10: it used to stay "active").
+            log.error("upload of hash=%s to remote=%s: the catalog could not record it (%s); it is queued "
+                      "again once its lease expires", claim.hash, claim.remote, exc)
         finally:
             with self._lock:
                 self._active.pop((claim.hash, claim.remote), None)
@@ -198,20 +251,39 @@ class Uploader:
             message = exc.strerror if isinstance(exc, OSError) else str(exc)
             self._failed(claim, RemoteError(f"no local copy to send: {message}"))
             return
-        transfer = Transfer(claim.size)
+        try:
+            check = SendCheck(claim.hash, fd, claim.size, getattr(remote, "reports_progress", True))
+        except BaseException:
+            os.close(fd)
+            raise
+        transfer = Transfer(claim.size, source=check)
         with self._lock:
             self._active[(claim.hash, claim.remote)] = transfer
+        url = None
         try:
             started = time.monotonic()
             url = remote.put(claim.hash, fd, claim.size, transfer)
+            check.confirm()
+        except SourceMismatch as exc:
+            self._source_mismatch(claim, remote, url, exc)
+            return
         except Cancelled as exc:
             if not self._closed:  # stopping is no failure: close() releases the claim uncounted
                 self._failed(claim, exc)
             return
         except RemoteError as exc:
+            if check.read_all:
+                # the backend read every byte: a server that refused them may have refused other bytes
+                # (S3 checks the SHA-256), so the source's verdict decides whose fault it was
+                try:
+                    check.confirm()
+                except SourceMismatch as mismatch:
+                    self._source_mismatch(claim, remote, None, mismatch)
+                    return
             self._failed(claim, exc)
             return
         finally:
+            check.abandon()
             os.close(fd)
         self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
         self.on_copy(claim.hash)
@@ -219,6 +291,23 @@ class Uploader:
             log.info("remote %s works again", claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
                  time.monotonic() - started)
+
+    def _source_mismatch(self, claim: UploadClaim, remote: Remote, url: str | None, exc: SourceMismatch) -> None:
+        """What was sent is not the file: record nothing, take back what the remote holds, and replace
+        the cache object (fetched back from a good copy; kept and reported when it is the only one)."""
+        log.error("upload of hash=%s to remote=%s stopped: %s; nothing is recorded", claim.hash, claim.remote, exc)
+        if url is not None:
+            try:
+                remote.delete(claim.hash, url)
+            except RemoteError as error:
+                log.warning("remote %s: could not delete the copy of hash=%s just written with the wrong "
+                            "bytes: %s", claim.remote, claim.hash, error)
+        now = self.now()
+        self.catalog.upload_failed(claim.hash, claim.remote, str(exc),
+                                   now + backoff_delay(claim.attempts + 1, self.policy.retry.initial,
+                                                       self.policy.retry.max, self.rng),
+                                   now, charge=False)
+        self.bad_object(claim.hash, claim.size, str(exc))
 
     def _open_source(self, h: str) -> int:
         try:
@@ -246,6 +335,20 @@ class Uploader:
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
         healthy = {r for r in self.order if r not in self.unhealthy}
         self.catalog.top_up(claim.hash, self.order, healthy, self.policy.redundancy, now)
+
+    def reclaim(self) -> int:
+        """The scheduler's job: renew the leases of pairs in flight, and queue again the pairs this node
+        still holds as "active" though nothing sends them (a failed catalog write ended their
+        transfer without a record). Returns how many were taken back."""
+        with self._pump_lock:  # no pump between its claim's commit and its entry in _active
+            with self._lock:
+                in_flight = set(self._active)
+            released = self.catalog.refresh_claims(self.now(), self.lease, in_flight)
+        if released:
+            log.warning("took back %d upload(s) left active with no transfer running (their lease expired); "
+                        "queued again", released)
+            self.wake()
+        return released
 
     def check_stalls(self) -> None:
         """The scheduler's watch over transfers in flight: a hung remote never freezes the queue."""

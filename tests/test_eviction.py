@@ -529,9 +529,11 @@ def test_verify_cache_reports_a_file_lost_when_no_good_copy_exists(world: World)
     (world.root / "cache" / a[:2] / a).write_bytes(b"z" * 300)
     report = world.scrubber.verify_cache()
     assert report["corrupt"] == 1 and report["lost"] == 1 and report["refetched"] == 0
-    assert not world.cached(a)
-    assert world.cache.used == 0 and world.cache.reserved == 0
+    # the only copy is never dropped blindly (issue 10): kept, named in status, not uploaded
+    assert world.cached(a) and world.object_bytes(a) == b"z" * 300
+    assert world.cache.used == 300 and world.cache.reserved == 0
     assert world.catalog.file_size(a) == 300, "the catalog still knows the file (status counts it)"
+    assert a[:12] in world.scrubber.problems()[0]
 
 
 def test_verify_remotes_finds_a_deleted_and_a_resized_copy_and_queues_new_ones(world: World) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,7 +266,19 @@ class Catalog:
         else:
             raise StartupError(f"catalog: {url.split('@')[-1]}: PostgreSQL catalogs are not supported by this "
                                "version yet; use a sqlite:/// catalog")
-        catalog.migrate()
+        try:
+            # A damaged file must stop the start, not be run on: it would fail `ls` and every
+            # ingest for ever while saying "running" (issue 10).
+            damage = catalog.db.check()
+            if damage:
+                raise StartupError(f"catalog {catalog.db.path} is damaged ({damage}): {catalog.db.recovery_hint()}")
+            catalog.migrate()
+        except sqlite3.Error as exc:
+            catalog.close()
+            raise StartupError(catalog.db.explain(exc)) from None
+        except BaseException:
+            catalog.close()
+            raise
         return catalog
 
     def close(self) -> None:
@@ -275,19 +287,33 @@ class Catalog:
     # -- schema ---------------------------------------------------------------------------
 
     def schema_version(self) -> int:
+        """The catalog's schema version; 0 for a new, empty file. A file whose version cannot be told
+        is refused (StartupError): migrating it from 0 would fail half-way or damage it."""
         conn = self.db.connection()
-        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        if not exists:
-            return 0
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables:
+            if not tables:
+                return 0
+            raise StartupError(f"catalog {self.db.path} has tables but no meta table: it is damaged or not a "
+                               f"cloudmanagerd catalog; {self.db.recovery_hint()}")
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return int(row[0]) if row else 0
+        set_it = (f"if you know its version ({SCHEMA_VERSION} for this cloudmanagerd's own), set it: sqlite3 "
+                  f"{self.db.path} \"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')\"")
+        if row is None:
+            raise StartupError(f"catalog {self.db.path}: its meta table has no schema_version row; "
+                               f"{set_it}, or {self.db.recovery_hint()}")
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise StartupError(f"catalog {self.db.path}: schema_version is {row[0]!r}, not a number; "
+                               f"{set_it}, or {self.db.recovery_hint()}") from None
 
     def migrate(self) -> None:
         with self.db.tx() as conn:
             version = self.schema_version()
             if version > SCHEMA_VERSION:
                 raise StartupError(
-                    f"catalog schema version {version} is newer than this cloudmanagerd understands "
+                    f"catalog {self.db.path}: schema version {version} is newer than this cloudmanagerd understands "
                     f"({SCHEMA_VERSION}); upgrade cloudmanagerd")
             for step in MIGRATIONS[version:]:
                 for statement in split_statements(step):
@@ -531,6 +557,26 @@ class Catalog:
                 "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE state='active' AND claim_owner=?",
                 (now, owner or self.node)).rowcount
 
+    def refresh_claims(self, now: float, lease: float, in_flight: Collection[tuple[str, str]]) -> int:
+        """Renew the leases of the pairs this node is sending (`in_flight`), and queue again every other
+        pair it holds as active whose lease expired, or lies further ahead than a lease can (the clock
+        was set back). A pair in flight is never released: it would be sent twice at once."""
+        with self.db.tx() as conn:
+            conn.executemany(
+                "UPDATE uploads SET lease_expiry=? WHERE hash=? AND remote=? AND state='active' AND claim_owner=?",
+                [(now + lease, h, r, self.node) for h, r in in_flight])
+            rows = conn.execute(
+                "SELECT hash, remote FROM uploads WHERE state='active' AND claim_owner=? "
+                "AND (lease_expiry IS NULL OR lease_expiry < ? OR lease_expiry > ?)",
+                (self.node, now, now + lease)).fetchall()
+            stale = [(h, r) for h, r in rows if (h, r) not in in_flight]
+            conn.executemany(
+                "UPDATE uploads SET state=CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END, "
+                "claim_owner=NULL, lease_expiry=NULL, next_attempt=?, updated=? "
+                "WHERE hash=? AND remote=? AND state='active' AND claim_owner=?",
+                [(now, now, h, r, self.node) for h, r in stale])
+        return len(stale)
+
     def claim_owners(self, prefix: str) -> list[str]:
         """The owners, starting with `prefix`, of pairs in flight."""
         return [o for (o,) in self.db.connection().execute(
@@ -585,18 +631,21 @@ class Catalog:
                 "ON CONFLICT DO UPDATE SET successes=successes+1", (remote,))
             self._add_transfer(conn, month_of(now), outgoing=size)
 
-    def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float) -> None:
-        """A failed attempt: retry at `next_attempt`, or give the pair up when it is None."""
+    def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float,
+                      charge: bool = True) -> None:
+        """A failed attempt: retry at `next_attempt`, or give the pair up when it is None. `charge`
+        counts it against the remote (not when the local copy was at fault)."""
         state = "failed" if next_attempt is None else "retrying"
         with self.db.tx() as conn:
             conn.execute(
                 "UPDATE uploads SET state=?, attempts=attempts+1, next_attempt=?, last_error=?, "
                 "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=?",
                 (state, next_attempt if next_attempt is not None else now, error, now, h, remote))
-            conn.execute(
-                "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
-                "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
-                "last_error_at=excluded.last_error_at", (remote, error, now))
+            if charge:
+                conn.execute(
+                    "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
+                    "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
+                    "last_error_at=excluded.last_error_at", (remote, error, now))
 
     def top_up(self, h: str, remote_order: Sequence[str], healthy: set[str], redundancy: int, now: float) -> list[str]:
         """Queue spare remotes so that a file's copies plus fresh attempts reach `redundancy`.
@@ -620,6 +669,13 @@ class Catalog:
                 added.append(remote)
                 in_play += 1
         return added
+
+    def give_up_uploads(self, h: str, error: str, now: float) -> int:
+        """Give up a file's waiting uploads (its only copy is damaged); `retry` revives them."""
+        with self.db.tx() as conn:
+            return conn.execute(
+                "UPDATE uploads SET state='failed', last_error=?, updated=? "
+                "WHERE hash=? AND state IN ('queued', 'retrying')", (error, now, h)).rowcount
 
     def retry_failed(self, hashes: Sequence[str] | None, now: float) -> int:
         """Put given-up pairs back in the queue (all of them when `hashes` is None)."""

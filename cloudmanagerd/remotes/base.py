@@ -32,27 +32,54 @@ class Cancelled(RemoteError):
         super().__init__(message, TRANSIENT)
 
 
+class SourceMismatch(RemoteError):
+    """The bytes read from the cache object do not hash to its name: the local copy is bad, not the
+    remote. The upload records nothing; the uploader replaces the cache object."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, TRANSIENT)
+
+
+class SourceCheck(Protocol):
+    """Hashes an upload's source as it is read (see uploads.SendCheck)."""
+
+    def advance(self, done: int) -> None:
+        """`done` bytes of the source have been read by the backend."""
+
+    def confirm(self) -> None:
+        """Raise SourceMismatch unless the whole source hashed to the object's name."""
+
+
 class Transfer:
     """One transfer's progress, watched by the uploader, and its word that the transfer must stop.
 
     Backends call `update(bytes_done)` as bytes move (it raises Cancelled once the uploader
-    cancelled the transfer), and backends that wait on a subprocess poll `cancelled`.
+    cancelled the transfer), and backends that wait on a subprocess poll `cancelled`. An upload's
+    transfer carries a `source` check: a backend that can still hold a copy back calls
+    `confirm_source()` before making it final (a folder remote, before its rename).
     """
 
-    def __init__(self, size: int, monotonic=time.monotonic) -> None:
+    def __init__(self, size: int, monotonic=time.monotonic, source: SourceCheck | None = None) -> None:
         self.size = size
         self.done = 0
         self.monotonic = monotonic
         self.started = monotonic()
         self.last_change = self.started
         self.reason: str | None = None
+        self.source = source
         self._event = threading.Event()
 
     def update(self, done: int) -> None:
         if done != self.done:
             self.done = done
             self.last_change = self.monotonic()
+            if self.source is not None:
+                self.source.advance(done)
         self.check()
+
+    def confirm_source(self) -> None:
+        if self.source is not None:
+            self.source.confirm()
 
     def check(self) -> None:
         if self._event.is_set():
@@ -97,6 +124,9 @@ class Remote(Protocol):
 
     def probe(self) -> None:
         """Raise RemoteError when the remote cannot take uploads now."""
+
+    # Optional: `clean_leftovers(now, min_age) -> int` removes what killed uploads left behind
+    # (temp files older than `min_age` seconds); the scrub calls it on backends that have it.
 
     def close(self) -> None:
         """Release clients and processes."""

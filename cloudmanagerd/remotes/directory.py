@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import uuid
 
 from .. import fsutil
 from ..config import RemoteConfig
 from ..errors import explain_oserror
 from .base import MISSING, REMOTE, TRANSIENT, RemoteError, Transfer
+
+# ".<hash>.<8 hex>.tmp": an upload in progress, or left by one that was killed
+LEFTOVER = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{8}\.tmp")
 
 # errnos that no retry can fix until someone changes the remote itself
 REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
@@ -60,6 +64,8 @@ class DirectoryRemote:
                 os.close(out)
             if written != size:
                 raise RemoteError(f"remote {self.name}: read {written} bytes of {size}; the source changed")
+            if transfer is not None:
+                transfer.confirm_source()  # a copy of the wrong bytes never gets its final name
             os.rename(tmp, h, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -119,6 +125,29 @@ class DirectoryRemote:
             raise self._error(exc, "write to") from None
         finally:
             os.close(root)
+
+    def clean_leftovers(self, now: float, min_age: float) -> int:
+        """Remove temp files of uploads killed mid-copy (SIGKILL, power cut), once older than `min_age`
+        seconds: a younger one may be another node's upload still running. Returns how many went."""
+        removed = 0
+        root = self._root()
+        try:
+            for entry in os.scandir(root):
+                if len(entry.name) != 2 or not entry.is_dir(follow_symlinks=False):
+                    continue
+                with fsutil.subdir(root, [entry.name.encode()]) as folder, os.scandir(folder) as names:
+                    for name in names:
+                        if not LEFTOVER.fullmatch(name.name):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            if now - name.stat(follow_symlinks=False).st_mtime >= min_age:
+                                os.unlink(name.name, dir_fd=folder)
+                                removed += 1
+        except OSError as exc:
+            raise self._error(exc, "clean up") from None
+        finally:
+            os.close(root)
+        return removed
 
     def close(self) -> None:
         pass

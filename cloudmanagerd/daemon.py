@@ -170,9 +170,9 @@ class Daemon:
         self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
         self.remover = Remover(self.cache, self.catalog, remotes)
         self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
-                                 c.cluster.lease, bad_object=self.scrubber.replace_bad_object)
-        self.uploader.ensure_cached = self.fetcher.ensure_cached
-        self.uploader.chain_pumps = True
+                                 c.cluster.lease, bad_object=self.scrubber.replace_bad_object,
+                                 ensure_cached=self.fetcher.ensure_cached, wake=self.wake_pump,
+                                 on_copy=self._copy_made, chain_pumps=True)
         self.ingestor = Ingestor(self.inbox, self.cache, self.catalog, self.rejector,
                                  self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()
@@ -197,8 +197,6 @@ class Daemon:
         self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
         self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
-        self.uploader.wake = self.wake_pump
-        self.uploader.on_copy = self._copy_made
         self.scheduler.add_job(self._guarded(self._scrub), "interval", seconds=SCRUB_INTERVAL, id="scrub")
         self.scheduler.add_job(self._guarded(self.uploader.heal), "interval", seconds=HEAL_INTERVAL, id="heal",
                                next_run_time=_now())

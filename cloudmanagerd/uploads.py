@@ -113,7 +113,9 @@ class Uploader:
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None, *,
                  ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None,
-                 bad_object: Callable[[str, int, str], None] = lambda h, size, why: None) -> None:
+                 bad_object: Callable[[str, int, str], None] = lambda h, size, why: None,
+                 wake: Callable[[], None] = lambda: None, on_copy: Callable[[str], None] = lambda h: None,
+                 chain_pumps: bool = False) -> None:
         self.catalog = catalog
         # replaces a cache object whose bytes do not match its hash (Scrubber.replace_bad_object)
         self.bad_object = bad_object
@@ -125,21 +127,21 @@ class Uploader:
         self.now = now
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
-        self.wake: Callable[[], None] = lambda: None
-        # bring an evicted file back before re-copying it (self-heal); the daemon still sets it
-        # afterwards until issue 11's core passes it here
+        # asks the scheduler to pump now (a remote is healthy again, new copies are queued)
+        self.wake = wake
+        # bring an evicted file back before re-copying it (self-heal)
         self.ensure_cached = ensure_cached
         # whose name its claims carry: the node's (a daemon), or one API process's, so that a daemon's
         # start-up never frees an API's transfers in flight and the API frees those of a killed script
         self.claim_owner = claim_owner
-        # set by the daemon: hear about every new copy (room may have appeared in the cache)
-        self.on_copy: Callable[[str], None] = lambda h: None
+        # hears about every new copy (room may have appeared in the cache)
+        self.on_copy = on_copy
         self.last_progress = time.monotonic()
         self._active: dict[tuple[str, str], Transfer | None] = {}
         self._pump_lock = threading.Lock()
-        # the daemon lets each ending transfer claim the next due pair itself; unit tests leave
-        # it off and drive one pump at a time
-        self.chain_pumps = False
+        # the daemon lets each ending transfer claim the next due pair itself; unit tests and the API
+        # leave it off and drive one pump (or one round) at a time
+        self.chain_pumps = chain_pumps
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="upload")
         self._closed = False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudmanagerd.catalog import Catalog
+from cloudmanagerd.catalog import SCHEMA_VERSION, Catalog
 from conftest import Daemon, wait_for
 
 from .tmpfs import fill, tmpfs
@@ -123,7 +123,7 @@ def test_a_catalog_whose_version_cannot_be_told_is_one_line(daemon_factory, sql:
     assert str(path) in line and all(w in line for w in words), line
     assert "INSERT OR REPLACE INTO meta" in line and "cloudmanagerctl backup" in line, line
     # and nothing was changed by the refused start: the operator's fix still applies
-    _edit(path, "INSERT OR REPLACE INTO meta VALUES ('schema_version', '4')")
+    _edit(path, f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')")
     d.start()
     assert d.status()["catalog"]["files"] == 3
 

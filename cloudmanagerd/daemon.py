@@ -413,13 +413,9 @@ class Daemon:
         h = self._hash_arg(req)
         if len(fds) != 1:
             raise CloudManagerError("get: pass exactly one open file descriptor to write to")
+        fsutil.writable_fd(fds[0], "get")
         info = self.catalog.file_info(h)
-        self.fetcher.ensure_cached(h, progress)  # also marks the file as recently used
-        src = self.cache.open_object(h)
-        try:
-            written = fsutil.copy_fd(src, fds[0])
-        finally:
-            os.close(src)
+        written = self.fetcher.send(h, fds[0], progress)
         self.catalog.add_transfer(time.time(), outgoing=written)
         return {"hash": h, "size": written, "name": show(info["name"])}
 
@@ -445,7 +441,9 @@ class Daemon:
     def _cmd_backup(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         if len(fds) != 1:
             raise CloudManagerError("backup: pass exactly one open file descriptor to write to")
-        size = self.catalog.db.backup_to(fds[0])
+        fsutil.writable_fd(fds[0], "backup")
+        with fsutil.nonblocking(fds[0]):  # a reader that stops reading fails the backup (fsutil.STALL)
+            size = self.catalog.db.backup_to(fds[0])
         return {"bytes": size}
 
     def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:

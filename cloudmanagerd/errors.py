@@ -27,6 +27,14 @@ class CacheFull(CloudManagerError):
     """There is no room in the cache and nothing can be evicted."""
 
 
+class OutputError(CloudManagerError):
+    """Writing to a descriptor a client passed failed (a full disk, a reader gone, no progress)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 def explain_oserror(exc: OSError, what: str) -> str:
     """Turn an errno into a sentence an operator can act on."""
     hints = {

@@ -37,13 +37,16 @@ class Scrubber:
     # -- the cache -------------------------------------------------------------------------
 
     def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+        seen = None
         try:
             fd = self.cache.open_object(h)
         except FileNotFoundError:
             problem = "missing"
         else:
             try:
-                problem = None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
+                st = os.fstat(fd)
+                seen = (st.st_dev, st.st_ino)
+                problem = None if st.st_size == size and sha256_fd(fd) == h else "corrupt"
             finally:
                 os.close(fd)
         report["checked"] += 1
@@ -52,11 +55,8 @@ class Scrubber:
             return
         report[problem] += 1
         log.error("cache object hash=%s is %s; dropping it", h, problem)
-        self.cache.remove_object(h)
-        self.catalog.drop_cache_entries([h])
-        self.cache.dropped(size)
         try:
-            self.fetcher.ensure_cached(h)
+            self.fetcher.replace(h, size, seen)
             report["refetched"] += 1
         except CloudManagerError as exc:
             report["lost"] += 1

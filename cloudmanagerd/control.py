@@ -94,6 +94,8 @@ class Client:
         if now - self.last_sent < HEARTBEAT or not self.write_lock.acquire(blocking=False):
             return
         try:
+            if self.conn.fileno() < 0:  # closed by its thread since the selector listed it
+                return
             line = encode({"progress": self.progress})
             poller = select.poll()
             poller.register(self.conn.fileno(), select.POLLOUT)
@@ -110,7 +112,8 @@ class Client:
         for fd in self.reader.take_fds():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.conn.close()
+        with self.write_lock:  # not under a heartbeat that the selector is sending
+            self.conn.close()
 
 
 class ControlServer:
@@ -187,39 +190,44 @@ class ControlServer:
     # -- the selector thread ---------------------------------------------------------------------
 
     def _select_loop(self) -> None:
-        sel = self._selector
-        sel.register(self.sock, selectors.EVENT_READ, "accept")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        accepting = True
-        paused_until = 0.0
+        self._selector.register(self.sock, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        state = {"accepting": True, "paused_until": 0.0}
         while not self._stop.is_set():
-            now = time.monotonic()
-            if not accepting and now >= paused_until:
-                sel.register(self.sock, selectors.EVENT_READ, "accept")
-                accepting = True
-            for key, _events in sel.select(TICK):
-                if key.data == "accept":
-                    if not self._accept(time.monotonic()):
-                        sel.unregister(self.sock)  # out of descriptors: a readable listener would spin
-                        accepting, paused_until = False, time.monotonic() + 0.5
-                elif key.data == "wake":
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                else:
-                    self._read(key.data)
-            now = time.monotonic()
-            while self._returned:
-                client = self._returned.popleft()
-                client.deadline = now + IDLE
-                self._add_idle(client)
-            for client in [c for c in self._idle if c.deadline <= now]:
-                self._drop_idle(client)
-            with self._lock:
-                busy = list(self._busy)
-            for client in busy:
-                client.heartbeat(now)
+            try:
+                self._select_once(state)
+            except Exception:  # a bug here must not leave the daemon deaf: log it and go on
+                log.exception("control socket: selector step failed")
+                self._stop.wait(TICK)
         for client in list(self._idle):
             self._drop_idle(client)
+
+    def _select_once(self, state: dict[str, Any]) -> None:
+        sel = self._selector
+        if not state["accepting"] and time.monotonic() >= state["paused_until"]:
+            sel.register(self.sock, selectors.EVENT_READ, "accept")
+            state["accepting"] = True
+        for key, _events in sel.select(TICK):
+            if key.data == "accept":
+                if not self._accept(time.monotonic()):
+                    sel.unregister(self.sock)  # out of descriptors: a readable listener would spin
+                    state["accepting"], state["paused_until"] = False, time.monotonic() + 0.5
+            elif key.data == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            else:
+                self._read(key.data)
+        now = time.monotonic()
+        while self._returned:
+            client = self._returned.popleft()
+            client.deadline = now + IDLE
+            self._add_idle(client)
+        for client in [c for c in self._idle if c.deadline <= now]:
+            self._drop_idle(client)
+        with self._lock:
+            busy = list(self._busy)
+        for client in busy:
+            client.heartbeat(now)
 
     def _accept(self, now: float) -> bool:
         """Take every waiting connection; False when out of descriptors."""

@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from .names import show
-from .protocol import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, LineReader, ProtocolError, decode, encode
+from .protocol import (EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, HEARTBEAT, LineReader, ProtocolError,
+                       decode, encode)
 from .status import human_size
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
@@ -115,8 +116,8 @@ class Client:
                     line = self.reader.next_line()
                 reply = decode(line)
                 if "progress" in reply:
-                    if long:
-                        deadline = time.monotonic() + self.timeout
+                    if long:  # heartbeats come every HEARTBEAT: a timeout shorter than a few would race them
+                        deadline = time.monotonic() + max(self.timeout, 4 * HEARTBEAT)
                     if progress and isinstance(reply["progress"], dict):
                         progress(reply["progress"])
                     continue

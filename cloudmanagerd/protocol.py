@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 MAX_LINE = 1 << 20
-HEARTBEAT = 1.0
+HEARTBEAT = 0.5
 HASH_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
 FULL_HASH = re.compile(r"^[0-9a-f]{64}$")
 

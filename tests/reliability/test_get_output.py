@@ -37,6 +37,7 @@ def d() -> Iterator[Daemon]:
             wait_for(lambda: any(f["hash"] == h and len(f["copies"]) == 2 for f in d.files()), timeout=30,
                      message=f"{name} with two copies")
         yield d
+        assert "Traceback" not in d.log(), d.log()[-3000:]
 
 
 def rot(d: Daemon, data: bytes) -> Path:

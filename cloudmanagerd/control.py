@@ -1,31 +1,54 @@
 """The control socket server: JSON lines in, JSON lines out, no client can hurt the daemon.
 
-Each connection gets a thread, up to MAX_CLIENTS; a client idle mid-line or not reading
-its reply for CLIENT_TIMEOUT seconds is dropped. Commands are plain callables handed in
-by the composition root; this module knows only the wire format.
+One thread (the selector) accepts connections and reads requests from all of them at once,
+never blocking on any: an idle connection costs a descriptor and a buffer, not a thread. A
+complete request line is handed to a thread of its own, which answers it (and any request
+queued behind it) and gives the connection back. The limits a client meets:
+
+- FIRST_REQUEST seconds to send its first request, IDLE seconds between later ones;
+- at most MAX_IDLE idle connections: beyond that the one idle longest is closed, so that
+  idle connections can never lock anyone out;
+- at most MAX_BUSY requests at once, and STATUS_RESERVE more for `status`, so that monitoring
+  answers while every slot is taken;
+- every write to a client, on the socket or to a descriptor it passed, fails after
+  fsutil.STALL seconds without progress (a `get` into a pipe nobody reads ends).
+
+While a request runs, the selector repeats its last progress line every HEARTBEAT seconds
+(protocol.py), so that cloudmanagerctl can tell a long request from a stopped daemon.
+Commands are plain callables handed in by the composition root; this module knows only the
+wire format.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import grp
 import logging
 import os
+import select
+import selectors
 import socket
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+from . import fsutil
 from .errors import CloudManagerError, StartupError
-from .protocol import LineReader, ProtocolError, decode, encode
+from .protocol import HEARTBEAT, LineReader, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 64
-CLIENT_TIMEOUT = 30.0
+FIRST_REQUEST = 5.0
+IDLE = 30.0
+MAX_IDLE = 256
+MAX_BUSY = 64
+STATUS_RESERVE = 8
+TICK = 0.25  # the selector's longest sleep: deadlines and heartbeats are checked this often
 
 Progress = Callable[[int, int], None]
 Command = Callable[[dict[str, Any], list[int], Progress], Any]
@@ -51,12 +74,55 @@ def prepare_socket_path(path: str) -> None:
     raise StartupError(f"control.socket {path}: another cloudmanagerd is listening there")
 
 
+class Client:
+    """One connection: its reader, and what the selector needs to time it out or keep it informed."""
+
+    def __init__(self, conn: socket.socket, now: float) -> None:
+        self.conn = conn
+        self.reader = LineReader(conn)
+        self.deadline = now + FIRST_REQUEST
+        self.write_lock = threading.Lock()  # one line at a time: replies, progress and heartbeats never interleave
+        self.last_sent = now
+        self.progress: dict[str, int] = {}
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self.write_lock:
+            fsutil.write_all(self.conn.fileno(), encode(message))
+            self.last_sent = time.monotonic()
+
+    def heartbeat(self, now: float) -> None:
+        """Repeat the last progress line, from the selector: never wait for the lock or the client."""
+        if now - self.last_sent < HEARTBEAT or not self.write_lock.acquire(blocking=False):
+            return
+        try:
+            if self.conn.fileno() < 0:  # closed by its thread since the selector listed it
+                return
+            line = encode({"progress": self.progress})
+            poller = select.poll()
+            poller.register(self.conn.fileno(), select.POLLOUT)
+            if poller.poll(0):  # room for a short line: the write below is whole
+                if os.write(self.conn.fileno(), line) != len(line):
+                    self.conn.shutdown(socket.SHUT_RDWR)  # half a line would garble the stream
+            self.last_sent = now
+        except OSError:
+            pass
+        finally:
+            self.write_lock.release()
+
+    def close(self) -> None:
+        for fd in self.reader.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self.write_lock:  # not under a heartbeat that the selector is sending
+            self.conn.close()
+
+
 class ControlServer:
     def __init__(self, path: str, mode: int, group: str | None, commands: dict[str, Command],
                  on_client_done: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.commands = commands
-        # called in a client's thread as it ends (the daemon closes that thread's catalog connection)
+        # called in a request's thread as it ends (the daemon closes that thread's catalog connection)
         self.on_client_done = on_client_done
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         prepare_socket_path(path)
@@ -73,32 +139,44 @@ class ControlServer:
                 os.chown(path, -1, grp.getgrnam(group).gr_gid)
             except (KeyError, OSError) as exc:
                 log.warning("control.group %s: cannot give the socket to this group (%s)", group, exc)
-        self.sock.listen(128)
-        self.sock.settimeout(0.5)
+        self.sock.listen(1024)  # a burst of clients waits in the backlog, not in a refusal (EAGAIN)
+        self.sock.setblocking(False)
         self._stop = threading.Event()
-        self._clients: set[threading.Thread] = set()
-        self._conns: set[socket.socket] = set()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
-        self.last_progress = 0.0
+        self._busy: dict[Client, threading.Thread] = {}
+        self._returned: collections.deque[Client] = collections.deque()
+        self._idle: dict[Client, None] = {}  # insertion order: the one idle longest comes first
+        self._selector = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._select_loop, name="control", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake()
         with self._lock:
-            for conn in self._conns:
+            for client in self._busy:
                 with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+                    client.conn.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.ident is not None:  # never started when an earlier start-up step failed
             self._thread.join(timeout)
         with self._lock:
-            clients = list(self._clients)
-        for t in clients:
+            threads = list(self._busy.values())
+        for t in threads:
             t.join(timeout)
+        for client in list(self._idle) + list(self._returned):
+            client.close()
+        self._idle.clear()
+        self._returned.clear()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(self.path)
@@ -106,63 +184,153 @@ class ControlServer:
             if (st.st_dev, st.st_ino) == (self._stat.st_dev, self._stat.st_ino):
                 os.unlink(self.path)
 
-    def _accept_loop(self) -> None:
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full wake-up pipe already wakes the selector
+            self._wake_w.send(b"\0")
+
+    # -- the selector thread ---------------------------------------------------------------------
+
+    def _select_loop(self) -> None:
+        self._selector.register(self.sock, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        state = {"accepting": True, "paused_until": 0.0}
         while not self._stop.is_set():
             try:
+                self._select_once(state)
+            except Exception:  # a bug here must not leave the daemon deaf: log it and go on
+                log.exception("control socket: selector step failed")
+                self._stop.wait(TICK)
+        for client in list(self._idle):
+            self._drop_idle(client)
+
+    def _select_once(self, state: dict[str, Any]) -> None:
+        sel = self._selector
+        if not state["accepting"] and time.monotonic() >= state["paused_until"]:
+            sel.register(self.sock, selectors.EVENT_READ, "accept")
+            state["accepting"] = True
+        for key, _events in sel.select(TICK):
+            if key.data == "accept":
+                if not self._accept(time.monotonic()):
+                    sel.unregister(self.sock)  # out of descriptors: a readable listener would spin
+                    state["accepting"], state["paused_until"] = False, time.monotonic() + 0.5
+            elif key.data == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            else:
+                self._read(key.data)
+        now = time.monotonic()
+        while self._returned:
+            client = self._returned.popleft()
+            client.deadline = now + IDLE
+            self._add_idle(client)
+        for client in [c for c in self._idle if c.deadline <= now]:
+            self._drop_idle(client)
+        with self._lock:
+            busy = list(self._busy)
+        for client in busy:
+            client.heartbeat(now)
+
+    def _accept(self, now: float) -> bool:
+        """Take every waiting connection; False when out of descriptors."""
+        while True:
+            try:
                 conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                return True
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     log.error("control socket: out of file descriptors; refusing clients for a moment")
-                    self._stop.wait(0.5)
+                    return False
+                if exc.errno in (errno.ECONNABORTED, errno.EINTR):
                     continue
-                if self._stop.is_set():
-                    break
                 raise
-            with self._lock:
-                if len(self._clients) >= MAX_CLIENTS:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(encode({"ok": False, "error": "too many clients; try again"}))
-                    conn.close()
-                    continue
-                t = threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True)
-                self._clients.add(t)
-                self._conns.add(conn)
-            t.start()
+            conn.setblocking(False)
+            self._add_idle(Client(conn, now))
 
-    def _serve(self, conn: socket.socket) -> None:
-        reader = LineReader(conn)
+    def _add_idle(self, client: Client) -> None:
+        if len(self._idle) >= MAX_IDLE:
+            oldest = next(iter(self._idle))
+            log.warning("control socket: %d idle connections; closing the one idle longest", len(self._idle))
+            self._drop_idle(oldest)
+        self._idle[client] = None
+        self._selector.register(client.conn, selectors.EVENT_READ, client)
+        if client.reader.ready():  # a request queued behind the last one, already received
+            self._dispatch(client)
+
+    def _drop_idle(self, client: Client) -> None:
+        self._idle.pop(client, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client.conn)
+        client.close()
+
+    def _read(self, client: Client) -> None:
         try:
-            conn.settimeout(CLIENT_TIMEOUT)
+            more = client.reader.fill()
+        except BlockingIOError:
+            return
+        except OSError:
+            more = False
+        if not more:
+            self._drop_idle(client)
+        elif client.reader.ready():
+            self._dispatch(client)
+
+    def _dispatch(self, client: Client) -> None:
+        """A request is in: answer it in a thread of its own, if a slot is free."""
+        self._idle.pop(client, None)
+        self._selector.unregister(client.conn)
+        with self._lock:
+            limit = MAX_BUSY + (STATUS_RESERVE if _is_status(client.reader) else 0)
+            if len(self._busy) >= limit:
+                thread = None
+            else:
+                thread = threading.Thread(target=self._serve, args=(client,), name="control-client", daemon=True)
+                self._busy[client] = thread
+        if thread is None:
+            with contextlib.suppress(OSError):  # best effort: this client is not worth a wait
+                client.conn.send(encode({"ok": False, "error": "too many requests at once; try again"}))
+            client.close()
+            return
+        thread.start()
+
+    # -- a request's thread -------------------------------------------------------------------------
+
+    def _serve(self, client: Client) -> None:
+        keep = False
+        try:
             while not self._stop.is_set():
                 try:
-                    line = reader.readline()
+                    line = client.reader.next_line()
                 except ProtocolError as exc:
-                    conn.sendall(encode({"ok": False, "error": str(exc)}))
+                    client.send({"ok": False, "error": str(exc)})
                     break
                 if line is None:
+                    keep = True
                     break
                 if not line.strip():
                     continue
-                reply = self._handle(conn, line, reader.take_fds())
-                conn.sendall(encode(reply))
-        except (OSError, TimeoutError):
-            pass
+                client.progress = {}
+                client.last_sent = time.monotonic()
+                reply = self._handle(client, line, client.reader.take_fds())
+                client.send(reply)
+        except OSError:
+            pass  # the client went away or stopped reading: nothing to answer
         finally:
-            for fd in reader.take_fds():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             try:
                 self.on_client_done()
             except Exception:
                 log.exception("control: cleaning up after a client failed")
             with self._lock:
-                self._conns.discard(conn)
-                self._clients.discard(threading.current_thread())
-            conn.close()
+                self._busy.pop(client, None)
+                keep = keep and not self._stop.is_set()
+                if keep:
+                    self._returned.append(client)
+            if keep:
+                self._wake()
+            else:
+                client.close()
 
-    def _handle(self, conn: socket.socket, line: bytes, fds: list[int]) -> dict[str, Any]:
+    def _handle(self, client: Client, line: bytes, fds: list[int]) -> dict[str, Any]:
         try:
             request = decode(line)
             cmd = request.get("cmd")
@@ -172,13 +340,14 @@ class ControlServer:
                 return {"ok": False, "error": f"unknown command {cmd!r}; known: {known}"}
 
             def progress(done: int, total: int) -> None:
-                conn.sendall(encode({"progress": {"done": done, "total": total}}))
+                client.progress = {"done": done, "total": total}
+                client.send({"progress": client.progress})
 
             return {"ok": True, "result": command(request, fds, progress)}
         except (CloudManagerError, ProtocolError) as exc:
-            return {"ok": False, "error": str(exc)}
+            return _error(str(exc), getattr(exc, "errno", None))
         except OSError as exc:
-            return {"ok": False, "error": f"{exc.strerror or exc}"}
+            return _error(f"{exc.strerror or exc}", exc.errno)
         except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
             return {"ok": False, "error": f"catalog: {exc}"}
         except Exception as exc:
@@ -188,3 +357,21 @@ class ControlServer:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def _error(message: str, number: int | None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"ok": False, "error": message}
+    if number in errno.errorcode:
+        reply["errno"] = errno.errorcode[number]
+    return reply
+
+
+def _is_status(reader: LineReader) -> bool:
+    """Whether the request waiting first is `status` (it may use the reserved slots)."""
+    end = reader.buffer.find(b"\n")
+    if end < 0 or end > 4096:
+        return False
+    try:
+        return decode(bytes(reader.buffer[:end])).get("cmd") == "status"
+    except ProtocolError:
+        return False

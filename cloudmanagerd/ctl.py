@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import secrets
+import signal
 import socket
+import stat
 import sys
 import time
 from typing import Any
 
 from .names import show
-from .protocol import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, LineReader, ProtocolError, decode, encode
+from .protocol import (EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, HEARTBEAT, LineReader, ProtocolError,
+                       decode, encode)
 from .status import human_size
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
@@ -19,9 +25,10 @@ DEFAULT_SOCKET = "/run/cloudmanagerd/control.sock"
 
 
 class Failed(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED, errno_name: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.errno_name = errno_name  # the daemon's errno, when writing to our descriptor failed
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -59,41 +66,174 @@ def lenient_socket(config: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(config)), str(path))
 
 
+DEFAULT_TIMEOUT = 10.0
+# Requests that may take long: they wait as long as the daemon keeps saying it is working (a
+# progress line at least every protocol.HEARTBEAT seconds); the others must finish in --timeout.
+LONG = frozenset({"get", "verify", "backup", "pin", "rm"})
+
+
 class Client:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)  # a stopped daemon's full backlog makes connect() wait
         try:
             self.sock.connect(path)
+        except TimeoutError:
+            self.sock.close()
+            raise self._timed_out() from None
         except OSError as exc:
             self.sock.close()
             raise Failed(f"cannot reach cloudmanagerd at {path}: {exc.strerror} (is it running?)",
                          EXIT_UNREACHABLE) from None
         self.reader = LineReader(self.sock, limit=1 << 30)
 
+    def _timed_out(self) -> Failed:
+        return Failed(f"cloudmanagerd at {self.path} did not answer within {self.timeout:g}s (is it stopped or "
+                      "overloaded? --timeout SECONDS waits longer)", EXIT_UNREACHABLE)
+
     def call(self, request: dict[str, Any], fds: list[int] | None = None, progress=None) -> Any:
+        """The result of one request; Failed with the daemon's error, or exit 3 when it does not answer
+        within the timeout (for a long request: when it stops sending progress for that long)."""
         data = encode(request)
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.sendall(data)
-        while True:
-            try:
-                line = self.reader.readline()
-            except (ProtocolError, OSError) as exc:
-                raise Failed(f"lost the connection to cloudmanagerd: {exc}", EXIT_UNREACHABLE) from None
-            if line is None:
-                raise Failed("cloudmanagerd closed the connection without answering", EXIT_UNREACHABLE)
-            reply = decode(line)
-            if "progress" in reply:
-                if progress:
-                    progress(reply["progress"])
-                continue
-            if not reply.get("ok"):
-                raise Failed(str(reply.get("error", "the daemon said no")))
-            return reply.get("result")
+        long = request.get("cmd") in LONG
+        deadline = time.monotonic() + self.timeout
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.sendall(data)
+            while True:
+                line = self.reader.next_line()
+                while line is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise self._timed_out()
+                    self.sock.settimeout(remaining)
+                    if not self.reader.fill():
+                        raise Failed("cloudmanagerd closed the connection without answering", EXIT_UNREACHABLE)
+                    line = self.reader.next_line()
+                reply = decode(line)
+                if "progress" in reply:
+                    if long:  # heartbeats come every HEARTBEAT: a timeout shorter than a few would race them
+                        deadline = time.monotonic() + max(self.timeout, 4 * HEARTBEAT)
+                    if progress and isinstance(reply["progress"], dict):
+                        progress(reply["progress"])
+                    continue
+                if not reply.get("ok"):
+                    raise Failed(str(reply.get("error", "the daemon said no")), errno_name=reply.get("errno"))
+                return reply.get("result")
+        except TimeoutError:
+            raise self._timed_out() from None
+        except (ProtocolError, OSError) as exc:
+            raise Failed(f"lost the connection to cloudmanagerd: {exc}", EXIT_UNREACHABLE) from None
 
     def close(self) -> None:
         self.sock.close()
+
+
+AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def _link_fd(fd: int, path: str) -> None:
+    """Give an O_TMPFILE file a name: linkat() through /proc with AT_SYMLINK_FOLLOW, which Python's
+    os.link does not pass (before 3.13 it links the /proc symlink itself: EXDEV)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+class Output:
+    """Where `get -o` and `backup -o` write, so that FILE changes only once the daemon has the bytes.
+
+    A regular FILE (or a new one) is written as an anonymous temp file in FILE's folder (O_TMPFILE:
+    nothing is left behind if ctl is killed), then linked and renamed over FILE, keeping its mode;
+    on failure the temp goes and FILE is untouched. A symlink is followed (the link stays a link).
+    Anything else (/dev/null, /dev/full, a FIFO) is written directly, as there is nothing to replace.
+    """
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.target = os.path.realpath(path)
+        self.folder = os.path.dirname(self.target)
+        self.tmp: str | None = None
+        self.direct = False
+        try:
+            st: os.stat_result | None = os.stat(self.target)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise Failed(f"cannot write to {path}: {exc.strerror}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise Failed(f"cannot write to {path}: it is a folder; give a file name")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            self.direct = True
+            self.fd = self._open(self.target, os.O_WRONLY | os.O_CLOEXEC, 0)
+            return
+        if st is not None and not os.access(self.target, os.W_OK):
+            raise Failed(f"cannot write to {path}: {os.strerror(errno.EACCES)}")
+        if not os.path.isdir(self.folder):
+            raise Failed(f"cannot write to {path}: folder {self.folder} does not exist")
+        keep = stat.S_IMODE(st.st_mode) if st is not None else None
+        try:
+            self.fd = os.open(self.folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, mode if keep is None else 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise Failed(f"cannot write to {path}: {exc.strerror}") from None
+            self.tmp = self._hidden_name()  # no O_TMPFILE on this filesystem: a hidden temp name
+            self.fd = self._open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 mode if keep is None else 0o600)
+        if keep is not None:
+            os.fchmod(self.fd, keep)
+            if os.geteuid() == 0:
+                with contextlib.suppress(OSError):
+                    os.fchown(self.fd, st.st_uid, st.st_gid)
+
+    def _open(self, path: str, flags: int, mode: int) -> int:
+        try:
+            return os.open(path, flags, mode)
+        except OSError as exc:
+            raise Failed(f"cannot write to {self.path}: {exc.strerror}") from None
+
+    def _hidden_name(self) -> str:
+        return os.path.join(self.folder, f".{os.path.basename(self.target)}.{secrets.token_hex(6)}.tmp")
+
+    def commit(self) -> None:
+        """The daemon has written everything: make it FILE."""
+        try:
+            if self.direct:
+                return
+            os.fsync(self.fd)
+            if self.tmp is None:
+                # a link cannot replace a file: give the anonymous file a hidden name, then rename it
+                tmp = self._hidden_name()
+                _link_fd(self.fd, tmp)
+                self.tmp = tmp
+            os.rename(self.tmp, self.target)
+            self.tmp = None
+            with contextlib.suppress(OSError):
+                dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            raise Failed(f"cannot write to {self.path}: {exc.strerror}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Done or failed: a temp that was not renamed goes, FILE is untouched."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
 
 
 # -- human output ---------------------------------------------------------------------------
@@ -154,7 +294,7 @@ def print_info(f: dict[str, Any]) -> None:
 # -- commands --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    client = Client(socket_path(args))
+    client = Client(socket_path(args), args.timeout)
     try:
         return COMMANDS[args.command](client, args)
     finally:
@@ -191,14 +331,16 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
-    if args.output:
-        try:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise Failed(f"cannot open {args.output} for writing: {exc.strerror}") from None
+    to_file = args.output not in (None, "-")
+    if to_file:
+        out: Output | None = Output(args.output, 0o666)
+        fd = out.fd
     elif sys.stdout.isatty():
         raise Failed("get: stdout is a terminal; give -o PATH or redirect the output", EXIT_USAGE)
     else:
+        # bytes the daemon writes into a pipe cannot be taken back: if it then finds them wrong, it says so
+        # and this exits 1 (a regular file behind stdout is cut back by the daemon itself)
+        out = None
         sys.stdout.flush()
         fd = os.dup(sys.stdout.fileno())
     show_progress = sys.stderr.isatty()
@@ -209,13 +351,22 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
 
     try:
         result = client.call({"cmd": "get", "hash": args.hash}, fds=[fd], progress=progress)
+        if out is not None:
+            out.commit()
+    except Failed as exc:
+        if not to_file and exc.errno_name == "EPIPE":
+            raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away") from None
+        raise
     finally:
-        os.close(fd)
+        if out is not None:
+            out.close()
+        else:
+            os.close(fd)
         if show_progress:
             print("\r", end="", file=sys.stderr)
     if args.json:
-        print(json.dumps(result), file=sys.stderr if not args.output else sys.stdout)
-    elif args.output:
+        print(json.dumps(result), file=sys.stderr if not to_file else sys.stdout)
+    elif to_file:
         print(f"{result['hash'][:12]}: {human_size(result['size'])} written to {args.output}")
     return EXIT_OK
 
@@ -268,15 +419,12 @@ def _progress_printer():
 
 
 def cmd_backup(client: Client, args: argparse.Namespace) -> int:
+    out = Output(args.output, 0o600)
     try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise Failed(f"cannot open {args.output} for writing: {exc.strerror}") from None
-    try:
-        result = client.call({"cmd": "backup"}, fds=[fd])
-        os.fsync(fd)
+        result = client.call({"cmd": "backup"}, fds=[out.fd])
+        out.commit()
     finally:
-        os.close(fd)
+        out.close()
     print(json.dumps(result) if args.json else f"catalog backed up to {args.output} "
           f"({human_size(result['bytes'])})")
     return EXIT_OK
@@ -299,6 +447,9 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("-c", "--config", help=f"find the socket in this config (default {DEFAULT_CONFIG})")
     where.add_argument("-s", "--socket", help="the control socket")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"give up (exit 3) when the daemon does not answer within this time (default "
+                   f"{DEFAULT_TIMEOUT:g}); get, verify, backup, pin and rm wait as long as progress comes")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="one screen of state")
     s.add_argument("--check", action="store_true", help="exit 1 while any file is below min_redundancy")
@@ -329,6 +480,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -336,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     except Failed as exc:
         print(f"cloudmanagerctl: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # whoever read our output went away (`status | head -1`): stop quietly, as Unix tools do.
+        # stdout goes to /dev/null so that the interpreter's last flush does not fail again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
 

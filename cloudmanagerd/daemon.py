@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from . import __version__, fsutil, health
 from .cache import Cache
 from .catalog import Catalog
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, catalog_sqlite_path, load_config
 from .control import ControlServer
 from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
 from .eviction import Evictor
@@ -56,8 +57,10 @@ LEFTOVERS_INTERVAL = 3600.0
 def preflight(config: Config) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the folders, each one line that says what to do.
 
-    Errors stop the daemon (it could not take a single file in); a remote it cannot write
-    to is only a warning: the daemon runs, reports the remote and uses the others.
+    The same checks serve the start and `--check-config`, so that a config said to be OK does
+    not then fail to start on a folder. Errors stop the daemon (it could not take a single file
+    in); a remote it cannot write to is only a warning: the daemon runs, reports the remote and
+    uses the others.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -67,20 +70,35 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
         problems.append(link)
     elif not os.path.isdir(inbox):
         problems.append(f"inbox: {inbox} does not exist or is not a folder (create it: mkdir -p {inbox})")
+    elif _read_only(inbox):
+        problems.append(f"inbox: {inbox} is on a read-only mount (files are moved out of it; {_REMOUNT})")
     elif not os.access(inbox, os.W_OK | os.X_OK):
         problems.append(f"inbox: {inbox} is not writable by user {_user()} "
                         f"(files are moved out of it; run: chown {_user()} {inbox})")
-    for key, path in (("cache.path", config.cache.path), ("state", config.state),
-                      ("ingest.rejected", config.ingest.rejected)):
-        existing = path
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.access(existing, os.W_OK | os.X_OK):
-            problems.append(f"{key}: {path} is not writable by user {_user()} (run: chown {_user()} {existing})")
+    folders = [("cache.path", config.cache.path), ("state", config.state), ("ingest.rejected", config.ingest.rejected),
+               ("control.socket", os.path.dirname(config.control.socket) or ".")]
+    sqlite = catalog_sqlite_path(config.catalog)
+    if sqlite:
+        folders.append(("catalog", os.path.dirname(sqlite) or "."))
+    checked = set()
+    for key, path in folders:
+        if os.path.abspath(path) in checked:  # the catalog's folder is usually the state: said once
+            continue
+        checked.add(os.path.abspath(path))
+        problem = _folder_problem(key, path)
+        if problem:
+            problems.append(problem)
+    with contextlib.suppress(OSError):
+        if not stat.S_ISSOCK(os.lstat(config.control.socket).st_mode):
+            problems.append(f"control.socket {config.control.socket} exists and is not a socket; move it away "
+                            "or choose another path")
     for rc in config.remotes:
         if rc.type == "directory":
             path = str(rc.get("path"))
-            if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            if os.path.isdir(path) and _read_only(path):
+                warnings.append(f"remotes.{rc.name}: {path} is on a read-only mount (no copy can be made there; "
+                                f"{_REMOUNT})")
+            elif os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
                 warnings.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
                                 f"add a drop-in with ReadWritePaths={path}; else chown it)")
     return problems, warnings
@@ -99,6 +117,44 @@ def inbox_link_problem(inbox: str) -> str | None:
         target = "?"
     return (f"inbox: {inbox} is a symbolic link to {target}, which is never followed (set inbox to "
             f"the real folder, {os.path.realpath(inbox)}, or replace the link with a folder)")
+
+
+_REMOUNT = "remount it read-write or choose another folder; under systemd, list it in ReadWritePaths="
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _folder_problem(key: str, path: str) -> str | None:
+    """Why the daemon could not use the folder at `path`, creating it if missing; None when it can."""
+    existing = path
+    while True:
+        try:
+            st = os.stat(existing)
+            break
+        except FileNotFoundError:
+            parent = os.path.dirname(existing)
+            if parent == existing:
+                return f"{key}: {path}: no part of it exists"
+            existing = parent
+        except OSError as exc:
+            return explain_oserror(exc, f"{key}: {path}")
+    creates = existing != path
+    if not stat.S_ISDIR(st.st_mode):
+        if creates:
+            return f"{key}: {path} cannot be created: {existing} is not a folder"
+        return f"{key}: {path} is not a folder (move it away or choose another path)"
+    if _read_only(existing):
+        where = f"{existing}, where it would be created," if creates else path
+        return f"{key}: {where} is on a read-only mount ({_REMOUNT})"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"{path} cannot be created by user {_user()}" if creates else f"{path} is not writable by user {_user()}"
+        return f"{key}: {what} (run: chown {_user()} {existing})"
+    return None
 
 
 def build_remotes(config: Config) -> dict[str, Any]:
@@ -526,13 +582,9 @@ class Daemon:
         h = self._hash_arg(req)
         if len(fds) != 1:
             raise CloudManagerError("get: pass exactly one open file descriptor to write to")
+        fsutil.writable_fd(fds[0], "get")
         info = self.catalog.file_info(h)
-        self.fetcher.ensure_cached(h, progress)  # also marks the file as recently used
-        src = self.cache.open_object(h)
-        try:
-            written = fsutil.copy_fd(src, fds[0])
-        finally:
-            os.close(src)
+        written = self.fetcher.send(h, fds[0], progress)
         self.catalog.add_transfer(time.time(), outgoing=written)
         return {"hash": h, "size": written, "name": show(info["name"])}
 
@@ -558,7 +610,9 @@ class Daemon:
     def _cmd_backup(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         if len(fds) != 1:
             raise CloudManagerError("backup: pass exactly one open file descriptor to write to")
-        size = self.catalog.db.backup_to(fds[0])
+        fsutil.writable_fd(fds[0], "backup")
+        with fsutil.nonblocking(fds[0]):  # a reader that stops reading fails the backup (fsutil.STALL)
+            size = self.catalog.db.backup_to(fds[0])
         return {"bytes": size}
 
     def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 
 
 class CloudManagerError(Exception):
@@ -27,10 +28,26 @@ class CacheFull(CloudManagerError):
     """There is no room in the cache and nothing can be evicted."""
 
 
-def explain_oserror(exc: OSError, what: str) -> str:
-    """Turn an errno into a sentence an operator can act on."""
-    hints = {
-        errno.ENOSPC: "no space left on the device (free some space or lower cache.capacity)",
+class OutputError(CloudManagerError):
+    """Writing to a descriptor a client passed failed (a full disk, a reader gone, no progress)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+# Where a hint depends on the place: the capacity setting is a remedy for the cache's disk only.
+CACHE_HINTS = {
+    errno.ENOSPC: "no space left on the cache's device (free some space there, or lower cache.capacity to "
+                  "what the disk holds)",
+}
+
+
+def explain_oserror(exc: OSError, what: str, hints: Mapping[int, str] | None = None) -> str:
+    """Turn an errno into a sentence an operator can act on; `hints` override the general ones
+    for a place (CACHE_HINTS)."""
+    general = {
+        errno.ENOSPC: "no space left on the device (free some space on it)",
         errno.EDQUOT: "disk quota exceeded (raise the quota or free some space)",
         errno.EACCES: "permission denied (check the owner and mode of the folder)",
         errno.EPERM: "operation not permitted (check the owner and mode of the folder)",
@@ -41,5 +58,5 @@ def explain_oserror(exc: OSError, what: str) -> str:
         errno.EXDEV: "on another filesystem",
         errno.EIO: "input/output error (check the disk)",
     }
-    reason = hints.get(exc.errno) or (exc.strerror or str(exc))
+    reason = (hints or {}).get(exc.errno) or general.get(exc.errno) or (exc.strerror or str(exc))
     return f"{what}: {reason}"

@@ -8,16 +8,19 @@ charged to its remote; the next remote is tried. Two requests for one hash fetch
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
 
+from . import fsutil
 from .cache import Cache
 from .catalog import Catalog
-from .errors import CacheFull, CloudManagerError, NotFound
+from .errors import CacheFull, CloudManagerError, NotFound, OutputError
 from .eviction import Evictor
 from .hashing import HASH_CHUNK, sha256_fd
 from .remotes.base import MISSING, Remote, RemoteError, Transfer
@@ -92,6 +95,72 @@ class TrailingHasher:
         return self.digest.hexdigest() if self.offset == size else None
 
 
+SEND_CHUNK = 1 << 20
+
+
+class _Throttled:
+    """Progress for a client at most ~2 times a second (each report is a line on its socket)."""
+
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self._last = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.progress is not None and now - self._last >= 0.5:
+            self._last = now
+            self.progress(done, self.total)
+
+
+def _identity(cache: Cache, h: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(h, dir_fd=cache.subdir_fd(h), follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _send_verified(src: int, dst: int, size: int, expected: str, report: Callable[[int], None],
+                   stall: float) -> tuple[str | None, bool]:
+    """Send the object to dst, hashing it on the way: (the digest of what was read, whether any
+    byte was written). The digest is None when the object is not `size` bytes long (then nothing
+    is sent). The last chunk is held back and written only when the digest is `expected`."""
+    if os.fstat(src).st_size != size:
+        return None, False
+    digest = hashlib.sha256()
+    buf = bytearray(max(1, min(SEND_CHUNK, size)))
+    view = memoryview(buf)
+    done = 0
+    last = view[:0]
+    while done < size:
+        n = os.preadv(src, [view[: min(len(buf), size - done)]], done)
+        if n == 0:  # shrank while it was read
+            return None, done > len(buf)
+        digest.update(view[:n])
+        done += n
+        if done < size:
+            _write_output(dst, view[:n], stall)
+            report(done)
+        else:
+            last = view[:n]
+    if digest.hexdigest() != expected:
+        return digest.hexdigest(), size > len(buf)
+    _write_output(dst, last, stall)
+    report(done)
+    return expected, True
+
+
+def _write_output(dst: int, data: memoryview, stall: float) -> None:
+    try:
+        fsutil.write_all(dst, data, stall)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EPIPE:
+            why += " (the reader went away)"
+        raise OutputError(f"writing the output failed: {why}", exc.errno) from None
+
+
 class Fetcher:
     def __init__(self, cache: Cache, catalog: Catalog, remotes: Mapping[str, Remote], evictor: Evictor,
                  now: Callable[[], float] = time.time) -> None:
@@ -102,22 +171,123 @@ class Fetcher:
         self.now = now
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Lock] = {}
+        # cache objects with wrong bytes that are the only copy of their file: kept, never dropped
+        self.damaged: dict[str, str] = {}
         self._counter = 0
 
     def ensure_cached(self, h: str, progress: ProgressFn | None = None) -> None:
         """Return once the object is in the cache (fetching it if needed); raise with the reason otherwise."""
+        self._gated(h, lambda: self._ensure_cached(h, progress))
+
+    def replace(self, h: str, size: int, seen: tuple[int, int] | None, why: str = "holds other bytes",
+                progress: ProgressFn | None = None) -> str:
+        """The one path by which a bad cache object leaves the cache (get, an upload that hashed what it
+        sent, verify and the scrub all come here): drop it and fetch the file again from a good copy.
+
+        `seen` is the (st_dev, st_ino) of the object that was read (None: it was missing). Under the
+        hash's gate, and only while the object is still the one that was read, so that two readers
+        of one rotten object do not drop the good copy the first one fetched. The only copy of a
+        file is never dropped: it is kept (a damaged file may be worth more than none), its uploads
+        are given up, and a status problem names it. Returns "refetched" or "kept"; raises
+        CloudManagerError when the fetch failed (the object is gone from the cache then).
+        """
+        outcome = "refetched"
+
+        def drop_and_fetch() -> None:
+            nonlocal outcome
+            if _identity(self.cache, h) == seen:
+                if seen is not None and not self.catalog.good_copies(h):
+                    if h not in self.damaged:
+                        log.error("cache object hash=%s %s, and no remote holds a good copy: kept as it is, not "
+                                  "uploaded (restore the file and drop it in the inbox again, or "
+                                  "cloudmanagerctl rm %s)", h, why, h[:12])
+                    self.damaged[h] = why
+                    self.catalog.give_up_uploads(h, f"the only copy, in the cache, {why}", self.now())
+                    outcome = "kept"
+                    return
+                log.error("cache object hash=%s %s; dropping it and fetching it again", h, why)
+                if self.catalog.cached_here([h]):
+                    self.catalog.drop_cache_entries([h])
+                    self.cache.dropped(size)
+                self.cache.remove_object(h)
+                self.damaged.pop(h, None)
+            self._ensure_cached(h, progress)
+        self._gated(h, drop_and_fetch)
+        return outcome
+
+    def identity(self, h: str) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the object now in the cache, None when there is none: what `replace` needs."""
+        return _identity(self.cache, h)
+
+    def _gated(self, h: str, work: Callable[[], None]) -> None:
         with self._lock:
             gate = self._inflight.setdefault(h, threading.Lock())
         with gate:  # a second request for the same hash waits for the first, then finds it cached
             try:
-                if self.catalog.cached_here([h]) and self.cache.has_object(h):
-                    self.catalog.touch(h, self.now())
-                    return
-                self._fetch(h, progress)
+                work()
             finally:
                 with self._lock:
                     if self._inflight.get(h) is gate:
                         del self._inflight[h]
+
+    def _ensure_cached(self, h: str, progress: ProgressFn | None) -> None:
+        if self.catalog.cached_here([h]) and self.cache.has_object(h):
+            self.catalog.touch(h, self.now())
+            return
+        self._fetch(h, progress)
+
+    def send(self, h: str, dst: int, progress: ProgressFn | None = None, stall: float = fsutil.STALL) -> int:
+        """Write the file's bytes to a client's descriptor, verified against its hash on the way; the size.
+
+        The object is hashed as it is read for sending (one read). The last chunk is held back
+        until the hash matches, so a consumer never sees a complete-looking output of wrong
+        bytes. A rotten object is dropped and fetched again (`replace`); into a regular file the
+        output is then rewound and written again from the fresh copy, while into a pipe the bytes
+        already written cannot be taken back: the request fails and a second `get` succeeds.
+        Writes that make no progress for `stall` seconds fail the request.
+        """
+        size = self.catalog.file_size(h)
+        if size is None:
+            raise NotFound(f"no file with hash {h}")
+        regular = stat.S_ISREG(os.fstat(dst).st_mode)
+        start = os.lseek(dst, 0, os.SEEK_CUR) if regular else 0
+        reporter = _Throttled(progress, size)
+        with fsutil.nonblocking(dst):
+            for attempt in (1, 2):
+                self.ensure_cached(h, progress)  # also marks the file as recently used
+                try:
+                    src = self.cache.open_object(h)
+                except FileNotFoundError:  # evicted since: fetch it again
+                    self.ensure_cached(h, progress)
+                    src = self.cache.open_object(h)
+                try:
+                    st = os.fstat(src)
+                    digest, wrote = _send_verified(src, dst, size, h, reporter, stall)
+                finally:
+                    os.close(src)
+                if digest == h:
+                    return size
+                log.error("get: cache object hash=%s holds other bytes (%s); dropping it and fetching it again",
+                          h, f"sha256 {digest[:12]}" if digest else f"{st.st_size} bytes instead of {size}")
+                if regular:  # never leave wrong bytes that look like a whole file
+                    os.ftruncate(dst, start)
+                    os.lseek(dst, start, os.SEEK_SET)
+                try:
+                    kept = self.replace(h, size, (st.st_dev, st.st_ino), "holds other bytes", progress) == "kept"
+                except CloudManagerError as exc:
+                    log.error("get: hash=%s could not be restored after corruption: %s", h, exc)
+                    raise CloudManagerError(f"{h[:12]}: the cached copy was corrupt and was dropped; "
+                                            f"fetching it again failed: {exc}") from None
+                if kept:
+                    raise CloudManagerError(f"{h[:12]}: the cached copy holds other bytes and no remote has a good "
+                                            "copy: the file's bytes are lost (the damaged object is kept)")
+                if wrote and not regular:
+                    raise CloudManagerError(
+                        f"{h[:12]}: the cached copy was corrupt and the output got part of it; the copy was "
+                        "replaced from a remote: run get again")
+                log.info("get: hash=%s fetched again after corruption; sending the fresh copy (attempt %d)",
+                         h, attempt + 1)
+        raise CloudManagerError(f"{h[:12]}: the cache holds other bytes again after a fresh fetch (check the disk)")
 
     def _fetch(self, h: str, progress: ProgressFn | None) -> None:
         size = self.catalog.file_size(h)

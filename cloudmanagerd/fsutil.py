@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import select
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -100,19 +101,37 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def copy_fd(src_fd: int, dst_fd: int, progress=None) -> int:
-    """Copy src to dst from their current offsets, in the kernel when it can; returns bytes copied."""
+STALL = 30.0  # seconds a write to someone else's descriptor may make no progress before it fails
+
+
+def copy_fd(src_fd: int, dst_fd: int, progress=None, stall: float = STALL) -> int:
+    """Copy src to dst from their current offsets, in the kernel when it can; returns bytes copied.
+
+    A non-blocking dst that stays full for `stall` seconds fails with StalledWrite; a dst the
+    kernel cannot splice into (a character device such as /dev/full) gets plain writes, so
+    that its own error (ENOSPC) is the one reported, not EINVAL.
+    """
     total = 0
-    use_range = True
+    how = "range"
     while True:
         try:
-            if use_range:
+            if how == "range":
                 n = os.copy_file_range(src_fd, dst_fd, 1 << 24)
-            else:
+            elif how == "sendfile":
                 n = os.sendfile(dst_fd, src_fd, None, 1 << 24)
+            else:
+                data = os.read(src_fd, 1 << 20)
+                write_all(dst_fd, data, stall)
+                n = len(data)
+        except BlockingIOError:
+            wait_writable(dst_fd, stall)
+            continue
         except OSError as exc:
-            if use_range and exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                use_range = False
+            if how == "range" and exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                how = "sendfile"
+                continue
+            if how == "sendfile" and total == 0 and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                how = "write"
                 continue
             raise
         if n == 0:
@@ -120,6 +139,54 @@ def copy_fd(src_fd: int, dst_fd: int, progress=None) -> int:
         total += n
         if progress is not None:
             progress(total)
+
+
+class StalledWrite(OSError):
+    """A descriptor someone else reads from took no byte for the allowed time."""
+
+
+def wait_writable(fd: int, stall: float) -> None:
+    """Wait until `fd` takes bytes again; StalledWrite after `stall` seconds without."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(stall * 1000):
+        raise StalledWrite(errno.ETIMEDOUT, f"nothing was read from it for {stall:.0f}s")
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, stall: float = STALL) -> None:
+    """Write every byte to `fd`, which may be non-blocking: a reader that takes nothing for `stall`
+    seconds fails the write (StalledWrite) instead of holding the writer for ever."""
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            n = 0
+        if n:
+            view = view[n:]
+        else:
+            wait_writable(fd, stall)
+
+
+@contextlib.contextmanager
+def nonblocking(fd: int) -> Iterator[None]:
+    """`fd` non-blocking for a while, as it was after: a client's descriptor shares its flags with
+    the client's own (a shell's stdout), so they are put back."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        yield
+    finally:
+        if not flags & os.O_NONBLOCK:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def writable_fd(fd: int, what: str) -> None:
+    """Refuse a descriptor that was not opened for writing, before any work is done for it."""
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
+        raise OSError(errno.EBADF, f"{what}: the descriptor passed is not open for writing")
 
 
 def split_rel(rel: bytes) -> list[bytes]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from . import fsutil
 from .cache import Cache
 from .catalog import Catalog, IngestRecord
-from .errors import explain_oserror
+from .errors import CACHE_HINTS, explain_oserror
 from .hashing import copy_hashed, sha256_fd
 from .names import show
 from .rejects import Rejector
@@ -649,7 +649,7 @@ class IngestWorker:
             try:
                 result = self.ingestor.ingest(rels)
             except OSError as exc:
-                self._failed(rels, explain_oserror(exc, "ingest"))
+                self._failed(rels, explain_oserror(exc, "ingest", CACHE_HINTS))
                 continue
             except sqlite3.Error as exc:
                 self._failed(rels, f"catalog: {exc} (free some space on the state folder's disk)"

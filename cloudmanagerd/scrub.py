@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,72 +35,49 @@ class Scrubber:
         self.remotes = remotes
         self.fetcher = fetcher
         self.now = now
-        # cache objects with wrong bytes that are the only copy of their file: kept, never dropped
-        self.damaged: dict[str, str] = {}
-        # one replacement at a time: two uploads of one rotten object both find it bad, and the
-        # second must not drop the good object the first has just fetched back
-        self._replacing = threading.Lock()
 
     # -- the cache -------------------------------------------------------------------------
 
-    def _problem(self, h: str, size: int) -> str | None:
+    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
+        seen = None
         try:
             fd = self.cache.open_object(h)
         except FileNotFoundError:
-            return "missing"
-        try:
-            return None if os.fstat(fd).st_size == size and sha256_fd(fd) == h else "corrupt"
-        finally:
-            os.close(fd)
-
-    def check_object(self, h: str, size: int, report: dict[str, int]) -> None:
-        problem = self._problem(h, size)
+            problem = "missing"
+        else:
+            try:
+                st = os.fstat(fd)
+                seen = (st.st_dev, st.st_ino)
+                problem = None if st.st_size == size and sha256_fd(fd) == h else "corrupt"
+            finally:
+                os.close(fd)
         report["checked"] += 1
         if problem is None:
-            self.damaged.pop(h, None)
+            self.fetcher.damaged.pop(h, None)
             self.catalog.mark_cache_verified(h, self.now())
             return
         report[problem] += 1
-        if h in self.damaged:  # known, kept, reported: check it again later, quietly
+        if h in self.fetcher.damaged:  # known, kept, reported: check it again later, quietly
             self.catalog.mark_cache_verified(h, self.now())
             return
-        outcome = self.replace_bad_object(h, size, f"is {problem}")
+        outcome = self._replace(h, size, seen, f"is {problem}")
         # a kept damaged object counts as lost: the file's right bytes are nowhere
         report["lost" if outcome == "kept" else outcome] += 1
 
-    def replace_bad_object(self, h: str, size: int, why: str) -> str:
-        """The one path for a cache object whose bytes are wrong (the scrub, an upload that hashed what
-        it sent): drop it and fetch the file back from a good copy. The only copy of a file is never
-        dropped: it is kept (a damaged file may still be worth more than none), its uploads are given
-        up, and a status problem names it. Returns "refetched", "lost" (not restored now) or "kept"."""
-        with self._replacing:
-            if self._problem(h, size) is None:  # replaced meanwhile by another finder of the same object
-                return "refetched"
-            return self._replace(h, size, why)
+    def replace_bad_object(self, h: str, size: int, why: str, seen: tuple[int, int] | None) -> str:
+        """For an upload that hashed what it sent and found other bytes: the object it read (`seen`)
+        goes through the one replacement path (`Fetcher.replace`); "refetched", "lost" or "kept"."""
+        return self._replace(h, size, seen, why)
 
-    def _replace(self, h: str, size: int, why: str) -> str:
-        if not self.catalog.good_copies(h) and self.cache.has_object(h):
-            if h not in self.damaged:
-                log.error("cache object hash=%s %s, and no remote holds a good copy: kept as it is, not "
-                          "uploaded (restore the file and drop it in the inbox again, or cloudmanagerctl rm %s)",
-                          h, why, h[:12])
-            self.damaged[h] = why
-            self.catalog.give_up_uploads(h, f"the only copy, in the cache, {why}", self.now())
-            return "kept"
-        log.error("cache object hash=%s %s; dropping it and fetching it again", h, why)
-        self.damaged.pop(h, None)
-        self.cache.remove_object(h)
-        self.catalog.drop_cache_entries([h])
-        self.cache.dropped(size)
+    def _replace(self, h: str, size: int, seen: tuple[int, int] | None, why: str) -> str:
         try:
-            self.fetcher.ensure_cached(h)
+            return self.fetcher.replace(h, size, seen, why)
         except CloudManagerError as exc:
             log.error("hash=%s could not be restored: %s", h, exc)
             return "lost"
-        return "refetched"
 
     def problems(self) -> list[str]:
-        damaged = sorted(self.damaged)
+        damaged = sorted(self.fetcher.damaged)
         if not damaged:
             return []
         shown = ", ".join(h[:12] for h in damaged[:3]) + (" ..." if len(damaged) > 3 else "")

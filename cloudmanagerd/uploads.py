@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from .cache import Cache
 from .catalog import Catalog, UploadClaim
@@ -113,7 +114,7 @@ class Uploader:
                  policy: UploadConfig, lease: float, now: Callable[[], float] = time.time,
                  rng: random.Random | None = None, *,
                  ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None,
-                 bad_object: Callable[[str, int, str], None] = lambda h, size, why: None,
+                 bad_object: Callable[[str, int, str, tuple[int, int] | None], Any] = lambda h, size, why, seen: None,
                  wake: Callable[[], None] = lambda: None, on_copy: Callable[[str], None] = lambda h: None,
                  chain_pumps: bool = False) -> None:
         self.catalog = catalog
@@ -254,6 +255,9 @@ class Uploader:
             self._failed(claim, RemoteError(f"no local copy to send: {message}"))
             return
         try:
+            st = os.fstat(fd)
+            # which object was read: a replacement drops only this one, never a good one fetched since
+            seen = (st.st_dev, st.st_ino)
             check = SendCheck(claim.hash, fd, claim.size, getattr(remote, "reports_progress", True))
         except BaseException:
             os.close(fd)
@@ -267,7 +271,7 @@ class Uploader:
             url = remote.put(claim.hash, fd, claim.size, transfer)
             check.confirm()
         except SourceMismatch as exc:
-            self._source_mismatch(claim, remote, url, exc)
+            self._source_mismatch(claim, remote, url, exc, seen)
             return
         except Cancelled as exc:
             if not self._closed:  # stopping is no failure: close() releases the claim uncounted
@@ -280,7 +284,7 @@ class Uploader:
                 try:
                     check.confirm()
                 except SourceMismatch as mismatch:
-                    self._source_mismatch(claim, remote, None, mismatch)
+                    self._source_mismatch(claim, remote, None, mismatch, seen)
                     return
             self._failed(claim, exc)
             return
@@ -294,7 +298,8 @@ class Uploader:
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
                  time.monotonic() - started)
 
-    def _source_mismatch(self, claim: UploadClaim, remote: Remote, url: str | None, exc: SourceMismatch) -> None:
+    def _source_mismatch(self, claim: UploadClaim, remote: Remote, url: str | None, exc: SourceMismatch,
+                         seen: tuple[int, int]) -> None:
         """What was sent is not the file: record nothing, take back what the remote holds, and replace
         the cache object (fetched back from a good copy; kept and reported when it is the only one)."""
         log.error("upload of hash=%s to remote=%s stopped: %s; nothing is recorded", claim.hash, claim.remote, exc)
@@ -309,7 +314,7 @@ class Uploader:
                                    now + backoff_delay(claim.attempts + 1, self.policy.retry.initial,
                                                        self.policy.retry.max, self.rng),
                                    now, charge=False)
-        self.bad_object(claim.hash, claim.size, str(exc))
+        self.bad_object(claim.hash, claim.size, str(exc), seen)
 
     def _open_source(self, h: str) -> int:
         try:

@@ -261,6 +261,8 @@ def test_the_daemon_cleans_leftovers_at_start(daemon_factory) -> None:
 def test_a_second_finder_of_a_rotten_object_does_not_drop_the_good_one_fetched_back(tmp_path: Path) -> None:
     # two uploads of one rotten object (to r0 and r1) both report it; by the time the second one's
     # report is handled, the first has fetched the object back: it must stay
+    from cloudmanagerd.eviction import Evictor
+    from cloudmanagerd.fetch import Fetcher
     from cloudmanagerd.scrub import Scrubber
     catalog = Catalog.open(f"sqlite:///{tmp_path / 'catalog.sqlite3'}", "node1")
     cache = Cache(str(tmp_path / "cache"), 1 << 30)
@@ -268,13 +270,19 @@ def test_a_second_finder_of_a_rotten_object_does_not_drop_the_good_one_fetched_b
         data = os.urandom(4000)
         h = hashlib.sha256(data).hexdigest()
         cache.subdir_fd(h)
-        Path(cache.object_path(h)).write_bytes(data)
+        path = Path(cache.object_path(h))
+        path.write_bytes(b"x" * len(data))  # the rotten object both uploads read
+        rotten = (path.stat().st_dev, path.stat().st_ino)
+        fresh = path.with_name("fresh")
+        fresh.write_bytes(data)
+        os.rename(fresh, path)  # the first finder's fetch-back put a good object in its place
         record = IngestRecord(h, b"f", len(data))
         catalog.begin_ingest([record], T0)
         catalog.finish_ingest([record], [], T0)
         cache.set_used(len(data))
-        scrubber = Scrubber(cache, catalog, {}, fetcher=None)  # type: ignore[arg-type]
-        assert scrubber.replace_bad_object(h, len(data), "holds other bytes") == "refetched"
+        fetcher = Fetcher(cache, catalog, {}, Evictor(cache, catalog, lambda: 1))
+        scrubber = Scrubber(cache, catalog, {}, fetcher)
+        assert scrubber.replace_bad_object(h, len(data), "holds other bytes", rotten) == "refetched"
         assert Path(cache.object_path(h)).read_bytes() == data and catalog.cached_here([h]) == {h}
         assert cache.used == len(data) and scrubber.problems() == []
     finally:

@@ -112,8 +112,13 @@ def test_a_get_into_a_pipe_nobody_reads_ends_and_frees_its_thread(d: Daemon) -> 
         os.close(r)
         if w >= 0:
             os.close(w)
-    wait_for(lambda: threads_of(d) <= before + 1, timeout=10, message="the get's thread to end")
-    assert "writing the output failed" in d.log() or "nothing was read" in d.log() or True
+    # its request slot is free again: as many gets into unread pipes as there are slots would now
+    # starve status if it were not (the next test holds them all); here a plain get still works.
+    # (Counting the process's threads is no measure: the scheduler's pool grows as jobs run.)
+    with open(os.devnull, "wb") as sink:
+        reply = d.request({"cmd": "get", "hash": h}, fds=[sink.fileno()])
+    assert reply["ok"], reply
+    assert threads_of(d) <= before + 12  # no thread per abandoned request piles up
 
 
 def _final(c: LineClient) -> dict:

@@ -13,7 +13,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +43,34 @@ def next_attempt(kind: str, attempts_after: int, policy: UploadConfig, now: floa
     if policy.retry.max_attempts and attempts_after >= policy.retry.max_attempts:
         return None
     return now + backoff_delay(attempts_after, policy.retry.initial, policy.retry.max, rng)
+
+
+def choose_targets(order: Sequence[str], unhealthy: Collection[str], redundancy: int, good: Collection[str],
+                   pairs: Mapping[str, str]) -> list[str]:
+    """The one target policy: which remotes to queue for a file so that its good copies and live
+    attempts reach `redundancy`, the first healthy ones in config order.
+
+    A pair that keeps failing ("retrying") keeps retrying but does not count, so the next healthy
+    remote is queued beside it: a dead remote never holds redundancy back. A file with nothing yet
+    (new) and too few healthy remotes is queued on sick ones too: they retry until fixed.
+    """
+    in_play = len(set(good)) + sum(1 for r, s in pairs.items() if s in ("queued", "active") and r not in good)
+    chosen: list[str] = []
+    for remote in order:
+        if in_play >= redundancy:
+            return chosen
+        if remote in pairs or remote in good or remote in unhealthy:
+            continue
+        chosen.append(remote)
+        in_play += 1
+    if not pairs and not good:
+        for remote in order:
+            if in_play >= redundancy:
+                break
+            if remote not in chosen:
+                chosen.append(remote)
+                in_play += 1
+    return chosen
 
 
 def stall_verdict(transfer: Transfer, reports_progress: bool, stall: float, min_rate: float,
@@ -150,13 +178,14 @@ class Uploader:
     # -- what the rest of the daemon asks ------------------------------------------------
 
     def targets(self) -> list[str]:
-        """The remotes a new file goes to: the first `redundancy` healthy ones in config order."""
-        healthy = [r for r in self.order if r not in self.unhealthy]
-        chosen = healthy[: self.policy.redundancy]
-        if len(chosen) < self.policy.redundancy:
-            # too few healthy remotes: queue on the sick ones too, they retry until fixed
-            chosen += [r for r in self.order if r not in chosen][: self.policy.redundancy - len(chosen)]
-        return chosen
+        """The remotes a new file goes to (ingest records them with the file, in one transaction)."""
+        return choose_targets(self.order, self.unhealthy, self.policy.redundancy, set(), {})
+
+    def top_up(self, h: str) -> list[str]:
+        """Queue spare remotes for a file whose copies and live attempts fall short of `redundancy`."""
+        return self.catalog.top_up(
+            h, lambda good, pairs: choose_targets(self.order, self.unhealthy, self.policy.redundancy, good, pairs),
+            self.now())
 
     def active_count(self) -> int:
         with self._lock:
@@ -340,8 +369,7 @@ class Uploader:
             log.warning("upload of hash=%s to remote=%s failed (attempt=%d, next in %.0fs): %s",
                         claim.hash, claim.remote, attempts, when - now, exc)
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
-        healthy = {r for r in self.order if r not in self.unhealthy}
-        self.catalog.top_up(claim.hash, self.order, healthy, self.policy.redundancy, now)
+        self.top_up(claim.hash)
 
     def reclaim(self) -> int:
         """The scheduler's job: renew the leases of pairs in flight, and queue again the pairs this node
@@ -373,10 +401,7 @@ class Uploader:
     def heal(self) -> int:
         """Queue new copies for files below redundancy with nothing queued (after a copy went bad,
         a remote was removed, or a reload raised the redundancy)."""
-        healthy = {r for r in self.order if r not in self.unhealthy}
-        now = self.now()
-        queued = sum(bool(self.catalog.top_up(h, self.order, healthy, self.policy.redundancy, now))
-                     for h in self.catalog.under_replicated(self.policy.redundancy))
+        queued = sum(bool(self.top_up(h)) for h in self.catalog.under_replicated(self.policy.redundancy))
         if queued:
             log.info("queued new copies for %d file(s) below redundancy", queued)
             self.wake()

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from cloudmanagerd.catalog import Catalog, IngestRecord
+from cloudmanagerd.uploads import choose_targets
 
 
 def recount(cat: Catalog, min_redundancy: int, redundancy: int) -> dict:
@@ -54,7 +55,7 @@ def test_counters_match_a_recount_through_a_random_history(tmp_path: Path) -> No
             for claim in cat.claim_due(now, 2, 60):
                 cat.upload_failed(claim.hash, claim.remote, "boom", None if rng.random() < 0.3 else now + 5, now)
         elif op < 0.62:
-            cat.top_up(h, remotes, set(remotes), 2, now)
+            cat.top_up(h, lambda good, pairs: choose_targets(remotes, (), 2, good, pairs), now)
         elif op < 0.7:
             cat.mark_copy_bad(h, remote, "rotten", now)
         elif op < 0.75:

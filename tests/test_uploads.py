@@ -511,3 +511,17 @@ def test_a_pair_that_failed_thousands_of_times_still_gets_a_next_attempt(world: 
     assert pair["state"] == "retrying" and pair["attempts"] == 5001
     assert world.clock <= pair["next_attempt"] <= world.clock + MAX
     assert pair["claim_owner"] is None
+
+
+@pytest.mark.parametrize("good, pairs, unhealthy, expected", [
+    (set(), {}, set(), ["a", "b"]),                                  # a new file: the first two
+    (set(), {}, {"a"}, ["b", "c"]),                                  # a sick remote is skipped
+    (set(), {}, {"a", "b", "c"}, ["a", "b"]),                        # none healthy: queued anyway, they retry
+    ({"a"}, {"b": "retrying"}, set(), ["c"]),                        # a failing pair does not count
+    ({"a"}, {"b": "queued"}, set(), []),                             # enough in play
+    ({"a", "b"}, {}, set(), []),                                     # enough copies
+    ({"a"}, {"b": "retrying"}, {"c"}, []),                           # no healthy spare: wait for b
+])
+def test_one_target_policy_for_new_files_and_spares(good, pairs, unhealthy, expected):
+    from cloudmanagerd.uploads import choose_targets
+    assert choose_targets(["a", "b", "c"], unhealthy, 2, good, pairs) == expected

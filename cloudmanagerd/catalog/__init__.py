@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -647,27 +647,16 @@ class Catalog:
                     "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
                     "last_error_at=excluded.last_error_at", (remote, error, now))
 
-    def top_up(self, h: str, remote_order: Sequence[str], healthy: set[str], redundancy: int, now: float) -> list[str]:
-        """Queue spare remotes so that a file's copies plus fresh attempts reach `redundancy`.
-
-        A pair that keeps failing keeps retrying, but does not count: the next healthy remote
-        in config order is queued beside it, so a dead remote never holds redundancy back.
-        """
-        added: list[str] = []
+    def top_up(self, h: str, choose: Callable[[set[str], dict[str, str]], Sequence[str]], now: float) -> list[str]:
+        """Queue the remotes that `choose(good copies, {remote: pair state})` picks for a file, in the
+        transaction that read what it picks from. The policy is the upload stage's (uploads.choose_targets)."""
         with self.db.tx() as conn:
             pairs = dict(conn.execute("SELECT remote, state FROM uploads WHERE hash=?", (h,)).fetchall())
             good = {r for (r,) in conn.execute("SELECT remote FROM copies WHERE hash=? AND bad=0", (h,))}
-            in_play = len(good) + sum(1 for r, s in pairs.items() if s in ("queued", "active") and r not in good)
-            for remote in remote_order:
-                if in_play >= redundancy:
-                    break
-                if remote in pairs or remote in good or remote not in healthy:
-                    continue
-                conn.execute(
-                    "INSERT INTO uploads(hash, remote, state, next_attempt, updated) VALUES (?, ?, 'queued', ?, ?)",
-                    (h, remote, now, now))
-                added.append(remote)
-                in_play += 1
+            added = [r for r in choose(good, pairs) if r not in pairs and r not in good]
+            conn.executemany(
+                "INSERT INTO uploads(hash, remote, state, next_attempt, updated) VALUES (?, ?, 'queued', ?, ?)",
+                [(h, remote, now, now) for remote in added])
         return added
 
     def give_up_uploads(self, h: str, error: str, now: float) -> int:

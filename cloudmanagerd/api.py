@@ -21,17 +21,15 @@ from collections.abc import Callable
 from typing import Any
 
 from . import fsutil, ops
-from .cache import Cache
-from .catalog import Catalog, ImportConflict, IngestRecord
+from .catalog import ImportConflict, IngestRecord
 from .config import Config, ConfigError, load_config, parse_remotes, upload_policy
 from .errors import CloudManagerError
-from .eviction import Evictor
 from .exchange import ExchangeError
-from .fetch import Fetcher
 from .hashing import HASH_CHUNK
 from .protocol import FULL_HASH
-from .remotes import RemoteError, build_remote
-from .uploads import Uploader
+from .events import Events
+from .node import Node
+from .remotes import RemoteError
 
 log = logging.getLogger("cloudmanagerd.api")
 
@@ -104,29 +102,21 @@ class CloudManager:
         self.order = [rc.name for rc in remote_configs]
         self._stack = contextlib.ExitStack()
         self._closed = False
-        try:
-            self.catalog = Catalog.open(_catalog_url(os.fspath(database_path)), self.node)
-            self._stack.callback(self.catalog.close)
-            self.cache = Cache(os.path.abspath(os.fspath(storage_path)), storage_size)
-            self._stack.callback(self.cache.close)
-            self.remotes = {}
-            for rc in remote_configs:
-                self.remotes[rc.name] = build_remote(rc)
-                self._stack.callback(self.remotes[rc.name].close)
-        except BaseException:
-            self._stack.close()
-            raise
+        # this process's own claim owner: a daemon's start-up never frees an API's transfers in flight,
+        # and the next CloudManager frees those of a script that was killed
+        self.core = Node(catalog_url=_catalog_url(os.fspath(database_path)), node=self.node,
+                         cache_path=os.path.abspath(os.fspath(storage_path)), capacity=storage_size,
+                         remotes=remote_configs, policy=self.policy, lease=LEASE, events=Events(),
+                         claim_owner=f"{self.node}/api/{os.getpid()}")
+        self._stack.callback(self.core.close)
+        core = self.core
+        self.catalog, self.cache, self.remotes = core.catalog, core.cache, core.remotes
+        self.evictor, self.fetcher, self.uploader = core.evictor, core.fetcher, core.uploader
         removed = self.cache.clear_tmp(keep_own=True)  # half-done copies of a process that was killed
         if removed:
             log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
-        self.cache.set_used(self.catalog.cache_usage()[0])
-        self.evictor = Evictor(self.cache, self.catalog, lambda: self.policy.min_redundancy)
-        self.fetcher = Fetcher(self.cache, self.catalog, self.remotes, self.evictor)
-        owner = f"{self.node}/api/{os.getpid()}"
+        core.refresh_cache_account()
         self._release_dead_claims(f"{self.node}/api/")
-        self.uploader = Uploader(self.catalog, self.cache, self.remotes, self.order, self.policy, LEASE,
-                                 ensure_cached=self.fetcher.ensure_cached, claim_owner=owner)
-        self._stack.callback(self.uploader.close)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -170,7 +160,7 @@ class CloudManager:
                 return False
             size = st.st_size
             self.cache.revalidate_root()
-            self._refresh_used()
+            self.core.refresh_cache_account()
             if not self.evictor.reserve(size):
                 log.error("upload %s: %d bytes do not fit in the cache (%d bytes, holding files not yet "
                           "copied to their remotes)", os.fsdecode(path), size, self.cache.capacity)
@@ -243,7 +233,7 @@ class CloudManager:
             # the object vanished behind the catalog's back: the catalog follows the disk, then fetch
             log.warning("cache object hash=%s is missing; fetching it again", h)
             self.catalog.drop_cache_entries([h])
-            self._refresh_used()
+            self.core.refresh_cache_account()
         try:
             self.fetcher.ensure_cached(h)
         except CloudManagerError as exc:
@@ -373,10 +363,6 @@ class CloudManager:
             if pid.isdigit() and int(pid) != os.getpid() and not fsutil.pid_alive(int(pid)):
                 released = self.catalog.release_claims(time.time(), owner)
                 log.info("%d upload(s) claimed by a stopped process (pid %s) are queued again", released, pid)
-
-    def _refresh_used(self) -> None:
-        """The catalog is the account of what the cache holds: a daemon sharing it adds and evicts too."""
-        self.cache.set_used(self.catalog.cache_usage()[0])
 
 
 def _description(entry) -> dict[str, Any]:

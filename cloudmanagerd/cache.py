@@ -134,6 +134,10 @@ class Cache:
 
     # -- the byte budget ----------------------------------------------------------------
 
+    def set_capacity(self, capacity: int) -> None:
+        with self._lock:
+            self.capacity = capacity
+
     def set_used(self, used: int) -> None:
         with self._lock:
             self.used = used

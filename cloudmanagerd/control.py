@@ -375,3 +375,28 @@ def _is_status(reader: LineReader) -> bool:
         return decode(bytes(reader.buffer[:end])).get("cmd") == "status"
     except ProtocolError:
         return False
+
+
+def node_commands(node: Any) -> dict[str, Callable[[dict[str, Any], list[int], Any], Any]]:
+    """The requests every node answers, mapped from JSON onto the typed operations of ops.py. The
+    daemon adds its own (status, reload). A descriptor-taking command gets exactly one."""
+    from . import ops
+
+    def one_fd(cmd: str, fds: list[int]) -> int:
+        if len(fds) != 1:
+            raise CloudManagerError(f"{cmd}: pass exactly one open file descriptor")
+        return fds[0]
+
+    return {
+        "ls": lambda req, fds, progress: ops.ls(node, req.get("state"), req.get("name"), req.get("limit")),
+        "info": lambda req, fds, progress: ops.info(node, req.get("hash")),
+        "get": lambda req, fds, progress: ops.get(node, req.get("hash"), one_fd("get", fds), progress),
+        "pin": lambda req, fds, progress: ops.pin(node, req.get("hash"), True, progress),
+        "unpin": lambda req, fds, progress: ops.pin(node, req.get("hash"), False),
+        "rm": lambda req, fds, progress: ops.rm(node, req.get("hash")),
+        "retry": lambda req, fds, progress: ops.retry(node, req.get("hashes"), bool(req.get("all"))),
+        "verify": lambda req, fds, progress: ops.verify(node, bool(req.get("remotes")), progress),
+        "backup": lambda req, fds, progress: ops.backup(node, one_fd("backup", fds)),
+        "export": lambda req, fds, progress: ops.export_to(node, one_fd("export", fds), req.get("limit")),
+        "import": lambda req, fds, progress: ops.import_from(node, one_fd("import", fds), req.get("source")),
+    }

@@ -69,7 +69,7 @@ def lenient_socket(config: str) -> str:
 DEFAULT_TIMEOUT = 10.0
 # Requests that may take long: they wait as long as the daemon keeps saying it is working (a
 # progress line at least every protocol.HEARTBEAT seconds); the others must finish in --timeout.
-LONG = frozenset({"get", "verify", "backup", "pin", "rm"})
+LONG = frozenset({"get", "verify", "backup", "pin", "rm", "export", "import"})
 
 
 class Client:
@@ -330,19 +330,35 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _call_writing(client: Client, request: dict[str, Any], output: str | None, mode: int, progress=None) -> Any:
+    """A request whose bytes the daemon writes into a descriptor: a FILE (changed only once the daemon
+    has written everything, see Output) or stdout. A reader of stdout that went away is EPIPE."""
+    if output not in (None, "-"):
+        out = Output(output, mode)
+        try:
+            result = client.call(request, fds=[out.fd], progress=progress)
+            out.commit()
+        finally:
+            out.close()
+        return result
+    # bytes the daemon writes into a pipe cannot be taken back: if it then finds them wrong, it says so
+    # and this exits 1 (a regular file behind stdout is cut back by the daemon itself)
+    sys.stdout.flush()
+    fd = os.dup(sys.stdout.fileno())
+    try:
+        return client.call(request, fds=[fd], progress=progress)
+    except Failed as exc:
+        if exc.errno_name == "EPIPE":
+            raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away") from None
+        raise
+    finally:
+        os.close(fd)
+
+
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     to_file = args.output not in (None, "-")
-    if to_file:
-        out: Output | None = Output(args.output, 0o666)
-        fd = out.fd
-    elif sys.stdout.isatty():
+    if not to_file and sys.stdout.isatty():
         raise Failed("get: stdout is a terminal; give -o PATH or redirect the output", EXIT_USAGE)
-    else:
-        # bytes the daemon writes into a pipe cannot be taken back: if it then finds them wrong, it says so
-        # and this exits 1 (a regular file behind stdout is cut back by the daemon itself)
-        out = None
-        sys.stdout.flush()
-        fd = os.dup(sys.stdout.fileno())
     show_progress = sys.stderr.isatty()
 
     def progress(p: dict[str, int]) -> None:
@@ -350,18 +366,8 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
             print(f"\r{human_size(p['done'])} of {human_size(p['total'])}", end="", file=sys.stderr, flush=True)
 
     try:
-        result = client.call({"cmd": "get", "hash": args.hash}, fds=[fd], progress=progress)
-        if out is not None:
-            out.commit()
-    except Failed as exc:
-        if not to_file and exc.errno_name == "EPIPE":
-            raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away") from None
-        raise
+        result = _call_writing(client, {"cmd": "get", "hash": args.hash}, args.output, 0o666, progress)
     finally:
-        if out is not None:
-            out.close()
-        else:
-            os.close(fd)
         if show_progress:
             print("\r", end="", file=sys.stderr)
     if args.json:
@@ -430,6 +436,41 @@ def cmd_backup(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(client: Client, args: argparse.Namespace) -> int:
+    """The exchange text (format 0.2) of the files due for export, to FILE or stdout; marks them exported."""
+    to_file = args.output not in (None, "-")
+    result = _call_writing(client, {"cmd": "export", "limit": args.limit}, args.output, 0o644)
+    report = sys.stdout if to_file else sys.stderr  # stdout carries the text itself
+    if args.json:
+        print(json.dumps(result), file=report)
+    else:
+        print(f"{result['files']} file(s) exported" + (f" to {args.output}" if to_file else ""), file=report)
+    return EXIT_OK
+
+
+def cmd_import(client: Client, args: argparse.Namespace) -> int:
+    """Another node's exchange text, read by the daemon from a descriptor this command opened."""
+    if args.file == "-":
+        fd = os.dup(sys.stdin.fileno())
+    else:
+        try:
+            fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Failed(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise Failed(f"cannot read {args.file}: it is a folder")
+        request: dict[str, Any] = {"cmd": "import"}
+        if args.source is not None:
+            request["source"] = args.source
+        result = client.call(request, fds=[fd])
+    finally:
+        os.close(fd)
+    print(json.dumps(result) if args.json else
+          f"imported {result['files']} file(s): {result['new']} new, {result['copies']} copies on this node's remotes")
+    return EXIT_OK
+
+
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
     print(json.dumps(result) if args.json else "config reloaded")
@@ -438,7 +479,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
-            "backup": cmd_backup}
+            "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -449,7 +490,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"give up (exit 3) when the daemon does not answer within this time (default "
-                   f"{DEFAULT_TIMEOUT:g}); get, verify, backup, pin and rm wait as long as progress comes")
+                   f"{DEFAULT_TIMEOUT:g}); get, verify, backup, pin, rm, export and import wait as long as "
+                   "progress comes")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="one screen of state")
     s.add_argument("--check", action="store_true", help="exit 1 while any file is below min_redundancy")
@@ -473,6 +515,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("hash")
     s = sub.add_parser("backup", help="a consistent copy of the catalog, while the daemon runs")
     s.add_argument("-o", "--output", metavar="FILE", required=True)
+    s = sub.add_parser("export", help="the exchange text (format 0.2) of files not yet exported, for other nodes")
+    s.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    s.add_argument("--limit", type=int, metavar="BYTES", help="at most this many bytes (whole entries)")
+    s = sub.add_parser("import", help="another node's exchange text: its files become known and fetchable here")
+    s.add_argument("file", metavar="FILE", help="the exchange text, or - for stdin")
+    s.add_argument("--source", metavar="LABEL", help="what confirms these entries (the original's block hash)")
     s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
     s.add_argument("--remotes", action="store_true")
     for sp in sub.choices.values():

@@ -20,26 +20,19 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, fsutil, health
-from .cache import Cache
-from .catalog import Catalog
+from . import __version__, health
 from .config import Config, ConfigError, catalog_sqlite_path, load_config
-from .control import ControlServer
-from .errors import CloudManagerError, NotFound, StartupError, explain_oserror
-from .eviction import Evictor
-from .fetch import Fetcher
+from .control import ControlServer, node_commands
+from .errors import CloudManagerError, StartupError, explain_oserror
+from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
-from .names import show
+from .node import Node, build_remotes
 from .notify import Notifier
-from .protocol import FULL_HASH, HASH_PREFIX
 from .rejects import Rejector
-from .remotes import RemoteError, build_remote
-from .removal import Remover
-from .scrub import Scrubber
-from .status import build_status, file_object, summary_line
-from .uploads import Uploader
+from .remotes import build_remote
+from .status import build_status, summary_line
 
 log = logging.getLogger("cloudmanagerd")
 
@@ -157,20 +150,6 @@ def _folder_problem(key: str, path: str) -> str | None:
     return None
 
 
-def build_remotes(config: Config) -> dict[str, Any]:
-    """Every configured remote's client; a remote that cannot even be built (a missing secret
-    file, an unknown type) is a start-up error naming it."""
-    built: dict[str, Any] = {}
-    for rc in config.remotes:
-        try:
-            built[rc.name] = build_remote(rc)
-        except RemoteError as exc:
-            for remote in built.values():
-                remote.close()
-            raise StartupError(f"remotes.{rc.name}: {exc}") from None
-    return built
-
-
 def _user() -> str:
     import pwd
     try:
@@ -205,10 +184,20 @@ class Daemon:
         c = self.config
         os.makedirs(c.state, exist_ok=True)
         self._lock_state()
-        self.catalog = Catalog.open(c.catalog, c.node)
-        self._stack.callback(self.catalog.close)
-        self.cache = Cache(c.cache.path, c.cache.capacity)
-        self._stack.callback(self.cache.close)
+        self.events = Events()
+        self.node = Node(catalog_url=c.catalog, node=c.node, cache_path=c.cache.path, capacity=c.cache.capacity,
+                         remotes=c.remotes, policy=c.upload, lease=c.cluster.lease, events=self.events,
+                         chain_pumps=True)
+        self._stack.callback(self.node.close)
+        # the daemon's names for the core's parts (the control commands and health checks read them)
+        node = self.node
+        self.catalog, self.cache, self.remotes = node.catalog, node.cache, node.remotes
+        self.evictor, self.fetcher, self.scrubber = node.evictor, node.fetcher, node.scrubber
+        self.remover, self.uploader = node.remover, node.uploader
+        self.events.on("work-queued", self.wake_pump)
+        self.events.on("copy-made", self._copy_made)
+        self.events.on("room-freed", self._room_freed)
+        self.events.on("registered", self._registered)
         self.rejector = Rejector(c.ingest.rejected)
         self._stack.callback(self.rejector.close)
         try:
@@ -219,16 +208,6 @@ class Daemon:
             raise StartupError(explain_oserror(exc, f"inbox {c.inbox}")) from None
         self._stack.callback(self.inbox.close)
 
-        self.remotes = remotes = build_remotes(c)
-        self._stack.callback(lambda: [r.close() for r in self.remotes.values()])
-        self.evictor = Evictor(self.cache, self.catalog, lambda: self.config.upload.min_redundancy)
-        self.fetcher = Fetcher(self.cache, self.catalog, remotes, self.evictor)
-        self.scrubber = Scrubber(self.cache, self.catalog, remotes, self.fetcher)
-        self.remover = Remover(self.cache, self.catalog, remotes)
-        self.uploader = Uploader(self.catalog, self.cache, remotes, [rc.name for rc in c.remotes], c.upload,
-                                 c.cluster.lease, bad_object=self.scrubber.replace_bad_object,
-                                 ensure_cached=self.fetcher.ensure_cached, wake=self.wake_pump,
-                                 on_copy=self._copy_made, chain_pumps=True)
         self.ingestor = Ingestor(self.inbox, self.cache, self.catalog, self.rejector,
                                  self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()
@@ -239,7 +218,8 @@ class Daemon:
             log.info("%d upload(s) interrupted by the last stop are queued again", released)
 
         self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox, rel))
-        self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan, self._registered,
+        self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan,
+                                   lambda hashes: self.events.emit("registered", hashes),
                                    first=self.ingestor.adopt_orphans)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
@@ -352,6 +332,9 @@ class Daemon:
 
     def _copy_made(self, h: str) -> None:
         """A new copy may let a cached file go: files waiting for room get another chance."""
+        self._room_freed()
+
+    def _room_freed(self) -> None:
         if self.worker.waiting:
             self.worker.offer_waiting("cache-full")
 
@@ -410,6 +393,9 @@ class Daemon:
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
 
     def _refresh_status(self) -> None:
+        # a script using the Python API on this node adds and evicts too: follow the catalog's account
+        with contextlib.suppress(sqlite3.Error):
+            self.node.refresh_cache_account()
         if self.catalog.db.write_error:
             # a failed write is reported until a write succeeds: try one (the node's heartbeat),
             # so that the line goes once there is room again, even while nothing else writes
@@ -493,22 +479,11 @@ class Daemon:
         self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster, **kept)
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
-        self.cache.capacity = new.cache.capacity
-        self.uploader.policy = upload
+        self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
         self.ingestor.ignore = tuple(new.ingest.ignore)
         self.queue.settle = new.ingest.settle
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
-        for name in set(remotes_old) - set(remotes_new):
-            self.remotes.pop(name).close()
-            self.uploader.unhealthy.pop(name, None)
-        for name, remote in built.items():
-            previous = self.remotes.get(name)
-            self.remotes[name] = remote
-            self.uploader.unhealthy.pop(name, None)
-            if previous is not None:
-                previous.close()
-        self.uploader.order = [rc.name for rc in new.remotes]
         self.scheduler.modify_job("heal", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,
@@ -545,86 +520,9 @@ class Daemon:
     # -- control commands ------------------------------------------------------------------
 
     def _commands(self) -> dict[str, Any]:
-        return {
-            "status": lambda req, fds, progress: self.status(),
-            "ls": self._cmd_ls,
-            "info": lambda req, fds, progress: file_object(self.catalog.file_info(self._hash_arg(req))),
-            "get": self._cmd_get,
-            "pin": self._cmd_pin,
-            "unpin": lambda req, fds, progress: self._set_pin(req, False),
-            "rm": lambda req, fds, progress: self.remover.remove(self._hash_arg(req)),
-            "verify": self._cmd_verify,
-            "backup": self._cmd_backup,
-            "retry": self._cmd_retry,
-            "reload": self._cmd_reload,
-        }
-
-    def _hash_arg(self, req: dict[str, Any]) -> str:
-        value = req.get("hash")
-        if not isinstance(value, str) or not HASH_PREFIX.match(value):
-            raise NotFound(f"bad hash {value!r}: give 6 to 64 lowercase hex digits")
-        known = FULL_HASH.match(value) and self.catalog.file_size(value) is not None
-        return value if known else self.catalog.resolve(value)
-
-    def _cmd_ls(self, req: dict[str, Any], fds: list[int], progress: Any) -> list[dict[str, Any]]:
-        state = req.get("state")
-        if state not in (None, "cached", "evicted", "pending", "failed"):
-            raise CloudManagerError(f"ls: unknown state {state!r}; use cached, evicted, pending or failed")
-        name = req.get("name")
-        limit = req.get("limit")
-        if name is not None and (not isinstance(name, str) or not _encodable(name)):
-            raise CloudManagerError("ls: name must be a glob pattern (a string)")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 63):
-            raise CloudManagerError("ls: limit must be a whole number, 0 or more")
-        return [file_object(f) for f in self.catalog.list_files(state, name, limit)]
-
-    def _cmd_get(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
-        h = self._hash_arg(req)
-        if len(fds) != 1:
-            raise CloudManagerError("get: pass exactly one open file descriptor to write to")
-        fsutil.writable_fd(fds[0], "get")
-        info = self.catalog.file_info(h)
-        written = self.fetcher.send(h, fds[0], progress)
-        self.catalog.add_transfer(time.time(), outgoing=written)
-        return {"hash": h, "size": written, "name": show(info["name"])}
-
-    def _cmd_pin(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
-        h = self._hash_arg(req)
-        self.fetcher.ensure_cached(h, progress)
-        return self._set_pin({"hash": h}, True)
-
-    def _set_pin(self, req: dict[str, Any], pinned: bool) -> dict[str, Any]:
-        h = self._hash_arg(req)
-        self.catalog.set_pinned(h, pinned)
-        if not pinned and self.worker.waiting:
-            self.worker.offer_waiting("cache-full")
-        return {"hash": h, "pinned": pinned}
-
-    def _cmd_verify(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
-        result: dict[str, Any] = {"cache": self.scrubber.verify_cache(progress)}
-        if req.get("remotes"):
-            result["remotes"] = self.scrubber.verify_remotes(progress)
-        self.wake_pump()
-        return result
-
-    def _cmd_backup(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
-        if len(fds) != 1:
-            raise CloudManagerError("backup: pass exactly one open file descriptor to write to")
-        fsutil.writable_fd(fds[0], "backup")
-        with fsutil.nonblocking(fds[0]):  # a reader that stops reading fails the backup (fsutil.STALL)
-            size = self.catalog.db.backup_to(fds[0])
-        return {"bytes": size}
-
-    def _cmd_retry(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
-        hashes = req.get("hashes")
-        if req.get("all"):
-            revived = self.catalog.retry_failed(None, time.time())
-        else:
-            if not isinstance(hashes, list) or not hashes:
-                raise CloudManagerError("retry: name one or more hashes, or pass --all")
-            revived = self.catalog.retry_failed([self._hash_arg({"hash": h}) for h in hashes], time.time())
-        self.wake_pump()
-        return {"requeued": revived}
+        return {**node_commands(self.node),
+                "status": lambda req, fds, progress: self.status(),
+                "reload": self._cmd_reload}
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         errors = self.reload()
@@ -636,15 +534,6 @@ class Daemon:
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
                 "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
-
-
-def _encodable(name: str) -> bool:
-    """A name pattern the catalog can match (a lone surrogate from JSON is not a byte name)."""
-    try:
-        name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _dotted(config: Any, key: str) -> Any:
@@ -679,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     problems, warnings = preflight(config)
     if args.check_config:
         try:
-            for remote in build_remotes(config).values():
+            for remote in build_remotes(config.remotes).values():
                 remote.close()
         except StartupError as exc:
             problems.append(str(exc))

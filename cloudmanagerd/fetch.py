@@ -279,8 +279,8 @@ class Fetcher:
                     raise CloudManagerError(f"{h[:12]}: the cached copy was corrupt and was dropped; "
                                             f"fetching it again failed: {exc}") from None
                 if kept:
-                    raise CloudManagerError(f"{h[:12]}: the cached copy holds other bytes and no remote has a good "
-                                            "copy: the file's bytes are lost (the damaged object is kept)")
+                    raise CloudManagerError(f"{h[:12]}: the cached copy is corrupt and no remote has a good copy: "
+                                            "the file's bytes are lost (the damaged object is kept, see the log)")
                 if wrote and not regular:
                     raise CloudManagerError(
                         f"{h[:12]}: the cached copy was corrupt and the output got part of it; the copy was "

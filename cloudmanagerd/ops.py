@@ -1,15 +1,29 @@
-"""Operations that several faces share: the control socket maps JSON onto them, the Python API calls them.
+"""The typed operations of a node: the control socket maps JSON lines onto them (control.py), the
+Python API calls the same functions (api.py).
 
-Each takes the parts it works on as arguments and `now` as a parameter; none starts a thread.
+Each takes the node core (node.py) and plain arguments, checks them, and raises CloudManagerError
+(or NotFound) with a line that says what is wrong; none starts a thread.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from .catalog import Catalog
-from .exchange import MAX_TEXT, dump, parse
+from . import fsutil
+from .catalog import Catalog, ImportConflict
+from .errors import CloudManagerError, NotFound
+from .exchange import MAX_TEXT, ExchangeError, dump, parse
+from .names import show
+from .protocol import FULL_HASH, HASH_PREFIX
+from .status import file_object
+
+Progress = Callable[[int, int], None] | None
+# what `import` reads from a client's file at most: an export of ~3 million files
+IMPORT_MAX = 1 << 30
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +54,119 @@ def import_(catalog: Catalog, text: str | bytes, local_remotes: Iterable[str], s
     log.info("imported %d file(s), %d new, %d copies on this node's remotes%s", counts["files"], counts["new"],
              counts["copies"], f", source={source}" if source else "")
     return counts
+
+
+# -- one file -----------------------------------------------------------------------------------
+
+def resolve(node, value: Any) -> str:
+    """A full hash from a hash or a unique prefix of 6+ lowercase hex digits."""
+    if not isinstance(value, str) or not HASH_PREFIX.match(value):
+        raise NotFound(f"bad hash {value!r}: give 6 to 64 lowercase hex digits")
+    known = FULL_HASH.match(value) and node.catalog.file_size(value) is not None
+    return value if known else node.catalog.resolve(value)
+
+
+def ls(node, state: Any = None, name: Any = None, limit: Any = None) -> list[dict[str, Any]]:
+    if state not in (None, "cached", "evicted", "pending", "failed"):
+        raise CloudManagerError(f"ls: unknown state {state!r}; use cached, evicted, pending or failed")
+    if name is not None and (not isinstance(name, str) or not _encodable(name)):
+        raise CloudManagerError("ls: name must be a glob pattern (a string)")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 63):
+        raise CloudManagerError("ls: limit must be a whole number, 0 or more")
+    return [file_object(f) for f in node.catalog.list_files(state, name, limit)]
+
+
+def info(node, h: Any) -> dict[str, Any]:
+    return file_object(node.catalog.file_info(resolve(node, h)))
+
+
+def get(node, h: Any, fd: int, progress: Progress = None) -> dict[str, Any]:
+    """Write the file's verified bytes to an open descriptor (fetched back first if evicted)."""
+    h = resolve(node, h)
+    fsutil.writable_fd(fd, "get")
+    details = node.catalog.file_info(h)
+    written = node.fetcher.send(h, fd, progress)
+    node.catalog.add_transfer(time.time(), outgoing=written)
+    return {"hash": h, "size": written, "name": show(details["name"])}
+
+
+def pin(node, h: Any, pinned: bool, progress: Progress = None) -> dict[str, Any]:
+    """Keep a file in the cache (fetched back if needed), or let it go again."""
+    h = resolve(node, h)
+    if pinned:
+        node.fetcher.ensure_cached(h, progress)
+    node.catalog.set_pinned(h, pinned)
+    if not pinned:
+        node.events.emit("room-freed")
+    return {"hash": h, "pinned": pinned}
+
+
+def rm(node, h: Any) -> dict[str, Any]:
+    return node.remover.remove(resolve(node, h))
+
+
+def retry(node, hashes: Any = None, everything: bool = False) -> dict[str, Any]:
+    """Given-up uploads back in the queue, now."""
+    if everything:
+        revived = node.catalog.retry_failed(None, time.time())
+    else:
+        if not isinstance(hashes, list) or not hashes:
+            raise CloudManagerError("retry: name one or more hashes, or pass --all")
+        revived = node.catalog.retry_failed([resolve(node, h) for h in hashes], time.time())
+    node.events.emit("work-queued")
+    return {"requeued": revived}
+
+
+def verify(node, remotes: bool = False, progress: Progress = None) -> dict[str, Any]:
+    result: dict[str, Any] = {"cache": node.scrubber.verify_cache(progress)}
+    if remotes:
+        result["remotes"] = node.scrubber.verify_remotes(progress)
+    node.events.emit("work-queued")
+    return result
+
+
+def backup(node, fd: int) -> dict[str, Any]:
+    """A consistent copy of the catalog, written to an open descriptor."""
+    fsutil.writable_fd(fd, "backup")
+    with fsutil.nonblocking(fd):  # a reader that stops reading fails the backup (fsutil.STALL)
+        size = node.catalog.db.backup_to(fd)
+    return {"bytes": size}
+
+
+def export_to(node, fd: int, limit: Any = None) -> dict[str, Any]:
+    """`cloudmanagerctl export`: the files due for export, as exchange text, into an open descriptor."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise CloudManagerError("export: limit must be a whole number of bytes, 0 or more")
+    fsutil.writable_fd(fd, "export")
+    text, count = export(node.catalog, node.policy.min_redundancy, limit, time.time())
+    data = (text or "[]").encode("ascii") + b"\n"
+    with fsutil.nonblocking(fd):
+        fsutil.write_all(fd, data)
+    return {"files": count, "bytes": len(data)}
+
+
+def import_from(node, fd: int, source: Any = None) -> dict[str, Any]:
+    """`cloudmanagerctl import`: an exchange text read from an open descriptor, all or nothing."""
+    if source is not None and (not isinstance(source, str) or len(source) > 1024 or not source.isprintable()):
+        raise CloudManagerError("import: source must be a printable label of at most 1024 characters")
+    chunks, total = [], 0
+    while chunk := os.read(fd, 1 << 20):
+        total += len(chunk)
+        if total > IMPORT_MAX:
+            raise CloudManagerError(f"import: the file is larger than {IMPORT_MAX >> 20} MiB; split it")
+        chunks.append(chunk)
+    try:
+        counts = import_(node.catalog, b"".join(chunks), node.uploader.order, source, time.time(), IMPORT_MAX)
+    except (ExchangeError, ImportConflict) as exc:
+        raise CloudManagerError(f"import: nothing imported: {exc}") from None
+    node.events.emit("work-queued")
+    return counts
+
+
+def _encodable(name: str) -> bool:
+    """A name pattern the catalog can match (a lone surrogate from JSON is not a byte name)."""
+    try:
+        name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -21,6 +21,7 @@ from .cache import Cache
 from .catalog import Catalog, UploadClaim
 from .config import UploadConfig
 from .errors import CloudManagerError
+from .events import Events
 from .fetch import TrailingHasher
 from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, SourceMismatch, Transfer
 
@@ -143,7 +144,7 @@ class Uploader:
                  rng: random.Random | None = None, *,
                  ensure_cached: Callable[[str], None] | None = None, claim_owner: str | None = None,
                  bad_object: Callable[[str, int, str, tuple[int, int] | None], Any] = lambda h, size, why, seen: None,
-                 wake: Callable[[], None] = lambda: None, on_copy: Callable[[str], None] = lambda h: None,
+                 events: Events | None = None,
                  chain_pumps: bool = False) -> None:
         self.catalog = catalog
         # replaces a cache object whose bytes do not match its hash (Scrubber.replace_bad_object)
@@ -156,15 +157,14 @@ class Uploader:
         self.now = now
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
-        # asks the scheduler to pump now (a remote is healthy again, new copies are queued)
-        self.wake = wake
+        # "work-queued" (pump now: a remote is healthy again, spares queued) and "copy-made" (room may
+        # have appeared in the cache) go out through the node's one event mechanism
+        self.events = events if events is not None else Events()
         # bring an evicted file back before re-copying it (self-heal)
         self.ensure_cached = ensure_cached
         # whose name its claims carry: the node's (a daemon), or one API process's, so that a daemon's
         # start-up never frees an API's transfers in flight and the API frees those of a killed script
         self.claim_owner = claim_owner
-        # hears about every new copy (room may have appeared in the cache)
-        self.on_copy = on_copy
         self.last_progress = time.monotonic()
         self._active: dict[tuple[str, str], Transfer | None] = {}
         self._pump_lock = threading.Lock()
@@ -176,6 +176,18 @@ class Uploader:
         self._closed = False
 
     # -- what the rest of the daemon asks ------------------------------------------------
+
+    def reconfigure(self, policy: UploadConfig, order: Sequence[str]) -> None:
+        """A reload: the new policy and remote order apply to the next decisions; remotes no longer
+        configured lose their health record."""
+        self.policy = policy
+        self.order = list(order)
+        for name in set(self.unhealthy) - set(order):
+            self.unhealthy.pop(name, None)
+
+    def forget_health(self, name: str) -> None:
+        """A remote was rebuilt from a new config: its old failures say nothing of the new one."""
+        self.unhealthy.pop(name, None)
 
     def targets(self) -> list[str]:
         """The remotes a new file goes to (ingest records them with the file, in one transaction)."""
@@ -244,7 +256,7 @@ class Uploader:
                 continue
             log.info("remote %s is reachable again", name)
             self.unhealthy.pop(name, None)
-            self.wake()
+            self.events.emit("work-queued")
 
     def _transfer(self, claim: UploadClaim) -> None:
         try:
@@ -270,7 +282,7 @@ class Uploader:
             if self.chain_pumps:
                 self.pump()
             else:
-                self.wake()
+                self.events.emit("work-queued")
 
     def _send(self, claim: UploadClaim) -> None:
         remote = self.remotes.get(claim.remote)
@@ -321,7 +333,7 @@ class Uploader:
             check.abandon()
             os.close(fd)
         self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
-        self.on_copy(claim.hash)
+        self.events.emit("copy-made", claim.hash)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
@@ -382,7 +394,7 @@ class Uploader:
         if released:
             log.warning("took back %d upload(s) left active with no transfer running (their lease expired); "
                         "queued again", released)
-            self.wake()
+            self.events.emit("work-queued")
         return released
 
     def check_stalls(self) -> None:
@@ -404,7 +416,7 @@ class Uploader:
         queued = sum(bool(self.top_up(h)) for h in self.catalog.under_replicated(self.policy.redundancy))
         if queued:
             log.info("queued new copies for %d file(s) below redundancy", queued)
-            self.wake()
+            self.events.emit("work-queued")
         return queued
 
     def close(self) -> None:

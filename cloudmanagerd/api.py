@@ -232,8 +232,7 @@ class CloudManager:
         if self.catalog.cached_here([h]) and not self.cache.has_object(h):
             # the object vanished behind the catalog's back: the catalog follows the disk, then fetch
             log.warning("cache object hash=%s is missing; fetching it again", h)
-            self.catalog.drop_cache_entries([h])
-            self.core.refresh_cache_account()
+            self.evictor.drop([(h, size)])
         try:
             self.fetcher.ensure_cached(h)
         except CloudManagerError as exc:

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sqlite3
-import stat
 import sys
 import threading
 import time
@@ -20,8 +19,8 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, health
-from .config import Config, ConfigError, catalog_sqlite_path, load_config
+from . import __version__, health, jobs
+from .config import Config, ConfigError, load_config
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
@@ -30,6 +29,7 @@ from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
 from .node import Node, build_remotes
 from .notify import Notifier
+from .preflight import inbox_link_problem, preflight
 from .rejects import Rejector
 from .remotes import build_remote
 from .status import build_status, summary_line
@@ -37,125 +37,6 @@ from .status import build_status, summary_line
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
-PUMP_INTERVAL = 1.0
-PROBE_INTERVAL = 30.0
-STATUS_INTERVAL = 2.0
-STALL_CHECK_INTERVAL = 1.0
-SCRUB_INTERVAL = 60.0
-HEAL_INTERVAL = 30.0
-INBOX_CHECK_INTERVAL = 2.0
-LEFTOVERS_INTERVAL = 3600.0
-
-
-def preflight(config: Config) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about the folders, each one line that says what to do.
-
-    The same checks serve the start and `--check-config`, so that a config said to be OK does
-    not then fail to start on a folder. Errors stop the daemon (it could not take a single file
-    in); a remote it cannot write to is only a warning: the daemon runs, reports the remote and
-    uses the others.
-    """
-    problems: list[str] = []
-    warnings: list[str] = []
-    inbox = config.inbox
-    link = inbox_link_problem(inbox)
-    if link:
-        problems.append(link)
-    elif not os.path.isdir(inbox):
-        problems.append(f"inbox: {inbox} does not exist or is not a folder (create it: mkdir -p {inbox})")
-    elif _read_only(inbox):
-        problems.append(f"inbox: {inbox} is on a read-only mount (files are moved out of it; {_REMOUNT})")
-    elif not os.access(inbox, os.W_OK | os.X_OK):
-        problems.append(f"inbox: {inbox} is not writable by user {_user()} "
-                        f"(files are moved out of it; run: chown {_user()} {inbox})")
-    folders = [("cache.path", config.cache.path), ("state", config.state), ("ingest.rejected", config.ingest.rejected),
-               ("control.socket", os.path.dirname(config.control.socket) or ".")]
-    sqlite = catalog_sqlite_path(config.catalog)
-    if sqlite:
-        folders.append(("catalog", os.path.dirname(sqlite) or "."))
-    checked = set()
-    for key, path in folders:
-        if os.path.abspath(path) in checked:  # the catalog's folder is usually the state: said once
-            continue
-        checked.add(os.path.abspath(path))
-        problem = _folder_problem(key, path)
-        if problem:
-            problems.append(problem)
-    with contextlib.suppress(OSError):
-        if not stat.S_ISSOCK(os.lstat(config.control.socket).st_mode):
-            problems.append(f"control.socket {config.control.socket} exists and is not a socket; move it away "
-                            "or choose another path")
-    for rc in config.remotes:
-        if rc.type == "directory":
-            path = str(rc.get("path"))
-            if os.path.isdir(path) and _read_only(path):
-                warnings.append(f"remotes.{rc.name}: {path} is on a read-only mount (no copy can be made there; "
-                                f"{_REMOUNT})")
-            elif os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
-                warnings.append(f"remotes.{rc.name}: {path} is not writable by user {_user()} (under systemd, "
-                                f"add a drop-in with ReadWritePaths={path}; else chown it)")
-    return problems, warnings
-
-
-def inbox_link_problem(inbox: str) -> str | None:
-    """An inbox path whose last component is a symlink is refused: it would take whatever the
-    link points to (anyone who may replace it could point it at any folder). Links higher up
-    the path (/srv -> /data/srv) are the admin's own layout and are allowed; below the inbox
-    nothing is ever followed (fsutil)."""
-    if not os.path.islink(inbox):
-        return None
-    try:
-        target = os.readlink(inbox)
-    except OSError:
-        target = "?"
-    return (f"inbox: {inbox} is a symbolic link to {target}, which is never followed (set inbox to "
-            f"the real folder, {os.path.realpath(inbox)}, or replace the link with a folder)")
-
-
-_REMOUNT = "remount it read-write or choose another folder; under systemd, list it in ReadWritePaths="
-
-
-def _read_only(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def _folder_problem(key: str, path: str) -> str | None:
-    """Why the daemon could not use the folder at `path`, creating it if missing; None when it can."""
-    existing = path
-    while True:
-        try:
-            st = os.stat(existing)
-            break
-        except FileNotFoundError:
-            parent = os.path.dirname(existing)
-            if parent == existing:
-                return f"{key}: {path}: no part of it exists"
-            existing = parent
-        except OSError as exc:
-            return explain_oserror(exc, f"{key}: {path}")
-    creates = existing != path
-    if not stat.S_ISDIR(st.st_mode):
-        if creates:
-            return f"{key}: {path} cannot be created: {existing} is not a folder"
-        return f"{key}: {path} is not a folder (move it away or choose another path)"
-    if _read_only(existing):
-        where = f"{existing}, where it would be created," if creates else path
-        return f"{key}: {where} is on a read-only mount ({_REMOUNT})"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = f"{path} cannot be created by user {_user()}" if creates else f"{path} is not writable by user {_user()}"
-        return f"{key}: {what} (run: chown {_user()} {existing})"
-    return None
-
-
-def _user() -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 class Daemon:
@@ -225,24 +106,12 @@ class Daemon:
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
-        self.scheduler.add_job(self._guarded(self.uploader.pump), "interval", seconds=PUMP_INTERVAL, id="pump",
-                               next_run_time=_now())
-        self.scheduler.add_job(self._guarded(self._rescan), "interval", seconds=c.ingest.rescan, id="rescan")
-        self.scheduler.add_job(self._guarded(self._check_inbox), "interval", seconds=INBOX_CHECK_INTERVAL,
-                               id="inbox-check")
-        self.scheduler.add_job(self.uploader.probe_unhealthy, "interval", seconds=PROBE_INTERVAL, id="probe")
-        self.scheduler.add_job(self.uploader.check_stalls, "interval", seconds=STALL_CHECK_INTERVAL, id="stalls")
-        self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_INTERVAL, id="status")
-        self.scheduler.add_job(self._guarded(self._scrub), "interval", seconds=SCRUB_INTERVAL, id="scrub")
-        self.scheduler.add_job(self._guarded(self.uploader.heal), "interval", seconds=HEAL_INTERVAL, id="heal",
-                               next_run_time=_now())
-        self.scheduler.add_job(self._guarded(self.remover.resume), id="resume-removals", next_run_time=_now())
-        # claims left "active" by a transfer whose record failed (a full catalog disk) come back
-        # while running, not only at the next start (issue 10)
-        self.scheduler.add_job(self._guarded(self.uploader.reclaim), "interval", seconds=max(1.0, min(30.0, c.cluster.lease / 2)),
-                               id="reclaim")
-        self.scheduler.add_job(self._guarded(self.scrubber.clean_leftovers), "interval", seconds=LEFTOVERS_INTERVAL,
-                               id="leftovers", next_run_time=_now())
+        jobs.schedule(self.scheduler, jobs.TABLE, {
+            "pump": self.uploader.pump, "rescan": self._rescan, "inbox-check": self._check_inbox,
+            "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
+            "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
+            "resume-removals": self.remover.resume, "reclaim": self.uploader.reclaim,
+            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.db.release)
 
@@ -339,7 +208,7 @@ class Daemon:
             self.worker.offer_waiting("cache-full")
 
     def _scrub(self) -> None:
-        budget = int(self.config.cache.scrub * SCRUB_INTERVAL)
+        budget = int(self.config.cache.scrub * jobs.SCRUB_INTERVAL)
         if budget <= 0:
             return
         report = self.scrubber.step(budget)

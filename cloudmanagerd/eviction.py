@@ -55,6 +55,13 @@ class Evictor:
             return self.cache.reserve(size)
 
     def evict(self, victims: Sequence[tuple[str, int]]) -> None:
+        self.drop(victims)
+        log.info("evicted %d file(s), %d bytes, to make room", len(victims), sum(s for _, s in victims))
+
+    def drop(self, victims: Sequence[tuple[str, int]]) -> None:
+        """The one path by which objects leave the cache (eviction, a rotten object replaced, `rm`),
+        crash-safe: the entries are marked, the objects unlinked and their folders fsynced, and only
+        then does the catalog say "not cached" (start-up finishes a marked drop: `reconcile`)."""
         hashes = [h for h, _ in victims]
         self.catalog.mark_evicting(hashes)
         folders = set()
@@ -65,7 +72,6 @@ class Evictor:
             os.fsync(fd)
         self.catalog.drop_cache_entries(hashes)
         self.cache.dropped(sum(size for _, size in victims))
-        log.info("evicted %d file(s), %d bytes, to make room", len(victims), sum(s for _, s in victims))
 
     def reconcile(self) -> None:
         """Finish evictions a crash interrupted: gone objects leave the catalog, present ones stay cached."""

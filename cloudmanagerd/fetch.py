@@ -207,9 +207,9 @@ class Fetcher:
                     return
                 log.error("cache object hash=%s %s; dropping it and fetching it again", h, why)
                 if self.catalog.cached_here([h]):
-                    self.catalog.drop_cache_entries([h])
-                    self.cache.dropped(size)
-                self.cache.remove_object(h)
+                    self.evictor.drop([(h, size)])
+                else:
+                    self.cache.remove_object(h)  # no entry, no account: a stray object
                 self.damaged.pop(h, None)
             self._ensure_cached(h, progress)
         self._gated(h, drop_and_fetch)
@@ -338,10 +338,10 @@ class Fetcher:
                     digest = sha256_fd(fd)
             except RemoteError as exc:
                 if exc.kind == MISSING:
-                    self._bad_copy(h, remote.name, f"copy of {h[:12]} is missing")
+                    self.bad_copy(h, remote.name, f"copy of {h[:12]} is missing")
                 raise
             if digest != h:
-                self._bad_copy(h, remote.name, f"copy of {h[:12]} holds other bytes (sha256 {digest[:12]})")
+                self.bad_copy(h, remote.name, f"copy of {h[:12]} holds other bytes (sha256 {digest[:12]})")
                 raise RemoteError(f"copy failed verification (sha256 {digest[:12]})")
             if written != size:
                 # the bytes are right and the catalog is wrong (an imported entry's size): installing the
@@ -361,7 +361,9 @@ class Fetcher:
         self.catalog.mark_copy_verified(h, remote.name, self.now())  # an imported location, proven now
         log.info("fetched hash=%s remote=%s size=%d, verified", h, remote.name, size)
 
-    def _bad_copy(self, h: str, remote: str, why: str) -> None:
+    def bad_copy(self, h: str, remote: str, why: str) -> None:
+        """The one path for a remote copy found missing or holding other bytes (a fetch, the scrub,
+        verify): it stops counting, its remote is charged, and a replacement is queued."""
         log.error("remote %s: %s; marked bad, a new copy will be made", remote, why)
         now = self.now()
         self.catalog.mark_copy_bad(h, remote, why, now)

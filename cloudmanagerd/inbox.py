@@ -418,7 +418,7 @@ class InboxRoot(fsutil.Root):
     """The inbox folder's descriptor, which follows the configured path when it is replaced."""
 
     def __init__(self, path: str) -> None:
-        # O_NOFOLLOW: an inbox path that is a symlink is refused (ELOOP), see daemon.preflight
+        # O_NOFOLLOW: an inbox path that is a symlink is refused (ELOOP), see preflight.py
         super().__init__(path, fsutil.open_root(path, follow=False))
 
     def check(self) -> tuple[bool, str | None]:

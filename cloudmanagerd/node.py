@@ -67,7 +67,7 @@ class Node:
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.policy.min_redundancy)
         self.fetcher = Fetcher(self.cache, self.catalog, self.remotes, self.evictor, now=now)
         self.scrubber = Scrubber(self.cache, self.catalog, self.remotes, self.fetcher, now=now)
-        self.remover = Remover(self.cache, self.catalog, self.remotes)
+        self.remover = Remover(self.cache, self.catalog, self.remotes, self.evictor)
         self.uploader = Uploader(self.catalog, self.cache, self.remotes, [rc.name for rc in remotes], policy, lease,
                                  now=now, ensure_cached=self.fetcher.ensure_cached, claim_owner=claim_owner,
                                  bad_object=self.scrubber.replace_bad_object, events=events,

@@ -7,11 +7,11 @@ A remote that cannot delete (a file locker without a delete command) forgets the
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 from .cache import Cache
 from .catalog import Catalog
+from .eviction import Evictor
 from .errors import CloudManagerError
 from .remotes.base import Remote, RemoteError
 
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class Remover:
-    def __init__(self, cache: Cache, catalog: Catalog, remotes: Mapping[str, Remote]) -> None:
+    def __init__(self, cache: Cache, catalog: Catalog, remotes: Mapping[str, Remote], evictor: Evictor) -> None:
+        self.evictor = evictor  # the one path by which an object leaves the cache
         self.cache = cache
         self.catalog = catalog
         self.remotes = remotes
@@ -30,10 +31,7 @@ class Remover:
             raise CloudManagerError(f"no file with hash {h}")
         self.catalog.begin_remove(h)
         if self.catalog.cached_here([h]):
-            self.cache.remove_object(h)
-            os.fsync(self.cache.subdir_fd(h))
-            self.catalog.drop_cache_entries([h])
-            self.cache.dropped(size)
+            self.evictor.drop([(h, size)])
         failed = []
         for name, url in self.catalog.all_copies(h):
             remote = self.remotes.get(name)

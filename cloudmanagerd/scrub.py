@@ -129,10 +129,7 @@ class Scrubber:
         if found is None or (found >= 0 and found != size):
             why = "missing" if found is None else f"has {found} bytes instead of {size}"
             report["bad"] += 1
-            log.error("remote %s: copy of hash=%s is %s; marked bad, a new copy will be made", remote_name, h, why)
-            now = self.now()
-            self.catalog.mark_copy_bad(h, remote_name, f"copy {why}", now)
-            self.catalog.replace_bad_copy(h, remote_name, now)
+            self.fetcher.bad_copy(h, remote_name, f"copy of {h[:12]} is {why}")
             return
         self.catalog.mark_copy_verified(h, remote_name, self.now())
 

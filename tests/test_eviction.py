@@ -91,7 +91,7 @@ class World:
         self.evictor = Evictor(self.cache, self.catalog, lambda: self.min_copies)
         self.fetcher = Fetcher(self.cache, self.catalog, self.remotes, self.evictor, now=self.clock)
         self.scrubber = Scrubber(self.cache, self.catalog, self.remotes, self.fetcher, now=self.clock)
-        self.remover = Remover(self.cache, self.catalog, self.remotes)
+        self.remover = Remover(self.cache, self.catalog, self.remotes, self.evictor)
         self.data: dict[str, bytes] = {}
 
     def close(self) -> None:
@@ -623,7 +623,7 @@ def test_a_removal_interrupted_by_a_crash_is_finished_by_resume(world: World) ->
     assert world.catalog.removing() == [a]
     assert list(world.catalog.eviction_candidates(2)) == [], "a file being removed is not evicted meanwhile"
     # the restart
-    Remover(world.cache, world.catalog, world.remotes).resume()
+    Remover(world.cache, world.catalog, world.remotes, world.evictor).resume()
     assert world.catalog.removing() == []
     assert world.catalog.file_size(a) is None
     assert not (world.root / "cache" / a[:2] / a).exists()

@@ -420,7 +420,10 @@ class Uploader:
         return queued
 
     def close(self) -> None:
-        """Stop transfers in flight (they are retried after the restart) and release their claims."""
+        """Stop transfers in flight (they are retried after the restart) and release their claims.
+        Once: the daemon closes the uploader first (to log a failed release), then the node again."""
+        if self._closed:
+            return
         self._closed = True
         with self._lock:
             for transfer in self._active.values():

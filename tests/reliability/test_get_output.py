@@ -323,3 +323,30 @@ def test_a_client_that_disconnects_mid_get_harms_nothing(d: Daemon) -> None:
     result = d.ctl("get", sha(LARGE))
     assert result.returncode == 0 and sha(result.stdout) == sha(LARGE)
     assert "Traceback" not in d.log()
+
+
+def test_a_file_in_a_folder_the_user_cannot_write_is_refused_with_the_reason(workdir: Path) -> None:
+    """FILE is writable but its folder is not: there is no room for the temp file, and ctl says so."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run ctl as another user")
+    nobody = pwd.getpwnam("nobody")
+    folder = workdir / "roots"
+    folder.mkdir(mode=0o755)
+    mine = folder / "mine.txt"
+    mine.write_bytes(b"keep")
+    os.chown(mine, nobody.pw_uid, nobody.pw_gid)
+    path = str(workdir / "fake.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(1)
+    try:
+        result = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                                 sys.executable, "-m", "cloudmanagerd.ctl", "-s", path, "get", "abcdef", "-o",
+                                 str(mine)], capture_output=True, timeout=60)
+    finally:
+        server.close()
+    assert result.returncode == 1
+    assert f"no permission to create a file in {folder}" in one_error_line(result)
+    assert mine.read_bytes() == b"keep"

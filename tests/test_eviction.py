@@ -422,12 +422,12 @@ def test_an_unknown_hash_is_not_found(world: World) -> None:
 
 
 def _blocked_in_gate(thread: threading.Thread) -> bool:
-    """True when `thread` waits in Fetcher.ensure_cached for another request's fetch."""
+    """True when `thread` waits in Fetcher._gated for another request's fetch."""
     frame = sys._current_frames().get(thread.ident)
-    source, first = inspect.getsourcelines(Fetcher.ensure_cached)
+    source, first = inspect.getsourcelines(Fetcher._gated)
     gate_line = first + next(i for i, line in enumerate(source) if "with gate" in line)
     while frame is not None:
-        if frame.f_code is Fetcher.ensure_cached.__code__:
+        if frame.f_code is Fetcher._gated.__code__:
             return frame.f_lineno == gate_line
         frame = frame.f_back
     return False

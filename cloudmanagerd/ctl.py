@@ -181,6 +181,10 @@ class Output:
         try:
             self.fd = os.open(self.folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, mode if keep is None else 0o600)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise Failed(f"cannot write to {path}: no permission to create a file in {self.folder} (FILE is "
+                             "replaced only once it is complete, from a temp file beside it; write elsewhere and "
+                             "copy it)") from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise Failed(f"cannot write to {path}: {exc.strerror}") from None
             self.tmp = self._hidden_name()  # no O_TMPFILE on this filesystem: a hidden temp name

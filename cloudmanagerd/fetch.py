@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -249,8 +250,13 @@ class Fetcher:
         size = self.catalog.file_size(h)
         if size is None:
             raise NotFound(f"no file with hash {h}")
-        regular = stat.S_ISREG(os.fstat(dst).st_mode)
-        start = os.lseek(dst, 0, os.SEEK_CUR) if regular else 0
+        st_dst = os.fstat(dst)
+        regular = stat.S_ISREG(st_dst.st_mode)
+        # where our bytes begin: appended (`get >> FILE`) at the end, else at the offset
+        appends = bool(fcntl.fcntl(dst, fcntl.F_GETFL) & os.O_APPEND)
+        start = (st_dst.st_size if appends else os.lseek(dst, 0, os.SEEK_CUR)) if regular else 0
+        # cut back on a mismatch only what we wrote: never bytes of the file beyond our start
+        cut = regular and st_dst.st_size <= start
         reporter = _Throttled(progress, size)
         with fsutil.nonblocking(dst):
             for attempt in (1, 2):
@@ -269,8 +275,9 @@ class Fetcher:
                     return size
                 log.error("get: cache object hash=%s holds other bytes (%s); dropping it and fetching it again",
                           h, f"sha256 {digest[:12]}" if digest else f"{st.st_size} bytes instead of {size}")
-                if regular:  # never leave wrong bytes that look like a whole file
+                if cut:  # never leave wrong bytes that look like a whole file
                     os.ftruncate(dst, start)
+                if regular:
                     os.lseek(dst, start, os.SEEK_SET)
                 try:
                     kept = self.replace(h, size, (st.st_dev, st.st_ino), "holds other bytes", progress) == "kept"

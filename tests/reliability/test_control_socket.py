@@ -202,7 +202,7 @@ def test_a_long_get_outlives_the_timeout_while_progress_comes(d: Daemon) -> None
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    assert first + rest == BIG
+    assert hashlib.sha256(first + rest).digest() == hashlib.sha256(BIG).digest()
 
 
 # -- item 13 (ctl) -------------------------------------------------------------------------------------------
@@ -228,3 +228,23 @@ def test_status_piped_into_head_prints_one_line_and_no_traceback(d: Daemon) -> N
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == 1
     assert b"Traceback" not in result.stderr
+
+
+def test_copies_into_a_descriptor_nobody_reads_fail_after_the_stall(tmp_path) -> None:
+    """The bound behind `backup -o` into a pipe (fsutil.copy_fd) and `get` (fsutil.write_all), with a short stall."""
+    from cloudmanagerd.fsutil import StalledWrite, copy_fd, nonblocking, write_all
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(1 << 20))
+    r, w = os.pipe()
+    try:
+        with nonblocking(w), open(src, "rb") as f:
+            started = time.monotonic()
+            with pytest.raises(StalledWrite):
+                copy_fd(f.fileno(), w, stall=0.3)
+            with pytest.raises(StalledWrite):
+                write_all(w, b"x" * 100_000, stall=0.3)
+            assert time.monotonic() - started < 5
+        assert os.get_blocking(w), "the descriptor's flags are put back"
+    finally:
+        os.close(r)
+        os.close(w)

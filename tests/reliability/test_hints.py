@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import CI, Daemon, default_config, wait_for
+from conftest import CI, Daemon, wait_for
 
 
 @pytest.fixture
@@ -88,12 +87,6 @@ def test_a_folder_to_create_under_a_read_only_mount_is_named_as_such(daemon_fact
     checked = check_config(d.config_path)
     assert checked.returncode == 1
     assert f"state: {ro}, where it would be created, is on a read-only mount" in checked.stderr.decode()
-
-
-def write_config(workdir: Path, **overrides) -> Path:
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(default_config(workdir, **overrides)))
-    return path
 
 
 @pytest.mark.parametrize("case", ["cache-is-a-file", "cache-under-a-file", "state-is-a-file", "socket-is-a-file"])

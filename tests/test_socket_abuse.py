@@ -254,11 +254,13 @@ def test_fifty_clients_at_once_are_all_answered_and_leave_nothing(daemon: Daemon
 
 
 def test_idle_connections_beyond_the_limit_push_out_the_oldest_not_newcomers(daemon: Daemon) -> None:
-    hangers = [Conn(daemon.socket_path) for _ in range(MAX_IDLE)]
+    hangers: list[Conn] = []
     try:
-        # one request each makes sure every hanger was accepted before the extra one comes
-        for h in hangers:
-            assert h.ask({"cmd": "status"})["ok"]
+        # one request each, as it connects (a connection gets a few seconds for its first request),
+        # makes sure every hanger was accepted before the extra one comes
+        for _ in range(MAX_IDLE):
+            hangers.append(Conn(daemon.socket_path))
+            assert hangers[-1].ask({"cmd": "status"})["ok"]
         extra = Conn(daemon.socket_path, timeout=5)
         try:
             reply = extra.ask({"cmd": "status"})

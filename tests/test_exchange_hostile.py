@@ -1,0 +1,108 @@
+"""`export` and `import` over the control socket with descriptors and texts chosen to hurt the daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudmanagerd import ops
+from cloudmanagerd.errors import CloudManagerError
+from conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_endless_descriptor_is_refused_without_reading_it_into_memory(daemon_factory, workdir: Path):
+    d = daemon_factory(remotes=1)
+    before = _peak_rss_kib(d.proc.pid)
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        started = time.monotonic()
+        reply = d.request({"cmd": "import"}, [zero])
+    finally:
+        os.close(zero)
+    assert not reply["ok"] and "nothing imported" in reply["error"], reply
+    assert time.monotonic() - started < 2
+    # not a gigabyte of NULs held in the daemon's memory before the refusal
+    assert _peak_rss_kib(d.proc.pid) - before < 64 << 10
+    # a file larger than any import is refused from its size, before a byte is read
+    big = workdir / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(ops.IMPORT_MAX + 1)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        reply = d.request({"cmd": "import"}, [fd])
+    finally:
+        os.close(fd)
+    assert not reply["ok"] and "larger than" in reply["error"], reply
+    assert _peak_rss_kib(d.proc.pid) - before < 64 << 10
+    assert d.status()["catalog"]["files"] == 0
+
+
+def test_a_write_only_descriptor_for_import_says_so(daemon_factory, workdir: Path):
+    d = daemon_factory(remotes=1)
+    fd = os.open(workdir / "w.json", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        reply = d.request({"cmd": "import"}, [fd])
+    finally:
+        os.close(fd)
+    assert not reply["ok"] and "not open for reading" in reply["error"], reply
+
+
+class _Node:
+    """Just enough of a node for ops.import_from to refuse before it touches the catalog."""
+    catalog = None
+
+
+def test_an_import_whose_writer_sends_nothing_fails_after_the_stall_time():
+    r, w = os.pipe()
+    try:
+        os.write(w, b"[")
+        started = time.monotonic()
+        with pytest.raises(OSError, match="nothing was written"):
+            ops.import_from(_Node(), r, stall=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_only_one_import_reads_at_a_time():
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    done = threading.Event()
+
+    def first() -> None:
+        with pytest.raises(OSError):
+            ops.import_from(_Node(), r, stall=3)
+        done.set()
+
+    try:
+        os.write(w, b"[")
+        t = threading.Thread(target=first)
+        t.start()
+        time.sleep(0.3)
+        os.write(w2, b"[]")
+        os.close(w2)
+        w2 = -1
+        with pytest.raises(CloudManagerError, match="another import"):
+            ops.import_from(_Node(), r2)
+        t.join(10)
+        assert done.is_set()
+    finally:
+        for fd in (r, w, r2, w2):
+            if fd >= 0:
+                os.close(fd)

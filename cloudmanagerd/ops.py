@@ -40,13 +40,18 @@ EXPORT_RETRY = 3600.0
 _MIN_ENTRY = 100  # no exchange entry is shorter: bounds how many rows an export with a limit reads
 
 
-def export(catalog: Catalog, min_copies: int, limit: int | None, now: float) -> tuple[str | None, int]:
+def export(catalog: Catalog, min_copies: int, limit: int | None, now: float,
+           deliver: Callable[[str | None], None] | None = None) -> tuple[str | None, int]:
     """(JSON text of the files due for export, at most `limit` bytes, how many); marks them exported.
-    `(None, 0)` when nothing is due or not even one entry fits."""
+    `(None, 0)` when nothing is due or not even one entry fits. With `deliver`, the text is handed to
+    it first and the files are marked only once it returned: a text that reached no one (a reader
+    that went away, a full disk) leaves them due."""
     # a limit past what any catalog holds is no limit (SQLite's LIMIT takes 64-bit integers only)
     rows = None if limit is None or limit >= _MIN_ENTRY << 62 else limit // _MIN_ENTRY + 1
     entries = list(catalog.export_queue(min_copies, now, EXPORT_RETRY, limit=rows))
     text, count = dump(entries, limit)
+    if deliver is not None:
+        deliver(text)
     if text is not None:
         catalog.mark_exported([e.filehash for e in entries[:count]], now)
     return text, count
@@ -146,11 +151,17 @@ def export_to(node, fd: int, limit: Any = None) -> dict[str, Any]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise CloudManagerError("export: limit must be a whole number of bytes, 0 or more")
     fsutil.writable_fd(fd, "export")
-    text, count = export(node.catalog, node.policy.min_redundancy, limit, time.time())
-    data = (text or "[]").encode("ascii") + b"\n"
-    with fsutil.nonblocking(fd):
-        fsutil.write_all(fd, data)
-    return {"files": count, "bytes": len(data)}
+    sent = 0
+
+    def deliver(text: str | None) -> None:
+        nonlocal sent
+        data = (text or "[]").encode("ascii") + b"\n"
+        with fsutil.nonblocking(fd):
+            fsutil.write_all(fd, data)
+        sent = len(data)
+
+    _text, count = export(node.catalog, node.policy.min_redundancy, limit, time.time(), deliver)
+    return {"files": count, "bytes": sent}
 
 
 def import_from(node, fd: int, source: Any = None, stall: float = fsutil.STALL) -> dict[str, Any]:

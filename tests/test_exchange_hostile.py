@@ -106,3 +106,33 @@ def test_only_one_import_reads_at_a_time():
         for fd in (r, w, r2, w2):
             if fd >= 0:
                 os.close(fd)
+
+
+def test_an_export_whose_reader_went_away_leaves_the_files_due(daemon_factory, workdir: Path):
+    d = daemon_factory(remotes=1)
+    data = b"to be exported\n"
+    (d.inbox / "f.txt").write_bytes(data)
+    wait_for(lambda: d.status()["safety"]["below_redundancy"] == 0 and d.status()["catalog"]["files"] == 1,
+             message="the file on its remote")
+    r, w = os.pipe()
+    os.close(r)  # the reader went away before a byte was written
+    try:
+        reply = d.request({"cmd": "export"}, [w])
+    finally:
+        os.close(w)
+    assert not reply["ok"] and reply.get("errno") == "EPIPE", reply
+    # the text reached no one: the file is still due, not held back for an hour
+    out = workdir / "out.json"
+    result = d.ctl("export", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [e["filehash"] for e in json.loads(out.read_text())] == [hashlib.sha256(data).hexdigest()]
+    # ctl export into a pipe whose reader is gone: a failure, and still nothing lost
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        result = d.ctl("export", stdout=w)
+    finally:
+        os.close(w)
+    assert result.returncode != 0
+    result = d.ctl("export", "-o", str(out))  # exported above: nothing due now
+    assert result.returncode == 0 and json.loads(out.read_text()) == []

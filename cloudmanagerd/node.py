@@ -106,5 +106,6 @@ class Node:
 
     def refresh_cache_account(self) -> None:
         """The catalog is the account of what the cache holds: another face (the API in a script, or
-        the daemon) may add and evict on the same node, and this process's running total follows."""
-        self.cache.set_used(self.catalog.cache_usage()[0])
+        the daemon) may add and evict on the same node, and this process's running total follows; a
+        cache the two took past its capacity at once is brought back within it."""
+        self.evictor.trim()

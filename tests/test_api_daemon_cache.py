@@ -56,3 +56,27 @@ def test_a_cache_past_its_capacity_is_brought_back_within_it(workdir: Path):
     with CloudManager(catalog, cache, 500, remotes=remotes) as cm:
         assert cm.used_space() <= 500
         assert _on_disk(Path(cache)) <= 500
+
+
+def test_uploads_claimed_by_a_killed_script_are_sent_by_the_running_daemon(daemon_factory, workdir: Path):
+    import subprocess
+    import sys
+    import textwrap
+    d = daemon_factory(remotes=1, cluster={"lease": "2s"})
+    catalog = Path(d.config["state"]) / "catalog.sqlite3"
+    (workdir / "f").write_bytes(b"claimed, then killed\n")
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from cloudmanagerd import CloudManager
+        cm = CloudManager({str(catalog)!r}, {str(d.cache)!r}, 1 << 20, remotes={[dict(r) for r in d.config["remotes"]]!r})
+        h = cm.upload({str(workdir / "f")!r})
+        claims = cm.catalog.claim_due(time.time(), 10, 60, due_by=float("inf"), owner=cm.uploader.claim_owner)
+        print(h, len(claims), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of cloud_sync()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    h, claimed = proc.stdout.split()
+    assert proc.returncode == -9 and int(claimed) >= 1, proc.stderr
+    wait_for(lambda: d.status()["safety"]["below_redundancy"] == 0 and d.status()["uploads"]["active"] == 0,
+             timeout=30, message="the daemon took back the dead script's claim and sent the copy")
+    assert any((Path(d.config["remotes"][0]["path"])).rglob(h.decode()))

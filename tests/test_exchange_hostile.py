@@ -136,3 +136,31 @@ def test_an_export_whose_reader_went_away_leaves_the_files_due(daemon_factory, w
     assert result.returncode != 0
     result = d.ctl("export", "-o", str(out))  # exported above: nothing due now
     assert result.returncode == 0 and json.loads(out.read_text()) == []
+
+
+def test_the_same_export_twice_from_stdin_into_a_node_with_other_remote_names(daemon_factory, workdir: Path):
+    a = daemon_factory(remotes=2)
+    data = b"foreign\n" * 10
+    (a.inbox / "f").write_bytes(data)
+    wait_for(lambda: a.status()["safety"]["below_redundancy"] == 0 and a.status()["catalog"]["files"] == 1,
+             message="the file on both remotes")
+    text = a.ctl("export").stdout
+    (workdir / "b").mkdir()
+    b = daemon_factory(remotes=2, root=workdir / "b", start=False)
+    for i, r in enumerate(b.config["remotes"]):
+        r["name"] = f"other{i}"
+    import yaml
+    b.config_path.write_text(yaml.safe_dump(b.config))
+    b.start()
+    for _ in range(2):  # importing the same text twice changes nothing the second time
+        result = b.ctl("import", "-", input=text)
+        assert result.returncode == 0, result.stderr
+    assert b"0 copies" in result.stdout
+    h = hashlib.sha256(data).hexdigest()
+    info = json.loads(b.ctl("--json", "info", h).stdout)
+    assert info["copies"] == [] and info["pending"] == [] and not info["cached"]
+    time.sleep(3)  # no upload is queued for a file this node holds no byte of
+    s = b.status()
+    assert s["uploads"]["queued"] == s["uploads"]["retrying"] == s["uploads"]["active"] == 0, s["uploads"]
+    assert b.ctl("get", h).returncode == 1  # not fetchable: its locations are on remotes b does not have
+    assert s["catalog"]["files"] == 1

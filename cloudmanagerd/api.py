@@ -107,7 +107,7 @@ class CloudManager:
         self.core = Node(catalog_url=_catalog_url(os.fspath(database_path)), node=self.node,
                          cache_path=os.path.abspath(os.fspath(storage_path)), capacity=storage_size,
                          remotes=remote_configs, policy=self.policy, lease=LEASE, events=Events(),
-                         claim_owner=f"{self.node}/api/{os.getpid()}")
+                         claim_owner=f"{self.node}/api/{os.getpid()}")  # = Node.api_owner
         self._stack.callback(self.core.close)
         core = self.core
         self.catalog, self.cache, self.remotes = core.catalog, core.cache, core.remotes
@@ -116,7 +116,7 @@ class CloudManager:
         if removed:
             log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
         core.refresh_cache_account()
-        self._release_dead_claims(f"{self.node}/api/")
+        core.release_dead_claims()
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -352,16 +352,6 @@ class CloudManager:
     @_verb(lambda: 0)
     def current_outgoing(self) -> int:
         return self._transfer()["month_outgoing"]
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _release_dead_claims(self, prefix: str) -> None:
-        """Queue again the transfers that a killed API process on this node had claimed."""
-        for owner in self.catalog.claim_owners(prefix):
-            pid = owner[len(prefix):]
-            if pid.isdigit() and int(pid) != os.getpid() and not fsutil.pid_alive(int(pid)):
-                released = self.catalog.release_claims(time.time(), owner)
-                log.info("%d upload(s) claimed by a stopped process (pid %s) are queued again", released, pid)
 
 
 def _description(entry) -> dict[str, Any]:

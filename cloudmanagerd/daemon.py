@@ -94,7 +94,7 @@ class Daemon:
         self.ingestor.reconcile()
         self.evictor.reconcile()
         self.cache.set_used(self.catalog.cache_usage()[0])
-        released = self.catalog.release_claims(time.time())
+        released = self.catalog.release_claims(time.time()) + self.node.release_dead_claims()
         if released:
             log.info("%d upload(s) interrupted by the last stop are queued again", released)
 
@@ -110,7 +110,7 @@ class Daemon:
             "pump": self.uploader.pump, "rescan": self._rescan, "inbox-check": self._check_inbox,
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
-            "resume-removals": self.remover.resume, "reclaim": self.uploader.reclaim,
+            "resume-removals": self.remover.resume, "reclaim": self._reclaim,
             "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.db.release)
@@ -125,6 +125,10 @@ class Daemon:
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _reclaim(self) -> None:
+        self.uploader.reclaim()
+        self.node.release_dead_claims()  # a script using the API on this node that was killed
 
     def _lock_state(self) -> None:
         path = os.path.join(self.config.state, "lock")

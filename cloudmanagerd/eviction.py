@@ -42,6 +42,9 @@ class Evictor:
     def reserve(self, size: int) -> bool:
         """Hold `size` bytes for a file coming in, evicting what may go; False when nothing can."""
         with self._lock:
+            # another face on this node (a script using the API, or the daemon) adds and evicts too:
+            # decide from the catalog's account, not from this process's memory of it
+            self.cache.set_used(self.catalog.cache_bytes())
             if self.cache.reserve(size):
                 return True
             if size > self.cache.capacity:
@@ -53,6 +56,22 @@ class Evictor:
                 return False
             self.evict(victims)
             return self.cache.reserve(size)
+
+    def trim(self) -> int:
+        """Bring the cache back within its capacity when it went over (two faces that each found room
+        for a file at once, a capacity lowered): evict least recently used first; the bytes freed."""
+        with self._lock:
+            self.cache.set_used(self.catalog.cache_bytes())
+            over = -self.cache.free()
+            if over <= 0:
+                return 0
+            with contextlib.closing(self.catalog.eviction_candidates(self.min_copies())) as candidates:
+                victims = choose_victims(candidates, over)
+            if not victims:
+                return 0
+            log.warning("the cache is %d bytes over its capacity; evicting", over)
+            self.evict(victims)
+            return sum(size for _, size in victims)
 
     def evict(self, victims: Sequence[tuple[str, int]]) -> None:
         self.drop(victims)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import fsutil
 from .cache import Cache
 from .catalog import Catalog
 from .config import RemoteConfig, UploadConfig
@@ -104,7 +106,27 @@ class Node:
                 previous.close()
         self.uploader.reconfigure(policy, names)
 
+    def api_owner(self, pid: int) -> str:
+        """The claim owner of a Python API script on this node (its pid in it)."""
+        return f"{self.name}/api/{pid}"
+
+    def release_dead_claims(self) -> int:
+        """Queue again the transfers that a killed API script on this node had claimed: the daemon's
+        reclaim job and each new CloudManager call it, so that a dead script's pairs never stay
+        "active" with nothing sending them."""
+        prefix, released = self.api_owner(0)[:-1], 0
+        for owner in self.catalog.claim_owners(prefix):
+            pid = owner[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not fsutil.pid_alive(int(pid)):
+                n = self.catalog.release_claims(time.time(), owner)
+                log.info("%d upload(s) claimed by a stopped script (pid %s) are queued again", n, pid)
+                released += n
+        if released:
+            self.events.emit("work-queued")
+        return released
+
     def refresh_cache_account(self) -> None:
         """The catalog is the account of what the cache holds: another face (the API in a script, or
-        the daemon) may add and evict on the same node, and this process's running total follows."""
-        self.cache.set_used(self.catalog.cache_usage()[0])
+        the daemon) may add and evict on the same node, and this process's running total follows; a
+        cache the two took past its capacity at once is brought back within it."""
+        self.evictor.trim()

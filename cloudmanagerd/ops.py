@@ -7,8 +7,13 @@ Each takes the node core (node.py) and plain arguments, checks them, and raises 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import select
+import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,8 +27,11 @@ from .protocol import FULL_HASH, HASH_PREFIX
 from .status import file_object
 
 Progress = Callable[[int, int], None] | None
-# what `import` reads from a client's file at most: an export of ~3 million files
-IMPORT_MAX = 1 << 30
+# what `import` reads from a client's file at most: ~170,000 files. Parsing costs ~6 times the text
+# in memory (64 MiB peaked at ~460 MiB), so a larger import is split (`export --limit` on the sender).
+IMPORT_MAX = 64 << 20
+# one import reads and parses at a time: concurrent clients cannot multiply that peak
+_IMPORTING = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +40,18 @@ EXPORT_RETRY = 3600.0
 _MIN_ENTRY = 100  # no exchange entry is shorter: bounds how many rows an export with a limit reads
 
 
-def export(catalog: Catalog, min_copies: int, limit: int | None, now: float) -> tuple[str | None, int]:
+def export(catalog: Catalog, min_copies: int, limit: int | None, now: float,
+           deliver: Callable[[str | None], None] | None = None) -> tuple[str | None, int]:
     """(JSON text of the files due for export, at most `limit` bytes, how many); marks them exported.
-    `(None, 0)` when nothing is due or not even one entry fits."""
+    `(None, 0)` when nothing is due or not even one entry fits. With `deliver`, the text is handed to
+    it first and the files are marked only once it returned: a text that reached no one (a reader
+    that went away, a full disk) leaves them due."""
     # a limit past what any catalog holds is no limit (SQLite's LIMIT takes 64-bit integers only)
     rows = None if limit is None or limit >= _MIN_ENTRY << 62 else limit // _MIN_ENTRY + 1
     entries = list(catalog.export_queue(min_copies, now, EXPORT_RETRY, limit=rows))
     text, count = dump(entries, limit)
+    if deliver is not None:
+        deliver(text)
     if text is not None:
         catalog.mark_exported([e.filehash for e in entries[:count]], now)
     return text, count
@@ -138,25 +151,77 @@ def export_to(node, fd: int, limit: Any = None) -> dict[str, Any]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise CloudManagerError("export: limit must be a whole number of bytes, 0 or more")
     fsutil.writable_fd(fd, "export")
-    text, count = export(node.catalog, node.policy.min_redundancy, limit, time.time())
-    data = (text or "[]").encode("ascii") + b"\n"
-    with fsutil.nonblocking(fd):
-        fsutil.write_all(fd, data)
-    return {"files": count, "bytes": len(data)}
+    sent = 0
+
+    def deliver(text: str | None) -> None:
+        nonlocal sent
+        data = (text or "[]").encode("ascii") + b"\n"
+        with fsutil.nonblocking(fd):
+            fsutil.write_all(fd, data)
+        sent = len(data)
+
+    _text, count = export(node.catalog, node.policy.min_redundancy, limit, time.time(), deliver)
+    return {"files": count, "bytes": sent}
 
 
-def import_from(node, fd: int, source: Any = None) -> dict[str, Any]:
+def import_from(node, fd: int, source: Any = None, stall: float = fsutil.STALL) -> dict[str, Any]:
     """`cloudmanagerctl import`: an exchange text read from an open descriptor, all or nothing."""
     if source is not None and (not isinstance(source, str) or len(source) > 1024 or not source.isprintable()):
         raise CloudManagerError("import: source must be a printable label of at most 1024 characters")
-    chunks, total = [], 0
-    while chunk := os.read(fd, 1 << 20):
-        total += len(chunk)
-        if total > IMPORT_MAX:
-            raise CloudManagerError(f"import: the file is larger than {IMPORT_MAX >> 20} MiB; split it")
-        chunks.append(chunk)
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
+        raise OSError(errno.EBADF, "import: the descriptor passed is not open for reading")
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size - _position(fd) > IMPORT_MAX:
+        raise CloudManagerError(f"import: the file is larger than {IMPORT_MAX >> 20} MiB; split it "
+                                "(export --limit)")
+    if not _IMPORTING.acquire(blocking=False):
+        raise CloudManagerError("import: another import is running; try again when it is done")
     try:
-        counts = import_(node.catalog, b"".join(chunks), node.uploader.order, source, time.time(), IMPORT_MAX)
+        return _import_locked(node, fd, source, stall)
+    finally:
+        _IMPORTING.release()
+
+
+def _position(fd: int) -> int:
+    try:
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return 0
+
+
+def _read_text(fd: int, stall: float) -> bytes:
+    """The client's whole text, read without blocking for ever (a writer that sends nothing for `stall`
+    seconds fails it) and refused at its first bytes when it cannot be an exchange (an endless /dev/zero)."""
+    chunks, total = [], 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    with fsutil.nonblocking(fd):
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                if not poller.poll(stall * 1000):
+                    raise OSError(errno.ETIMEDOUT, f"import: nothing was written to the descriptor for "
+                                                   f"{stall:.0f}s") from None
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            if not chunks or not any(c.strip() for c in chunks):
+                head = (b"".join(chunks) + chunk).lstrip()
+                if head and not head.startswith(b"["):
+                    raise CloudManagerError("import: nothing imported: not an exchange text "
+                                            f"(a JSON array), it starts with {head[:16]!r}")
+            total += len(chunk)
+            if total > IMPORT_MAX:
+                raise CloudManagerError(f"import: the file is larger than {IMPORT_MAX >> 20} MiB; split it "
+                                        "(export --limit)")
+            chunks.append(chunk)
+
+
+def _import_locked(node, fd: int, source: str | None, stall: float) -> dict[str, Any]:
+    text = _read_text(fd, stall)
+    try:
+        counts = import_(node.catalog, text, node.uploader.order, source, time.time(), IMPORT_MAX)
     except (ExchangeError, ImportConflict) as exc:
         raise CloudManagerError(f"import: nothing imported: {exc}") from None
     node.events.emit("work-queued")

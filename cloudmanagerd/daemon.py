@@ -113,7 +113,7 @@ class Daemon:
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
             "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
-                                     on_client_done=self.catalog.db.release)
+                                     on_client_done=self.catalog.release_connection)
 
         self.watcher.start()
         self.worker.start()
@@ -353,8 +353,8 @@ class Daemon:
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
         self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
-        self.ingestor.ignore = tuple(new.ingest.ignore)
-        self.queue.settle = new.ingest.settle
+        self.ingestor.set_ignore(new.ingest.ignore)
+        self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
         self.scheduler.modify_job("heal", next_run_time=_now())

@@ -550,6 +550,10 @@ class PendingQueue:
         self._cond = threading.Condition()
         self._closed = False
 
+    def set_settle(self, seconds: float) -> None:
+        """A reload: files found without an event are taken after this much quiet from now on."""
+        self.settle = seconds
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._ready) + len(self._settling)

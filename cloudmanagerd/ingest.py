@@ -114,6 +114,10 @@ class Ingestor:
         self.tick: Callable[[], None] = lambda: None
         self._stuck_logged: set[bytes] = set()  # files that cannot be moved out, said once each
 
+    def set_ignore(self, patterns: Sequence[str]) -> None:
+        """A reload: names matching these glob patterns are left alone from now on."""
+        self.ignore = tuple(patterns)
+
     def ignored(self, rel: bytes) -> bool:
         return any(fnmatch.fnmatchcase(os.fsdecode(part), pattern)
                    for part in fsutil.split_rel(rel) for pattern in self.ignore)

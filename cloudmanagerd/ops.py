@@ -142,7 +142,7 @@ def backup(node, fd: int) -> dict[str, Any]:
     """A consistent copy of the catalog, written to an open descriptor."""
     fsutil.writable_fd(fd, "backup")
     with fsutil.nonblocking(fd):  # a reader that stops reading fails the backup (fsutil.STALL)
-        size = node.catalog.db.backup_to(fd)
+        size = node.catalog.backup_to(fd)
     return {"bytes": size}
 
 

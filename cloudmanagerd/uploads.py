@@ -262,7 +262,7 @@ class Uploader:
         try:
             # An upload's records only save work (a lost "done" sends the copy again, a lost attempt
             # retries sooner), so its commits need no fsync each: see SqliteDatabase.relax_durability.
-            self.catalog.db.relax_durability()
+            self.catalog.relax_durability()
             try:
                 self._send(claim)
             except sqlite3.Error:

@@ -284,6 +284,20 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
+    # -- connections: the callers say what they need, the database decides how --------------
+
+    def relax_durability(self) -> None:
+        """This thread's commits are cheap to lose (an upload's record only saves work): no fsync each."""
+        self.db.relax_durability()
+
+    def release_connection(self) -> None:
+        """A short-lived thread (a control client's) is done with the catalog."""
+        self.db.release()
+
+    def backup_to(self, fd: int) -> int:
+        """A consistent copy of the catalog, written to an open descriptor; its size."""
+        return self.db.backup_to(fd)
+
     # -- schema ---------------------------------------------------------------------------
 
     def schema_version(self) -> int:

@@ -599,13 +599,16 @@ class Catalog:
         skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
         only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
         only = [v for v in (remote, max_size) if v is not None]
-        state_sql = ",".join("?" * len(states))
+        # one indexed walk in next_attempt order per state, merged: `state IN (...) ORDER BY` would read
+        # and sort every due pair (10,000 after a large drop) in each claim, holding the write lock
+        one_state = ("SELECT * FROM (SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
+                     "FROM uploads u JOIN files f ON f.hash=u.hash WHERE u.state=? AND u.next_attempt <= ? "
+                     f"AND f.removing=0 {skip_sql} {only_sql}ORDER BY u.next_attempt LIMIT ?)")
+        params = [(state, now if due_by is None else due_by, *skip_remotes, *only, limit) for state in states]
         with self.db.tx() as conn:
-            rows = conn.execute(
-                "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u JOIN files f ON f.hash=u.hash "
-                f"WHERE u.state IN ({state_sql}) AND u.next_attempt <= ? AND f.removing=0 {skip_sql} {only_sql}"
-                "ORDER BY u.next_attempt LIMIT ?",
-                (*states, now if due_by is None else due_by, *skip_remotes, *only, limit)).fetchall()
+            rows = [row[:4] for row in conn.execute(
+                " UNION ALL ".join([one_state] * len(states)) + " ORDER BY 5 LIMIT ?",
+                (*(v for p in params for v in p), limit)).fetchall()]
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",

@@ -627,19 +627,20 @@ class Catalog:
     def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int, now: float) -> None:
         """Record verified copies (hash, remote, url, size), all in one transaction (a batch's)."""
         with self.db.tx() as conn:
-            for h, remote, url, size in copies:
-                conn.execute(
-                    "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
-                    (h, remote, url, now, now))
-                conn.execute(
-                    "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
-                    "updated=? WHERE hash=? AND remote=?", (now, h, remote))
-                good = conn.execute("SELECT COUNT(*) FROM copies WHERE hash=? AND bad=0", (h,)).fetchone()[0]
-                if good >= redundancy:
-                    # given-up pairs go too: the file no longer needs them, and `retry` must not over-copy
-                    conn.execute("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')",
-                                 (h,))
+            conn.executemany(
+                "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
+                [(h, remote, url, now, now) for h, remote, url, _ in copies])
+            conn.executemany(
+                "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
+                "updated=? WHERE hash=? AND remote=?", [(now, h, remote) for h, remote, _, _ in copies])
+            hashes = sorted({h for h, *_ in copies})
+            complete = [row for i in range(0, len(hashes), 500) for row in conn.execute(
+                f"SELECT hash FROM copies WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))}) AND bad=0 "
+                "GROUP BY hash HAVING COUNT(*) >= ?", (*hashes[i:i + 500], redundancy))]
+            # given-up pairs go too once a file has its copies: `retry` must not over-copy
+            conn.executemany("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')",
+                             complete)
             for remote, count in collections.Counter(remote for _, remote, _, _ in copies).items():
                 conn.execute(
                     "INSERT INTO remote_stats(remote, successes) VALUES (?, ?) "

@@ -7,6 +7,7 @@ A restart therefore resumes the queue exactly where it was.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from .cache import Cache
@@ -26,6 +28,12 @@ from .fetch import TrailingHasher
 from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, SourceMismatch, Transfer
 
 log = logging.getLogger(__name__)
+
+INLINE_CHECK = 1 << 20  # objects up to this size are hashed in one read after they are sent
+# A remote with `put_many` gets the small objects due for it in batches of up to BATCH_FILES
+# objects of up to BATCH_MAX_SIZE bytes each, made durable together and recorded in one commit.
+BATCH_FILES = 64
+BATCH_MAX_SIZE = 1 << 20
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -107,33 +115,58 @@ class SendCheck:
 
     def __init__(self, h: str, fd: int, size: int, reports_progress: bool) -> None:
         self.h = h
+        self.fd = fd
         self.size = size
-        self._hasher = TrailingHasher(fd)
+        # a small object is hashed in one read at the end (from the page cache): a thread each would
+        # cost more than the hash
+        self._hasher = TrailingHasher(fd) if size > INLINE_CHECK else None
+        self._read = 0
         self._verdict: str | None = None
         if not reports_progress:
-            self._hasher.advance(size)
+            self.advance(size)
 
     def advance(self, done: int) -> None:
-        self._hasher.advance(min(done, self.size))
+        self._read = min(done, self.size)
+        if self._hasher is not None:
+            self._hasher.advance(self._read)
 
     @property
     def read_all(self) -> bool:
-        return self._hasher.written >= self.size
+        return self._read >= self.size
 
     def confirm(self) -> None:
         if self._verdict is None:
-            digest = self._hasher.finish(self.size)
+            digest = self._hasher.finish(self.size) if self._hasher is not None else self._hash_inline()
             self._verdict = "ok" if digest == self.h else (
                 f"the cache object holds other bytes (sha256 {digest[:12]})" if digest
                 else "the cache object is shorter than the file")
         if self._verdict != "ok":
             raise SourceMismatch(self._verdict)
 
+    def _hash_inline(self) -> str | None:
+        data = os.pread(self.fd, self.size, 0)
+        return hashlib.sha256(data).hexdigest() if len(data) == self.size else None
+
     def abandon(self) -> None:
         """Stop hashing (the transfer failed before its end): no verdict."""
         if self._verdict is None:
-            self._hasher.finish(min(self._hasher.written, self.size))
+            if self._hasher is not None:
+                self._hasher.finish(min(self._hasher.written, self.size))
             self._verdict = "abandoned"
+
+
+@dataclass
+class _Job:
+    """One pair being sent: its source open, hashed as it is read."""
+    claim: UploadClaim
+    fd: int
+    seen: tuple[int, int]  # which object was read: a replacement drops only this one
+    check: SendCheck
+    transfer: Transfer
+
+    def release(self) -> None:
+        self.check.abandon()
+        os.close(self.fd)
 
 
 class Uploader:
@@ -167,6 +200,7 @@ class Uploader:
         self.claim_owner = claim_owner
         self.last_progress = time.monotonic()
         self._active: dict[tuple[str, str], Transfer | None] = {}
+        self._tasks = 0  # transfers in the pool: one pair each, or one batch of pairs
         self._pump_lock = threading.Lock()
         # the daemon lets each ending transfer claim the next due pair itself; unit tests and the API
         # leave it off and drive one pump (or one round) at a time
@@ -216,14 +250,20 @@ class Uploader:
             return
         with self._pump_lock:  # two pumps at once would both count the same free slots
             with self._lock:
-                free = self.policy.concurrency - len(self._active)
+                free = self.policy.concurrency - self._tasks
             if free <= 0:
                 return
             claims = self.catalog.claim_due(self.now(), free, self.lease, owner=self.claim_owner)
             for claim in claims:
+                batch = [claim]
+                if claim.size <= BATCH_MAX_SIZE and hasattr(self.remotes.get(claim.remote), "put_many"):
+                    batch += self.catalog.claim_due(self.now(), BATCH_FILES - 1, self.lease, owner=self.claim_owner,
+                                                    remote=claim.remote, max_size=BATCH_MAX_SIZE)
                 with self._lock:
-                    self._active[(claim.hash, claim.remote)] = None
-                self._pool.submit(self._transfer, claim)
+                    self._tasks += 1
+                    for c in batch:
+                        self._active[(c.hash, c.remote)] = None
+                self._pool.submit(self._transfer, batch)
 
     def sync_round(self) -> int:
         """Try every pending pair once, now, in the caller's thread (the Python API's `cloud_sync`).
@@ -236,8 +276,9 @@ class Uploader:
         while claims:
             for claim in claims:
                 with self._lock:
+                    self._tasks += 1
                     self._active[(claim.hash, claim.remote)] = None
-                self._transfer(claim)
+                self._transfer([claim])
                 attempted += 1
             claims = self.catalog.claim_due(self.now(), 1 << 30, self.lease, states=("queued",),
                                             owner=self.claim_owner)
@@ -258,81 +299,155 @@ class Uploader:
             self.unhealthy.pop(name, None)
             self.events.emit("work-queued")
 
-    def _transfer(self, claim: UploadClaim) -> None:
+    def _transfer(self, claims: list[UploadClaim]) -> None:
+        """One task of the pool: one pair, or a batch of pairs to one remote that has `put_many`."""
+        unsettled = list(claims)  # the pairs with no record of their outcome yet
         try:
             # An upload's records only save work (a lost "done" sends the copy again, a lost attempt
             # retries sooner), so its commits need no fsync each: see SqliteDatabase.relax_durability.
             self.catalog.relax_durability()
             try:
-                self._send(claim)
+                if len(claims) == 1:
+                    self._send(claims[0])
+                else:
+                    self._send_batch(claims, unsettled)
+                unsettled = []
             except sqlite3.Error:
                 raise
             except Exception:
-                log.exception("upload of hash=%s to remote=%s failed unexpectedly", claim.hash, claim.remote)
-                self._failed(claim, RemoteError("internal error (see the log)"))
+                log.exception("upload of %s to remote=%s failed unexpectedly",
+                              f"hash={claims[0].hash}" if len(claims) == 1 else f"{len(claims)} files",
+                              claims[0].remote)
+                for claim in unsettled:
+                    self._failed(claim, RemoteError("internal error (see the log)"))
         except sqlite3.Error as exc:
-            # The pair stays claimed in the catalog: `reclaim` queues it again once its lease has
+            # The pairs stay claimed in the catalog: `reclaim` queues them again once their lease has
             # expired, and the health check reports the catalog (issue 10: it used to stay "active").
             log.error("upload of hash=%s to remote=%s: the catalog could not record it (%s); it is queued "
-                      "again once its lease expires", claim.hash, claim.remote, exc)
+                      "again once its lease expires", claims[0].hash, claims[0].remote, exc)
         finally:
             with self._lock:
-                self._active.pop((claim.hash, claim.remote), None)
+                self._tasks -= 1
+                for claim in claims:
+                    self._active.pop((claim.hash, claim.remote), None)
             self.last_progress = time.monotonic()
             if self.chain_pumps:
                 self.pump()
             else:
                 self.events.emit("work-queued")
 
-    def _send(self, claim: UploadClaim) -> None:
-        remote = self.remotes.get(claim.remote)
-        if remote is None:
-            self._failed(claim, RemoteError(f"remote {claim.remote} is no longer configured", FILE))
-            return
+    def _prepare(self, claim: UploadClaim, remote: Remote, pending: bool = False) -> _Job | None:
+        """Open the pair's source and its check; None (the failure recorded) when there is no local copy."""
         try:
             fd = self._open_source(claim.hash)
         except (OSError, CloudManagerError) as exc:
             message = exc.strerror if isinstance(exc, OSError) else str(exc)
             self._failed(claim, RemoteError(f"no local copy to send: {message}"))
-            return
+            return None
         try:
             st = os.fstat(fd)
-            # which object was read: a replacement drops only this one, never a good one fetched since
-            seen = (st.st_dev, st.st_ino)
             check = SendCheck(claim.hash, fd, claim.size, getattr(remote, "reports_progress", True))
         except BaseException:
             os.close(fd)
             raise
-        transfer = Transfer(claim.size, source=check)
+        job = _Job(claim, fd, (st.st_dev, st.st_ino), check, Transfer(claim.size, source=check, pending=pending))
         with self._lock:
-            self._active[(claim.hash, claim.remote)] = transfer
-        url = None
-        try:
-            started = time.monotonic()
-            url = remote.put(claim.hash, fd, claim.size, transfer)
-            check.confirm()
-        except SourceMismatch as exc:
-            self._source_mismatch(claim, remote, url, exc, seen)
-            return
-        except Cancelled as exc:
+            self._active[(claim.hash, claim.remote)] = job.transfer
+        return job
+
+    def _settle(self, job: _Job, remote: Remote, url: str | None, exc: RemoteError | None) -> bool:
+        """Decide a sent pair's outcome before its source is released: True when the copy may be
+        recorded; otherwise the failure (or the bad source) is dealt with here."""
+        claim = job.claim
+        if exc is None:
+            try:
+                job.check.confirm()
+                return True
+            except SourceMismatch as mismatch:
+                exc = mismatch
+        if isinstance(exc, SourceMismatch):
+            self._source_mismatch(claim, remote, url, exc, job.seen)
+        elif isinstance(exc, Cancelled):
             if not self._closed:  # stopping is no failure: close() releases the claim uncounted
                 self._failed(claim, exc)
-            return
-        except RemoteError as exc:
-            if check.read_all:
+        else:
+            if job.check.read_all:
                 # the backend read every byte: a server that refused them may have refused other bytes
                 # (S3 checks the SHA-256), so the source's verdict decides whose fault it was
                 try:
-                    check.confirm()
+                    job.check.confirm()
                 except SourceMismatch as mismatch:
-                    self._source_mismatch(claim, remote, None, mismatch, seen)
-                    return
+                    self._source_mismatch(claim, remote, None, mismatch, job.seen)
+                    return False
             self._failed(claim, exc)
+        return False
+
+    def _send(self, claim: UploadClaim) -> None:
+        remote = self.remotes.get(claim.remote)
+        if remote is None:
+            self._failed(claim, RemoteError(f"remote {claim.remote} is no longer configured", FILE))
             return
+        job = self._prepare(claim, remote)
+        if job is None:
+            return
+        url = None
+        started = time.monotonic()
+        try:
+            try:
+                url = remote.put(claim.hash, job.fd, claim.size, job.transfer)
+                error = None
+            except RemoteError as exc:
+                error = exc
+            if not self._settle(job, remote, url, error):
+                return
         finally:
-            check.abandon()
-            os.close(fd)
+            job.release()
+        assert url is not None
         self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
+        self._recorded(claim, started)
+
+    def _send_batch(self, claims: list[UploadClaim], unsettled: list[UploadClaim]) -> None:
+        """Pairs to one remote with `put_many`: sent and made durable together, then every copy it made
+        recorded in one commit. A pair that fails is dealt with on its own, as in `_send`."""
+        remote = self.remotes.get(claims[0].remote)
+        if remote is None:
+            for claim in claims:
+                self._failed(claim, RemoteError(f"remote {claim.remote} is no longer configured", FILE))
+                unsettled.remove(claim)
+            return
+        jobs: list[_Job] = []
+        done: list[tuple[_Job, str]] = []
+        started = time.monotonic()
+        try:
+            for claim in claims:
+                job = self._prepare(claim, remote, pending=True)
+                if job is None:
+                    unsettled.remove(claim)
+                else:
+                    jobs.append(job)
+            try:
+                results: list[str | RemoteError] = remote.put_many(
+                    [(j.claim.hash, j.fd, j.claim.size, j.transfer) for j in jobs])
+            except RemoteError as exc:
+                results = [exc] * len(jobs)
+            for job, result in zip(jobs, results):
+                url, error = (None, result) if isinstance(result, RemoteError) else (result, None)
+                if self._settle(job, remote, url, error):
+                    done.append((job, url))
+                else:
+                    unsettled.remove(job.claim)
+        finally:
+            for job in jobs:
+                job.release()
+        if not done:
+            return
+        self.catalog.uploads_done([(j.claim.hash, j.claim.remote, url, j.claim.size) for j, url in done],
+                                  self.policy.redundancy, self.now())
+        for job, _ in done:
+            unsettled.remove(job.claim)
+            self._recorded(job.claim, started)
+
+    def _recorded(self, claim: UploadClaim, started: float) -> None:
         self.events.emit("copy-made", claim.hash)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote)
@@ -401,7 +516,8 @@ class Uploader:
         """The scheduler's watch over transfers in flight: a hung remote never freezes the queue."""
         now = time.monotonic()
         with self._lock:
-            active = [(key, t) for key, t in self._active.items() if t is not None and not t.cancelled]
+            active = [(key, t) for key, t in self._active.items()
+                      if t is not None and not t.cancelled and not t.pending]
         for (h, name), transfer in active:
             remote = self.remotes.get(name)
             reason = stall_verdict(transfer, getattr(remote, "reports_progress", True), self.policy.stall,

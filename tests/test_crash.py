@@ -7,6 +7,7 @@ inbox, whole), no temp files, no half-done catalog rows, every object backed by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudmanagerd.remotes import directory
 from conftest import CI, Daemon, sha256_of, wait_for
 
 MiB = 1 << 20
@@ -280,20 +282,17 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
-def test_ingest_follows_the_durable_order(daemon_factory, workdir: Path) -> None:
+@contextlib.contextmanager
+def traced(d: Daemon, trace: Path, syscalls: str = TRACED) -> Iterator[None]:
+    """Run the daemon under `strace -f` (into `trace`) for the block; then stop it with SIGTERM."""
     strace = require_strace()
-    trace = workdir / "strace.log"
-    d = daemon_factory(remotes=1, start=False)
     plain = d.command
-    d.command = lambda *extra: [strace, "-f", "-tt", "-y", "-e", f"trace={TRACED}", "-o", str(trace),
+    d.command = lambda *extra: [strace, "-f", "-tt", "-y", "-e", f"trace={syscalls}", "-o", str(trace),
                                 *plain(*extra)]
     d.start()
     daemon_pid = wait_for(lambda: children_of(d.proc.pid), message="the traced daemon process")[0]
     try:
-        data = os.urandom(300_000)
-        h = hashlib.sha256(data).hexdigest()
-        (d.inbox / "drop.bin").write_bytes(data)
-        wait_for(lambda: h in registered(d) and registered(d)[h]["cached"], message="drop.bin registered")
+        yield
         os.kill(daemon_pid, signal.SIGTERM)  # the daemon itself, so that strace records to the end
         assert d.proc.wait(60) == 0, d.log()[-2000:]
     finally:
@@ -302,6 +301,16 @@ def test_ingest_follows_the_durable_order(daemon_factory, workdir: Path) -> None
             os.kill(daemon_pid, signal.SIGKILL)
             d.proc.wait(30)
         d._close_log()
+
+
+def test_ingest_follows_the_durable_order(daemon_factory, workdir: Path) -> None:
+    trace = workdir / "strace.log"
+    d = daemon_factory(remotes=1, start=False)
+    with traced(d, trace):
+        data = os.urandom(300_000)
+        h = hashlib.sha256(data).hexdigest()
+        (d.inbox / "drop.bin").write_bytes(data)
+        wait_for(lambda: h in registered(d) and registered(d)[h]["cached"], message="drop.bin registered")
 
     calls = parse_strace(trace.read_text(errors="replace"))
     inbox, cache_dir = str(d.inbox), str(d.cache / h[:2])
@@ -417,3 +426,97 @@ def test_sigkill_during_a_cross_mount_copy(other_mount: Path, daemon_factory, wo
     rows = check_nothing_half_done(d)
     assert [(hh, bytes(n), s) for hh, n, s in rows["files"]] == [(h, b"big.bin", 48 * MiB)]
     print(f"killed {'during the copy' if mid_copy else 'after the copy'}")
+
+
+# -- 4. copies made durable in batches (issue 12) ----------------------------------------------------
+
+def drop_many(d: Daemon, staging: Path, count: int, size: int = 3000) -> set[str]:
+    """`count` small files staged, then renamed into the inbox at once (so that uploads batch); their hashes."""
+    staging.mkdir()
+    hashes = set()
+    for i in range(count):
+        data = os.urandom(size)
+        (staging / f"b{i:04d}").write_bytes(data)
+        hashes.add(hashlib.sha256(data).hexdigest())
+    for i in range(count):
+        os.rename(staging / f"b{i:04d}", d.inbox / f"b{i:04d}")
+    return hashes
+
+
+def remote_entries(path: Path) -> tuple[dict[str, Path], list[str]]:
+    """A folder remote's copies by name, and the names of its temp files."""
+    copies, temps = {}, []
+    for sub in path.iterdir():
+        if sub.is_dir():
+            for p in sub.iterdir():
+                if p.name.startswith("."):
+                    temps.append(p.name)
+                else:
+                    copies[p.name] = p
+    return copies, temps
+
+
+def test_batched_uploads_record_no_copy_before_it_is_durable(daemon_factory, workdir: Path) -> None:
+    """strace: in the upload thread that renames a copy to its final name, its bytes were synced
+    after that thread's previous catalog write, and its folder is synced before the next one."""
+    trace = workdir / "strace.log"
+    d = daemon_factory(remotes=1, start=False)
+    with traced(d, trace, f"{TRACED},pwrite64"):
+        wanted = drop_many(d, workdir / "staging", 40)
+        wait_for(lambda: all(h in (fs := registered(d)) and fs[h]["copies"] for h in wanted), timeout=60,
+                 interval=0.25, message="40 files with their copy")
+
+    calls = parse_strace(trace.read_text(errors="replace"))
+    wal = str(Path(d.config["state"]) / "catalog.sqlite3-wal")
+    remote = d.config["remotes"][0]["path"]
+
+    def is_sync(c: Syscall, paths: tuple[str, ...] = ()) -> bool:
+        return c.ret == 0 and (c.name == "syncfs" or (c.name in ("fsync", "fdatasync")
+                                                       and (not paths or c.fd_path() in paths)))
+
+    renames = {}
+    for c in calls:
+        m = re.search(r'"\.([0-9a-f]{64})\.[0-9a-f]{8}\.tmp", \d+<[^>]*>, "([0-9a-f]{64})"', c.args)
+        if c.name.startswith("rename") and m and m[1] == m[2] and m[1] in wanted and c.ret == 0:
+            renames[m[1]] = c
+    assert set(renames) == wanted, f"{len(wanted - set(renames))} copies were not renamed from a temp file"
+    assert len({c.tid for c in renames.values()}) < len(wanted), "no two copies were sent in one batch"
+    for h, rename in renames.items():
+        mine = [c for c in calls if c.tid == rename.tid]
+        wal_writes = [c for c in mine if c.name == "pwrite64" and c.fd_path() == wal]
+        last_write = max((c.end for c in wal_writes if c.end < rename.start), default=-1)
+        assert [c for c in mine if last_write < c.start and c.end < rename.start and is_sync(c)], \
+            f"copy {h[:12]} renamed to its final name before its bytes were synced"
+        record = min((c.start for c in wal_writes if c.start > rename.end), default=None)
+        assert record is not None, f"copy {h[:12]}: no catalog write after its rename"
+        folder = os.path.join(remote, h[:2])
+        assert [c for c in mine if rename.end < c.start and c.end < record and is_sync(c, (folder,))], \
+            f"copy {h[:12]} recorded before its folder was synced"
+
+
+def test_sigkill_during_batched_uploads_records_only_complete_copies(daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(remotes=1)
+    remote = Path(d.config["remotes"][0]["path"])
+    wanted = drop_many(d, workdir / "staging", 400)
+    rng = random.Random()
+    for _ in range(3):
+        wait_for(lambda: d.status()["uploads"]["copies"] > 0 or d.status()["uploads"]["active"], timeout=60,
+                 message="uploads under way")
+        threading.Event().wait(rng.uniform(0.0, 0.3))  # a random instant to kill at, on purpose
+        d.kill()
+        recorded = {h for h, _ in catalog_rows(d)["copies"]}
+        copies, temps = remote_entries(remote)
+        assert recorded <= set(copies), f"{len(recorded - set(copies))} copies recorded but not on the remote"
+        for h in recorded:
+            assert sha256_of(copies[h]) == h
+        assert all(directory.LEFTOVER.fullmatch(t) for t in temps), temps
+        d.start()
+    wait_for(lambda: d.status()["uploads"]["copies"] >= len(wanted), timeout=120, interval=0.25,
+             message="every file with its copy")
+    assert d.stop() == 0
+    check_nothing_half_done(d)
+    copies, temps = remote_entries(remote)
+    assert set(copies) == wanted and all(sha256_of(p) == h for h, p in copies.items())
+    # the temp files killed uploads left are what the hourly clean-up removes once an hour old
+    assert directory.DirectoryRemote("r0", str(remote)).clean_leftovers(time.time() + 3601, 3600) == len(temps)
+    assert remote_entries(remote)[1] == []

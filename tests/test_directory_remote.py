@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudmanagerd.remotes.base import MISSING, REMOTE, RemoteError
+from cloudmanagerd.remotes.base import MISSING, REMOTE, RemoteError, Transfer
 from cloudmanagerd.remotes.directory import DirectoryRemote
 
 REPO = Path(__file__).resolve().parent.parent
@@ -266,3 +266,59 @@ class TestDirectoryRemote(RemoteBehaviour):
                 put(remote, data)
             assert info.value.kind == REMOTE
         assert list(outside.iterdir()) == []  # never written through the link
+
+
+# -- put_many: copies made durable in batches ------------------------------------------------------
+
+def batch_items(datas: list[bytes], transfers: bool = False):
+    """(hash, fd, size, transfer) items for put_many; the caller closes the fds."""
+    return [(hashlib.sha256(d).hexdigest(), source(d), len(d), Transfer(len(d), pending=True) if transfers else None)
+            for d in datas]
+
+
+def remote_names(root: Path) -> set[str]:
+    return {p.name for sub in root.iterdir() if sub.is_dir() for p in sub.iterdir()}
+
+
+@pytest.mark.parametrize("count", [3, 40])  # an fsync each, or one syncfs (SYNCFS_BATCH = 16)
+def test_put_many_stores_every_object_under_its_final_name_and_leaves_no_temp_file(tmp_path: Path,
+                                                                                    count: int) -> None:
+    remote = DirectoryRemote("nas", str(tmp_path))
+    datas = [f"object {i}".encode() * (i + 1) for i in range(count)]
+    items = batch_items(datas, transfers=True)
+    try:
+        results = remote.put_many(items)
+    finally:
+        for _, fd, _, _ in items:
+            os.close(fd)
+    assert results == [os.path.join(str(tmp_path), h[:2], h) for h, *_ in items]
+    assert remote_names(tmp_path) == {h for h, *_ in items}
+    for (h, _, _, transfer), data in zip(items, datas):
+        assert (tmp_path / h[:2] / h).read_bytes() == data
+        assert not transfer.pending and transfer.done == len(data)
+
+
+def test_put_many_fails_one_object_alone_and_keeps_no_temp_file_of_it(tmp_path: Path) -> None:
+    remote = DirectoryRemote("nas", str(tmp_path))
+    items = batch_items([b"a" * 100, b"b" * 100, b"c" * 100] * 1)
+    h, fd, size, t = items[1]
+    items[1] = (h, fd, size + 5, t)  # the source holds fewer bytes than the file's size
+    try:
+        results = remote.put_many(items)
+    finally:
+        for _, fd, _, _ in items:
+            os.close(fd)
+    assert isinstance(results[1], RemoteError) and "read 100 bytes of 105" in str(results[1])
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    assert remote_names(tmp_path) == {items[0][0], items[2][0]}
+
+
+def test_put_many_on_a_missing_folder_fails_the_whole_batch(tmp_path: Path) -> None:
+    remote = DirectoryRemote("nas", str(tmp_path / "gone"))
+    items = batch_items([b"x"])
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.put_many(items)
+    finally:
+        os.close(items[0][1])
+    assert info.value.kind == REMOTE

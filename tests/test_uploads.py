@@ -525,3 +525,151 @@ def test_a_pair_that_failed_thousands_of_times_still_gets_a_next_attempt(world: 
 def test_one_target_policy_for_new_files_and_spares(good, pairs, unhealthy, expected):
     from cloudmanagerd.uploads import choose_targets
     assert choose_targets(["a", "b", "c"], unhealthy, 2, good, pairs) == expected
+
+
+# -- batches: remotes with put_many ----------------------------------------------------------------
+
+class BatchRemote(FakeRemote):
+    """A FakeRemote with put_many: each item through put(); `fail_items` fails those hashes alone,
+    `fail` (as for put) refuses the whole batch."""
+
+    def __init__(self, name: str, fail: str | None = None) -> None:
+        super().__init__(name, fail)
+        self.batches: list[int] = []
+        self.fail_items: dict[str, str] = {}
+
+    def put_many(self, items):
+        self.batches.append(len(items))
+        if self.fail is not None:
+            raise RemoteError(f"remote {self.name}: refused ({self.fail})", self.fail)
+        results = []
+        for h, fd, size, transfer in items:
+            try:
+                transfer.begin()
+                if h in self.fail_items:
+                    raise RemoteError(f"remote {self.name}: refused {h[:8]}", self.fail_items[h])
+                url = self.put(h, fd, size, transfer)
+                transfer.update(size)
+                transfer.confirm_source()
+                results.append(url)
+            except RemoteError as exc:
+                results.append(exc)
+        return results
+
+
+def count_commits(catalog: Catalog) -> list[int]:
+    """Wrap catalog.uploads_done: how many copies each call recorded."""
+    calls: list[int] = []
+    original = catalog.uploads_done
+
+    def spy(copies, redundancy, now):
+        calls.append(len(copies))
+        return original(copies, redundancy, now)
+    catalog.uploads_done = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_small_files_go_to_a_batch_remote_in_batches_recorded_in_one_commit_each(world: World) -> None:
+    r0 = BatchRemote("r0")
+    up = world.uploader([r0], redundancy=1, concurrency=1)
+    commits = count_commits(world.catalog)
+    hashes = [world.add_file(f"small {i}".encode(), up.targets()) for i in range(40)]
+    step(up)
+    assert r0.batches == [40] and commits == [40]
+    assert all(world.copies(h) == ["r0"] for h in hashes)
+    assert world.catalog.counts(1, 1)["copies"] == 40
+
+
+def test_a_file_above_the_batch_size_limit_is_sent_on_its_own(world: World, monkeypatch) -> None:
+    monkeypatch.setattr("cloudmanagerd.uploads.BATCH_MAX_SIZE", 100)
+    r0 = BatchRemote("r0")
+    up = world.uploader([r0], redundancy=1, concurrency=1)
+    big = world.add_file(b"B" * 500, up.targets())
+    world.clock += 1
+    small = [world.add_file(f"s{i}".encode(), up.targets()) for i in range(5)]
+    step(up)  # the oldest pair (the big file) goes alone through put()
+    assert r0.batches == [] and world.copies(big) == ["r0"]
+    step(up)
+    assert r0.batches == [5] and all(world.copies(h) == ["r0"] for h in small)
+
+
+def test_a_mismatching_object_in_the_middle_of_a_batch_is_not_recorded_and_the_rest_is(world: World) -> None:
+    from cloudmanagerd.remotes.directory import DirectoryRemote
+    folder = world.root / "nas"
+    folder.mkdir()
+    nas = DirectoryRemote("nas", str(folder))
+    bad: list[tuple[str, str]] = []
+    up = Uploader(world.catalog, world.cache, {"nas": nas}, ["nas"], policy(redundancy=1, concurrency=1),
+                  lease=60.0, now=world.now, rng=random.Random(42),
+                  bad_object=lambda h, size, why, seen: bad.append((h, why)))
+    world.uploaders.append(up)
+    hashes = [world.add_file(f"object number {i:02d}".encode(), ["nas"]) for i in range(30)]
+    rotten = hashes[15]
+    with open(world.cache.object_path(rotten), "r+b") as f:
+        f.write(b"X")  # the same size, other bytes
+    step(up)
+    assert [h for h, _ in bad] == [rotten] and "other bytes" in bad[0][1]
+    assert world.copies(rotten) == []
+    pair = world.pairs(rotten)["nas"]
+    assert pair["state"] == "retrying" and "other bytes" in pair["last_error"]
+    assert all(world.copies(h) == ["nas"] for h in hashes if h != rotten)
+    on_remote = {p.name for sub in folder.iterdir() for p in sub.iterdir()}
+    assert on_remote == set(hashes) - {rotten}  # no copy of the wrong bytes, no temp file
+    assert world.catalog.remote_stats()["nas"]["errors"] == 0  # the local copy was at fault
+
+
+def test_a_batch_refused_by_its_remote_fails_every_pair_and_queues_spares(world: World) -> None:
+    r0, r1 = BatchRemote("r0", fail=REMOTE), BatchRemote("r1")
+    up = world.uploader([r0, r1], redundancy=1, concurrency=1)
+    hashes = [world.add_file(f"f{i}".encode(), ["r0"]) for i in range(10)]
+    step(up)
+    assert r0.batches == [10] and "r0" in up.unhealthy
+    for h in hashes:
+        pairs = world.pairs(h)
+        assert pairs["r0"]["state"] == "retrying" and pairs["r0"]["attempts"] == 1
+        assert pairs["r1"]["state"] == "queued"  # the spare
+    run_until_quiet(world, up)
+    assert all(world.copies(h) == ["r1"] for h in hashes)
+
+
+def test_one_pair_failing_inside_a_batch_fails_alone(world: World) -> None:
+    r0, r1 = BatchRemote("r0"), BatchRemote("r1")
+    up = world.uploader([r0, r1], redundancy=1, concurrency=1)
+    hashes = [world.add_file(f"f{i}".encode(), ["r0"]) for i in range(10)]
+    r0.fail_items[hashes[4]] = FILE
+    step(up)
+    assert world.pairs(hashes[4])["r0"]["state"] == "failed"
+    assert world.pairs(hashes[4])["r1"]["state"] == "queued"
+    assert all(world.copies(h) == ["r0"] for h in hashes if h != hashes[4])
+    assert "r0" not in up.unhealthy
+
+
+def test_close_during_a_batch_cancels_it_and_queues_every_pair_again_uncounted(world: World) -> None:
+    r0 = BatchRemote("r0")
+    r0.gate = threading.Event()  # the batch's first put hangs until cancelled
+    up = world.uploader([r0], redundancy=1, concurrency=1)
+    hashes = [world.add_file(f"f{i}".encode(), ["r0"]) for i in range(8)]
+    up.pump()
+    assert r0.entered.acquire(timeout=10)
+    up.check_stalls()  # the items the batch has not reached are never counted as stalled
+    up.close()
+    assert r0.puts == 1  # the others were cancelled before their first byte
+    for h in hashes:
+        pair = world.pairs(h)["r0"]
+        assert pair["state"] == "queued" and pair["attempts"] == 0 and pair["claim_owner"] is None
+        assert world.copies(h) == []
+
+
+def test_a_batch_counts_as_one_transfer_slot_and_renews_the_lease_of_each_pair(world: World) -> None:
+    r0 = BatchRemote("r0")
+    r0.gate = threading.Event()
+    up = world.uploader([r0], redundancy=1, concurrency=2)
+    hashes = [world.add_file(f"f{i}".encode(), ["r0"]) for i in range(100)]
+    up.pump()  # two slots: two batches (64 + 36)
+    assert r0.entered.acquire(timeout=10) and r0.entered.acquire(timeout=10)
+    assert sorted(r0.batches) == [36, 64] and up.active_count() == 100
+    world.clock += 50
+    assert up.reclaim() == 0  # every pair in flight keeps its claim
+    r0.gate.set()
+    wait_for(lambda: up.active_count() == 0, timeout=10, message="the batches to end")
+    assert all(world.copies(h) == ["r0"] for h in hashes)

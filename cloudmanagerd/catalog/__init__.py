@@ -15,6 +15,7 @@ Tables (schema version 1):
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -606,8 +607,10 @@ class Catalog:
 
     def claim_due(self, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = (),
                   due_by: float | None = None, states: Sequence[str] = ("queued", "retrying"),
-                  owner: str | None = None) -> list[UploadClaim]:
-        """Take up to `limit` pairs due by `due_by` (default `now`) in `states`, oldest first.
+                  owner: str | None = None, remote: str | None = None,
+                  max_size: int | None = None) -> list[UploadClaim]:
+        """Take up to `limit` pairs due by `due_by` (default `now`) in `states`, oldest first; only
+        those to `remote` and of files of at most `max_size` bytes when given (a batch's).
 
         `cloud_sync()` of the Python API passes an infinite `due_by` (every pending pair, backoff or
         not) and then only 'queued' (the spares that failures queued in the same round)."""
@@ -615,13 +618,18 @@ class Catalog:
             return []
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
-        state_sql = ",".join("?" * len(states))
+        only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
+        only = [v for v in (remote, max_size) if v is not None]
+        # one indexed walk in next_attempt order per state, merged: `state IN (...) ORDER BY` would read
+        # and sort every due pair (10,000 after a large drop) in each claim, holding the write lock
+        one_state = ("SELECT * FROM (SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
+                     "FROM uploads u JOIN files f ON f.hash=u.hash WHERE u.state=? AND u.next_attempt <= ? "
+                     f"AND f.removing=0 {skip_sql} {only_sql}ORDER BY u.next_attempt LIMIT ?)")
+        params = [(state, now if due_by is None else due_by, *skip_remotes, *only, limit) for state in states]
         with self.db.tx() as conn:
-            rows = conn.execute(
-                "SELECT u.hash, u.remote, u.attempts, f.size FROM uploads u JOIN files f ON f.hash=u.hash "
-                f"WHERE u.state IN ({state_sql}) AND u.next_attempt <= ? AND f.removing=0 {skip_sql} "
-                "ORDER BY u.next_attempt LIMIT ?",
-                (*states, now if due_by is None else due_by, *skip_remotes, limit)).fetchall()
+            rows = [row[:4] for row in conn.execute(
+                " UNION ALL ".join([one_state] * len(states)) + " ORDER BY 5 LIMIT ?",
+                (*(v for p in params for v in p), limit)).fetchall()]
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",
@@ -635,22 +643,30 @@ class Catalog:
 
     def upload_done(self, h: str, remote: str, url: str, size: int, redundancy: int, now: float) -> None:
         """Record a verified copy; once the file has its copies, cancel its other pending pairs."""
+        self.uploads_done([(h, remote, url, size)], redundancy, now)
+
+    def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int, now: float) -> None:
+        """Record verified copies (hash, remote, url, size), all in one transaction (a batch's)."""
         with self.db.tx() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
-                (h, remote, url, now, now))
-            conn.execute(
+                [(h, remote, url, now, now) for h, remote, url, _ in copies])
+            conn.executemany(
                 "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
-                "updated=? WHERE hash=? AND remote=?", (now, h, remote))
-            good = conn.execute("SELECT COUNT(*) FROM copies WHERE hash=? AND bad=0", (h,)).fetchone()[0]
-            if good >= redundancy:
-                # given-up pairs go too: the file no longer needs them, and `retry` must not over-copy
-                conn.execute("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')", (h,))
-            conn.execute(
-                "INSERT INTO remote_stats(remote, successes) VALUES (?, 1) "
-                "ON CONFLICT DO UPDATE SET successes=successes+1", (remote,))
-            self._add_transfer(conn, month_of(now), outgoing=size)
+                "updated=? WHERE hash=? AND remote=?", [(now, h, remote) for h, remote, _, _ in copies])
+            hashes = sorted({h for h, *_ in copies})
+            complete = [row for i in range(0, len(hashes), 500) for row in conn.execute(
+                f"SELECT hash FROM copies WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))}) AND bad=0 "
+                "GROUP BY hash HAVING COUNT(*) >= ?", (*hashes[i:i + 500], redundancy))]
+            # given-up pairs go too once a file has its copies: `retry` must not over-copy
+            conn.executemany("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')",
+                             complete)
+            for remote, count in collections.Counter(remote for _, remote, _, _ in copies).items():
+                conn.execute(
+                    "INSERT INTO remote_stats(remote, successes) VALUES (?, ?) "
+                    "ON CONFLICT DO UPDATE SET successes=successes+excluded.successes", (remote, count))
+            self._add_transfer(conn, month_of(now), outgoing=sum(size for *_, size in copies))
 
     def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float,
                       charge: bool = True) -> None:

@@ -59,7 +59,8 @@ class Transfer:
     `confirm_source()` before making it final (a folder remote, before its rename).
     """
 
-    def __init__(self, size: int, monotonic=time.monotonic, source: SourceCheck | None = None) -> None:
+    def __init__(self, size: int, monotonic=time.monotonic, source: SourceCheck | None = None,
+                 pending: bool = False) -> None:
         self.size = size
         self.done = 0
         self.monotonic = monotonic
@@ -67,7 +68,15 @@ class Transfer:
         self.last_change = self.started
         self.reason: str | None = None
         self.source = source
+        # one of a batch (Remote.put_many) not begun yet: no stall is counted until `begin()`
+        self.pending = pending
         self._event = threading.Event()
+
+    def begin(self) -> None:
+        """A batch reached this transfer: its clock starts now (raises Cancelled if it was cancelled)."""
+        self.started = self.last_change = self.monotonic()
+        self.pending = False
+        self.check()
 
     def update(self, done: int) -> None:
         if done != self.done:
@@ -125,6 +134,12 @@ class Remote(Protocol):
     def probe(self) -> None:
         """Raise RemoteError when the remote cannot take uploads now."""
 
+    # Optional: `put_many(items) -> list[str | RemoteError]` stores many small objects and makes them
+    # durable together. `items` are (h, src_fd, size, transfer) as for put(); each transfer is
+    # begun (`Transfer.begin()`) as the batch reaches it. The answer holds, in the items' order, the
+    # URL of each copy now complete and durable, or the RemoteError that stopped that one alone; an
+    # error that stops the whole batch is raised. The uploader sends batches to remotes that have it.
+    #
     # Optional: `clean_leftovers(now, min_age) -> int` removes what killed uploads left behind
     # (temp files older than `min_age` seconds); the scrub calls it on backends that have it.
 

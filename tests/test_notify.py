@@ -206,8 +206,10 @@ def test_a_broken_reload_says_so_in_status_and_keeps_running(daemon_factory, not
     write_config(d)
     again = time.monotonic()
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: d.status()["cache"]["capacity"] == 2 * 2**30, message="the fixed config applied")
-    assert d.status()["state"] == "running" and d.status()["problems"] == []
+    # the capacity is applied inside the reload; the state says "running" once the reload has ended
+    wait_for(lambda: (s := d.status())["cache"]["capacity"] == 2 * 2**30 and s["state"] == "running",
+             message="the fixed config applied and the reload ended")
+    assert d.status()["problems"] == []
     wait_for(lambda: any(v.startswith("0 files") and "2.0 GiB" in v for _, v in notify.values("STATUS=", after=again)),
              message="STATUS= summary with the new capacity")
     assert d.stop() == 0

@@ -390,7 +390,7 @@ def run_bench(args: argparse.Namespace, prefix: str, make_bench: Callable[[argpa
     try:
         run(bench)
         text, misses = report(bench, args, time.monotonic() - started)
-        write_json(getattr(args, "json", None), bench.r)
+        write_json(getattr(args, "json", None), {**dataclasses.asdict(bench.r), "args": vars(args)})
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -243,7 +243,8 @@ def machine() -> dict[str, str]:
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    # prose (*.md) does not change a figure: only other tracked changes mark the commit as modified
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!*.md"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     return {"machine": f"{os.cpu_count()} CPU ({cpu}), {ram:.0f} GiB RAM, Linux {platform.release()}, "
                        f"Python {platform.python_version()}",

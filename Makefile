@@ -42,9 +42,14 @@ test: venv
 	$(call apt_install,$(APT_TEST))
 	$(BIN)/python -m pytest
 
+# The benchmark report (tests/bench/report.py): every benchmark with its peer, one table, and
+# docs/benchmarks.md + docs/benchmarks.png. matplotlib draws the chart: a bench tool, not a runtime
+# dependency. BENCH_FLAGS=--quick for a short development run.
+BENCH_FLAGS ?=
 bench: venv
 	$(call apt_install,$(APT_BENCH))
-	$(BIN)/python tests/bench/ingest_bench.py
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q matplotlib
+	$(BIN)/python tests/bench/report.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

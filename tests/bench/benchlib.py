@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -331,6 +332,20 @@ class InboxDaemon(DaemonProcess):
 
 # -- the bench scripts' frame ----------------------------------------------------------------
 
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    """--json FILE: the figures, machine-readable (tests/bench/report.py reads them)."""
+    p.add_argument("--json", metavar="FILE", help="also write the raw figures to FILE as JSON (for report.py)")
+
+
+def write_json(path: str | None, figures: Any) -> None:
+    """Write `figures` (a dataclass, dicts, lists; Paths and other objects as text) to `path`, if given."""
+    if not path:
+        return
+    if dataclasses.is_dataclass(figures):
+        figures = dataclasses.asdict(figures)
+    Path(path).write_text(json.dumps(figures, indent=1, default=str))
+
+
 def write_small_files(folder: Path, count: int, size: int) -> list[str]:
     """`count` files of `size` random bytes in a new folder; their names."""
     folder.mkdir()
@@ -375,6 +390,7 @@ def run_bench(args: argparse.Namespace, prefix: str, make_bench: Callable[[argpa
     try:
         run(bench)
         text, misses = report(bench, args, time.monotonic() - started)
+        write_json(getattr(args, "json", None), {**dataclasses.asdict(bench.r), "args": vars(args)})
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import PY_SPY, REPO, Client, DaemonProcess, parse_size, peer_env, say, start_py_spy, stop_py_spy, table
+from benchlib import add_json_arg, write_json
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -481,6 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--tmp", default="/tmp", help="where the temp folder goes (default /tmp)")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.files = 128 * MiB, 100_000
@@ -522,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             say(f"kept {work}")
     text, missed = report(res, args)
+    write_json(args.json, {"rows": res.rows, "notes": res.notes, "decisions": res.decisions})
     print(text)
     return 1 if missed and args.strict else 0
 

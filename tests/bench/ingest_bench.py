@@ -45,6 +45,7 @@ from pathlib import Path
 from benchlib import (
     Client,
     InboxDaemon,
+    add_json_arg,
     check_profile_arg,
     fmt,
     human_bytes,
@@ -87,10 +88,18 @@ def inbox_empty(path: Path) -> bool:
 # -- the daemon ------------------------------------------------------------------------------
 
 class BenchDaemon(InboxDaemon):
-    """A fresh cloudmanagerd on its own folders, no remotes, run as a subprocess."""
+    """A fresh cloudmanagerd on its own folders, run as a subprocess: no remotes, or (with_remote)
+    as users run it: one folder remote (`remote/` in its folder), redundancy 1, log level info."""
 
-    def __init__(self, root: Path, name: str) -> None:
-        super().__init__(root, name, remotes=[], log_level="warning")
+    def __init__(self, root: Path, name: str, with_remote: bool = False) -> None:
+        if not with_remote:
+            super().__init__(root, name, remotes=[], log_level="warning")
+            return
+        remote = root / f"{name}-remote"
+        remote.mkdir()
+        super().__init__(root, name, remotes=[{"name": "nas", "type": "directory", "path": str(remote)}],
+                         log_level="info", upload={"redundancy": 1})
+        self.remote = remote
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -106,6 +115,10 @@ class Results:
     big_ingest_runs: list[float] = field(default_factory=list)
     big_openssl_runs: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
+    latency_load: int = 0              # files uploading while the drops were timed (--latency-load)
+    latency_during_load: int = 0       # drops timed before that upload had finished
+    latency_load_safe: float | None = None  # seconds from the load's first rename until all its copies
+    remote: bool = False               # the daemon had one folder remote (--remote)
     profiles: dict[str, Path] = field(default_factory=dict)
     daemon_log: dict[str, str] = field(default_factory=dict)  # warnings and errors, per phase
     load: dict[str, float] = field(default_factory=dict)    # 1-min load average as each phase began
@@ -129,7 +142,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args = args
         self.root = root
-        self.r = Results(files=args.files, file_size=args.file_size, big_size=args.big_size)
+        self.r = Results(files=args.files, file_size=args.file_size, big_size=args.big_size, remote=args.remote)
         self.daemons: list[BenchDaemon] = []
         self.master: Path | None = None
         self.cp_alone = 0.0
@@ -155,7 +168,7 @@ class Bench:
         return path
 
     def daemon(self, name: str, phase: str) -> BenchDaemon:
-        d = BenchDaemon(self.root, name)
+        d = BenchDaemon(self.root, name, self.args.remote)
         self.daemons.append(d)
         d.start()
         if self.args.profile:
@@ -169,6 +182,8 @@ class Bench:
         if phase is not None:
             self.r.rss[phase] = d.peak_rss_mb()
         d.stop()
+        if getattr(d, "remote", None) is not None:
+            rmtree(d.remote)
         lines = [line for line in d.log_tail(1 << 20).splitlines()
                  if " WARNING " in line or " ERROR " in line or "Traceback" in line]
         if lines:
@@ -335,7 +350,7 @@ class Bench:
             self.r.rss["big"] = max(filter(None, [self.r.rss.get("big"), d.peak_rss_mb()]), default=None)
             d.stop()
             os.rename(d.object_path(h), path)
-            self.finish_daemon(d, None)
+            self.finish_daemon(d, None)  # (with --remote, the copy it was making is dropped with it)
         rmtree(folder)
 
     def phase_latency(self) -> None:
@@ -343,10 +358,30 @@ class Bench:
         stage = self.root / "s_lat"
         stage.mkdir()
         d = self.daemon("d_lat", "latency")
+        load = self.args.latency_load if self.args.remote else 0
+        upload_done = None
+        if load:
+            # a load of `load` files renamed in and registered (untimed), so that their upload is
+            # running while the single drops are timed; drops stop counting once it is done
+            lstage = self.root / "s_latload"
+            write_small_files(lstage, load, self.args.file_size)
+            os.sync()
+            say(f"latency: {load} files dropped first; timing single drops while they upload")
+            t_load = time.perf_counter()
+            for name in sorted(os.listdir(lstage)):
+                os.rename(lstage / name, d.inbox / name)
+            self.wait_all_registered(d, load, t_load)
+            self.r.latency_load = load
         say(f"latency: {count} single {human_bytes(self.args.file_size)} drops, one at a time")
         client = Client(d.socket)
         try:
             for i in range(count):
+                if load and upload_done is None:
+                    if d.status()["uploads"]["copies"] >= load:  # untimed, between drops
+                        upload_done = time.perf_counter()
+                        self.r.latency_load_safe = upload_done - t_load
+                        say(f"latency: the {load}-file upload finished after {i} drops")
+                        break
                 data = os.urandom(self.args.file_size)
                 h = hashlib.sha256(data).hexdigest()
                 src = stage / f"drop{i:05d}"
@@ -358,6 +393,12 @@ class Bench:
                 os.rename(src, d.inbox / src.name)
                 t1 = wait_cached(d, client, h, t0, 60)
                 self.r.latencies_ms.append((t1 - t0) * 1000)
+            self.r.latency_during_load = len(self.r.latencies_ms) if load else 0
+            if load and upload_done is None:
+                while d.status()["uploads"]["copies"] < load + count:
+                    d.alive()
+                    time.sleep(0.05)
+                self.r.latency_load_safe = time.perf_counter() - t_load
         finally:
             client.close()
         self.finish_daemon(d, "latency")
@@ -417,8 +458,12 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
                f"Linux {platform.release()}, Python {platform.python_version()}, data on {args.tmp} ({fs})")
     out.append(f"peers: {tool_version(['git', 'annex', 'version', '--raw'])} (git-annex), "
                f"{tool_version(['rclone', 'version'])}, {tool_version(['openssl', 'version'])}")
-    out.append("daemon: a fresh `python -m cloudmanagerd` per phase; NO remotes (uploads off, so they do not "
-               "compete with ingest); log.level warning; ingest.settle 2s; cache capacity 20GiB; inotify observer")
+    if r.remote:
+        out.append("daemon: a fresh `python -m cloudmanagerd` per phase, as users run it: one folder remote, "
+                   "upload.redundancy 1, default concurrency, log.level info; ingest.settle 2s; cache capacity 20GiB")
+    else:
+        out.append("daemon: a fresh `python -m cloudmanagerd` per phase; NO remotes (uploads off, so they do not "
+                   "compete with ingest); log.level warning; ingest.settle 2s; cache capacity 20GiB; inotify observer")
     out.append("setup: staged files are written and sync'ed before each timed run (no earlier writeback is timed); "
                "the daemon's own fsync/syncfs is timed")
     busy = max(r.load.values(), default=0.0) > 1.5
@@ -467,7 +512,10 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
         p99 = nearest_rank(s, 99)
         out.append(f"3. {len(lat)} single {human_bytes(r.file_size)} files dropped one at a time (rename into the "
                    "inbox; registered = an `info` reply with cached=true on one persistent connection, polled every "
-                   "1 ms after the cache object appears)")
+                   "1 ms after the cache object appears)"
+                   + (f"; {r.latency_load:,} files registered just before were uploading: {r.latency_during_load} "
+                      f"of the drops were timed before that upload finished "
+                      f"({fmt(r.latency_load_safe, '.1f')} s after its first rename)" if r.latency_load else ""))
         rows = [["drop -> registered", f"{p50:.1f}", f"{nearest_rank(s, 90):.1f}", f"{p99:.1f}",
                  f"{statistics.mean(s):.1f}", f"{s[0]:.1f}", f"{s[-1]:.1f}", fmt(r.rss.get("latency"), ".1f", " MB")]]
         out += table(rows, ["ms", "p50", "p90", "p99", "mean", "min", "max", "daemon peak RSS"], {1, 2, 3, 4, 5, 6, 7})
@@ -523,6 +571,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-repeat", type=int, default=3,
                    help="interleaved runs of openssl and of the daemon on the big file; best of each (default 3)")
     p.add_argument("--latency-count", type=int, default=300, help="single drops in the latency phase (default 300)")
+    p.add_argument("--remote", action="store_true",
+                   help="run each daemon as users run it: one folder remote, redundancy 1, log level info")
+    p.add_argument("--latency-load", type=int, default=10_000, metavar="N",
+                   help="with --remote: drop N files first and time the single drops while they upload "
+                        "(default 10000; 0: none)")
     p.add_argument("--only", action="append", default=[],
                    help=f"phases to run, comma separated: {','.join(ALL_PHASES)} or files (default all)")
     p.add_argument("--quick", action="store_true", help="small sizes: 1000 files, 128MiB, 50 drops")
@@ -531,11 +584,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="record the daemon with py-spy during each daemon phase")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp data folder")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         args.files = min(args.files, 1000)
         args.big_size = min(args.big_size, 128 << 20)
         args.latency_count = min(args.latency_count, 50)
+        args.latency_load = min(args.latency_load, 5000)
     chosen: list[str] = []
     for item in args.only or ["all"]:
         for name in filter(None, (s.strip() for s in item.split(","))):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from benchlib import (
     InboxDaemon,
+    add_json_arg,
     check_profile_arg,
     human_bytes,
     parse_size,
@@ -221,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="record the daemon with py-spy")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp data folder")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         args.files = min(args.files, 1000)

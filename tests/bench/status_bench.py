@@ -55,11 +55,13 @@ from benchlib import (
     REPO,
     Client,
     DaemonProcess,
+    add_json_arg,
     nearest_rank,
     proc_status_mb,
     read_profile,
     short_path,
     table,
+    write_json,
 )
 from benchlib import say as _say
 
@@ -372,6 +374,10 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             out += ["", f"daemon log errors ({len(problems)}), first: {problems[0]}"]
         print("\n".join(out))
+        write_json(args.json, {"files": files_before, "calls": args.calls, "p50_ms": p50, "p90_ms": p90,
+                               "p99_ms": p99, "max_ms": lat[-1], "ctl_median_ms": statistics.median(ctl_ms),
+                               "rss_mb": rss, "hwm_mb": hwm, "startup_s": startup, "ingested": ingested,
+                               "copies": copies})
         misses = sum(r[3] == "MISS" for r in rows)
         return 1 if misses and args.strict else 0
     finally:
@@ -403,6 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--tmp", default="/tmp", help="where the temp folder goes (default /tmp)")
+    add_json_arg(p)
     return p.parse_args(argv)
 
 

@@ -58,6 +58,7 @@ from typing import Any
 from benchlib import (
     REPO,
     InboxDaemon,
+    add_json_arg,
     check_profile_arg,
     fmt,
     human_bytes,
@@ -588,6 +589,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --profile: sample only the thread holding the GIL (where the daemon's CPU goes)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp data folder (and the daemons' logs)")
+    add_json_arg(p)
     args = p.parse_args(argv)
     if args.quick:
         args.files = min(args.files, 200)

@@ -22,6 +22,16 @@ What a reader of a bucket can see:
   so that a server that hangs does not delay an upload before it starts). (An AWS lifecycle rule
   "AbortIncompleteMultipartUpload" does the same on the server side.)
 
+Many small objects (`put_many`, the uploader's batches): each is one checksummed PUT as in `put`,
+BATCH_CONCURRENCY of them in flight at once from a thread pool of the remote. These PUTs skip
+boto3's client pipeline (its event hooks, parameter checks and response parsing cost ~1.5 ms of
+CPU per object here, more than the server's work): botocore's own SigV4 signer signs the request,
+with the object's SHA-256 (its name) as the signed payload hash and as x-amz-checksum-sha256, and
+botocore's HTTP session (the client's pool, TLS and proxy settings) sends it; ~0.65 ms per object.
+Measured on 1,000 x 64 KiB to SeaweedFS, 16 in flight: put_object 1.3-1.6 s CPU, signer + session
+0.65-0.69 s, a presigned URL per object 0.9 s, a hand-written SigV4 through urllib3 0.4 s (not
+worth owning a signer for). Errors go through the same classification as the client's.
+
 Reading the source: s3transfer keeps up to ten parts of a *file object* in memory (640 MiB
 with 64 MiB parts), but streams a *file name* part by part from disk. The cache object is
 therefore given to it by name, as /proc/self/fd/<fd>, which reopens the very file the
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import datetime
 import gc
 import io
@@ -39,8 +50,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
 
 import boto3
@@ -48,6 +61,8 @@ import boto3.exceptions
 import botocore.exceptions
 import s3transfer.exceptions
 from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
 
@@ -61,6 +76,8 @@ MiB = 1 << 20
 INCOMPLETE_AGE = 2 * 86400.0  # multipart uploads older than this are leftovers of a killed daemon
 CLEANUP_INTERVAL = 3600.0
 SMALL_PUT = 8 * MiB  # below this, one checksummed PUT instead of a managed transfer and a HEAD
+BATCH_CONCURRENCY = 16  # PUTs of one remote's batches in flight at once (put_many)
+_TEMPLATE_HASH = "0" * 64  # stands for the hash in the URL template of the batch PUTs
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
            "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
@@ -249,6 +266,7 @@ class S3Remote:
             region_name=region or ("us-east-1" if endpoint else None),
         )
         self.client = session.client("s3", endpoint_url=endpoint, config=config)
+        self._session = session  # the credentials of the batch PUTs (refreshed as the client's are)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -258,6 +276,9 @@ class S3Remote:
         )
         self._cleanup_lock = threading.Lock()
         self._next_cleanup = 0.0
+        self._batch_lock = threading.Lock()
+        self._batch_pool: ThreadPoolExecutor | None = None
+        self._put_url: tuple[str, str] | None = None  # the batch PUTs' URL, split around the hash
 
     def key(self, h: str) -> str:
         return f"{self.prefix}{h}"
@@ -360,6 +381,15 @@ class S3Remote:
             _forget(exc)
         raise error
 
+    def _transfer_call(self, what: str, transfer: Transfer | None, fn: Callable[..., T], *args: Any) -> T:
+        """`_call` for a transfer: any error after the uploader cancelled it is that cancellation."""
+        try:
+            return self._call(what, fn, *args)
+        except RemoteError as error:
+            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
+                raise Cancelled(transfer.reason or "cancelled") from None
+            raise
+
     # -- the Remote protocol -------------------------------------------------------------
 
     def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
@@ -367,15 +397,10 @@ class S3Remote:
             transfer.check()
         what = f"upload to {self.url(h)}"
         checked = size < SMALL_PUT and self.request_checksum == "when_supported"
-        try:
-            if checked:
-                self._call(what, self._put_small, h, src_fd, size, transfer)
-            else:
-                self._call(what, self._upload, h, src_fd, transfer)
-        except RemoteError as error:
-            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
-                raise Cancelled(transfer.reason or "cancelled") from None
-            raise
+        if checked:
+            self._transfer_call(what, transfer, self._put_small, h, src_fd, size, transfer)
+        else:
+            self._transfer_call(what, transfer, self._upload, h, src_fd, transfer)
         if checked:
             # the server verified the SHA-256 of what it received against the object's own hash
             self._maybe_cleanup()
@@ -404,6 +429,92 @@ class S3Remote:
         with _ProgressReader(os.dup(src_fd), transfer) as body:
             self.client.put_object(Bucket=self.bucket, Key=self.key(h), Body=body, ContentLength=size,
                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(h)).decode())
+
+    def put_many(self, items: Sequence[tuple[str, int, int, Transfer | None]]) -> list[str | RemoteError]:
+        """Many objects, BATCH_CONCURRENCY PUTs in flight at once (see the module doc). Each transfer
+        is begun as its PUT starts; each answer is the object's URL once the server has taken and
+        checked it, or the error of that object alone."""
+        if not items:
+            return []
+        pool = self._pool()
+        futures = [pool.submit(self._put_item, h, fd, size, transfer) for h, fd, size, transfer in items]
+        results = [f.result() for f in futures]
+        if any(isinstance(r, str) for r in results):
+            self._maybe_cleanup()  # now that the server has shown it answers
+        return results
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._batch_lock:
+            if self._batch_pool is None:
+                self._batch_pool = ThreadPoolExecutor(max_workers=BATCH_CONCURRENCY,
+                                                      thread_name_prefix=f"s3-{self.name}")
+            return self._batch_pool
+
+    def _put_item(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> str | RemoteError:
+        try:
+            if transfer is not None:
+                transfer.begin()
+            if size >= SMALL_PUT or self.request_checksum != "when_supported":
+                return self.put(h, src_fd, size, transfer)  # no checksum the server checks: put's HEAD
+            self._transfer_call(f"upload to {self.url(h)}", transfer, self._put_signed, h, src_fd, size, transfer)
+        except RemoteError as error:
+            return error
+        return self.url(h)
+
+    def _put_signed(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
+        """One PUT as `_put_small` makes it, signed and sent without the client's pipeline. A request
+        on a kept-alive connection the server had closed is sent once more."""
+        actual = os.fstat(src_fd).st_size
+        if actual != size:  # the PUT would wait for bytes that never come
+            raise RemoteError(f"upload to {self.url(h)}: the source holds {actual} bytes, expected {size}",
+                              TRANSIENT)
+        head, tail = self._batch_url()
+        checksum = base64.b64encode(bytes.fromhex(h)).decode()
+        for attempt in (1, 2):
+            with _ProgressReader(os.dup(src_fd), transfer) as body:
+                request = AWSRequest("PUT", head + h + tail, data=body, headers={
+                    "Content-Length": str(size),
+                    "x-amz-checksum-sha256": checksum,
+                    "X-Amz-Content-SHA256": h,  # the signed payload hash: the object's name
+                })
+                credentials = self._session.get_credentials()
+                if credentials is None:
+                    raise botocore.exceptions.NoCredentialsError()
+                S3SigV4Auth(credentials.get_frozen_credentials(), "s3",
+                            self.client.meta.region_name or "us-east-1").add_auth(request)
+                try:
+                    response = self.client._endpoint.http_session.send(request.prepare())
+                except botocore.exceptions.ConnectionClosedError:
+                    if attempt == 2 or (transfer is not None and transfer.cancelled):
+                        raise
+                    continue
+            if 200 <= response.status_code < 300:
+                return
+            raise self._response_error(response)
+
+    def _batch_url(self) -> tuple[str, str]:
+        """The URL of an object as the client addresses it (path or virtual host style, the
+        endpoint of the region), split around the hash: taken once from a presigned URL."""
+        if self._put_url is None:
+            url = self.client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": self.key(_TEMPLATE_HASH)}, ExpiresIn=60)
+            parts = urlsplit(url)
+            path = parts.path
+            at = path.rindex(_TEMPLATE_HASH)
+            base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+            self._put_url = (base + path[:at], path[at + len(_TEMPLATE_HASH):])
+        return self._put_url
+
+    @staticmethod
+    def _response_error(response: Any) -> botocore.exceptions.ClientError:
+        """An S3 error response as the ClientError the client would have raised."""
+        text = response.content.decode("utf-8", "replace") if response.content else ""
+        found = {name: (m.group(1) if (m := re.search(f"<{name}>(.*?)</{name}>", text, re.S)) else "")
+                 for name in ("Code", "Message")}
+        code = found["Code"] or str(response.status_code)
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": code, "Message": found["Message"] or text[:200]},
+             "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "PutObject")
 
     def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
@@ -438,12 +549,7 @@ class S3Remote:
         size = self._stored_size(h, what)
         if size is None:
             raise self._missing(h, what)
-        try:
-            self._call(what, self._download, h, size, dst_fd, transfer)
-        except RemoteError as error:
-            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
-                raise Cancelled(transfer.reason or "cancelled") from None
-            raise
+        self._transfer_call(what, transfer, self._download, h, size, dst_fd, transfer)
 
     def _download(self, h: str, size: int, dst_fd: int, transfer: Transfer | None) -> None:
         with create_transfer_manager(self.client, self.transfer_config) as manager:
@@ -481,6 +587,10 @@ class S3Remote:
         self._maybe_cleanup()
 
     def close(self) -> None:
+        with self._batch_lock:
+            pool, self._batch_pool = self._batch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         # client.close() only drops urllib3's connection pools, and urllib3 2 closes a pool's
         # connections when the pool object is freed; a failed transfer leaves exceptions in
         # reference cycles (s3transfer's futures, botocore's frames) that still point at it,

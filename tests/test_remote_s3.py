@@ -182,6 +182,71 @@ def test_a_source_that_does_not_match_its_size_leaves_no_object(remote) -> None:
     assert remote.exists(h, "") is None
 
 
+class PrefixWatch(Transfer):
+    """Checks at each report that the first `done` bytes of the destination are the source's."""
+
+    def __init__(self, size: int, fd: int, source: bytes) -> None:
+        super().__init__(size)
+        self.fd, self.expected, self.reports = fd, source, []
+
+    def update(self, done: int) -> None:
+        assert os.pread(self.fd, done, 0) == self.expected[:done], f"the prefix of {done} bytes is not on disk"
+        self.reports.append(done)
+        super().update(done)
+
+
+def test_a_get_in_parallel_parts_reports_the_prefix_on_disk_and_hashes_behind_it(remote, tmp_path,
+                                                                                 monkeypatch) -> None:
+    from cloudmanagerd.fetch import ReportingTransfer, TrailingHasher
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.GET_PART", 256 * 1024)
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.READ_CHUNK", 64 * 1024)
+    data = os.urandom(3 * MiB + 12345)
+    h, url = RemoteContract().put(remote, data)
+    assert remote.sequential_get
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        watch = PrefixWatch(len(data), fd, data)
+        remote.get(h, url, fd, watch)
+        assert watch.reports == sorted(watch.reports) and watch.reports[-1] == len(data)
+        os.ftruncate(fd, 0)
+        hasher = TrailingHasher(fd)
+        remote.get(h, url, fd, ReportingTransfer(len(data), None, hasher))
+        assert hasher.finish(len(data)) == h
+    finally:
+        os.close(fd)
+
+
+def test_a_get_cancelled_midway_stops_every_stream(remote, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.GET_PART", 256 * 1024)
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.READ_CHUNK", 64 * 1024)
+    data = os.urandom(4 * MiB)
+    h, url = RemoteContract().put(remote, data)
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        transfer = CancelAfter(len(data), MiB)
+        before = threading.active_count()
+        with pytest.raises(Cancelled, match="test cancels"):
+            remote.get(h, url, fd, transfer)
+        assert threading.active_count() == before, "no download stream left running"
+        assert transfer.done < len(data)
+    finally:
+        os.close(fd)
+
+
+def test_a_get_of_an_object_gone_since_its_head_is_missing(remote, tmp_path, monkeypatch) -> None:
+    data = os.urandom(1000)
+    h, url = RemoteContract().put(remote, data)
+    real_head = remote._head
+    monkeypatch.setattr(remote, "_head", lambda key: (real_head(key), remote.delete(h, url))[0])
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.get(h, url, fd, Transfer(len(data)))
+        assert info.value.kind == MISSING
+    finally:
+        os.close(fd)
+
+
 def test_get_into_a_pipe(remote) -> None:
     data = os.urandom(20_000)  # below the pipe's buffer: no reader thread needed
     h, url = RemoteContract().put(remote, data)

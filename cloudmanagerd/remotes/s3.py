@@ -1,8 +1,12 @@
 """A remote on any S3 server (AWS, SeaweedFS, MinIO, Ceph): copies at s3://<bucket>/<prefix><h>.
 
-Uploads and downloads go through boto3's managed transfer (s3transfer): one PUT below
-`multipart_threshold`, a multipart upload with `max_concurrency` parts in flight above it.
-We never write multipart by hand.
+Uploads go through boto3's managed transfer (s3transfer): one PUT below `multipart_threshold`, a
+multipart upload with `max_concurrency` parts in flight above it. We never write multipart by hand.
+Downloads are GET_STREAMS ranged GETs at once, the parts taken in order and each written where it
+belongs, so that the prefix on disk grows as the bytes arrive: `get` reports that prefix as its
+progress (`sequential_get`), and fetch hashes behind it instead of reading the file again.
+(s3transfer's download wrote its parts out of order, and the second pass cost a read of the whole
+file on top of the transfer.)
 
 What a reader of a bucket can see:
 
@@ -64,7 +68,6 @@ from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_tr
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from s3transfer.subscribers import BaseSubscriber
 
 from ..config import RemoteConfig
 from .base import FILE, MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
@@ -75,6 +78,9 @@ T = TypeVar("T")
 MiB = 1 << 20
 INCOMPLETE_AGE = 2 * 86400.0  # multipart uploads older than this are leftovers of a killed daemon
 CLEANUP_INTERVAL = 3600.0
+GET_PART = 16 * MiB  # a download's ranged GETs, GET_STREAMS of them at once
+GET_STREAMS = 4
+READ_CHUNK = MiB
 SMALL_PUT = 8 * MiB  # below this, one checksummed PUT instead of a managed transfer and a HEAD
 BATCH_CONCURRENCY = 16  # PUTs of one remote's batches in flight at once (put_many)
 _TEMPLATE_HASH = "0" * 64  # stands for the hash in the URL template of the batch PUTs
@@ -155,54 +161,30 @@ class _ProgressReader(io.FileIO):
         return data
 
 
-class _FdWriter(io.RawIOBase):
-    """A file object over the caller's fd that never closes it.
+class _Prefix:
+    """How much of a download is on disk from its start: the parts written so far, in any order,
+    reported to the Transfer as the contiguous prefix they make (fetch hashes behind it)."""
 
-    s3transfer writes a seekable target at absolute offsets (`seek(offset)`, `write`): they are
-    taken from the fd's position when the download started, written with pwrite, so the
-    shared file offset is left alone. A pipe or socket is written in order with write.
-    """
+    def __init__(self, size: int, part: int, transfer: Transfer | None) -> None:
+        self.size = size
+        self.part = part
+        self.transfer = transfer
+        self.filled = [0] * ((size + part - 1) // part)
+        self.whole = 0  # parts complete from the start
+        self._lock = threading.Lock()
 
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self.fd = fd
-        try:
-            self.base: int | None = os.lseek(fd, 0, os.SEEK_CUR)
-        except OSError:
-            self.base = None
-        self.pos = 0
+    def wrote(self, index: int, amount: int) -> None:
+        """`amount` more bytes of part `index` are written; raises Cancelled once the transfer was."""
+        with self._lock:
+            self.filled[index] += amount
+            while self.whole < len(self.filled) and self.filled[self.whole] == self._length(self.whole):
+                self.whole += 1
+            done = self.whole * self.part + (self.filled[self.whole] if self.whole < len(self.filled) else 0)
+            if self.transfer is not None:
+                self.transfer.update(min(done, self.size))
 
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return self.base is not None
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if self.base is None:
-            raise io.UnsupportedOperation("seek")
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        else:
-            raise io.UnsupportedOperation("seek from the end")
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        while view:
-            if self.base is None:
-                n = os.write(self.fd, view)
-            else:
-                n = os.pwrite(self.fd, view, self.base + self.pos)
-            self.pos += n
-            view = view[n:]
-        return total
+    def _length(self, index: int) -> int:
+        return min(self.part, self.size - index * self.part)
 
 
 class _Progress:
@@ -222,19 +204,10 @@ class _Progress:
             self.transfer.update(max(total, 0))
 
 
-class _KnownSize(BaseSubscriber):
-    """Tells s3transfer the object's size, which we already have from our HEAD."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self.size)
-
-
 class S3Remote:
     kind = "s3"
     reports_progress = True
+    sequential_get = True  # get() reports the contiguous prefix on disk: fetch hashes behind it
 
     def __init__(self, name: str, bucket: str, prefix: str = "", endpoint: str | None = None,
                  region: str | None = None, access_key_id: str | None = None,
@@ -552,10 +525,61 @@ class S3Remote:
         self._transfer_call(what, transfer, self._download, h, size, dst_fd, transfer)
 
     def _download(self, h: str, size: int, dst_fd: int, transfer: Transfer | None) -> None:
-        with create_transfer_manager(self.client, self.transfer_config) as manager:
-            future = manager.download(self.bucket, self.key(h), _FdWriter(dst_fd),
-                                      subscribers=[_KnownSize(size), ProgressCallbackInvoker(_Progress(transfer))])
-            future.result()
+        """GET_STREAMS ranged GETs of GET_PART bytes at once, each written where it belongs, the parts
+        taken in order so that the prefix on disk grows behind them (a pipe: one GET, in order)."""
+        try:
+            base: int | None = os.lseek(dst_fd, 0, os.SEEK_CUR)
+        except OSError:
+            base = None
+        prefix = _Prefix(size, GET_PART if base is not None else max(size, 1), transfer)
+        parts = len(prefix.filled)
+        if parts <= 1 or base is None:
+            if size:
+                self._get_part(h, 0, size, dst_fd, base, prefix, threading.Event())
+            return
+        stop = threading.Event()
+        next_part = iter(range(parts))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with lock:
+                    index = next(next_part, None)
+                if index is None:
+                    return
+                try:
+                    self._get_part(h, index, size, dst_fd, base, prefix, stop)
+                except BaseException:
+                    stop.set()  # the other streams stop at their next read
+                    raise
+
+        with ThreadPoolExecutor(max_workers=min(GET_STREAMS, parts), thread_name_prefix=f"s3get-{self.name}") as pool:
+            futures = [pool.submit(worker) for _ in range(min(GET_STREAMS, parts))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        cancelled = [e for e in errors if _find_cancelled(e) is not None]
+        if cancelled or errors:
+            raise (cancelled or errors)[0]
+
+    def _get_part(self, h: str, index: int, size: int, dst_fd: int, base: int | None, prefix: _Prefix,
+                  stop: threading.Event) -> None:
+        start = index * prefix.part
+        end = min(size, start + prefix.part)
+        response = self.client.get_object(Bucket=self.bucket, Key=self.key(h), Range=f"bytes={start}-{end - 1}")
+        body = response["Body"]
+        try:
+            offset = start
+            while offset < end and not stop.is_set():
+                data = body.read(min(READ_CHUNK, end - offset))
+                if not data:
+                    raise RemoteError(f"download of {self.url(h)}: the server sent {offset} bytes of {size}")
+                view = memoryview(data)
+                while view:
+                    n = os.write(dst_fd, view) if base is None else os.pwrite(dst_fd, view, base + offset)
+                    view = view[n:]
+                    offset += n
+                prefix.wrote(index, len(data))
+        finally:
+            body.close()
 
     def exists(self, h: str, url: str) -> int | None:
         what = f"check of {self.url(h)}"

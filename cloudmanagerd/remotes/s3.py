@@ -30,7 +30,8 @@ Many small objects (`put_many`, the uploader's batches): each is one checksummed
 BATCH_CONCURRENCY of them in flight at once from a thread pool of the remote. These PUTs skip
 boto3's client pipeline (its event hooks, parameter checks and response parsing cost ~1.5 ms of
 CPU per object here, more than the server's work): botocore's own SigV4 signer signs the request,
-with the object's SHA-256 (its name) as the signed payload hash and as x-amz-checksum-sha256, and
+with the object's SHA-256 (its name) as the signed payload hash (the server checks the body against
+it) and as x-amz-checksum-sha256, and
 botocore's HTTP session (the client's pool, TLS and proxy settings) sends it; ~0.65 ms per object.
 Measured on 1,000 x 64 KiB to SeaweedFS, 16 in flight: put_object 1.3-1.6 s CPU, signer + session
 0.65-0.69 s, a presigned URL per object 0.9 s, a hand-written SigV4 through urllib3 0.4 s (not
@@ -202,6 +203,18 @@ class _Progress:
             total = self.total
         if self.transfer is not None:
             self.transfer.update(max(total, 0))
+
+
+class _NamedPayloadAuth(S3SigV4Auth):
+    """S3's SigV4 signer with the object's SHA-256 (its name) as the signed payload hash: the body
+    is not read a second time to hash it (botocore's own signer would, on plain http)."""
+
+    def __init__(self, credentials: Any, region: str, payload_hash: str) -> None:
+        super().__init__(credentials, "s3", region)
+        self.payload_hash = payload_hash
+
+    def payload(self, request: Any) -> str:
+        return self.payload_hash
 
 
 class S3Remote:
@@ -448,13 +461,12 @@ class S3Remote:
                 request = AWSRequest("PUT", head + h + tail, data=body, headers={
                     "Content-Length": str(size),
                     "x-amz-checksum-sha256": checksum,
-                    "X-Amz-Content-SHA256": h,  # the signed payload hash: the object's name
                 })
                 credentials = self._session.get_credentials()
                 if credentials is None:
                     raise botocore.exceptions.NoCredentialsError()
-                S3SigV4Auth(credentials.get_frozen_credentials(), "s3",
-                            self.client.meta.region_name or "us-east-1").add_auth(request)
+                _NamedPayloadAuth(credentials.get_frozen_credentials(), self.client.meta.region_name or "us-east-1",
+                                  h).add_auth(request)
                 try:
                     response = self.client._endpoint.http_session.send(request.prepare())
                 except botocore.exceptions.ConnectionClosedError:

@@ -59,8 +59,9 @@ class TrailingHasher:
     hashes them on the other core instead of in a second pass afterwards.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, sink: Callable[[bytes], None] | None = None) -> None:
         self.fd = fd
+        self.sink = sink  # also given each piece hashed, in order (a get's output: _Tee)
         self.digest = hashlib.sha256()
         self.offset = 0
         self.written = 0
@@ -82,6 +83,8 @@ class TrailingHasher:
                     return
                 self.digest.update(data)
                 self.offset += len(data)
+                if self.sink is not None:
+                    self.sink(data)
             elif self.final is not None:
                 return
             else:
@@ -97,6 +100,52 @@ class TrailingHasher:
 
 
 SEND_CHUNK = 1 << 20
+
+
+class _Tee:
+    """A `get`'s output written while its file is fetched: the fetch's hasher hands over each piece
+    it hashed, and the output gets it then, the last piece held back until the fetch verified the
+    whole (as `_send_verified` does), so the file is read once instead of fetched, then read again.
+
+    Only into a regular file that ends at our start, which a failed fetch can cut back to it.
+    """
+
+    def __init__(self, dst: int, start: int, stall: float) -> None:
+        self.dst = dst
+        self.start = start
+        self.stall = stall
+        self.held: bytes | None = None
+        self.written = 0
+        self.error: OutputError | None = None
+        self.verified = False  # set by the fetch once the cache object is the file's bytes
+
+    def __call__(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.held is not None:
+                _write_output(self.dst, memoryview(self.held), self.stall)
+                self.written += len(self.held)
+        except OutputError as exc:
+            self.error = exc
+        self.held = data
+
+    def reset(self) -> None:
+        """Before a fetch (or another remote): nothing of ours in the output."""
+        if self.written:
+            os.ftruncate(self.dst, self.start)
+        os.lseek(self.dst, self.start, os.SEEK_SET)
+        self.held, self.written, self.error, self.verified = None, 0, None, False
+
+    def finish(self, size: int) -> bool:
+        """After a verified fetch: the held piece out; False when the output did not get the file."""
+        if self.error is not None:
+            raise self.error
+        if not self.verified or self.written + len(self.held or b"") != size:
+            return False
+        if self.held:
+            _write_output(self.dst, memoryview(self.held), self.stall)
+        return True
 
 
 class _Throttled:
@@ -176,9 +225,10 @@ class Fetcher:
         self.damaged: dict[str, str] = {}
         self._counter = 0
 
-    def ensure_cached(self, h: str, progress: ProgressFn | None = None) -> None:
-        """Return once the object is in the cache (fetching it if needed); raise with the reason otherwise."""
-        self._gated(h, lambda: self._ensure_cached(h, progress))
+    def ensure_cached(self, h: str, progress: ProgressFn | None = None, tee: _Tee | None = None) -> None:
+        """Return once the object is in the cache (fetching it if needed); raise with the reason otherwise.
+        A fetch also writes `tee`'s output as the bytes arrive (`tee.verified` once all are right)."""
+        self._gated(h, lambda: self._ensure_cached(h, progress, tee))
 
     def replace(self, h: str, size: int, seen: tuple[int, int] | None, why: str = "holds other bytes",
                 progress: ProgressFn | None = None) -> str:
@@ -231,11 +281,11 @@ class Fetcher:
                     if self._inflight.get(h) is gate:
                         del self._inflight[h]
 
-    def _ensure_cached(self, h: str, progress: ProgressFn | None) -> None:
+    def _ensure_cached(self, h: str, progress: ProgressFn | None, tee: _Tee | None = None) -> None:
         if self.catalog.cached_here([h]) and self.cache.has_object(h):
             self.catalog.touch(h, self.now())
             return
-        self._fetch(h, progress)
+        self._fetch(h, progress, tee)
 
     def send(self, h: str, dst: int, progress: ProgressFn | None = None, stall: float = fsutil.STALL) -> int:
         """Write the file's bytes to a client's descriptor, verified against its hash on the way; the size.
@@ -260,7 +310,18 @@ class Fetcher:
         reporter = _Throttled(progress, size)
         with fsutil.nonblocking(dst):
             for attempt in (1, 2):
-                self.ensure_cached(h, progress)  # also marks the file as recently used
+                tee = _Tee(dst, start, stall) if attempt == 1 and cut else None
+                try:
+                    self.ensure_cached(h, progress, tee)  # also marks the file as recently used
+                except BaseException:
+                    if tee is not None:
+                        tee.reset()  # no part of a failed fetch left in the output
+                    raise
+                if tee is not None:
+                    if tee.finish(size):
+                        reporter(size)
+                        return size  # fetched now, and written to the output on the way
+                    tee.reset()  # not fetched by us (already cached, or another request's fetch)
                 try:
                     src = self.cache.open_object(h)
                 except FileNotFoundError:  # evicted since: fetch it again
@@ -296,7 +357,7 @@ class Fetcher:
                          h, attempt + 1)
         raise CloudManagerError(f"{h[:12]}: the cache holds other bytes again after a fresh fetch (check the disk)")
 
-    def _fetch(self, h: str, progress: ProgressFn | None) -> None:
+    def _fetch(self, h: str, progress: ProgressFn | None, tee: _Tee | None = None) -> None:
         size = self.catalog.file_size(h)
         if size is None:
             raise NotFound(f"no file with hash {h}")
@@ -314,7 +375,7 @@ class Fetcher:
                     errors.append(f"{name}: not configured")
                     continue
                 try:
-                    self._fetch_from(h, size, remote, url, progress)
+                    self._fetch_from(h, size, remote, url, progress, tee)
                 except RemoteError as exc:
                     errors.append(f"{name}: {exc}")
                     continue
@@ -326,12 +387,16 @@ class Fetcher:
         self.cache.release(size)
         raise CloudManagerError(f"{h[:12]}: could not fetch it from any remote ({'; '.join(errors)})")
 
-    def _fetch_from(self, h: str, size: int, remote: Remote, url: str, progress: ProgressFn | None) -> None:
+    def _fetch_from(self, h: str, size: int, remote: Remote, url: str, progress: ProgressFn | None,
+                    tee: _Tee | None = None) -> None:
         with self._lock:
             self._counter += 1
             tmp = f"{h}.fetch.{os.getpid()}.{self._counter}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self.cache.tmp_fd)
-        hasher = TrailingHasher(fd) if getattr(remote, "sequential_get", False) else None
+        sequential = getattr(remote, "sequential_get", False)
+        if tee is not None:
+            tee.reset()  # what an earlier remote's failed fetch wrote
+        hasher = TrailingHasher(fd, tee) if sequential else None
         try:
             try:
                 try:
@@ -359,6 +424,8 @@ class Fetcher:
             os.rename(tmp, h, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=self.cache.subdir_fd(h))
             tmp = ""
             os.fsync(self.cache.subdir_fd(h))
+            if tee is not None:
+                tee.verified = hasher is not None
         finally:
             os.close(fd)
             if tmp:

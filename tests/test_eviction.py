@@ -422,6 +422,59 @@ def test_an_unknown_hash_is_not_found(world: World) -> None:
     assert world.cache.reserved == 0
 
 
+# -- get of an evicted file: the output written while it is fetched ----------------------------------
+
+def _sequential(world: World) -> None:
+    for r in world.dir_remotes.values():
+        r.sequential_get = True  # as DirectoryRemote says: fetch hashes behind its writes, and tees
+
+
+def test_a_get_of_an_evicted_file_writes_the_output_as_it_is_fetched(world: World, tmp_path, monkeypatch) -> None:
+    import cloudmanagerd.fetch as fetch_module
+    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    _sequential(world)
+    a = world.add("a", 900)
+    world.evict(a)
+    monkeypatch.setattr(fetch_module, "_send_verified", lambda *args: pytest.fail("the object was read again"))
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        assert world.fetcher.send(a, f.fileno()) == 900
+    assert out.read_bytes() == world.data[a]
+    assert world.cached(a) and world.object_bytes(a) == world.data[a]
+    assert world.tmp_files() == []
+
+
+def test_a_get_whose_first_copy_is_corrupt_writes_only_the_good_copy(world: World, tmp_path, monkeypatch) -> None:
+    import cloudmanagerd.fetch as fetch_module
+    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    _sequential(world)
+    a = world.add("a", 900)
+    world.evict(a)
+    first, second = _first_and_second(world, a)
+    world.remote_copy(first, a).write_bytes(b"x" * 900)  # same size, other bytes
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        assert world.fetcher.send(a, f.fileno()) == 900
+    assert out.read_bytes() == world.data[a]
+    assert world.good_remotes(a) == [second]
+
+
+def test_a_get_with_every_copy_bad_leaves_the_output_as_it_was(world: World, tmp_path, monkeypatch) -> None:
+    import cloudmanagerd.fetch as fetch_module
+    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    _sequential(world)
+    a = world.add("a", 900)
+    world.evict(a)
+    for r in REMOTES:
+        world.remote_copy(r, a).write_bytes(b"y" * 900)
+    out = tmp_path / "out"
+    out.write_bytes(b"before\n")
+    with open(out, "ab") as f:
+        with pytest.raises(CloudManagerError, match="could not fetch"):
+            world.fetcher.send(a, f.fileno())
+    assert out.read_bytes() == b"before\n", "no byte of a bad copy is left in the output"
+
+
 def _blocked_in_gate(thread: threading.Thread) -> bool:
     """True when `thread` waits at the hash's gate (Fetcher._gated) for another request's fetch."""
     frame = sys._current_frames().get(thread.ident)

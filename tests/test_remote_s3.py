@@ -182,6 +182,71 @@ def test_a_source_that_does_not_match_its_size_leaves_no_object(remote) -> None:
     assert remote.exists(h, "") is None
 
 
+class PrefixWatch(Transfer):
+    """Checks at each report that the first `done` bytes of the destination are the source's."""
+
+    def __init__(self, size: int, fd: int, source: bytes) -> None:
+        super().__init__(size)
+        self.fd, self.expected, self.reports = fd, source, []
+
+    def update(self, done: int) -> None:
+        assert os.pread(self.fd, done, 0) == self.expected[:done], f"the prefix of {done} bytes is not on disk"
+        self.reports.append(done)
+        super().update(done)
+
+
+def test_a_get_in_parallel_parts_reports_the_prefix_on_disk_and_hashes_behind_it(remote, tmp_path,
+                                                                                 monkeypatch) -> None:
+    from cloudmanagerd.fetch import ReportingTransfer, TrailingHasher
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.GET_PART", 256 * 1024)
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.READ_CHUNK", 64 * 1024)
+    data = os.urandom(3 * MiB + 12345)
+    h, url = RemoteContract().put(remote, data)
+    assert remote.sequential_get
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        watch = PrefixWatch(len(data), fd, data)
+        remote.get(h, url, fd, watch)
+        assert watch.reports == sorted(watch.reports) and watch.reports[-1] == len(data)
+        os.ftruncate(fd, 0)
+        hasher = TrailingHasher(fd)
+        remote.get(h, url, fd, ReportingTransfer(len(data), None, hasher))
+        assert hasher.finish(len(data)) == h
+    finally:
+        os.close(fd)
+
+
+def test_a_get_cancelled_midway_stops_every_stream(remote, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.GET_PART", 256 * 1024)
+    monkeypatch.setattr("cloudmanagerd.remotes.s3.READ_CHUNK", 64 * 1024)
+    data = os.urandom(4 * MiB)
+    h, url = RemoteContract().put(remote, data)
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        transfer = CancelAfter(len(data), MiB)
+        before = threading.active_count()
+        with pytest.raises(Cancelled, match="test cancels"):
+            remote.get(h, url, fd, transfer)
+        assert threading.active_count() == before, "no download stream left running"
+        assert transfer.done < len(data)
+    finally:
+        os.close(fd)
+
+
+def test_a_get_of_an_object_gone_since_its_head_is_missing(remote, tmp_path, monkeypatch) -> None:
+    data = os.urandom(1000)
+    h, url = RemoteContract().put(remote, data)
+    real_head = remote._head
+    monkeypatch.setattr(remote, "_head", lambda key: (real_head(key), remote.delete(h, url))[0])
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.get(h, url, fd, Transfer(len(data)))
+        assert info.value.kind == MISSING
+    finally:
+        os.close(fd)
+
+
 def test_get_into_a_pipe(remote) -> None:
     data = os.urandom(20_000)  # below the pipe's buffer: no reader thread needed
     h, url = RemoteContract().put(remote, data)
@@ -385,3 +450,131 @@ def test_a_small_put_whose_bytes_do_not_match_their_hash_is_refused_by_the_serve
     finally:
         os.close(fd)
     assert remote.exists(wrong, "") is None
+
+
+# -- put_many: the uploader's batches ---------------------------------------------------------
+
+def batch_items(tmp_path: Path, blobs: list[bytes], names: list[str] | None = None) -> list[tuple]:
+    """(hash, fd, size, pending transfer) items for put_many; each hash is that of the blob unless
+    `names` says otherwise. The caller closes the fds."""
+    items = []
+    for i, data in enumerate(blobs):
+        path = tmp_path / f"obj{i}"
+        path.write_bytes(data)
+        h = names[i] if names else hashlib.sha256(data).hexdigest()
+        items.append((h, os.open(path, os.O_RDONLY), len(data), Transfer(len(data), pending=True)))
+    return items
+
+
+def close_items(items: list[tuple]) -> None:
+    for _, fd, _, _ in items:
+        os.close(fd)
+
+
+def test_put_many_stores_every_object_checked_and_reports_its_progress(remote, tmp_path) -> None:
+    blobs = [os.urandom(1000 + 4099 * i) for i in range(40)] + [b""]
+    items = batch_items(tmp_path, blobs)
+    try:
+        results = remote.put_many(items)
+    finally:
+        close_items(items)
+    assert results == [remote.url(h) for h, *_ in items]
+    for (h, _, size, transfer), data in zip(items, blobs):
+        assert not transfer.pending and transfer.done == size
+        assert fetch(remote, h, remote.url(h)) == data
+
+
+def test_put_many_fails_a_mismatching_or_short_object_alone(remote, tmp_path) -> None:
+    blobs = [os.urandom(5000) for _ in range(6)]
+    names = [hashlib.sha256(b).hexdigest() for b in blobs]
+    names[2] = hashlib.sha256(b"other bytes").hexdigest()  # the server checks the SHA-256: refused
+    items = batch_items(tmp_path, blobs, names)
+    short = items[4]
+    items[4] = (short[0], short[1], short[2] + 10, short[3])  # the source holds fewer bytes than said
+    try:
+        results = remote.put_many(items)
+    finally:
+        close_items(items)
+    for i, (h, *_) in enumerate(items):
+        if i in (2, 4):
+            assert isinstance(results[i], RemoteError) and results[i].kind == TRANSIENT, results[i]
+            assert remote.exists(h, remote.url(h)) is None
+        else:
+            assert results[i] == remote.url(h)
+            assert remote.exists(h, remote.url(h)) == 5000
+    assert "BadDigest" in str(results[2]) or "checksum" in str(results[2]).lower()
+
+
+def test_put_many_cancelled_items_are_cancelled_and_leave_nothing(remote, tmp_path) -> None:
+    blobs = [os.urandom(200_000) for _ in range(4)]
+    items = batch_items(tmp_path, blobs)
+    items[1][3].cancel("stalled")  # cancelled before the batch reached it
+
+    class CancelMidway(Transfer):
+        def update(self, done: int) -> None:
+            if done:
+                self.cancel("the daemon is stopping")
+            super().update(done)
+    h, fd, size, _ = items[3]
+    items[3] = (h, fd, size, CancelMidway(size, pending=True))  # cancelled while its bytes are sent
+    try:
+        results = remote.put_many(items)
+    finally:
+        close_items(items)
+    assert results[0] == remote.url(items[0][0]) and results[2] == remote.url(items[2][0])
+    assert isinstance(results[1], Cancelled) and "stalled" in str(results[1])
+    assert isinstance(results[3], Cancelled) and "stopping" in str(results[3])
+    assert remote.exists(items[1][0], "") is None and remote.exists(items[3][0], "") is None
+
+
+def test_put_many_with_wrong_credentials_is_a_remote_error_for_each(broken_remote, tmp_path) -> None:
+    items = batch_items(tmp_path, [b"one", b"two"])
+    try:
+        results = broken_remote.put_many(items)
+    finally:
+        close_items(items)
+    assert all(isinstance(r, RemoteError) and r.kind == REMOTE and "access denied" in str(r) for r in results)
+
+
+def test_put_many_when_required_checksums_goes_through_put(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    r = make_remote(seaweed, bucket, request_checksum="when_required")
+    items = batch_items(tmp_path, [b"alpha", b"beta"])
+    try:
+        assert r.put_many(items) == [r.url(h) for h, *_ in items]
+        assert fetch(r, items[0][0], r.url(items[0][0])) == b"alpha"
+    finally:
+        close_items(items)
+        r.close()
+
+
+def test_the_uploader_sends_s3_batches_and_never_records_a_mismatching_object(seaweed, bucket,  # noqa: F811
+                                                                                tmp_path) -> None:
+    import random
+
+    from test_uploads import World, policy, step
+
+    from cloudmanagerd.uploads import Uploader
+    world = World(tmp_path)
+    s3 = make_remote(seaweed, bucket)
+    bad: list[str] = []
+    calls: list[int] = []
+    put_many = s3.put_many
+    s3.put_many = lambda items: calls.append(len(items)) or put_many(items)  # type: ignore[method-assign]
+    up = Uploader(world.catalog, world.cache, {"s3": s3}, ["s3"], policy(redundancy=1, concurrency=1),
+                  lease=60.0, now=world.now, rng=random.Random(1), bad_object=lambda h, size, why, seen: bad.append(h))
+    world.uploaders.append(up)
+    try:
+        hashes = [world.add_file(f"s3 object {i:02d}".encode() * 50, ["s3"]) for i in range(20)]
+        rotten = hashes[7]
+        with open(world.cache.object_path(rotten), "r+b") as f:
+            f.write(b"X")  # the same size, other bytes: the server refuses them, nothing is recorded
+        step(up)
+        assert calls == [20]
+        assert bad == [rotten] and world.copies(rotten) == []
+        assert world.pairs(rotten)["s3"]["state"] == "retrying"
+        assert s3.exists(rotten, "") is None
+        assert all(world.copies(h) == ["s3"] for h in hashes if h != rotten)
+        assert world.catalog.remote_stats()["s3"]["errors"] == 0  # the local copy was at fault
+    finally:
+        world.close()
+        s3.close()

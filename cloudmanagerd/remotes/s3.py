@@ -1,8 +1,12 @@
 """A remote on any S3 server (AWS, SeaweedFS, MinIO, Ceph): copies at s3://<bucket>/<prefix><h>.
 
-Uploads and downloads go through boto3's managed transfer (s3transfer): one PUT below
-`multipart_threshold`, a multipart upload with `max_concurrency` parts in flight above it.
-We never write multipart by hand.
+Uploads go through boto3's managed transfer (s3transfer): one PUT below `multipart_threshold`, a
+multipart upload with `max_concurrency` parts in flight above it. We never write multipart by hand.
+Downloads are GET_STREAMS ranged GETs at once, the parts taken in order and each written where it
+belongs, so that the prefix on disk grows as the bytes arrive: `get` reports that prefix as its
+progress (`sequential_get`), and fetch hashes behind it instead of reading the file again.
+(s3transfer's download wrote its parts out of order, and the second pass cost a read of the whole
+file on top of the transfer.)
 
 What a reader of a bucket can see:
 
@@ -22,6 +26,17 @@ What a reader of a bucket can see:
   so that a server that hangs does not delay an upload before it starts). (An AWS lifecycle rule
   "AbortIncompleteMultipartUpload" does the same on the server side.)
 
+Many small objects (`put_many`, the uploader's batches): each is one checksummed PUT as in `put`,
+BATCH_CONCURRENCY of them in flight at once from a thread pool of the remote. These PUTs skip
+boto3's client pipeline (its event hooks, parameter checks and response parsing cost ~1.5 ms of
+CPU per object here, more than the server's work): botocore's own SigV4 signer signs the request,
+with the object's SHA-256 (its name) as the signed payload hash (the server checks the body against
+it) and as x-amz-checksum-sha256, and
+botocore's HTTP session (the client's pool, TLS and proxy settings) sends it; ~0.65 ms per object.
+Measured on 1,000 x 64 KiB to SeaweedFS, 16 in flight: put_object 1.3-1.6 s CPU, signer + session
+0.65-0.69 s, a presigned URL per object 0.9 s, a hand-written SigV4 through urllib3 0.4 s (not
+worth owning a signer for). Errors go through the same classification as the client's.
+
 Reading the source: s3transfer keeps up to ten parts of a *file object* in memory (640 MiB
 with 64 MiB parts), but streams a *file name* part by part from disk. The cache object is
 therefore given to it by name, as /proc/self/fd/<fd>, which reopens the very file the
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import datetime
 import gc
 import io
@@ -39,8 +55,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
 
 import boto3
@@ -48,8 +66,9 @@ import boto3.exceptions
 import botocore.exceptions
 import s3transfer.exceptions
 from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from s3transfer.subscribers import BaseSubscriber
 
 from ..config import RemoteConfig
 from .base import FILE, MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
@@ -60,7 +79,12 @@ T = TypeVar("T")
 MiB = 1 << 20
 INCOMPLETE_AGE = 2 * 86400.0  # multipart uploads older than this are leftovers of a killed daemon
 CLEANUP_INTERVAL = 3600.0
+GET_PART = 16 * MiB  # a download's ranged GETs, GET_STREAMS of them at once
+GET_STREAMS = 4
+READ_CHUNK = MiB
 SMALL_PUT = 8 * MiB  # below this, one checksummed PUT instead of a managed transfer and a HEAD
+BATCH_CONCURRENCY = 16  # PUTs of one remote's batches in flight at once (put_many)
+_TEMPLATE_HASH = "0" * 64  # stands for the hash in the URL template of the batch PUTs
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
            "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
@@ -138,54 +162,30 @@ class _ProgressReader(io.FileIO):
         return data
 
 
-class _FdWriter(io.RawIOBase):
-    """A file object over the caller's fd that never closes it.
+class _Prefix:
+    """How much of a download is on disk from its start: the parts written so far, in any order,
+    reported to the Transfer as the contiguous prefix they make (fetch hashes behind it)."""
 
-    s3transfer writes a seekable target at absolute offsets (`seek(offset)`, `write`): they are
-    taken from the fd's position when the download started, written with pwrite, so the
-    shared file offset is left alone. A pipe or socket is written in order with write.
-    """
+    def __init__(self, size: int, part: int, transfer: Transfer | None) -> None:
+        self.size = size
+        self.part = part
+        self.transfer = transfer
+        self.filled = [0] * ((size + part - 1) // part)
+        self.whole = 0  # parts complete from the start
+        self._lock = threading.Lock()
 
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self.fd = fd
-        try:
-            self.base: int | None = os.lseek(fd, 0, os.SEEK_CUR)
-        except OSError:
-            self.base = None
-        self.pos = 0
+    def wrote(self, index: int, amount: int) -> None:
+        """`amount` more bytes of part `index` are written; raises Cancelled once the transfer was."""
+        with self._lock:
+            self.filled[index] += amount
+            while self.whole < len(self.filled) and self.filled[self.whole] == self._length(self.whole):
+                self.whole += 1
+            done = self.whole * self.part + (self.filled[self.whole] if self.whole < len(self.filled) else 0)
+            if self.transfer is not None:
+                self.transfer.update(min(done, self.size))
 
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return self.base is not None
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if self.base is None:
-            raise io.UnsupportedOperation("seek")
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        else:
-            raise io.UnsupportedOperation("seek from the end")
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        while view:
-            if self.base is None:
-                n = os.write(self.fd, view)
-            else:
-                n = os.pwrite(self.fd, view, self.base + self.pos)
-            self.pos += n
-            view = view[n:]
-        return total
+    def _length(self, index: int) -> int:
+        return min(self.part, self.size - index * self.part)
 
 
 class _Progress:
@@ -205,19 +205,22 @@ class _Progress:
             self.transfer.update(max(total, 0))
 
 
-class _KnownSize(BaseSubscriber):
-    """Tells s3transfer the object's size, which we already have from our HEAD."""
+class _NamedPayloadAuth(S3SigV4Auth):
+    """S3's SigV4 signer with the object's SHA-256 (its name) as the signed payload hash: the body
+    is not read a second time to hash it (botocore's own signer would, on plain http)."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, credentials: Any, region: str, payload_hash: str) -> None:
+        super().__init__(credentials, "s3", region)
+        self.payload_hash = payload_hash
 
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self.size)
+    def payload(self, request: Any) -> str:
+        return self.payload_hash
 
 
 class S3Remote:
     kind = "s3"
     reports_progress = True
+    sequential_get = True  # get() reports the contiguous prefix on disk: fetch hashes behind it
 
     def __init__(self, name: str, bucket: str, prefix: str = "", endpoint: str | None = None,
                  region: str | None = None, access_key_id: str | None = None,
@@ -249,6 +252,7 @@ class S3Remote:
             region_name=region or ("us-east-1" if endpoint else None),
         )
         self.client = session.client("s3", endpoint_url=endpoint, config=config)
+        self._session = session  # the credentials of the batch PUTs (refreshed as the client's are)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -258,6 +262,9 @@ class S3Remote:
         )
         self._cleanup_lock = threading.Lock()
         self._next_cleanup = 0.0
+        self._batch_lock = threading.Lock()
+        self._batch_pool: ThreadPoolExecutor | None = None
+        self._put_url: tuple[str, str] | None = None  # the batch PUTs' URL, split around the hash
 
     def key(self, h: str) -> str:
         return f"{self.prefix}{h}"
@@ -360,6 +367,15 @@ class S3Remote:
             _forget(exc)
         raise error
 
+    def _transfer_call(self, what: str, transfer: Transfer | None, fn: Callable[..., T], *args: Any) -> T:
+        """`_call` for a transfer: any error after the uploader cancelled it is that cancellation."""
+        try:
+            return self._call(what, fn, *args)
+        except RemoteError as error:
+            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
+                raise Cancelled(transfer.reason or "cancelled") from None
+            raise
+
     # -- the Remote protocol -------------------------------------------------------------
 
     def put(self, h: str, src_fd: int, size: int, transfer: Transfer | None = None) -> str:
@@ -367,15 +383,10 @@ class S3Remote:
             transfer.check()
         what = f"upload to {self.url(h)}"
         checked = size < SMALL_PUT and self.request_checksum == "when_supported"
-        try:
-            if checked:
-                self._call(what, self._put_small, h, src_fd, size, transfer)
-            else:
-                self._call(what, self._upload, h, src_fd, transfer)
-        except RemoteError as error:
-            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
-                raise Cancelled(transfer.reason or "cancelled") from None
-            raise
+        if checked:
+            self._transfer_call(what, transfer, self._put_small, h, src_fd, size, transfer)
+        else:
+            self._transfer_call(what, transfer, self._upload, h, src_fd, transfer)
         if checked:
             # the server verified the SHA-256 of what it received against the object's own hash
             self._maybe_cleanup()
@@ -404,6 +415,91 @@ class S3Remote:
         with _ProgressReader(os.dup(src_fd), transfer) as body:
             self.client.put_object(Bucket=self.bucket, Key=self.key(h), Body=body, ContentLength=size,
                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(h)).decode())
+
+    def put_many(self, items: Sequence[tuple[str, int, int, Transfer | None]]) -> list[str | RemoteError]:
+        """Many objects, BATCH_CONCURRENCY PUTs in flight at once (see the module doc). Each transfer
+        is begun as its PUT starts; each answer is the object's URL once the server has taken and
+        checked it, or the error of that object alone."""
+        if not items:
+            return []
+        pool = self._pool()
+        futures = [pool.submit(self._put_item, h, fd, size, transfer) for h, fd, size, transfer in items]
+        results = [f.result() for f in futures]
+        if any(isinstance(r, str) for r in results):
+            self._maybe_cleanup()  # now that the server has shown it answers
+        return results
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._batch_lock:
+            if self._batch_pool is None:
+                self._batch_pool = ThreadPoolExecutor(max_workers=BATCH_CONCURRENCY,
+                                                      thread_name_prefix=f"s3-{self.name}")
+            return self._batch_pool
+
+    def _put_item(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> str | RemoteError:
+        try:
+            if transfer is not None:
+                transfer.begin()
+            if size >= SMALL_PUT or self.request_checksum != "when_supported":
+                return self.put(h, src_fd, size, transfer)  # no checksum the server checks: put's HEAD
+            self._transfer_call(f"upload to {self.url(h)}", transfer, self._put_signed, h, src_fd, size, transfer)
+        except RemoteError as error:
+            return error
+        return self.url(h)
+
+    def _put_signed(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
+        """One PUT as `_put_small` makes it, signed and sent without the client's pipeline. A request
+        on a kept-alive connection the server had closed is sent once more."""
+        actual = os.fstat(src_fd).st_size
+        if actual != size:  # the PUT would wait for bytes that never come
+            raise RemoteError(f"upload to {self.url(h)}: the source holds {actual} bytes, expected {size}",
+                              TRANSIENT)
+        head, tail = self._batch_url()
+        checksum = base64.b64encode(bytes.fromhex(h)).decode()
+        for attempt in (1, 2):
+            with _ProgressReader(os.dup(src_fd), transfer) as body:
+                request = AWSRequest("PUT", head + h + tail, data=body, headers={
+                    "Content-Length": str(size),
+                    "x-amz-checksum-sha256": checksum,
+                })
+                credentials = self._session.get_credentials()
+                if credentials is None:
+                    raise botocore.exceptions.NoCredentialsError()
+                _NamedPayloadAuth(credentials.get_frozen_credentials(), self.client.meta.region_name or "us-east-1",
+                                  h).add_auth(request)
+                try:
+                    response = self.client._endpoint.http_session.send(request.prepare())
+                except botocore.exceptions.ConnectionClosedError:
+                    if attempt == 2 or (transfer is not None and transfer.cancelled):
+                        raise
+                    continue
+            if 200 <= response.status_code < 300:
+                return
+            raise self._response_error(response)
+
+    def _batch_url(self) -> tuple[str, str]:
+        """The URL of an object as the client addresses it (path or virtual host style, the
+        endpoint of the region), split around the hash: taken once from a presigned URL."""
+        if self._put_url is None:
+            url = self.client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": self.key(_TEMPLATE_HASH)}, ExpiresIn=60)
+            parts = urlsplit(url)
+            path = parts.path
+            at = path.rindex(_TEMPLATE_HASH)
+            base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+            self._put_url = (base + path[:at], path[at + len(_TEMPLATE_HASH):])
+        return self._put_url
+
+    @staticmethod
+    def _response_error(response: Any) -> botocore.exceptions.ClientError:
+        """An S3 error response as the ClientError the client would have raised."""
+        text = response.content.decode("utf-8", "replace") if response.content else ""
+        found = {name: (m.group(1) if (m := re.search(f"<{name}>(.*?)</{name}>", text, re.S)) else "")
+                 for name in ("Code", "Message")}
+        code = found["Code"] or str(response.status_code)
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": code, "Message": found["Message"] or text[:200]},
+             "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "PutObject")
 
     def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
@@ -438,18 +534,64 @@ class S3Remote:
         size = self._stored_size(h, what)
         if size is None:
             raise self._missing(h, what)
-        try:
-            self._call(what, self._download, h, size, dst_fd, transfer)
-        except RemoteError as error:
-            if transfer is not None and transfer.cancelled and not isinstance(error, Cancelled):
-                raise Cancelled(transfer.reason or "cancelled") from None
-            raise
+        self._transfer_call(what, transfer, self._download, h, size, dst_fd, transfer)
 
     def _download(self, h: str, size: int, dst_fd: int, transfer: Transfer | None) -> None:
-        with create_transfer_manager(self.client, self.transfer_config) as manager:
-            future = manager.download(self.bucket, self.key(h), _FdWriter(dst_fd),
-                                      subscribers=[_KnownSize(size), ProgressCallbackInvoker(_Progress(transfer))])
-            future.result()
+        """GET_STREAMS ranged GETs of GET_PART bytes at once, each written where it belongs, the parts
+        taken in order so that the prefix on disk grows behind them (a pipe: one GET, in order)."""
+        try:
+            base: int | None = os.lseek(dst_fd, 0, os.SEEK_CUR)
+        except OSError:
+            base = None
+        prefix = _Prefix(size, GET_PART if base is not None else max(size, 1), transfer)
+        parts = len(prefix.filled)
+        if parts <= 1 or base is None:
+            if size:
+                self._get_part(h, 0, size, dst_fd, base, prefix, threading.Event())
+            return
+        stop = threading.Event()
+        next_part = iter(range(parts))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with lock:
+                    index = next(next_part, None)
+                if index is None:
+                    return
+                try:
+                    self._get_part(h, index, size, dst_fd, base, prefix, stop)
+                except BaseException:
+                    stop.set()  # the other streams stop at their next read
+                    raise
+
+        with ThreadPoolExecutor(max_workers=min(GET_STREAMS, parts), thread_name_prefix=f"s3get-{self.name}") as pool:
+            futures = [pool.submit(worker) for _ in range(min(GET_STREAMS, parts))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        cancelled = [e for e in errors if _find_cancelled(e) is not None]
+        if cancelled or errors:
+            raise (cancelled or errors)[0]
+
+    def _get_part(self, h: str, index: int, size: int, dst_fd: int, base: int | None, prefix: _Prefix,
+                  stop: threading.Event) -> None:
+        start = index * prefix.part
+        end = min(size, start + prefix.part)
+        response = self.client.get_object(Bucket=self.bucket, Key=self.key(h), Range=f"bytes={start}-{end - 1}")
+        body = response["Body"]
+        try:
+            offset = start
+            while offset < end and not stop.is_set():
+                data = body.read(min(READ_CHUNK, end - offset))
+                if not data:
+                    raise RemoteError(f"download of {self.url(h)}: the server sent {offset} bytes of {size}")
+                view = memoryview(data)
+                while view:
+                    n = os.write(dst_fd, view) if base is None else os.pwrite(dst_fd, view, base + offset)
+                    view = view[n:]
+                    offset += n
+                prefix.wrote(index, len(data))
+        finally:
+            body.close()
 
     def exists(self, h: str, url: str) -> int | None:
         what = f"check of {self.url(h)}"
@@ -481,6 +623,10 @@ class S3Remote:
         self._maybe_cleanup()
 
     def close(self) -> None:
+        with self._batch_lock:
+            pool, self._batch_pool = self._batch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         # client.close() only drops urllib3's connection pools, and urllib3 2 closes a pool's
         # connections when the pool object is freed; a failed transfer leaves exceptions in
         # reference cycles (s3transfer's futures, botocore's frames) that still point at it,

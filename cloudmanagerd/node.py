@@ -1,5 +1,7 @@
-"""The core of one node, free of threads of its own: catalog, cache, remotes, eviction, fetch-back,
-uploads, scrub and removal, built from constructor arguments only.
+"""The core of one node: catalog, cache, remotes, eviction, fetch-back, uploads, scrub and removal,
+built from constructor arguments only. It runs no background thread of its own: transfers run in the
+caller's thread (the API's `cloud_sync`) or in the uploader's pool when the daemon pumps, and a fetch
+or an S3 batch uses short-lived workers that are joined before the call returns.
 
 Three faces stand on it: the daemon (which adds the inbox watcher, the ingest thread, the scheduler,
 the control server and sd_notify), the control socket (ops.py maps JSON onto it) and the Python API

@@ -1,7 +1,8 @@
 """The core of one node: catalog, cache, remotes, eviction, fetch-back, uploads, scrub and removal,
 built from constructor arguments only. It runs no background thread of its own: transfers run in the
-caller's thread (the API's `cloud_sync`) or in the uploader's pool when the daemon pumps, and a fetch
-or an S3 batch uses short-lived workers that are joined before the call returns.
+caller's thread (the API's `cloud_sync`) or in the uploader's pool when the daemon pumps (an S3
+remote's batches then use that remote's pool, closed with it); a fetch's helper threads are joined
+before it returns.
 
 Three faces stand on it: the daemon (which adds the inbox watcher, the ingest thread, the scheduler,
 the control server and sd_notify), the control socket (ops.py maps JSON onto it) and the Python API

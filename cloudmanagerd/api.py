@@ -270,7 +270,7 @@ class CloudManager:
 
     @_verb(lambda: 0)
     def used_space(self) -> int:
-        return self.catalog.cache_usage()[0]
+        return self.catalog.cache_bytes()
 
     def capacity(self) -> int:
         return self.cache.capacity

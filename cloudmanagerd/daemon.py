@@ -93,7 +93,7 @@ class Daemon:
                                  self.uploader.targets, c.ingest.ignore, reserve=self.evictor.reserve)
         self.ingestor.reconcile()
         self.evictor.reconcile()
-        self.cache.set_used(self.catalog.cache_usage()[0])
+        self.cache.set_used(self.catalog.cache_bytes())
         released = self.catalog.release_claims(time.time()) + self.node.release_dead_claims()
         if released:
             log.info("%d upload(s) interrupted by the last stop are queued again", released)

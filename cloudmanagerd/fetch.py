@@ -421,9 +421,8 @@ class Fetcher:
                 log.error("copy of %s has the right bytes but %d of them, and the catalog says %d; not used",
                           h[:12], written, size)
                 raise RemoteError(f"copy holds {written} bytes, the catalog says {size}")
-            os.rename(tmp, h, src_dir_fd=self.cache.tmp_fd, dst_dir_fd=self.cache.subdir_fd(h))
+            self.cache.install(tmp, h)
             tmp = ""
-            os.fsync(self.cache.subdir_fd(h))
             if tee is not None:
                 tee.verified = hasher is not None
         finally:

@@ -744,12 +744,7 @@ class Catalog:
                 row = conn.execute("SELECT MIN(added) FROM files WHERE good=?", (k,)).fetchone()
                 if row[0] is not None and (oldest is None or row[0] < oldest):
                     oldest = row[0]
-            month = month_of(time.time())
-            transfer = conn.execute(
-                "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0), "
-                "COALESCE(SUM(CASE WHEN month=? THEN incoming END), 0), "
-                "COALESCE(SUM(CASE WHEN month=? THEN outgoing END), 0) FROM transfer WHERE node=?",
-                (month, month, self.node)).fetchone()
+            transfer = self._transfer_totals(conn, time.time())
             remotes = self._remote_stats(conn, c)
         return {
             "files": c.get("files", 0), "bytes": c.get("bytes", 0),
@@ -760,8 +755,7 @@ class Catalog:
             "oldest_below_min_added": oldest,
             "below_redundancy": sum(c.get(f"good:{k}", 0) for k in range(max(redundancy, 0))),
             "cache_bytes": c.get(f"cache_bytes:{self.node}", 0), "cache_files": c.get(f"cache_files:{self.node}", 0),
-            "total_incoming": transfer[0], "total_outgoing": transfer[1],
-            "month_incoming": transfer[2], "month_outgoing": transfer[3],
+            **transfer,
             "remotes": remotes,
         }
 
@@ -928,8 +922,12 @@ class Catalog:
             return [self._entry(conn, h, bytes(n), s, a) for h, n, s, a in rows]
 
     def transfer_totals(self, now: float) -> dict[str, int]:
+        return self._transfer_totals(self.db.connection(), now)
+
+    def _transfer_totals(self, conn, now: float) -> dict[str, int]:
+        """Bytes in and out of this node, all time and this calendar month (UTC)."""
         month = month_of(now)
-        row = self.db.connection().execute(
+        row = conn.execute(
             "SELECT COALESCE(SUM(incoming), 0), COALESCE(SUM(outgoing), 0), "
             "COALESCE(SUM(CASE WHEN month=? THEN incoming END), 0), "
             "COALESCE(SUM(CASE WHEN month=? THEN outgoing END), 0) FROM transfer WHERE node=?",

@@ -190,6 +190,9 @@ class Uploader:
         self.now = now
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
+        # remotes with pairs put in backoff since they last worked: the next sign of life (a probe,
+        # a copy made) makes those pairs due at once instead of after their backoff (up to retry.max)
+        self._backing_off: set[str] = set()
         # "work-queued" (pump now: a remote is healthy again, spares queued) and "copy-made" (room may
         # have appeared in the cache) go out through the node's one event mechanism
         self.events = events if events is not None else Events()
@@ -220,8 +223,19 @@ class Uploader:
             self.unhealthy.pop(name, None)
 
     def forget_health(self, name: str) -> None:
-        """A remote was rebuilt from a new config: its old failures say nothing of the new one."""
+        """A remote was rebuilt from a new config: its old failures say nothing of the new one, and
+        its pairs waiting out a backoff are tried now."""
         self.unhealthy.pop(name, None)
+        self._healthy_again(name)
+
+    def _healthy_again(self, name: str) -> None:
+        """A remote works again: its pairs waiting in backoff become due now ("remote-healthy")."""
+        self._backing_off.discard(name)
+        woken = self.catalog.wake_remote(name, self.now())
+        if woken:
+            log.info("remote %s works again: %d upload(s) waiting out a backoff are due now", name, woken)
+        self.events.emit("remote-healthy", name)
+        self.events.emit("work-queued")
 
     def targets(self) -> list[str]:
         """The remotes a new file goes to (ingest records them with the file, in one transaction)."""
@@ -297,7 +311,7 @@ class Uploader:
                 continue
             log.info("remote %s is reachable again", name)
             self.unhealthy.pop(name, None)
-            self.events.emit("work-queued")
+            self._healthy_again(name)
 
     def _transfer(self, claims: list[UploadClaim]) -> None:
         """One task of the pool: one pair, or a batch of pairs to one remote that has `put_many`."""
@@ -451,6 +465,9 @@ class Uploader:
         self.events.emit("copy-made", claim.hash)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote)
+            self._healthy_again(claim.remote)
+        elif claim.remote in self._backing_off:
+            self._healthy_again(claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
                  time.monotonic() - started)
 
@@ -496,6 +513,8 @@ class Uploader:
             log.warning("upload of hash=%s to remote=%s failed (attempt=%d, next in %.0fs): %s",
                         claim.hash, claim.remote, attempts, when - now, exc)
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
+        if when is not None:
+            self._backing_off.add(claim.remote)
         self.top_up(claim.hash)
 
     def reclaim(self) -> int:

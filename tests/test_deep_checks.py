@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import wait_for
-from test_eviction import REMOTES, World, world  # noqa: F401  (the fixture)
+from test_eviction import REMOTES, World
 
 from cloudmanagerd.config import DEFAULT_REMOTE_READ, ConfigError, load_config, upload_policy
 from cloudmanagerd.events import Events
@@ -25,6 +25,13 @@ from cloudmanagerd.remotes.base import REMOTE, RemoteError
 from cloudmanagerd.remotes.directory import DirectoryRemote
 from cloudmanagerd.scrub import read_back
 from cloudmanagerd.uploads import Uploader
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, capacity=1000)
+    yield w
+    w.close()
 
 
 def flip_a_byte(path: Path, offset: int = 7) -> None:

@@ -5,7 +5,6 @@ once, whatever their backoff; `retry` moves waiting pairs and says how many; the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pwd
@@ -19,17 +18,10 @@ import pytest
 import yaml
 from conftest import CI, Daemon, wait_for
 from seaweed import seaweed  # noqa: F401  (the session-scoped fixture)
+from test_cache_e2e import drop
 from test_privileges import chown_tree, home_for
 
 RCLONE = shutil.which("rclone")
-
-
-def drop(d: Daemon, name: str, data: bytes) -> str:
-    staging = d.root / "staging"
-    staging.mkdir(exist_ok=True)
-    (staging / name).write_bytes(data)
-    os.rename(staging / name, d.inbox / name)
-    return hashlib.sha256(data).hexdigest()
 
 
 def copies(d: Daemon, h: str) -> set[str]:

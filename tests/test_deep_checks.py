@@ -181,7 +181,7 @@ def test_wake_remote_makes_only_that_remotes_waiting_pairs_due_now(world: World)
     now = world.clock.tick()
     assert world.catalog.wake_remote("r0", now) == 2
     s = states(world)
-    assert s[(a, "r0")] == s[(b, "r0")] == ("queued", now, 0)
+    assert s[(a, "r0")] == s[(b, "r0")] == ("retrying", now, 1), "due now; the attempt still counts"
     assert s[(b, "r1")][0] == "retrying" and s[(b, "r1")][1] > now
     assert s[(a, "r1")][0] == "failed"
     assert world.catalog.wake_remote("r0", now) == 0, "nothing waits any more"
@@ -201,42 +201,113 @@ def test_retry_waiting_counts_and_moves_pairs_in_backoff(world: World) -> None:
 
 
 class FlakyRemote:
-    """A real folder remote whose probe fails until `fixed` (a remote down, then repaired)."""
+    """A real folder remote whose uploads and probe fail with `kind` while `broken` (a remote down, then
+    repaired)."""
 
-    def __init__(self, inner: DirectoryRemote) -> None:
+    def __init__(self, inner: DirectoryRemote, kind: str = REMOTE) -> None:
         self.inner = inner
-        self.fixed = False
+        self.kind = kind
+        self.broken = True
 
     def probe(self) -> None:
-        if not self.fixed:
-            raise RemoteError("remote down", REMOTE)
+        if self.broken:
+            raise RemoteError("remote down", self.kind)
+
+    def put(self, h, src_fd, size, transfer=None):
+        self.probe()
+        return self.inner.put(h, src_fd, size, transfer)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+class Pipeline:
+    """An Uploader over r0 (flaky) and r1, recording the events it emits."""
+
+    def __init__(self, w: World, flaky: FlakyRemote) -> None:
+        self.events = Events()
+        self.seen: list[tuple[str, ...]] = []
+        self.events.on("remote-healthy", lambda name: self.seen.append(("remote-healthy", name)))
+        self.up = Uploader(w.catalog, w.cache, {"r0": flaky, "r1": w.dir_remotes["r1"]}, list(REMOTES),
+                           upload_policy(2), 60.0, now=w.clock, events=self.events, rng=random.Random(3))
 
 
 def test_a_probe_that_finds_a_remote_working_again_makes_its_waiting_pairs_due_at_once(world: World) -> None:
     a = world.add("a", 100, copies=())
     backoff(world, a, "r0", wait=6 * 3600)
     flaky = FlakyRemote(world.dir_remotes["r0"].inner)
-    events = Events()
-    seen: list[tuple[str, ...]] = []
-    events.on("remote-healthy", lambda name: seen.append(("remote-healthy", name)))
-    events.on("work-queued", lambda: seen.append(("work-queued",)))
-    up = Uploader(world.catalog, world.cache, {"r0": flaky, "r1": world.dir_remotes["r1"]}, list(REMOTES),
-                  upload_policy(2), 60.0, now=world.clock, events=events)
+    p = Pipeline(world, flaky)
     try:
-        up.unhealthy["r0"] = "remote down"
-        up.probe_unhealthy()
-        assert states(world)[(a, "r0")][0] == "retrying" and seen == []
-        flaky.fixed = True
-        up.probe_unhealthy()
-        assert states(world)[(a, "r0")] == ("queued", world.clock(), 0)
-        assert seen == [("remote-healthy", "r0"), ("work-queued",)]
-        up.pump()
+        p.up.unhealthy["r0"] = "remote down"
+        p.up.probe_unhealthy()
+        assert states(world)[(a, "r0")][0] == "retrying" and p.seen == []
+        flaky.broken = False
+        p.up.probe_unhealthy()
+        assert states(world)[(a, "r0")] == ("retrying", world.clock(), 1), "due now, its attempt still counted"
+        assert p.seen == [("remote-healthy", "r0")]
+        p.up.pump()
         wait_for(lambda: "r0" in world.good_remotes(a), message="sent at once, not after its 6 h backoff")
     finally:
-        up.close()
+        p.up.close()
+
+
+def test_a_server_that_was_down_with_transient_errors_is_probed_and_its_pairs_go_when_it_answers(
+        world: World) -> None:
+    """A server down fails uploads as transient (no "unhealthy" mark): the probe finds it down, then back."""
+    a = world.add("a", 100, copies=("r1",))
+    flaky = FlakyRemote(world.dir_remotes["r0"].inner, kind="transient")
+    p = Pipeline(world, flaky)
+    try:
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][0] == "retrying", message="the r0 upload failed")
+        assert p.up.unhealthy == {}
+        world.catalog.db.connection().execute("UPDATE uploads SET next_attempt=? WHERE hash=?",
+                                              (world.clock() + 6 * 3600, a))  # a long backoff, to be sure
+        p.up.probe_unhealthy()  # still down: noted
+        assert states(world)[(a, "r0")][0] == "retrying" and p.seen == []
+        flaky.broken = False
+        p.up.probe_unhealthy()
+        assert states(world)[(a, "r0")][1] == world.clock() and p.seen == [("remote-healthy", "r0")]
+        p.up.pump()
+        wait_for(lambda: "r0" in world.good_remotes(a), message="sent once the server answered")
+    finally:
+        p.up.close()
+
+
+class PoisonRemote(FlakyRemote):
+    """A remote that answers its probe and takes other copies, but fails one object every time."""
+
+    def __init__(self, inner: DirectoryRemote, poison: str) -> None:
+        super().__init__(inner, kind="transient")
+        self.broken = False
+        self.poison = poison
+
+    def put(self, h, src_fd, size, transfer=None):
+        if h == self.poison:
+            raise RemoteError("this one object fails", "transient")
+        return self.inner.put(h, src_fd, size, transfer)
+
+
+def test_a_server_back_before_the_probe_looked_is_woken_once_and_a_pair_failing_on_a_working_remote_keeps_its_backoff(
+        world: World) -> None:
+    a = world.add("a", 100, copies=("r1",))
+    p = Pipeline(world, PoisonRemote(world.dir_remotes["r0"].inner, a))
+    try:
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 1, message="the r0 upload failed")
+        # the probe answers at once: maybe the server came back before it looked, so its pairs go now, once
+        p.up.probe_unhealthy()
+        assert states(world)[(a, "r0")][1] == world.clock() and p.seen == [("remote-healthy", "r0")]
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 2, message="the second attempt failed too")
+        due = states(world)[(a, "r0")][1]
+        assert due > world.clock()
+        # no copy to r0 succeeded since: the pair failing on a working remote keeps its backoff
+        for _ in range(3):
+            p.up.probe_unhealthy()
+        assert states(world)[(a, "r0")][1] == due and len(p.seen) == 1
+    finally:
+        p.up.close()
 
 
 # -- configs that cannot keep a promise ---------------------------------------------------------------------

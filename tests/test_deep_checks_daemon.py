@@ -5,12 +5,15 @@ once, whatever their backoff; `retry` moves waiting pairs and says how many; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,3 +206,87 @@ def test_the_sample_config_says_its_remote_is_an_example_to_change(tmp_path: Pat
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     assert "remote nas:" in check.stderr and "this copy dies with the disk" in check.stderr, check.stderr
+
+
+class Gate:
+    """A TCP forwarder to a real server that can be closed and opened again: the S3 server "down"
+    (connection refused, a transient error that marks no remote unhealthy), then back."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.listener: socket.socket | None = None
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+
+    def open(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        self._start(self._accept, self.listener)
+
+    def _start(self, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            self._start(self._pipe, client, upstream)
+            self._start(self._pipe, upstream, client)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self.threads:
+            t.join(10)
+
+
+def test_an_s3_server_down_then_back_gets_its_waiting_uploads_at_once(daemon_factory, seaweed) -> None:  # noqa: F811
+    bucket = seaweed.make_bucket()
+    gate = Gate(int(seaweed.endpoint.rsplit(":", 1)[1]))
+    d = daemon_factory(start=False, remotes=1, upload={"redundancy": 2, "retry": {"initial": "1h", "max": "6h"}})
+    d.config["remotes"].append({"name": "s3", **seaweed.remote_options(bucket),
+                                "endpoint": f"http://127.0.0.1:{gate.port}"})
+    d.config_path.write_text(yaml.safe_dump(d.config))
+    try:
+        d.start()
+        data = {drop(d, f"s{i}.txt", f"for s3 {i}\n".encode() * 100): i for i in range(3)}
+        wait_for(lambda: waiting(d) == 3, timeout=60, message="three S3 uploads waiting out a backoff")
+        assert all(r["healthy"] for r in d.status()["remotes"]), "connection refused is transient: no mark"
+        wait_for(lambda: "remote s3 does not answer its probe" in d.log(), timeout=20,
+                 message="the probe finding it down")
+        gate.open()
+        back = time.monotonic()
+        for h in data:
+            wait_for(lambda h=h: copies(d, h) == {"r0", "s3"}, timeout=20,
+                     message=f"{h[:12]} copied to S3 within seconds of the server's return")
+        took = time.monotonic() - back
+        assert "remote s3 answers again" in d.log()
+        print(f"S3 server back: waiting uploads done after {took:.1f}s")
+        d.stop()
+    finally:
+        gate.close()

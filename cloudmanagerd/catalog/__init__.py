@@ -992,10 +992,11 @@ class Catalog:
         return row[0] if row else None
 
     def wake_remote(self, remote: str, now: float) -> int:
-        """A remote works again: its pairs waiting out a backoff are due now, their count started over."""
+        """A remote works again: its pairs waiting out a backoff are due now (their attempts still count
+        toward upload.retry.max_attempts)."""
         with self.db.tx() as conn:
             return conn.execute(
-                "UPDATE uploads SET state='queued', attempts=0, next_attempt=?, updated=? "
+                "UPDATE uploads SET next_attempt=?, updated=? "
                 "WHERE remote=? AND state='retrying' AND next_attempt > ?", (now, now, remote, now)).rowcount
 
     def retry_waiting(self, hashes: Sequence[str] | None, now: float) -> int:

@@ -379,6 +379,8 @@ class Daemon:
             self.watcher.join(10)
         if hasattr(self, "worker"):
             self.worker.join(60)
+        if hasattr(self, "scrubber"):
+            self.scrubber.stop()  # a deep read of a large copy (scrub, verify) would hold the stop
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if hasattr(self, "uploader"):

@@ -21,7 +21,7 @@ from .catalog import Catalog
 from .errors import CloudManagerError
 from .fetch import Fetcher, ProgressFn
 from .hashing import HASH_CHUNK, sha256_fd
-from .remotes.base import MISSING, Remote, RemoteError
+from .remotes.base import MISSING, Cancelled, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ LEFTOVER_AGE = 3600.0
 QUICK, DEEP = "quick", "deep"
 
 
-def read_back(remote: Remote, h: str, url: str) -> tuple[str, int]:
+def read_back(remote: Remote, h: str, url: str, transfer: Transfer | None = None) -> tuple[str, int]:
     """(sha256, size) of a remote copy, read through the backend's own `get` (the one reader fetch
     uses) into a pipe and hashed as it flows: memory stays at a pipe's worth, and no disk is used.
-    RemoteError as `get` raises it."""
+    RemoteError as `get` raises it (Cancelled once `transfer` is cancelled)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     digest = hashlib.sha256()
     count = 0
@@ -50,7 +50,7 @@ def read_back(remote: Remote, h: str, url: str) -> tuple[str, int]:
     reader = threading.Thread(target=drain, name="scrub-hash", daemon=True)
     reader.start()
     try:
-        remote.get(h, url, w, None)
+        remote.get(h, url, w, transfer)
     finally:
         os.close(w)
         reader.join()
@@ -67,6 +67,29 @@ class Scrubber:
         self.fetcher = fetcher
         self.now = now
         self.remote_credit = 0.0  # bytes the background scrub may still read from remotes (see step)
+        # deep reads in progress, cancelled by stop(): a daemon stopping never waits for a large copy
+        self._reads: set[Transfer] = set()
+        self._reads_lock = threading.Lock()
+        self.stopped = False
+
+    def stop(self) -> None:
+        """No more remote checks: reads in progress are cancelled, loops end at their next copy."""
+        self.stopped = True
+        with self._reads_lock:
+            for transfer in self._reads:
+                transfer.cancel("the daemon is stopping")
+
+    def _read_back(self, remote: Remote, h: str, url: str, size: int) -> tuple[str, int]:
+        transfer = Transfer(size)
+        with self._reads_lock:
+            if self.stopped:
+                raise Cancelled("the daemon is stopping")
+            self._reads.add(transfer)
+        try:
+            return read_back(remote, h, url, transfer)
+        finally:
+            with self._reads_lock:
+                self._reads.discard(transfer)
 
     # -- the cache -------------------------------------------------------------------------
 
@@ -162,7 +185,7 @@ class Scrubber:
         try:
             found = remote.exists(h, url)
             if depth == DEEP and found is not None and (found < 0 or found == size):
-                digest, read = read_back(remote, h, url)
+                digest, read = self._read_back(remote, h, url, size)
                 if digest != h or read != size:
                     why = f"holds other bytes (sha256 {digest[:12]}, {read} bytes)"
                     self._bad(h, remote_name, why, report, mine)
@@ -197,6 +220,8 @@ class Scrubber:
                                   "per_remote": {}}
         copies = self.catalog.copies_to_check(limit=-1)
         for i, (h, remote, url, size) in enumerate(copies, 1):
+            if self.stopped:
+                break
             report["bytes_read"] += self.check_copy(h, remote, url, size, report, depth)
             if progress:
                 progress(i, len(copies))
@@ -229,7 +254,7 @@ class Scrubber:
         self.remote_credit = min(self.remote_credit + remote_budget, remote_budget * REMOTE_CARRY_STEPS)
         if self.remote_credit > 0:
             for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP):
-                if self.remote_credit <= 0:
+                if self.remote_credit <= 0 or self.stopped:
                     break
                 read = self.check_copy(h, remote, url, size, remote_report, DEEP)
                 # a copy that could not be read costs its size all the same: an unreachable remote must

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,45 @@ def test_read_back_passes_on_the_backends_error(tmp_path: Path) -> None:
         read_back(remote, "ab" * 32, "")
     assert caught.value.kind == REMOTE
     assert len(os.listdir("/proc/self/fd")) < 200, "no descriptor left behind"
+
+
+class EndlessRemote:
+    """A folder remote whose download never ends (a huge copy, a slow link) until it is cancelled."""
+
+    def __init__(self, inner: DirectoryRemote) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+
+    def get(self, h, url, dst_fd, transfer=None):
+        self.entered.set()
+        done = 0
+        while True:
+            done += os.write(dst_fd, b"x" * 4096)
+            transfer.update(done)  # raises Cancelled once cancelled
+            transfer.wait(0.01)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_stop_cancels_a_deep_read_in_progress_and_ends_the_check(world: World) -> None:
+    """A daemon stopping never waits for a deep read of a large copy (scrub or verify)."""
+    for i in range(3):
+        world.add(f"f{i}", 100)
+    slow = EndlessRemote(world.dir_remotes["r0"].inner)
+    world.remotes["r0"] = slow
+    reports: list[dict] = []
+    worker = threading.Thread(target=lambda: reports.append(world.scrubber.verify_remotes(deep=True)))
+    worker.start()
+    try:
+        assert slow.entered.wait(10), "the deep check never started reading"
+    finally:
+        world.scrubber.stop()
+        worker.join(10)
+    assert not worker.is_alive(), "the check went on after stop()"
+    (report,) = reports
+    assert report["unreachable"] == 1 and report["bad"] == 0 and report["checked"] <= 4
+    assert world.pending(next(iter(world.data))) == [], "a cancelled read blames no copy"
 
 
 # -- the background scrub of remote copies ---------------------------------------------------------------

@@ -985,12 +985,6 @@ class Catalog:
         with self.db.tx() as conn:
             conn.execute("UPDATE copies SET proven=?, verified=? WHERE hash=? AND remote=?", (now, now, h, remote))
 
-    def oldest_proof(self) -> float | None:
-        """When the good copy proven longest ago was proven (its creation if never read back)."""
-        row = self.db.connection().execute(
-            "SELECT MIN(COALESCE(proven, created)) FROM copies WHERE bad=0").fetchone()
-        return row[0] if row else None
-
     def wake_remote(self, remote: str, now: float) -> int:
         """A remote works again: its pairs waiting out a backoff are due now (their attempts still count
         toward upload.retry.max_attempts)."""

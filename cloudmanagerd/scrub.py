@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 REMOTE_CHECKS_PER_STEP = 20
 # the scrub's remote budget carries over this many ticks at most (a day of one-minute ticks)
 REMOTE_CARRY_STEPS = 1440
+# a remote the scrub could not read is left alone this long (seconds), so that its copies, the oldest
+# proofs while it is down, do not hold back the other remotes' turn
+UNREACHABLE_PAUSE = 600.0
 # A folder remote's temp file younger than this may be another node's upload still running.
 LEFTOVER_AGE = 3600.0
 QUICK, DEEP = "quick", "deep"
@@ -67,6 +70,7 @@ class Scrubber:
         self.fetcher = fetcher
         self.now = now
         self.remote_credit = 0.0  # bytes the background scrub may still read from remotes (see step)
+        self._paused: dict[str, float] = {}  # remote -> monotonic time until which the scrub skips it
         # deep reads in progress, cancelled by stop(): a daemon stopping never waits for a large copy
         self._reads: set[Transfer] = set()
         self._reads_lock = threading.Lock()
@@ -253,12 +257,18 @@ class Scrubber:
         remote_report = {"depth": DEEP, "checked": 0, "bad": 0, "unreachable": 0, "bytes_read": 0}
         self.remote_credit = min(self.remote_credit + remote_budget, remote_budget * REMOTE_CARRY_STEPS)
         if self.remote_credit > 0:
-            for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP):
+            clock = time.monotonic()
+            self._paused = {r: until for r, until in self._paused.items() if until > clock}
+            for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP, sorted(self._paused)):
                 if self.remote_credit <= 0 or self.stopped:
                     break
+                if remote in self._paused:
+                    continue
+                unreachable = remote_report["unreachable"]
                 read = self.check_copy(h, remote, url, size, remote_report, DEEP)
-                # a copy that could not be read costs its size all the same: an unreachable remote must
-                # not turn the scrub into a loop over the same copies every tick
+                if remote_report["unreachable"] > unreachable:
+                    self._paused[remote] = clock + UNREACHABLE_PAUSE
+                # a copy that could not be read costs its size all the same
                 self.remote_credit -= max(read, size, 1)
                 remote_report["bytes_read"] += read
         return {"cache": report, "remotes": remote_report, "bytes": spent}

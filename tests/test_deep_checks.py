@@ -189,6 +189,21 @@ def test_a_copy_larger_than_the_scrub_budget_is_read_and_the_excess_is_paid_back
     assert world.scrubber.remote_credit == 0
 
 
+def test_an_unreachable_remote_does_not_hold_back_the_scrub_of_the_others(world: World) -> None:
+    world.capacity = world.cache.capacity = 10_000
+    files = [world.add(f"f{i}", 100) for i in range(4)]
+    world.remote_dirs["r1"].rename(world.root / "away")
+    report = world.scrubber.step(0, 10_000)["remotes"]
+    assert report["unreachable"] == 1, "one failed read pauses the remote for the rest of the tick"
+    assert report["checked"] == 5 and report["bad"] == 0
+    assert {h for (h, r), v in proven(world).items() if v is not None} == set(files)
+    assert all(r == "r0" for (h, r), v in proven(world).items() if v is not None)
+    world.clock.tick()
+    report = world.scrubber.step(0, 10_000)["remotes"]
+    assert report["unreachable"] == 0, "paused: not tried again at every tick"
+    assert sorted(world.good_remotes(files[0])) == ["r0", "r1"], "an unreachable remote is not blamed"
+
+
 def test_without_a_remote_budget_the_scrub_checks_quickly_and_with_no_budget_at_all_does_nothing(
         world: World) -> None:
     a = world.add("a", 300)

@@ -973,12 +973,14 @@ class Catalog:
 
     # -- deep checks and waiting pairs (issue 14) ---------------------------------------------
 
-    def copies_to_prove(self, limit: int) -> list[tuple[str, str, str, int]]:
+    def copies_to_prove(self, limit: int, skip_remotes: Sequence[str] = ()) -> list[tuple[str, str, str, int]]:
         """(hash, remote, url, size) of good copies, the one proven by content longest ago first (a copy
-        never read back counts from its creation: its upload hashed what it sent)."""
+        never read back counts from its creation: its upload hashed what it sent), none on `skip_remotes`."""
+        skip = f"AND k.remote NOT IN ({','.join('?' * len(skip_remotes))}) " if skip_remotes else ""
         return [tuple(r) for r in self.db.connection().execute(
             "SELECT k.hash, k.remote, k.url, f.size FROM copies k JOIN files f ON f.hash=k.hash "
-            "WHERE k.bad=0 AND f.removing=0 ORDER BY COALESCE(k.proven, k.created) LIMIT ?", (limit,))]
+            f"WHERE k.bad=0 AND f.removing=0 {skip}ORDER BY COALESCE(k.proven, k.created) LIMIT ?",
+            (*skip_remotes, limit))]
 
     def mark_copy_proven(self, h: str, remote: str, now: float) -> None:
         """The copy was read back and hashed to its name: proven, and so verified too."""

@@ -134,8 +134,8 @@ def test_a_remote_fixed_after_its_folder_was_renamed_gets_its_waiting_uploads_at
     r1.rename(away)
     d.start()
     data = {drop(d, f"w{i}.txt", f"waiting {i}\n".encode() * 100): i for i in range(3)}
-    wait_for(lambda: waiting(d) == 3, timeout=30, message="three r1 uploads waiting out a backoff")
-    assert all(copies(d, h) == {"r0"} for h in data)
+    wait_for(lambda: waiting(d) == 3 and all(copies(d, h) == {"r0"} for h in data), timeout=30,
+             message="each file copied to r0, and its r1 upload waiting out a backoff")
 
     # retry moves the waiting pairs too, and says how many of each kind (r1 is still broken: they wait again)
     assert ok(d.ctl("retry", "--all")).strip() == "requeued 0 given-up and 3 waiting pairs"

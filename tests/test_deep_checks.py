@@ -226,12 +226,17 @@ def states(w: World) -> dict[tuple[str, str], tuple[str, float, int]]:
         "SELECT hash, remote, state, next_attempt, attempts FROM uploads")}
 
 
-def test_wake_remote_makes_only_that_remotes_waiting_pairs_due_now(world: World) -> None:
-    a = world.add("a", 100, copies=())
-    b = world.add("b", 100, copies=())
+def two_files_waiting_on_both_remotes(w: World) -> tuple[str, str]:
+    a = w.add("a", 100, copies=())
+    b = w.add("b", 100, copies=())
     for h in (a, b):
         for r in REMOTES:
-            backoff(world, h, r)
+            backoff(w, h, r)
+    return a, b
+
+
+def test_wake_remote_makes_only_that_remotes_waiting_pairs_due_now(world: World) -> None:
+    a, b = two_files_waiting_on_both_remotes(world)
     world.catalog.upload_failed(a, "r1", "gave up", None, world.clock())  # given up: only `retry` revives it
     now = world.clock.tick()
     assert world.catalog.wake_remote("r0", now) == 2
@@ -243,11 +248,7 @@ def test_wake_remote_makes_only_that_remotes_waiting_pairs_due_now(world: World)
 
 
 def test_retry_waiting_counts_and_moves_pairs_in_backoff(world: World) -> None:
-    a = world.add("a", 100, copies=())
-    b = world.add("b", 100, copies=())
-    for h in (a, b):
-        for r in REMOTES:
-            backoff(world, h, r)
+    a, _ = two_files_waiting_on_both_remotes(world)
     now = world.clock.tick()
     assert world.catalog.retry_waiting([a], now) == 2
     assert world.catalog.retry_waiting(None, now) == 2

@@ -111,6 +111,16 @@ class LogConfig:
     level: str
 
 
+# The background scrub's remote reads: bytes per second of remote copies read back and hashed.
+# 1GiB/day proves 1 TiB of copies in about 3 years; README says how to size it.
+DEFAULT_REMOTE_READ = 2**30 / 86400.0
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    remote_read: float = DEFAULT_REMOTE_READ  # bytes per second; 0 = quick checks only (exists, size)
+
+
 _SECRET_OPTIONS = frozenset({"secret_access_key"})
 
 
@@ -148,6 +158,7 @@ class Config:
     log: LogConfig
     remotes: tuple[RemoteConfig, ...]
     source: str | None = None  # the file it was loaded from
+    scrub: ScrubConfig = ScrubConfig()
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -296,7 +307,7 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes",
+    "ingest", "upload", "cluster", "log", "remotes", "scrub",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
@@ -306,6 +317,7 @@ _SECTION_KEYS = {
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
     "log": ("level",),
+    "scrub": ("remote_read",),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -580,16 +592,17 @@ class _Parser:
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
         lease = self.parse_lease(data)
         level = self.parse_level(data)
+        scrub = self.parse_scrub(data)
         self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or level is None):
+                or upload is None or lease is None or level is None or scrub is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
-            log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None),
+            log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None), scrub=scrub,
         )
 
     def _default_state(self) -> str:
@@ -614,6 +627,13 @@ class _Parser:
         if section is None:
             return None
         return self.value(section, "level", "log.level", self._level, "info")
+
+    def parse_scrub(self, data: Mapping[Any, Any]) -> ScrubConfig | None:
+        section = self.section(data, "scrub")
+        if section is None:
+            return None
+        remote_read = self.value(section, "remote_read", "scrub.remote_read", self._rate, DEFAULT_REMOTE_READ)
+        return None if remote_read is None else ScrubConfig(remote_read=remote_read)
 
     def parse_cache(self, data: Mapping[Any, Any]) -> CacheConfig | None:
         section = self.section(data, "cache")

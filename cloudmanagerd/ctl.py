@@ -385,7 +385,8 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     if not args.hashes and not args.all:
         raise Failed("retry: name one or more hashes, or pass --all", EXIT_USAGE)
     result = client.call({"cmd": "retry", "hashes": args.hashes, "all": args.all})
-    print(json.dumps(result) if args.json else f"{result['requeued']} upload(s) queued again")
+    print(json.dumps(result) if args.json else
+          f"requeued {result['given_up']} given-up and {result['waiting']} waiting pairs")
     return EXIT_OK
 
 
@@ -404,7 +405,10 @@ def cmd_rm(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(client: Client, args: argparse.Namespace) -> int:
-    result = client.call({"cmd": "verify", "remotes": args.remotes}, progress=_progress_printer())
+    if args.deep and not args.remotes:
+        raise Failed("verify: --deep reads the remote copies back: give it with --remotes", EXIT_USAGE)
+    result = client.call({"cmd": "verify", "remotes": args.remotes, "deep": args.deep},
+                         progress=_progress_printer())
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -414,8 +418,14 @@ def cmd_verify(client: Client, args: argparse.Namespace) -> int:
     if "remotes" in result:
         r = result["remotes"]
         print(f"remotes: {r['checked']} copies checked, {r['bad']} bad (being replaced), "
-              f"{r['unreachable']} could not be checked")
+              f"{r['unreachable']} could not be checked ({r['depth']}: {DEPTHS[r['depth']]})")
+        for name, mine in sorted(r["per_remote"].items()):
+            print(f"  {name} ({mine['depth']}): {mine['checked']} checked, {mine['bad']} bad, "
+                  f"{mine['unreachable']} could not be checked")
     return EXIT_FAILED if c["lost"] else EXIT_OK
+
+
+DEPTHS = {"quick": "exists with the right size", "deep": "read back and hashed"}
 
 
 def _progress_printer():
@@ -508,7 +518,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("get", help="write a file's bytes to PATH or stdout")
     s.add_argument("hash")
     s.add_argument("-o", "--output", metavar="PATH")
-    s = sub.add_parser("retry", help="put failed uploads back in the queue")
+    s = sub.add_parser("retry", help="put given-up uploads, and those waiting out a backoff, back in the queue now")
     s.add_argument("hashes", nargs="*")
     s.add_argument("--all", action="store_true")
     sub.add_parser("reload", help="re-read the config, like systemctl reload")
@@ -526,7 +536,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE", help="the exchange text, or - for stdin")
     s.add_argument("--source", metavar="LABEL", help="what confirms these entries (the original's block hash)")
     s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
-    s.add_argument("--remotes", action="store_true")
+    s.add_argument("--remotes", action="store_true", help="check each copy exists with the right size")
+    s.add_argument("--deep", action="store_true", help="with --remotes: read each copy back and hash it")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p

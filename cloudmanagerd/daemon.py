@@ -29,7 +29,7 @@ from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
 from .node import Node, build_remotes
 from .notify import Notifier
-from .preflight import inbox_link_problem, preflight
+from .preflight import inbox_link_problem, preflight, promise_warnings
 from .rejects import Rejector
 from .remotes import build_remote
 from .status import build_status, summary_line
@@ -213,9 +213,7 @@ class Daemon:
 
     def _scrub(self) -> None:
         budget = int(self.config.cache.scrub * jobs.SCRUB_INTERVAL)
-        if budget <= 0:
-            return
-        report = self.scrubber.step(budget)
+        report = self.scrubber.step(budget, int(self.config.scrub.remote_read * jobs.SCRUB_INTERVAL))
         if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
             log.warning("scrub: %s", report)
             self.wake_pump()
@@ -358,6 +356,9 @@ class Daemon:
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
         self.scheduler.modify_job("heal", next_run_time=_now())
+        # a reload often follows a fix outside the config (a mount, permissions): probe the sick
+        # remotes now, so that their waiting uploads go at once
+        self.scheduler.modify_job("probe", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,
                  ",".join(self.uploader.order) or "none")
@@ -378,6 +379,8 @@ class Daemon:
             self.watcher.join(10)
         if hasattr(self, "worker"):
             self.worker.join(60)
+        if hasattr(self, "scrubber"):
+            self.scrubber.stop()  # a deep read of a large copy (scrub, verify) would hold the stop
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if hasattr(self, "uploader"):
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cloudmanagerd: {line}", file=sys.stderr)
         return 1
     problems, warnings = preflight(config)
+    if not problems:  # with an error to fix first, these would bury it
+        warnings += promise_warnings(config)
     if args.check_config:
         try:
             for remote in build_remotes(config.remotes).values():

@@ -431,7 +431,7 @@ class Fetcher:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=self.cache.tmp_fd)
         self.catalog.add_cache_entry(h, size, self.now(), incoming=size)
-        self.catalog.mark_copy_verified(h, remote.name, self.now())  # an imported location, proven now
+        self.catalog.mark_copy_proven(h, remote.name, self.now())  # read back and hashed (an imported location too)
         log.info("fetched hash=%s remote=%s size=%d, verified", h, remote.name, size)
 
     def bad_copy(self, h: str, remote: str, why: str) -> None:

@@ -29,7 +29,8 @@ TABLE: tuple[Job, ...] = (
     Job("pump", lambda c: 1.0, at_start=True),                  # claim due uploads (each ending transfer pumps too)
     Job("rescan", lambda c: c.ingest.rescan),                   # the safety rescan of the whole inbox
     Job("inbox-check", lambda c: 2.0),                          # a recreated inbox, a dead observer
-    Job("probe", lambda c: 30.0, guarded=False),                # remotes marked unhealthy: reachable again?
+    # remotes marked unhealthy: reachable again? (cheap: only sick ones; a fixed remote waits 10 s at most)
+    Job("probe", lambda c: 10.0, guarded=False),
     Job("stalls", lambda c: 1.0, guarded=False),                # transfers that stopped moving
     Job("status", lambda c: 2.0, guarded=False),                # STATUS= for systemd, health
     Job("scrub", lambda c: SCRUB_INTERVAL),                     # a budget of re-hashing per interval

@@ -119,21 +119,27 @@ def rm(node, h: Any) -> dict[str, Any]:
 
 
 def retry(node, hashes: Any = None, everything: bool = False) -> dict[str, Any]:
-    """Given-up uploads back in the queue, now."""
+    """Uploads back in the queue, now: the given-up ones, and those waiting out a backoff."""
+    now = time.time()
     if everything:
-        revived = node.catalog.retry_failed(None, time.time())
+        chosen = None
     else:
         if not isinstance(hashes, list) or not hashes:
             raise CloudManagerError("retry: name one or more hashes, or pass --all")
-        revived = node.catalog.retry_failed([resolve(node, h) for h in hashes], time.time())
+        chosen = [resolve(node, h) for h in hashes]
+    given_up = node.catalog.retry_failed(chosen, now)
+    waiting = node.catalog.retry_waiting(chosen, now)
     node.events.emit("work-queued")
-    return {"requeued": revived}
+    return {"requeued": given_up + waiting, "given_up": given_up, "waiting": waiting}
 
 
-def verify(node, remotes: bool = False, progress: Progress = None) -> dict[str, Any]:
+def verify(node, remotes: bool = False, progress: Progress = None, deep: bool = False) -> dict[str, Any]:
+    """Re-hash the cache; with `remotes`, check every copy: quick (exists, size) or `deep` (read back)."""
+    if deep and not remotes:
+        raise CloudManagerError("verify: --deep reads the remote copies back: give it with --remotes")
     result: dict[str, Any] = {"cache": node.scrubber.verify_cache(progress)}
     if remotes:
-        result["remotes"] = node.scrubber.verify_remotes(progress)
+        result["remotes"] = node.scrubber.verify_remotes(progress, deep)
     node.events.emit("work-queued")
     return result
 

@@ -190,6 +190,15 @@ class Uploader:
         self.now = now
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
+        # A remote that comes back makes its pairs in backoff due at once, not after their backoff (up
+        # to retry.max). Failures that do not mark a remote unhealthy (a server down looks transient)
+        # put it in `_backing_off`, and the probe job probes it: failing, it is `_down` until a probe
+        # or a copy succeeds, and then woken. A probe that answers at once (the server came back
+        # before it looked, or the pair failed for a reason of its own) wakes it once, then not again
+        # until a copy to it succeeds: a pair that fails on a working remote keeps its backoff.
+        self._backing_off: set[str] = set()
+        self._down: set[str] = set()
+        self._woken_unseen: set[str] = set()
         # "work-queued" (pump now: a remote is healthy again, spares queued) and "copy-made" (room may
         # have appeared in the cache) go out through the node's one event mechanism
         self.events = events if events is not None else Events()
@@ -220,8 +229,20 @@ class Uploader:
             self.unhealthy.pop(name, None)
 
     def forget_health(self, name: str) -> None:
-        """A remote was rebuilt from a new config: its old failures say nothing of the new one."""
+        """A remote was rebuilt from a new config: its old failures say nothing of the new one, and
+        its pairs waiting out a backoff are tried now."""
         self.unhealthy.pop(name, None)
+        self._healthy_again(name)
+
+    def _healthy_again(self, name: str) -> None:
+        """A remote works again: its pairs waiting in backoff become due now ("remote-healthy")."""
+        self._backing_off.discard(name)
+        self._down.discard(name)
+        woken = self.catalog.wake_remote(name, self.now())
+        if woken:
+            log.info("remote %s works again: %d upload(s) waiting out a backoff are due now", name, woken)
+        self.events.emit("remote-healthy", name)
+        self.events.emit("work-queued")
 
     def targets(self) -> list[str]:
         """The remotes a new file goes to (ingest records them with the file, in one transaction)."""
@@ -285,6 +306,8 @@ class Uploader:
         return attempted
 
     def probe_unhealthy(self) -> None:
+        """The probe job (every 10 s): remotes marked unhealthy, and those with pairs put in backoff,
+        are probed; one that answers after failing is healthy again (`_healthy_again`)."""
         for name in list(self.unhealthy):
             remote = self.remotes.get(name)
             if remote is None:
@@ -297,7 +320,28 @@ class Uploader:
                 continue
             log.info("remote %s is reachable again", name)
             self.unhealthy.pop(name, None)
-            self.events.emit("work-queued")
+            self._healthy_again(name)
+        for name in list(self._backing_off - set(self.unhealthy)):
+            remote = self.remotes.get(name)
+            if remote is None:
+                self._backing_off.discard(name)
+                self._down.discard(name)
+                continue
+            try:
+                remote.probe()
+            except RemoteError as exc:
+                if name not in self._down:
+                    log.warning("remote %s does not answer its probe (%s): its uploads wait until it does", name, exc)
+                self._down.add(name)
+                continue
+            if name in self._down:
+                log.info("remote %s answers again", name)
+                self._healthy_again(name)
+            elif name not in self._woken_unseen:
+                self._woken_unseen.add(name)
+                self._healthy_again(name)
+            else:
+                self._backing_off.discard(name)
 
     def _transfer(self, claims: list[UploadClaim]) -> None:
         """One task of the pool: one pair, or a batch of pairs to one remote that has `put_many`."""
@@ -449,8 +493,12 @@ class Uploader:
 
     def _recorded(self, claim: UploadClaim, started: float) -> None:
         self.events.emit("copy-made", claim.hash)
+        self._woken_unseen.discard(claim.remote)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote)
+            self._healthy_again(claim.remote)
+        elif claim.remote in self._down:
+            self._healthy_again(claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
                  time.monotonic() - started)
 
@@ -496,6 +544,8 @@ class Uploader:
             log.warning("upload of hash=%s to remote=%s failed (attempt=%d, next in %.0fs): %s",
                         claim.hash, claim.remote, attempts, when - now, exc)
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
+        if when is not None:
+            self._backing_off.add(claim.remote)
         self.top_up(claim.hash)
 
     def reclaim(self) -> int:

@@ -26,7 +26,7 @@ from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
 from ..exchange import Entry, Location
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
 MIGRATIONS: list[str] = [
@@ -210,6 +210,13 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE files ADD COLUMN source TEXT;
     CREATE INDEX files_export ON files(confirmed, exported)
+    """,
+    # 6: when each remote copy was last proven by its content (read back and hashed: an upload, a
+    # fetch, a deep verify or the scrub), apart from `verified` (a quick check: exists, size). The
+    # scrub reads the copies proven longest ago first; one never proven counts from its creation.
+    """
+    ALTER TABLE copies ADD COLUMN proven REAL;
+    CREATE INDEX copies_proven ON copies((COALESCE(proven, created)))
     """,
 ]
 
@@ -963,3 +970,36 @@ class Catalog:
             conn.execute("INSERT INTO nodes(node, heartbeat, pid) VALUES (?, ?, ?) "
                          "ON CONFLICT DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid",
                          (self.node, now, pid))
+
+    # -- deep checks and waiting pairs (issue 14) ---------------------------------------------
+
+    def copies_to_prove(self, limit: int, skip_remotes: Sequence[str] = ()) -> list[tuple[str, str, str, int]]:
+        """(hash, remote, url, size) of good copies, the one proven by content longest ago first (a copy
+        never read back counts from its creation: its upload hashed what it sent), none on `skip_remotes`."""
+        skip = f"AND k.remote NOT IN ({','.join('?' * len(skip_remotes))}) " if skip_remotes else ""
+        return [tuple(r) for r in self.db.connection().execute(
+            "SELECT k.hash, k.remote, k.url, f.size FROM copies k JOIN files f ON f.hash=k.hash "
+            f"WHERE k.bad=0 AND f.removing=0 {skip}ORDER BY COALESCE(k.proven, k.created) LIMIT ?",
+            (*skip_remotes, limit))]
+
+    def mark_copy_proven(self, h: str, remote: str, now: float) -> None:
+        """The copy was read back and hashed to its name: proven, and so verified too."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE copies SET proven=?, verified=? WHERE hash=? AND remote=?", (now, now, h, remote))
+
+    def wake_remote(self, remote: str, now: float) -> int:
+        """A remote works again: its pairs waiting out a backoff are due now (their attempts still count
+        toward upload.retry.max_attempts)."""
+        with self.db.tx() as conn:
+            return conn.execute(
+                "UPDATE uploads SET next_attempt=?, updated=? "
+                "WHERE remote=? AND state='retrying' AND next_attempt > ?", (now, now, remote, now)).rowcount
+
+    def retry_waiting(self, hashes: Sequence[str] | None, now: float) -> int:
+        """`retry`: pairs waiting out a backoff are due now (all of them when `hashes` is None)."""
+        sql = ("UPDATE uploads SET state='queued', attempts=0, next_attempt=?, updated=? "
+               "WHERE state='retrying' AND next_attempt > ?")
+        with self.db.tx() as conn:
+            if hashes is None:
+                return conn.execute(sql, (now, now, now)).rowcount
+            return sum(conn.execute(sql + " AND hash=?", (now, now, now, h)).rowcount for h in hashes)

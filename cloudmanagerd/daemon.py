@@ -247,10 +247,22 @@ class Daemon:
             [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
         )
 
-    def problems(self) -> list[str]:
-        reload_error = [self.reload_error] if self.reload_error else []
-        return (reload_error + self.health().lines() + self.worker.problems()
-                + self.uploader.problems() + self.scrubber.problems())
+    def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
+        """Every status problem with its level (health.py): the line an operator reads, and what
+        `status --check` exits with. `counts` are the catalog's figures of this status."""
+        c = self.config
+        now = time.time()
+        at_risk, oldest = self.catalog.at_risk(c.upload.min_redundancy, now - c.upload.grace)
+        return ([health.Finding(self.reload_error)] if self.reload_error else []) + self.health().ordered() + [
+            *(health.Finding(line) for line in self.worker.problems()),
+            *(health.Finding(line) for line in self.uploader.problems()),
+            # a damaged object that is a file's only copy: its right bytes are nowhere
+            *(health.Finding(line, critical=True) for line in self.scrubber.problems()),
+            *filter(None, [
+                health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
+                health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
+                health.given_up(counts["uploads"]["failed"])]),
+        ]
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -260,7 +272,7 @@ class Daemon:
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
                     "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
-        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
+        return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)

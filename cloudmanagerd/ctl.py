@@ -380,7 +380,7 @@ def check_line(s: dict[str, Any]) -> tuple[int, str]:
         ordered = sorted(findings, key=lambda f: f["level"] != "critical")
         reason = "; ".join(str(f["line"]) for f in ordered)
     else:
-        reason = (f"{s['catalog']['files']} files, {s['safety']['below_min']} below min_redundancy, "
+        reason = (f"{s['catalog']['files']} file(s), {s['safety']['below_min']} below min_redundancy, "
                   f"cache {human_size(s['cache']['used'])} of {human_size(s['cache']['capacity'])}")
     cache, up, safety = s["cache"], s["uploads"], s["safety"]
     perf = (f"files={s['catalog']['files']} cache_used={cache['used']}B;;{cache['capacity']};0;{cache['capacity']} "
@@ -531,7 +531,7 @@ def cmd_pin(client: Client, args: argparse.Namespace) -> int:
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
     """Delete every copy of a file: say what goes, and ask on a terminal unless --yes."""
     f = client.call({"cmd": "info", "hash": args.hash})
-    remotes = [c["remote"] for c in f["copies"]]
+    remotes = sorted(c["remote"] for c in f["copies"])
     where = (["the cache"] if f["cached"] else []) + \
         ([f"{len(remotes)} remote(s) ({', '.join(remotes)})"] if remotes else [])
     plan = (f"{f['hash'][:12]} ({show(f['name'])}, {human_size(f['size'])}): delete it from "
@@ -659,7 +659,8 @@ def parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_TIMEOUT:g}); get, verify, backup, pin, rm, export and import wait as long as "
                    "progress comes")
     p.add_argument("--version", action="version", version=f"cloudmanagerctl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do; COMMAND --help says more")
 
     def command(name: str, text: str, more: str = "") -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.{' ' + more if more else ''}")

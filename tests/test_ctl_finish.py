@@ -11,16 +11,14 @@ import os
 import pty
 import re
 import select
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Daemon, wait_for
+from conftest import Daemon, one_reply_daemon, wait_for
 
 from cloudmanagerd import __version__, health
 from cloudmanagerd import ctl as ctlmod
@@ -166,24 +164,8 @@ def test_check_unknown_when_the_daemon_is_unreachable(workdir: Path) -> None:
 @pytest.mark.parametrize("reply", [b'{"ok": true, "result": {"state": "running"}}\n', b"garbage\n",
                                    b'{"ok": true, "result": [1, 2]}\n', b""])
 def test_check_unknown_on_a_garbage_reply(workdir: Path, reply: bytes) -> None:
-    path = str(workdir / "fake.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-
-    def answer() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(4096)
-            conn.sendall(reply)
-
-    t = threading.Thread(target=answer)
-    t.start()
-    try:
-        result = ctl_at(path, "status", "--check")
-    finally:
-        t.join(30)
-        server.close()
+    with one_reply_daemon(str(workdir / "fake.sock"), reply):
+        result = ctl_at(str(workdir / "fake.sock"), "status", "--check")
     assert result.returncode == 3, result
     line, = result.stdout.decode().splitlines()
     assert line.startswith("CLOUDMANAGERD UNKNOWN - "), line

@@ -244,7 +244,8 @@ class Daemon:
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
             # the inbox's own findings (InboxRoot.check(), InboxWatcher.check(): alive, watching the
             # folder the config names), from the last periodic check
-            [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
+            # (critical for `status --check` either way: nothing dropped is taken in)
+            [health.Finding(line, self._watcher_broken, critical=True) for line in self._inbox_problems],
         )
 
     def findings(self, counts: dict[str, Any]) -> list[health.Finding]:

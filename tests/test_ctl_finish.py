@@ -153,6 +153,16 @@ def test_a_file_known_only_from_another_nodes_export_is_not_critical(daemon_fact
     assert code == 0, line
 
 
+def test_check_critical_while_the_inbox_is_missing(daemon_factory) -> None:
+    d = daemon_factory()
+    d.inbox.rmdir()
+    wait_for(lambda: d.status()["level"] == "critical", message="the missing inbox found")
+    code, line = check(d)
+    assert code == 2 and line.startswith("CLOUDMANAGERD CRITICAL - ") and str(d.inbox) in line, line
+    d.inbox.mkdir()
+    wait_for(lambda: check(d)[0] == 0, message="OK once the inbox is back")
+
+
 def test_check_unknown_when_the_daemon_is_unreachable(workdir: Path) -> None:
     result = ctl_at(str(workdir / "nothing.sock"), "status", "--check")
     assert result.returncode == 3

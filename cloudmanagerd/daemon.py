@@ -58,6 +58,7 @@ class Daemon:
         # could not be restarted is not: health() makes it fatal, so that systemd restarts us
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
+        self._at_risk: tuple[int, float | None] = (0, None)  # from the at-risk job: (files, oldest added)
 
     # -- build and start ------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_at_risk}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -248,12 +249,16 @@ class Daemon:
             [health.Finding(line, self._watcher_broken, critical=True) for line in self._inbox_problems],
         )
 
+    def _check_at_risk(self) -> None:
+        c = self.config
+        self._at_risk = self.catalog.at_risk(c.upload.min_redundancy, time.time() - c.upload.grace)
+
     def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
         """Every status problem with its level (health.py): the line an operator reads, and what
         `status --check` exits with. `counts` are the catalog's figures of this status."""
         c = self.config
         now = time.time()
-        at_risk, oldest = self.catalog.at_risk(c.upload.min_redundancy, now - c.upload.grace)
+        at_risk, oldest = self._at_risk
         return ([health.Finding(self.reload_error)] if self.reload_error else []) + self.health().ordered() + [
             *(health.Finding(line) for line in self.worker.problems()),
             *(health.Finding(line) for line in self.uploader.problems()),
@@ -370,6 +375,8 @@ class Daemon:
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
+        if new.upload.grace != old.upload.grace:
+            self.scheduler.reschedule_job("at-risk", trigger="interval", seconds=jobs.at_risk_interval(new))
         self.scheduler.modify_job("heal", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,

@@ -22,6 +22,8 @@ from conftest import Daemon, one_reply_daemon, wait_for
 
 from cloudmanagerd import __version__, health
 from cloudmanagerd import ctl as ctlmod
+from cloudmanagerd.catalog import Catalog, IngestRecord
+from cloudmanagerd.exchange import Entry, Location
 
 
 def sha(data: bytes) -> str:
@@ -151,6 +153,27 @@ def test_a_file_known_only_from_another_nodes_export_is_not_critical(daemon_fact
     assert s["safety"]["below_min"] == 1  # known, with no copy here: counted, yet not this node's to fix
     code, line = check(d)
     assert code == 0, line
+
+
+def test_at_risk_counts_the_files_this_node_answers_for(workdir: Path) -> None:
+    """However many files other nodes' exports registered (no copy here), a file of this node's own
+    below min_redundancy past the grace is found, whether it has one copy or none."""
+    cat = Catalog.open(f"sqlite:///{workdir / 'c.sqlite3'}", "here")
+    try:
+        far = [Entry(sha(b"far %d" % i), b"far", 10, 100 + i, (Location("elsewhere", "u"),)) for i in range(3000)]
+        cat.import_entries(far, ["r0", "r1"], None, 500.0)
+        mine = IngestRecord(sha(b"mine"), b"mine", 5)
+        cat.begin_ingest([mine], 2000.0)
+        cat.finish_ingest([mine], ["r0", "r1"], 2000.0)
+        assert cat.counts(2, 2)["below_min"] == 3001  # status's figure counts them all
+        assert cat.at_risk(2, 1999.0) == (0, None)  # only newer than the cutoff: none past the grace
+        assert cat.at_risk(2, 3000.0) == (1, 2000.0)  # no copy yet
+        claim = cat.claim_due(2500.0, 1, 60)[0]
+        cat.upload_done(claim.hash, claim.remote, "url", 5, 2, 2500.0)
+        assert cat.at_risk(2, 3000.0) == (1, 2000.0)  # one copy of two
+        assert cat.at_risk(1, 3000.0) == (0, None)
+    finally:
+        cat.close()
 
 
 def test_check_critical_while_the_inbox_is_missing(daemon_factory) -> None:

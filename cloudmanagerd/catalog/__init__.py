@@ -944,21 +944,20 @@ class Catalog:
 
     # -- for `status --check`, `info` and a paged `ls` (issue 15) ------------------------------
 
-    def at_risk(self, min_redundancy: int, added_before: float, scan: int = 10_000,
-                cap: int = 1000) -> tuple[int, float | None]:
+    def at_risk(self, min_redundancy: int, added_before: float, cap: int = 1000) -> tuple[int, float | None]:
         """(how many, oldest `added`) of the files below `min_redundancy` added before `added_before`
         that this node answers for: with a good copy, or cached here. A file known only from another
         node's export (no copy this node can read, no bytes here) is that node's to replicate, as in
-        `under_replicated`. At most `scan` rows per copy count are read (index files_good), so that a
-        catalog full of such foreign files cannot slow `status`; the count stops at `cap`."""
+        `under_replicated`. Reads the old rows below min_redundancy in index order (files_good):
+        such foreign files are skipped one by one (about 1 s per million), so the daemon runs this
+        in a job, not in every status; the count stops past `cap`."""
         count, oldest = 0, None
         with self.db.read() as conn:
             for good in range(max(min_redundancy, 0)):
                 rows = conn.execute(
-                    "SELECT f.added FROM (SELECT hash, added FROM files WHERE good=? AND added<=? AND removing=0 "
-                    "ORDER BY added LIMIT ?) f WHERE ?>0 OR EXISTS (SELECT 1 FROM cache_entries c "
-                    "WHERE c.hash=f.hash AND c.node=?) ORDER BY f.added LIMIT ?",
-                    (good, added_before, scan, good, self.node, cap + 1 - count)).fetchall()
+                    "SELECT f.added FROM files f WHERE f.good=? AND f.added<=? AND f.removing=0 "
+                    "AND (f.good>0 OR EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)) "
+                    "ORDER BY f.added LIMIT ?", (good, added_before, self.node, cap + 1 - count)).fetchall()
                 if rows:
                     count += len(rows)
                     oldest = rows[0][0] if oldest is None else min(oldest, rows[0][0])

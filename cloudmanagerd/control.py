@@ -114,6 +114,8 @@ class Client:
                     if len(chunk) >= STREAM_CHUNK:
                         fsutil.write_all(fd, (b"," if sent else b"") + b",".join(chunk))
                         chunk, sent = [], True
+            except OSError:
+                raise  # the client went away or stopped reading: nothing to say, nothing to log
             except Exception:
                 log.exception("control: a streamed reply failed half-way; closing the connection")
                 with contextlib.suppress(OSError):

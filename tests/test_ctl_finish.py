@@ -10,9 +10,13 @@ import json
 import os
 import pty
 import re
+import logging
 import select
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import pytest
 import yaml
 from conftest import Daemon, one_reply_daemon, wait_for
 
-from cloudmanagerd import __version__, health
+from cloudmanagerd import __version__, control, health
 from cloudmanagerd import ctl as ctlmod
 from cloudmanagerd.catalog import Catalog, IngestRecord
 from cloudmanagerd.exchange import Entry, Location
@@ -381,6 +385,35 @@ def test_ls_streams_many_files_in_pages(daemon_factory, monkeypatch, capsys) -> 
     assert json.loads(capsys.readouterr().out) == everything[:50]
     assert ctlmod.main(["-c", str(d.config_path), "ls", "--json", "--limit", "0"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_streamed_reply_to_a_client_that_left_ends_quietly(caplog) -> None:
+    """The client reads the first bytes of a long `ls` and goes: the write fails (OSError, which ends
+    the request) and nothing is logged; a failure of the catalog half-way closes the connection."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = control.Client(ours, time.monotonic())
+    items = ({"hash": "%064x" % i, "name": "x" * 100} for i in range(100_000))
+    reader = threading.Thread(target=lambda: (theirs.recv(10), theirs.close()))
+    reader.start()
+    try:
+        with pytest.raises(OSError):
+            client.send_stream(control.Streamed(items))
+    finally:
+        reader.join(30)
+        ours.close()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    def broken():
+        yield {"hash": "a"}
+        raise sqlite3.OperationalError("disk I/O error")
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with pytest.raises(OSError):
+            control.Client(ours, time.monotonic()).send_stream(control.Streamed(broken()))
+        assert theirs.recv(1 << 16) == b'{"ok":true,"result":['  # cut: the client sees no valid reply
+    assert "a streamed reply failed half-way" in caplog.text
 
 
 def test_ls_on_a_terminal_shows_a_screenful(three: Daemon, monkeypatch, capsys) -> None:

@@ -995,7 +995,9 @@ class Catalog:
             where.append("CAST(f.name AS TEXT) GLOB CAST(? AS TEXT)")
             args.append(name_glob.encode("utf-8", "surrogateescape"))
         if after is not None:
-            where.append("(f.added < ? OR (f.added = ? AND f.hash > ?))")
+            # this form lets SQLite start at the cursor in index files_added (an OR around the
+            # equality made it scan from the newest file on every page: quadratic)
+            where.append("f.added <= ? AND (f.added < ? OR f.hash > ?)")
             args += [after[0], after[0], after[1]]
         sql = f"SELECT f.hash, f.added FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
         if limit is not None:

@@ -12,6 +12,7 @@ import pty
 import re
 import logging
 import select
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -196,6 +197,18 @@ def test_check_unknown_when_the_daemon_is_unreachable(workdir: Path) -> None:
     assert result.stderr == b""
     line, = result.stdout.decode().splitlines()
     assert line.startswith("CLOUDMANAGERD UNKNOWN - cannot reach cloudmanagerd at "), line
+
+
+def test_check_unknown_when_the_daemon_does_not_answer_in_time(daemon_factory) -> None:
+    d = daemon_factory()
+    d.proc.send_signal(signal.SIGSTOP)  # a hung daemon: the kernel still accepts the connection
+    try:
+        result = d.ctl("--timeout", "1", "status", "--check")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert result.returncode == 3 and result.stderr == b""
+    assert result.stdout.decode().startswith("CLOUDMANAGERD UNKNOWN - cloudmanagerd at ")
+    assert "did not answer within 1s" in result.stdout.decode()
 
 
 @pytest.mark.parametrize("reply", [b'{"ok": true, "result": {"state": "running"}}\n', b"garbage\n",

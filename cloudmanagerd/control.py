@@ -116,6 +116,11 @@ class Client:
                         chunk, sent = [], True
             except OSError:
                 raise  # the client went away or stopped reading: nothing to say, nothing to log
+            except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
+                log.error("control: a streamed reply cut half-way: catalog: %s", exc)
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+                raise OSError(errno.EIO, "streamed reply cut") from None
             except Exception:
                 log.exception("control: a streamed reply failed half-way; closing the connection")
                 with contextlib.suppress(OSError):

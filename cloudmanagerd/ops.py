@@ -101,17 +101,20 @@ def ls_pages(node, state: Any = None, name: Any = None, limit: Any = None,
                                   and isinstance(after[1], str) and HASH_PREFIX.match(after[1])):
         raise CloudManagerError("ls: after must be [added, hash] of the last file of the previous page")
     cursor = None if after is None else (float(after[0]), after[1])
+    # the first page is read now: a catalog that cannot be read is an error reply, not a cut one
+    want = LS_PAGE if limit is None else min(limit, LS_PAGE)
+    first, cursor = node.catalog.list_page(state, name, cursor, want) if want else ([], None)
 
     def pages() -> Iterator[dict[str, Any]]:
-        nonlocal cursor
-        left = limit
-        while left is None or left > 0:
+        nonlocal cursor, want
+        page, left = first, limit
+        while True:
+            yield from (file_object(f) for f in page)
+            left = None if left is None else left - len(page)
+            if cursor is None or left == 0:
+                return
             want = LS_PAGE if left is None else min(left, LS_PAGE)
             page, cursor = node.catalog.list_page(state, name, cursor, want)
-            yield from (file_object(f) for f in page)
-            if cursor is None:
-                return
-            left = None if left is None else left - want
     return pages()
 
 

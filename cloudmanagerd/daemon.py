@@ -59,6 +59,7 @@ class Daemon:
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
         self._at_risk: tuple[int, float | None] = (0, None)  # from the at-risk job: (files, oldest added)
+        self._last_checked: float | None = None  # from the at-risk job: the scrub's next object, last good
 
     # -- build and start ------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_at_risk}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -249,9 +250,11 @@ class Daemon:
             [health.Finding(line, self._watcher_broken, critical=True) for line in self._inbox_problems],
         )
 
-    def _check_at_risk(self) -> None:
+    def _check_safety(self) -> None:
+        """The findings that take a scan (at-risk files) or need not be fresher (the scrub's lag)."""
         c = self.config
         self._at_risk = self.catalog.at_risk(c.upload.min_redundancy, time.time() - c.upload.grace)
+        self._last_checked = self.catalog.least_recently_checked()
 
     def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
         """Every status problem with its level (health.py): the line an operator reads, and what
@@ -267,7 +270,9 @@ class Daemon:
             *filter(None, [
                 health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
                 health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
-                health.given_up(counts["uploads"]["failed"])]),
+                health.given_up(counts["uploads"]["failed"]),
+                health.scrub_behind(None if self._last_checked is None else now - self._last_checked,
+                                    counts["cache_bytes"], c.cache.scrub)]),
         ]
 
     def status(self) -> dict[str, Any]:

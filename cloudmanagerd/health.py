@@ -140,6 +140,19 @@ def at_risk(count: int, oldest_age: float | None, grace: float, cap: int = 1000)
                    "pending`", critical=True)
 
 
+def scrub_behind(lag: float | None, used: int, rate: float) -> Finding | None:
+    """The background scrub (cache.scrub, bytes per second) should check every cache object once
+    per used/rate seconds; one not checked for twice that (and an hour) means it falls behind."""
+    if lag is None or rate <= 0:
+        return None
+    expected = used / rate
+    if lag <= 2 * expected + 3600:
+        return None
+    return Finding(f"scrub behind: a cache object was last checked {human_duration(lag)} ago, while a pass "
+                   f"over {_size(used)} at cache.scrub {_size(rate * 3600)}/h takes {human_duration(expected)} "
+                   "(raise cache.scrub, or the daemon is too busy to scrub)")
+
+
 def given_up(failed: int) -> Finding | None:
     """Upload pairs given up (upload.retry.max_attempts, or an error retrying cannot fix)."""
     if not failed:

@@ -181,6 +181,24 @@ def test_at_risk_counts_the_files_this_node_answers_for(workdir: Path) -> None:
         cat.close()
 
 
+def test_check_warning_while_the_scrub_falls_behind(daemon_factory) -> None:
+    d = daemon_factory(cache={"scrub": "1KiB/h"}, upload={"grace": "4s"})
+    data = b"checked long ago\n" * 300
+    (d.inbox / "old.txt").write_bytes(data)
+    wait_for(lambda: d.status()["uploads"]["copies"] == 2, message="two copies")
+    assert d.ctl("verify").returncode == 0  # checked now: on time
+    with sqlite3.connect(d.root / "state" / "catalog.sqlite3") as db:  # ten days pass
+        db.execute("UPDATE cache_entries SET verified=verified-864000")
+    db.close()
+    wait_for(lambda: d.status()["level"] == "warning", message="the scrub's lag found")
+    code, line = check(d)
+    assert code == 1, line
+    assert line.startswith("CLOUDMANAGERD WARNING - scrub behind: a cache object was last checked 10d ago, while a "
+                           "pass over 5.0 KiB at cache.scrub 1.0 KiB/h takes 4h 58m (raise cache.scrub"), line
+    assert d.ctl("verify").returncode == 0
+    wait_for(lambda: check(d)[0] == 0, message="OK once checked again")
+
+
 def test_check_critical_while_the_inbox_is_missing(daemon_factory) -> None:
     d = daemon_factory()
     d.inbox.rmdir()
@@ -232,6 +250,9 @@ def test_levels_of_the_health_checks() -> None:
     assert health.at_risk(0, None, 60) is None
     assert health.at_risk(1001, 7200, 3600).line.startswith("more than 1000 file(s) below min_redundancy for more "
                                                             "than 1h (the oldest for 2h)")
+    assert health.scrub_behind(10 * 86400, 1 << 30, 0.0) is None  # cache.scrub 0: off, never behind
+    assert health.scrub_behind(7000, 1 << 20, 1024 / 3600) is None  # a pass takes 17h: 2h is on time
+    assert health.scrub_behind(None, 0, 1.0) is None  # an empty cache
     assert health.worst([]) == "ok"
     assert health.worst([health.Finding("a"), health.Finding("b", critical=True)]) == "critical"
 

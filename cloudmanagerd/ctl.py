@@ -299,7 +299,8 @@ def print_status(s: dict[str, Any]) -> None:
     cache, up, safety = s["cache"], s["uploads"], s["safety"]
     print(f"cloudmanagerd {s['version']} on {s['node']}: {s['state']} (pid {s['pid']}, "
           f"up {human_duration(s['uptime'])})")
-    for f in s.get("findings") or [{"level": "problem", "line": p} for p in s["problems"]]:
+    findings = s.get("findings") or [{"level": "problem", "line": p} for p in s["problems"]]
+    for f in sorted(findings, key=lambda f: f["level"] != "critical"):  # the worst first, as --check
         print(f"  {f['level']}: {f['line']}")
     print(f"inbox    {s['inbox']['path']}: {s['inbox']['pending']} pending, {s['inbox']['rejected']} rejected")
     print(f"cache    {cache['path']}: {human_size(cache['used'])} of {human_size(cache['capacity'])} "

@@ -92,6 +92,9 @@ class UploadConfig:
     retry: RetryConfig
     stall: float
     min_rate: float  # bytes per second; 0 = no minimum
+    # how long a file may stay below min_redundancy before `status --check` says CRITICAL: a new
+    # file is below it until its uploads finish, which is normal, not an alarm
+    grace: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,7 @@ _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
     "control": ("socket", "mode", "group"),
     "ingest": ("settle", "observer", "rescan", "ignore", "rejected"),
-    "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate"),
+    "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate", "grace"),
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
     "log": ("level",),
@@ -695,11 +698,12 @@ class _Parser:
         stall = self.value(section, "stall", "upload.stall", self._duration(positive=True), 60.0)
         min_rate = self.value(section, "min_rate", "upload.min_rate", self._rate,
                               parse_rate("64KiB/s"))
+        grace = self.value(section, "grace", "upload.grace", self._duration(positive=True), 3600.0)
         if (redundancy is None or min_redundancy is None or concurrency is None or retry is None
-                or stall is None or min_rate is None):
+                or stall is None or min_rate is None or grace is None):
             return None
         return UploadConfig(redundancy=redundancy, min_redundancy=min_redundancy,
-                            concurrency=concurrency, retry=retry, stall=stall, min_rate=min_rate)
+                            concurrency=concurrency, retry=retry, stall=stall, min_rate=min_rate, grace=grace)
 
     def parse_redundancy(self, section: Mapping[Any, Any], remotes: int | None) -> int | None:
         count = remotes or 0

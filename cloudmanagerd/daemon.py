@@ -58,6 +58,8 @@ class Daemon:
         # could not be restarted is not: health() makes it fatal, so that systemd restarts us
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
+        self._at_risk: tuple[int, float | None] = (0, None)  # from the at-risk job: (files, oldest added)
+        self._last_checked: float | None = None  # from the at-risk job: the scrub's next object, last good
 
     # -- build and start ------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -242,13 +244,34 @@ class Daemon:
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
             # the inbox's own findings (InboxRoot.check(), InboxWatcher.check(): alive, watching the
             # folder the config names), from the last periodic check
-            [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
+            # (critical for `status --check` either way: nothing dropped is taken in)
+            [health.Finding(line, self._watcher_broken, critical=True) for line in self._inbox_problems],
         )
 
-    def problems(self) -> list[str]:
-        reload_error = [self.reload_error] if self.reload_error else []
-        return (reload_error + self.health().lines() + self.worker.problems()
-                + self.uploader.problems() + self.scrubber.problems())
+    def _check_safety(self) -> None:
+        """The findings that take a scan (at-risk files) or need not be fresher (the scrub's lag)."""
+        c = self.config
+        self._at_risk = self.catalog.at_risk(c.upload.min_redundancy, time.time() - c.upload.grace)
+        self._last_checked = self.catalog.least_recently_checked()
+
+    def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
+        """Every status problem with its level (health.py): the line an operator reads, and what
+        `status --check` exits with. `counts` are the catalog's figures of this status."""
+        c = self.config
+        now = time.time()
+        at_risk, oldest = self._at_risk
+        return ([health.Finding(self.reload_error)] if self.reload_error else []) + self.health().ordered() + [
+            *(health.Finding(line) for line in self.worker.problems()),
+            *(health.Finding(line) for line in self.uploader.problems()),
+            # a damaged object that is a file's only copy: its right bytes are nowhere
+            *(health.Finding(line, critical=True) for line in self.scrubber.problems()),
+            *filter(None, [
+                health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
+                health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
+                health.given_up(counts["uploads"]["failed"]),
+                health.scrub_behind(None if self._last_checked is None else now - self._last_checked,
+                                    counts["cache_bytes"], c.cache.scrub)]),
+        ]
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -258,7 +281,7 @@ class Daemon:
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
                     "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
-        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
+        return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
@@ -355,6 +378,8 @@ class Daemon:
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
+        if new.upload.grace != old.upload.grace:
+            self.scheduler.reschedule_job("at-risk", trigger="interval", seconds=jobs.at_risk_interval(new))
         self.scheduler.modify_job("heal", next_run_time=_now())
         # a reload often follows a fix outside the config (a mount, permissions): probe the sick
         # remotes now, so that their waiting uploads go at once

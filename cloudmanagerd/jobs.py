@@ -25,6 +25,10 @@ class Job:
     guarded: bool = True                      # a catalog error is one log line, not a traceback a second
 
 
+def at_risk_interval(c: Config) -> float:
+    return max(1.0, min(30.0, c.upload.grace / 4))
+
+
 TABLE: tuple[Job, ...] = (
     Job("pump", lambda c: 1.0, at_start=True),                  # claim due uploads (each ending transfer pumps too)
     Job("rescan", lambda c: c.ingest.rescan),                   # the safety rescan of the whole inbox
@@ -40,6 +44,9 @@ TABLE: tuple[Job, ...] = (
     # running, not only at the next start (issue 10)
     Job("reclaim", lambda c: max(1.0, min(30.0, c.cluster.lease / 2))),
     Job("leftovers", lambda c: 3600.0, at_start=True),          # temp files of killed uploads on folder remotes
+    # files below min_redundancy past upload.grace (`status --check`): a scan skipping files known only
+    # from other nodes' exports, so here, not in every status; a fraction of the grace late at most
+    Job("at-risk", at_risk_interval, at_start=True),
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -108,6 +109,13 @@ class Node:
             if previous is not None:
                 previous.close()
         self.uploader.reconfigure(policy, names)
+        # a lowered capacity takes effect now, not when the next file arrives; what cannot go yet
+        # (pinned, below min_redundancy) is a status problem (health.over_capacity). A failure here
+        # must not fail the reload: the daemon's status job trims again every few seconds.
+        try:
+            self.evictor.trim()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("cache.capacity lowered, but evicting now failed (tried again shortly): %s", exc)
 
     def api_owner(self, pid: int) -> str:
         """The claim owner of a Python API script on this node (its pid in it)."""

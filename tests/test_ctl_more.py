@@ -149,14 +149,14 @@ def test_rm_forgets_a_file_everywhere_in_both_forms(daemon_factory) -> None:
     wait_for(lambda: sum(len(f["copies"]) == 2 for f in d.files()) == 2, message="both files copied twice")
 
     h = sha(one)
-    out = ok(d.ctl("rm", h[:8]))
+    out = ok(d.ctl("rm", "--yes", h[:8]))
     assert out.strip() == f"{h[:12]}: removed from the cache, every remote and the catalog"
     assert not cache_object(d, h).exists()
     assert not remote_object(d, 0, h).exists() and not remote_object(d, 1, h).exists()
     refused(ctl(d, "info", h))
 
     h2 = sha(two)
-    assert ok_json(ctl(d, "--json", "rm", h2)) == {"hash": h2, "removed": True}
+    assert ok_json(ctl(d, "--json", "rm", "-y", h2)) == {"hash": h2, "removed": True}
     assert not cache_object(d, h2).exists() and not remote_object(d, 1, h2).exists()
     s = d.status()
     assert s["catalog"] == {"files": 0, "bytes": 0}
@@ -241,7 +241,7 @@ def test_retry_revives_given_up_uploads_in_both_forms(daemon_factory) -> None:
     failed = json.loads(ok(ctl(d, "ls", "--json", "--state", "failed")))
     assert sorted(f["hash"] for f in failed) == sorted([sha(x), sha(y)])
     assert all(f["failed"][0]["remote"] == "r1" and f["failed"][0]["attempts"] == 1 for f in failed)
-    assert "failed   r1 after 1 attempts" in ok(ctl(d, "info", sha(x)))
+    assert "failed   r1: 1 attempt(s), given up" in ok(ctl(d, "info", sha(x)))
 
     broken.unlink()
     broken.mkdir()

@@ -779,29 +779,7 @@ class Catalog:
 
     def list_files(self, state: str | None = None, name_glob: str | None = None,
                    limit: int | None = None) -> list[dict[str, Any]]:
-        where, args = ["1=1"], []
-        if state == "cached":
-            where.append("EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
-            args.append(self.node)
-        elif state == "evicted":
-            where.append("NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
-            args.append(self.node)
-        elif state == "pending":
-            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
-                         "AND u.state IN ('queued', 'active', 'retrying'))")
-        elif state == "failed":
-            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
-        if name_glob is not None:
-            # names are raw bytes; a non-UTF-8 pattern arrives with surrogate escapes (os.fsdecode)
-            where.append("CAST(f.name AS TEXT) GLOB CAST(? AS TEXT)")
-            args.append(name_glob.encode("utf-8", "surrogateescape"))
-        sql = f"SELECT f.hash FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        with self.db.read() as conn:
-            hashes = [r[0] for r in conn.execute(sql, args).fetchall()]
-            return [self._file_object(conn, h) for h in hashes]
+        return self.list_page(state, name_glob, None, limit)[0]
 
     def file_info(self, h: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -1003,3 +981,83 @@ class Catalog:
             if hashes is None:
                 return conn.execute(sql, (now, now, now)).rowcount
             return sum(conn.execute(sql + " AND hash=?", (now, now, now, h)).rowcount for h in hashes)
+
+    # -- for `status --check`, `info` and a paged `ls` (issue 15) ------------------------------
+
+    def at_risk(self, min_redundancy: int, added_before: float, cap: int = 1000) -> tuple[int, float | None]:
+        """(how many, oldest `added`) of the files below `min_redundancy` added before `added_before`
+        that this node answers for: with a good copy, or cached here. A file known only from another
+        node's export (no copy this node can read, no bytes here) is that node's to replicate, as in
+        `under_replicated`. Reads the old rows below min_redundancy in index order (files_good):
+        such foreign files are skipped one by one (about 1 s per million), so the daemon runs this
+        in a job, not in every status; the count stops past `cap`."""
+        count, oldest = 0, None
+        with self.db.read() as conn:
+            for good in range(max(min_redundancy, 0)):
+                rows = conn.execute(
+                    "SELECT f.added FROM files f WHERE f.good=? AND f.added<=? AND f.removing=0 "
+                    "AND (f.good>0 OR EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)) "
+                    "ORDER BY f.added LIMIT ?", (good, added_before, self.node, cap + 1 - count)).fetchall()
+                if rows:
+                    count += len(rows)
+                    oldest = rows[0][0] if oldest is None else min(oldest, rows[0][0])
+                if count > cap:
+                    break
+        return count, oldest
+
+    def upload_pairs(self, h: str) -> list[dict[str, Any]]:
+        """Every upload pair of a file not yet done: its state, stored attempts, next attempt and last error."""
+        rows = self.db.connection().execute(
+            "SELECT remote, state, attempts, next_attempt, last_error, updated FROM uploads "
+            "WHERE hash=? AND state != 'done' ORDER BY remote", (h,)).fetchall()
+        return [{"remote": r, "state": s, "attempts": a, "next_attempt": n if s in ("queued", "retrying") else None,
+                 "last_error": e, "updated": u} for r, s, a, n, e, u in rows]
+
+    def list_page(self, state: str | None, name_glob: str | None, after: tuple[float, str] | None,
+                  limit: int | None) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """One page of files (newest first) after the file `after` = (added, hash) of the previous
+        page, and the cursor of the next page (None at the end): a client pages through a million
+        files without anyone holding them all. A file removed while it is read is left out."""
+        where, args = ["1=1"], []
+        if state == "cached":
+            where.append("EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "evicted":
+            where.append("NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "pending":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
+                         "AND u.state IN ('queued', 'active', 'retrying'))")
+        elif state == "failed":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
+        if name_glob is not None:
+            # names are raw bytes; a non-UTF-8 pattern arrives with surrogate escapes (os.fsdecode)
+            where.append("CAST(f.name AS TEXT) GLOB CAST(? AS TEXT)")
+            args.append(name_glob.encode("utf-8", "surrogateescape"))
+        if after is not None:
+            # this form lets SQLite start at the cursor in index files_added (an OR around the
+            # equality made it scan from the newest file on every page: quadratic)
+            where.append("f.added <= ? AND (f.added < ? OR f.hash > ?)")
+            args += [after[0], after[0], after[1]]
+        sql = f"SELECT f.hash, f.added FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self.db.read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+            found = [info for info in (self._file_object(conn, h) for h, _ in rows) if info is not None]
+        more = limit is not None and len(rows) == limit and limit > 0
+        return found, (rows[-1][1], rows[-1][0]) if more else None
+
+    def least_recently_checked(self) -> float | None:
+        """When the cache object the scrub checks next was last known good: for one never checked
+        since it came in (the scrub takes those first), when its file was added; else its last check.
+        None with an empty cache. Two index lookups (cache_verified): no scan of the cache."""
+        conn = self.db.connection()
+        row = conn.execute(
+            "SELECT f.added FROM cache_entries c JOIN files f ON f.hash=c.hash "
+            "WHERE c.node=? AND c.verified IS NULL AND c.evicting=0 LIMIT 1", (self.node,)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node=? AND evicting=0",
+                            (self.node,)).fetchone()[0]

@@ -29,6 +29,7 @@ DEFAULT_CONTROL_SOCKET = "/run/cloudmanagerd/control.sock"
 
 REMOTE_TYPES = ("directory", "s3", "plowshare", "rclone")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 OBSERVERS = ("inotify", "polling")
 S3_REQUEST_CHECKSUMS = ("when_supported", "when_required")
 CATALOG_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -109,6 +110,13 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str
+    format: str = "text"  # "json": one JSON object a line on stderr (outside the journal)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None = off
+    textfile: str | None = None            # node_exporter textfile (*.prom), rewritten atomically; None = off
 
 
 _SECRET_OPTIONS = frozenset({"secret_access_key"})
@@ -148,6 +156,7 @@ class Config:
     log: LogConfig
     remotes: tuple[RemoteConfig, ...]
     source: str | None = None  # the file it was loaded from
+    metrics: MetricsConfig = MetricsConfig()
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -296,7 +305,7 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes",
+    "ingest", "upload", "cluster", "log", "remotes", "metrics",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
@@ -305,7 +314,8 @@ _SECTION_KEYS = {
     "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate"),
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
-    "log": ("level",),
+    "log": ("level", "format"),
+    "metrics": ("listen", "textfile"),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -561,6 +571,27 @@ class _Parser:
     def _observer(self, value: object) -> str:
         return self._choice(value, OBSERVERS)
 
+    @staticmethod
+    def _listen(value: object) -> tuple[str, int]:
+        expected = f"expected an address like 127.0.0.1:9464 or [::1]:9464, got {_describe(value)}"
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value.strip())
+        if not match:
+            raise ValueError(expected)
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"the port must be 1 to 65535, got {_describe(value)}")
+        return host, port
+
+    def _textfile(self, value: object) -> str:
+        path = self._path(value)
+        if not path.endswith(".prom"):
+            raise ValueError("node_exporter's textfile collector reads only files named *.prom, got "
+                             f"{_describe(value)}")
+        return path
+
     # -- sections --
 
     def parse(self, data: Mapping[Any, Any]) -> Config | None:
@@ -579,17 +610,19 @@ class _Parser:
         remotes = self.parse_remotes(data.get("remotes"))
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
         lease = self.parse_lease(data)
-        level = self.parse_level(data)
+        log = self.parse_log(data)
+        metrics = self.parse_metrics(data)
         self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or level is None):
+                or upload is None or lease is None or log is None or metrics is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
-            log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None),
+            log=log, remotes=tuple(r for r in remotes if r is not None),
+            metrics=metrics,
         )
 
     def _default_state(self) -> str:
@@ -609,11 +642,26 @@ class _Parser:
             return None
         return self.value(section, "lease", "cluster.lease", self._duration(positive=True), 60.0)
 
-    def parse_level(self, data: Mapping[Any, Any]) -> str | None:
+    def parse_log(self, data: Mapping[Any, Any]) -> LogConfig | None:
         section = self.section(data, "log")
         if section is None:
             return None
-        return self.value(section, "level", "log.level", self._level, "info")
+        level = self.value(section, "level", "log.level", self._level, "info")
+        log_format = self.value(section, "format", "log.format", lambda v: self._choice(v, LOG_FORMATS), "text")
+        if level is None or log_format is None:
+            return None
+        return LogConfig(level=level, format=log_format)
+
+    def parse_metrics(self, data: Mapping[Any, Any]) -> MetricsConfig | None:
+        section = self.section(data, "metrics")
+        if section is None:
+            return None
+        before = len(self.errors)
+        listen = self.value(section, "listen", "metrics.listen", self._listen)
+        textfile = self.value(section, "textfile", "metrics.textfile", self._textfile)
+        if len(self.errors) > before:
+            return None
+        return MetricsConfig(listen=listen, textfile=textfile)
 
     def parse_cache(self, data: Mapping[Any, Any]) -> CacheConfig | None:
         section = self.section(data, "cache")

@@ -481,7 +481,16 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
+def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
+    text = client.call({"cmd": "metrics"})["text"]
+    if args.json:
+        print(json.dumps({"text": text}))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"metrics": cmd_metrics, "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
             "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
 
@@ -499,6 +508,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="one screen of state")
     s.add_argument("--check", action="store_true", help="exit 1 while any file is below min_redundancy")
+    sub.add_parser("metrics", help="the Prometheus metrics, as the metrics.listen endpoint serves them",
+                   description="Print the daemon's Prometheus metrics (text format 0.0.4), the same text as "
+                   "the metrics.listen endpoint and metrics.textfile, whether or not those are configured.")
     s = sub.add_parser("ls", help="files, newest first")
     s.add_argument("--state", choices=["cached", "evicted", "pending", "failed"])
     s.add_argument("--name", help="glob on the original name")

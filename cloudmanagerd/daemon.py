@@ -27,6 +27,7 @@ from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
 from .logs import setup_logging
+from .metrics import Metrics
 from .node import Node, build_remotes
 from .notify import Notifier
 from .preflight import inbox_link_problem, preflight
@@ -100,8 +101,14 @@ class Daemon:
 
         self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox, rel))
         self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan,
-                                   lambda hashes: self.events.emit("registered", hashes),
+                                   lambda hashes, dropped: self.events.emit("registered", hashes, dropped),
                                    first=self.ingestor.adopt_orphans)
+        self.metrics = Metrics(status=self.status, figures=self.catalog.metrics_figures,
+                               pending_age=self.queue.oldest_age,
+                               remote_names=lambda: [rc.name for rc in self.config.remotes],
+                               listen=c.metrics.listen, textfile=c.metrics.textfile)
+        self.events.on("registered", self.metrics.registered)
+        self.events.on("uploaded", self.metrics.uploaded)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
@@ -111,10 +118,12 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "metrics": self.metrics.write_textfile}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
+        self.metrics.start()  # before the other threads: a port in use stops the start here, naming it
+        self._stack.callback(self.metrics.stop)
         self.watcher.start()
         self.worker.start()
         self.scheduler.start()
@@ -200,7 +209,7 @@ class Daemon:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
         self.request_scan(b"")
 
-    def _registered(self, hashes: list[str]) -> None:
+    def _registered(self, hashes: list[str], dropped: list[float]) -> None:
         self.wake_pump()
 
     def _copy_made(self, h: str) -> None:
@@ -216,6 +225,7 @@ class Daemon:
         if budget <= 0:
             return
         report = self.scrubber.step(budget)
+        self.metrics.scrubbed(report)
         if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
             log.warning("scrub: %s", report)
             self.wake_pump()
@@ -344,12 +354,14 @@ class Daemon:
             log.warning("reload: %s changed; restart cloudmanagerd to apply %s", ", ".join(needs_restart),
                         "it" if len(needs_restart) == 1 else "them")
         kept = {key.split(".")[0]: getattr(old, key.split(".")[0]) for key in ("inbox", "state", "catalog",
-                                                                                  "node", "control")}
+                                                                                  "node", "control", "metrics")}
         upload = dataclasses.replace(new.upload, concurrency=old.upload.concurrency)
         ingest = dataclasses.replace(new.ingest, observer=old.ingest.observer, rejected=old.ingest.rejected)
         cache = dataclasses.replace(new.cache, path=old.cache.path)
         cluster = old.cluster
-        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster, **kept)
+        log_config = dataclasses.replace(new.log, format=old.log.format)
+        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster,
+                                          log=log_config, **kept)
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
         self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
@@ -395,6 +407,7 @@ class Daemon:
     def _commands(self) -> dict[str, Any]:
         return {**node_commands(self.node),
                 "status": lambda req, fds, progress: self.status(),
+                "metrics": lambda req, fds, progress: {"text": self.metrics.text()},
                 "reload": self._cmd_reload}
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
@@ -406,7 +419,8 @@ class Daemon:
 
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
-                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease",
+                "metrics.listen", "metrics.textfile", "log.format")
 
 
 def _dotted(config: Any, key: str) -> Any:

@@ -85,6 +85,7 @@ def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
 @dataclass
 class IngestResult:
     registered: list[str] = field(default_factory=list)
+    dropped: list[float] = field(default_factory=list)  # each registered file's inbox ctime (ingest latency)
     duplicates: int = 0
     requeue: list[bytes] = field(default_factory=list)      # changed while hashed: take again later
     busy: list[bytes] = field(default_factory=list)         # still open for writing: take much later
@@ -307,6 +308,7 @@ class Ingestor:
                         self._unlink_source(c)
                     log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size)
                 result.registered.extend(c.hash for c in done)
+                result.dropped.extend(c.st.st_ctime for c in done)
             self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
         for c in duplicates:
             if self._still_same(c):
@@ -581,7 +583,7 @@ class IngestWorker:
     BUSY_MAX_WAIT = 60.0  # a file a writer keeps open is looked at again at least this often
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
-                 on_registered: Callable[[list[str]], None], first: Callable[[], None] | None = None) -> None:
+                 on_registered: Callable[[list[str], list[float]], None], first: Callable[[], None] | None = None) -> None:
         self.ingestor = ingestor
         self.queue = queue
         self.scan = scan
@@ -701,7 +703,7 @@ class IngestWorker:
             log.info("room in the cache again: ingest resumed")
         if result.registered:
             self.registered += len(result.registered)
-            self.on_registered(result.registered)
+            self.on_registered(result.registered, result.dropped)
 
     def _back_off(self, rels: Sequence[bytes], busy: Sequence[bytes]) -> None:
         """Files a writer still holds open wait settle, then twice as long each time (up to a

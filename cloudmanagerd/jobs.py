@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
+from .metrics import TEXTFILE_INTERVAL
 
 
 SCRUB_INTERVAL = 60.0  # the scrub's byte budget (cache.scrub) is spent per this many seconds
@@ -39,6 +40,7 @@ TABLE: tuple[Job, ...] = (
     # running, not only at the next start (issue 10)
     Job("reclaim", lambda c: max(1.0, min(30.0, c.cluster.lease / 2))),
     Job("leftovers", lambda c: 3600.0, at_start=True),          # temp files of killed uploads on folder remotes
+    Job("metrics", lambda c: TEXTFILE_INTERVAL, at_start=True),  # metrics.textfile rewritten (nothing when off)
 )
 
 

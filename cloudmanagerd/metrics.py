@@ -1,0 +1,322 @@
+"""Prometheus metrics: on an HTTP endpoint (`metrics.listen`), as a node_exporter textfile
+(`metrics.textfile`) and through the control command `metrics`, all from one registry.
+
+Most figures are read at scrape time from what `status` already reads (the catalog's trigger-kept
+counters: constant time whatever the catalog's size) plus one catalog query for the pairs per remote
+(`Catalog.metrics_figures`); nothing is counted twice. Only what no table keeps is counted here, from
+the node's events: the ingest latency ("registered"), the transfer sizes and durations ("uploaded"),
+each remote's last success, and the background scrub's work (the daemon hands over each step's report).
+
+Names follow the Prometheus conventions (`cloudmanagerd_` prefix, base units, `_total` counters,
+`_bytes`, `_seconds`); labels are bounded: a remote's name, a state, never a hash.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import make_wsgi_app
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+from .errors import StartupError
+
+log = logging.getLogger(__name__)
+
+UPLOAD_STATES = ("queued", "active", "retrying", "failed")
+TEXTFILE_INTERVAL = 15.0  # seconds between rewrites of metrics.textfile (node_exporter reads it at each scrape)
+# a slow or stuck scraper gives up its connection after this long without a byte
+CLIENT_TIMEOUT = 5.0
+# seconds: from a file's arrival in the inbox to its catalog commit (settle is 2 s by default)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300, 1800, 3600, float("inf"))
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, float("inf"))
+SIZE_BUCKETS = (4096, 65536, 1 << 20, 16 << 20, 128 << 20, 1 << 30, 8 << 30, float("inf"))
+
+
+class _StatusCollector:
+    """The gauges and persistent counters, read from the daemon's status and the catalog at each scrape."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], figures: Callable[[], dict[str, Any]],
+                 pending_age: Callable[[], float], remote_names: Callable[[], Iterable[str]],
+                 last_success: Mapping[str, float]) -> None:
+        self.status = status
+        self.figures = figures
+        self.pending_age = pending_age
+        self.remote_names = remote_names
+        self.last_success = last_success
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only (the registry must not call status() when registering)
+
+    def collect(self) -> Iterable[Any]:
+        s = self.status()
+        f = self.figures()
+        info = InfoMetricFamily("cloudmanagerd", "the daemon's version and node name")
+        info.add_metric([], {"version": __version__, "node": s["node"]})
+        yield info
+        yield _gauge("cloudmanagerd_problems", "problems status lists now (0 when healthy)", len(s["problems"]))
+
+        files, size = s["catalog"]["files"], s["catalog"]["bytes"]
+        cache = s["cache"]
+        by_state = GaugeMetricFamily("cloudmanagerd_files", "files in the catalog, by whether this node caches "
+                                     "them", labels=["state"])
+        by_state.add_metric(["cached"], cache["files"])
+        by_state.add_metric(["evicted"], max(files - cache["files"], 0))
+        yield by_state
+        bytes_state = GaugeMetricFamily("cloudmanagerd_files_size_bytes", "bytes of the catalog's files, by "
+                                        "whether this node caches them", labels=["state"])
+        bytes_state.add_metric(["cached"], cache["used"])
+        bytes_state.add_metric(["evicted"], max(size - cache["used"], 0))
+        yield bytes_state
+        yield _gauge("cloudmanagerd_cache_used_bytes", "bytes in this node's cache", cache["used"])
+        yield _gauge("cloudmanagerd_cache_capacity_bytes", "cache.capacity", cache["capacity"])
+
+        inbox = s["inbox"]
+        yield _gauge("cloudmanagerd_inbox_pending_files", "files seen in the inbox and not yet ingested "
+                     "(settling, queued or waiting for room)", inbox["pending"])
+        yield _gauge("cloudmanagerd_inbox_oldest_pending_seconds", "how long the oldest file queued for ingest "
+                     "has waited (0 when none)", self.pending_age())
+        yield _gauge("cloudmanagerd_inbox_rejected_files", "files in the rejected folder", inbox["rejected"])
+
+        names = list(self.remote_names())
+        uploads = GaugeMetricFamily("cloudmanagerd_uploads", "upload pairs (file, remote) not done, by remote and "
+                                    "state", labels=["remote", "state"])
+        upload_bytes = GaugeMetricFamily("cloudmanagerd_uploads_size_bytes", "bytes of the upload pairs not done, "
+                                         "by remote and state", labels=["remote", "state"])
+        seen = set(names) | {remote for remote, _ in f["uploads"]}
+        for remote in sorted(seen):
+            for state in UPLOAD_STATES:
+                n, nbytes = f["uploads"].get((remote, state), (0, 0))
+                uploads.add_metric([remote, state], n)
+                upload_bytes.add_metric([remote, state], nbytes)
+        yield uploads
+        yield upload_bytes
+
+        healthy = GaugeMetricFamily("cloudmanagerd_remote_healthy", "1 when the remote works, 0 while it fails",
+                                    labels=["remote"])
+        copies = GaugeMetricFamily("cloudmanagerd_remote_copies", "good copies recorded on the remote",
+                                   labels=["remote"])
+        errors = CounterMetricFamily("cloudmanagerd_remote_errors", "failed transfers to the remote (kept across "
+                                     "restarts)", labels=["remote"])
+        success = GaugeMetricFamily("cloudmanagerd_remote_last_success_timestamp_seconds", "when the last copy to "
+                                    "the remote was recorded (since this start)", labels=["remote"])
+        for r in s["remotes"]:
+            healthy.add_metric([r["name"]], 1 if r["healthy"] else 0)
+            copies.add_metric([r["name"]], r["copies"])
+            errors.add_metric([r["name"]], r["errors"])
+            if r["name"] in self.last_success:
+                success.add_metric([r["name"]], self.last_success[r["name"]])
+        yield from (healthy, copies, errors, success)
+
+        safety = s["safety"]
+        yield _gauge("cloudmanagerd_files_below_min_redundancy", "files with fewer good copies than "
+                     "upload.min_redundancy (not yet safe)", safety["below_min"])
+        yield _gauge("cloudmanagerd_files_below_min_redundancy_bytes", "bytes of those files",
+                     safety["below_min_bytes"])
+        yield _gauge("cloudmanagerd_files_below_redundancy", "files with fewer good copies than upload.redundancy",
+                     safety["below_redundancy"])
+        yield _gauge("cloudmanagerd_oldest_below_min_redundancy_seconds", "age of the oldest file below "
+                     "min_redundancy (0 when none)", safety["oldest_below_min"] or 0.0)
+
+        transfer = CounterMetricFamily("cloudmanagerd_transfer_bytes", "bytes sent to (outgoing) and fetched from "
+                                       "(incoming) remotes by this node (kept across restarts)", labels=["direction"])
+        transfer.add_metric(["outgoing"], s["transfer"]["total_outgoing"])
+        transfer.add_metric(["incoming"], s["transfer"]["total_incoming"])
+        yield transfer
+
+        yield _gauge("cloudmanagerd_scrub_unverified_files", "cached objects not yet re-hashed by the scrub",
+                     f["cache_unverified"])
+        if f["cache_oldest_verified"] is not None and not f["cache_unverified"]:
+            yield _gauge("cloudmanagerd_scrub_last_full_pass_timestamp_seconds", "every cached object was "
+                         "re-hashed at or after this time (absent until a first full pass)", f["cache_oldest_verified"])
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.current = self.connection  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every 15 s is no news
+
+
+class _Server(WSGIServer):
+    """One scrape at a time, in one thread: a slow client delays the next scrape (by CLIENT_TIMEOUT at
+    most per silence), never the daemon, and it cannot make the endpoint start threads."""
+
+    current: socket.socket | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: a scrape from %s failed", client_address, exc_info=True)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.current = None
+
+
+class Metrics:
+    """The registry, the endpoint and the textfile. `status` and `figures` are read at each scrape;
+    the event handlers (`registered`, `uploaded`, `scrubbed`) are subscribed by the daemon."""
+
+    def __init__(self, *, status: Callable[[], dict[str, Any]], figures: Callable[[], dict[str, Any]],
+                 pending_age: Callable[[], float], remote_names: Callable[[], Iterable[str]],
+                 listen: tuple[str, int] | None = None, textfile: str | None = None,
+                 now: Callable[[], float] = time.time) -> None:
+        self.listen = listen
+        self.textfile = textfile
+        self.now = now
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.last_success: dict[str, float] = {}
+        self.registry.register(_StatusCollector(status, figures, pending_age, remote_names, self.last_success))
+        r = self.registry
+        self.ingest_latency = Histogram("cloudmanagerd_ingest_latency_seconds", "from a file's last change in the "
+                                        "inbox (its ctime) to its catalog commit", buckets=LATENCY_BUCKETS, registry=r)
+        self.upload_seconds = Histogram("cloudmanagerd_upload_duration_seconds", "time to send and record one copy "
+                                        "(a batch's copies each count the batch's time)", ["remote"],
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self.upload_size = Histogram("cloudmanagerd_upload_size_bytes", "size of each copy sent", ["remote"],
+                                     buckets=SIZE_BUCKETS, registry=r)
+        self.scrub_checked = Counter("cloudmanagerd_scrub_checked", "objects the background scrub checked",
+                                     ["where"], registry=r)
+        self.scrub_bytes = Counter("cloudmanagerd_scrub_bytes", "bytes the background scrub re-hashed", registry=r)
+        self.scrub_problems = Counter("cloudmanagerd_scrub_problems", "what the background scrub found wrong",
+                                      ["kind"], registry=r)
+        for where in ("cache", "remote"):
+            self.scrub_checked.labels(where)
+        for kind in ("missing", "corrupt", "bad_copy"):
+            self.scrub_problems.labels(kind)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._textfile_error: str | None = None
+
+    # -- the event handlers --------------------------------------------------------------------
+
+    def registered(self, hashes: list[str], dropped: list[float]) -> None:
+        now = self.now()
+        for when in dropped:
+            self.ingest_latency.observe(max(now - when, 0.0))
+
+    def uploaded(self, remote: str, size: int, seconds: float) -> None:
+        self.upload_seconds.labels(remote).observe(seconds)
+        self.upload_size.labels(remote).observe(size)
+        self.last_success[remote] = self.now()
+
+    def scrubbed(self, report: dict[str, Any]) -> None:
+        self.scrub_checked.labels("cache").inc(report["cache"]["checked"])
+        self.scrub_checked.labels("remote").inc(report["remotes"]["checked"])
+        self.scrub_bytes.inc(report["bytes"])
+        self.scrub_problems.labels("missing").inc(report["cache"]["missing"])
+        self.scrub_problems.labels("corrupt").inc(report["cache"]["corrupt"])
+        self.scrub_problems.labels("bad_copy").inc(report["remotes"]["bad"])
+
+    # -- the faces -------------------------------------------------------------------------------
+
+    def text(self) -> str:
+        """The exposition text (Prometheus text format 0.0.4)."""
+        return generate_latest(self.registry).decode("utf-8")
+
+    def write_textfile(self) -> None:
+        """Rewrite the textfile atomically (a temp file beside it, fsync'd, renamed over it): node_exporter
+        never reads half a file. A failure is one log line while it lasts, not a stopped daemon."""
+        if self.textfile is None:
+            return
+        tmp = f"{self.textfile}.{os.getpid()}.tmp"
+        try:
+            data = generate_latest(self.registry)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.textfile)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            message = f"metrics.textfile {self.textfile}: cannot write it: {exc.strerror or exc}"
+            if message != self._textfile_error:
+                log.warning("%s (fix the folder or its permissions; retried every %gs)", message, TEXTFILE_INTERVAL)
+                self._textfile_error = message
+            return
+        if self._textfile_error:
+            log.info("metrics.textfile %s is written again", self.textfile)
+            self._textfile_error = None
+
+    def start(self) -> None:
+        """Listen (when `listen` is set); an address that cannot be had is a start-up error naming it."""
+        if self.listen is None:
+            return
+        host, port = self.listen
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        except socket.gaierror as exc:
+            raise StartupError(f"metrics.listen {shown}: cannot resolve {host} ({exc.strerror})") from None
+        server_class = type("_FamilyServer", (_Server,), {"address_family": family})
+        try:
+            server = server_class((host, port), _QuietHandler)
+        except OSError as exc:
+            hint = {errno.EADDRINUSE: " (another program listens there: choose another port)",
+                    errno.EADDRNOTAVAIL: " (no interface of this host has that address)",
+                    errno.EACCES: " (ports below 1024 need privileges: choose a higher one)"}.get(exc.errno or 0, "")
+            raise StartupError(f"metrics.listen {shown}: cannot listen: {exc.strerror or exc}{hint}") from None
+        server.set_app(make_wsgi_app(self.registry))
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s/metrics", shown)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The address the endpoint listens on (None when off)."""
+        return None if self._server is None else self._server.server_address[:2]
+
+    def stop(self) -> None:
+        """Stop listening; a scrape in progress is cut off, so that a stuck client cannot hold up the stop."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        current = server.current
+        if current is not None:
+            try:
+                current.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

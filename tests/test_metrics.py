@@ -1,0 +1,223 @@
+"""Prometheus metrics: the endpoint of a real daemon, the textfile, `cloudmanagerctl metrics`, the config."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloudmanagerd.config import ConfigError, config_from_mapping
+from cloudmanagerd.errors import StartupError
+from cloudmanagerd.metrics import Metrics
+from conftest import default_config, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition text: (name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        return parse(reply.read().decode())
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+# -- the Metrics part on its own (a fixed status) ---------------------------------------------------
+
+def fake_status() -> dict[str, Any]:
+    return {"node": "n1", "problems": [], "catalog": {"files": 3, "bytes": 300},
+            "cache": {"files": 2, "used": 200, "capacity": 1000},
+            "inbox": {"pending": 1, "rejected": 0},
+            "remotes": [{"name": "r0", "healthy": True, "copies": 3, "errors": 1}],
+            "safety": {"below_min": 0, "below_min_bytes": 0, "below_redundancy": 1, "oldest_below_min": None},
+            "transfer": {"total_outgoing": 300, "total_incoming": 0}}
+
+
+def fake_figures() -> dict[str, Any]:
+    return {"uploads": {("r0", "queued"): (2, 20)}, "cache_unverified": 0, "cache_oldest_verified": 1000.0}
+
+
+def part(**kwargs: Any) -> Metrics:
+    return Metrics(status=fake_status, figures=fake_figures, pending_age=lambda: 4.0,
+                   remote_names=lambda: ["r0", "r1"], **kwargs)
+
+
+def test_the_text_has_the_figures_with_bounded_labels() -> None:
+    m = part()
+    m.registered(["a" * 64], [time.time() - 2.5])
+    m.uploaded("r0", 1000, 0.2)
+    samples = parse(m.text())
+    assert value(samples, "cloudmanagerd_files", state="evicted") == 1
+    assert value(samples, "cloudmanagerd_uploads", remote="r0", state="queued") == 2
+    assert value(samples, "cloudmanagerd_uploads", remote="r1", state="queued") == 0
+    assert value(samples, "cloudmanagerd_inbox_oldest_pending_seconds") == 4.0
+    assert value(samples, "cloudmanagerd_ingest_latency_seconds_count") == 1
+    assert value(samples, "cloudmanagerd_ingest_latency_seconds_bucket", le="3.0") == 1
+    assert value(samples, "cloudmanagerd_ingest_latency_seconds_bucket", le="2.0") == 0
+    assert value(samples, "cloudmanagerd_upload_size_bytes_sum", remote="r0") == 1000
+    assert value(samples, "cloudmanagerd_scrub_last_full_pass_timestamp_seconds") == 1000.0
+    assert ("cloudmanagerd_remote_last_success_timestamp_seconds", (("remote", "r1"),)) not in samples
+    assert any(name == "process_resident_memory_bytes" for name, _ in samples)
+    for name, labels in samples:
+        for key, label in labels:
+            assert len(label) < 64, (name, key, label)  # never a hash
+
+
+def test_the_textfile_is_replaced_whole_and_parses(tmp_path: Path) -> None:
+    path = tmp_path / "cloudmanagerd.prom"
+    m = part(textfile=str(path))
+    path.write_text("old\n")
+    inode = path.stat().st_ino
+    m.write_textfile()
+    assert path.stat().st_ino != inode  # a new file renamed over the old one: never half written
+    assert value(parse(path.read_text()), "cloudmanagerd_cache_capacity_bytes") == 1000
+    assert sorted(os.listdir(tmp_path)) == ["cloudmanagerd.prom"]  # no temp file left
+
+
+def test_an_unwritable_textfile_is_one_warning_and_no_crash(tmp_path: Path, caplog) -> None:
+    m = part(textfile=str(tmp_path / "missing-folder" / "x.prom"))
+    m.write_textfile()
+    m.write_textfile()
+    lines = [r.getMessage() for r in caplog.records if "metrics.textfile" in r.getMessage()]
+    assert len(lines) == 1 and "missing-folder" in lines[0] and "cannot write it" in lines[0]
+
+
+def test_a_port_in_use_is_a_startup_error_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"metrics.listen 127.0.0.1:{port}: .*another program"):
+            part(listen=("127.0.0.1", port)).start()
+
+
+def test_a_silent_client_neither_blocks_scrapes_forever_nor_the_stop() -> None:
+    m = part(listen=("127.0.0.1", free_port()))
+    m.start()
+    try:
+        port = m.address[1]
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            silent.sendall(b"GET /metr")  # and then nothing
+            started = time.monotonic()
+            assert value(scrape(port), "cloudmanagerd_cache_used_bytes") == 200  # served after the timeout
+            assert time.monotonic() - started < 8
+            with socket.create_connection(("127.0.0.1", port)) as second:
+                second.sendall(b"GET /")
+                time.sleep(0.2)  # let the server take this connection: the stop must cut it off
+                started = time.monotonic()
+                m.stop()
+                assert time.monotonic() - started < 3
+    finally:
+        m.stop()
+    # the autouse no_leaks fixture fails the test if the metrics-http thread or a socket is left
+
+
+# -- the config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metrics, message", [
+    ({"listen": "localhost"}, "metrics.listen: expected an address like 127.0.0.1:9464"),
+    ({"listen": "127.0.0.1:70000"}, "metrics.listen: the port must be 1 to 65535"),
+    ({"listen": 9464}, "metrics.listen: expected an address"),
+    ({"textfile": "/var/lib/node_exporter/cm.txt"}, "metrics.textfile: node_exporter's textfile collector "
+                                                    "reads only files named *.prom"),
+    ({"lisen": "127.0.0.1:9464"}, "metrics.lisen: unknown key (did you mean listen?)"),
+])
+def test_bad_metrics_config_is_one_clear_line(tmp_path: Path, metrics: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(default_config(tmp_path, metrics=metrics), base_dir=str(tmp_path))
+    assert [e for e in info.value.errors if e.startswith(message)], info.value.errors
+
+
+def test_metrics_are_off_by_default_and_parse(tmp_path: Path) -> None:
+    assert config_from_mapping(default_config(tmp_path), base_dir=str(tmp_path)).metrics.listen is None
+    c = config_from_mapping(default_config(tmp_path, metrics={"listen": "[::1]:9464", "textfile": "m.prom"}),
+                            base_dir=str(tmp_path))
+    assert c.metrics.listen == ("::1", 9464) and c.metrics.textfile == str(tmp_path / "m.prom")
+
+
+# -- a real daemon ---------------------------------------------------------------------------------
+
+def test_a_real_daemon_scraped_while_files_arrive_and_upload(daemon_factory, workdir: Path) -> None:
+    port = free_port()
+    textfile = workdir / "textfile" / "cloudmanagerd.prom"
+    textfile.parent.mkdir()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}", "textfile": str(textfile)},
+                       upload={"redundancy": 2, "min_redundancy": 2})
+    before = scrape(port)
+    assert value(before, "cloudmanagerd_files", state="cached") == 0
+    assert value(before, "cloudmanagerd_remote_healthy", remote="r0") == 1
+    wait_for(textfile.exists, message="the textfile")
+    assert value(parse(textfile.read_text()), "cloudmanagerd_cache_capacity_bytes") == 1 << 30
+
+    for i in range(20):
+        (d.inbox / f"f{i}").write_bytes(os.urandom(1000 + i))
+    wait_for(lambda: d.status()["safety"]["below_min"] == 0 and d.status()["catalog"]["files"] == 20,
+             timeout=30, message="20 files safe")
+    after = scrape(port)
+    status = d.status()
+    assert value(after, "cloudmanagerd_files", state="cached") == status["cache"]["files"] == 20
+    assert value(after, "cloudmanagerd_cache_used_bytes") == status["cache"]["used"]
+    assert value(after, "cloudmanagerd_files_below_min_redundancy") == 0
+    assert value(after, "cloudmanagerd_ingest_latency_seconds_count") == 20
+    for remote in ("r0", "r1"):
+        assert value(after, "cloudmanagerd_upload_duration_seconds_count", remote=remote) == 20
+        assert value(after, "cloudmanagerd_remote_copies", remote=remote) == 20
+        assert value(after, "cloudmanagerd_uploads", remote=remote, state="queued") == 0
+        assert value(after, "cloudmanagerd_remote_last_success_timestamp_seconds", remote=remote) > time.time() - 60
+    assert value(after, "cloudmanagerd_transfer_bytes_total", direction="outgoing") == 2 * status["catalog"]["bytes"]
+
+    ctl = d.ctl("metrics")
+    assert ctl.returncode == 0, ctl.stderr
+    from_ctl = parse(ctl.stdout.decode())
+    assert value(from_ctl, "cloudmanagerd_files", state="cached") == 20
+    assert {name for name, _ in from_ctl} == {name for name, _ in after}
+    assert d.stop() == 0
+    with pytest.raises(OSError):
+        scrape(port)  # the endpoint went with the daemon
+
+
+def test_a_dead_remote_shows_in_the_metrics(daemon_factory, workdir: Path) -> None:
+    port = free_port()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"}, upload={"retry": {"initial": "30s"}})
+    broken = Path(d.config["remotes"][1]["path"])
+    broken.rename(broken.with_name("gone"))
+    (d.inbox / "one").write_bytes(b"x" * 100)
+    wait_for(lambda: value(scrape(port), "cloudmanagerd_remote_healthy", remote="r1") == 0, timeout=30,
+             message="r1 reported down")
+    samples = scrape(port)
+    assert value(samples, "cloudmanagerd_remote_healthy", remote="r0") == 1
+    assert value(samples, "cloudmanagerd_uploads", remote="r1", state="retrying") == 1
+    assert value(samples, "cloudmanagerd_problems") >= 1
+    assert d.stop() == 0
+
+
+def test_a_port_in_use_stops_the_daemon_with_one_line(daemon_factory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = daemon_factory(start=False, metrics={"listen": f"127.0.0.1:{port}"})
+        d.start(wait=False)
+        assert d.proc.wait(30) == 1
+        d._close_log()
+    log = d.log()
+    assert f"metrics.listen 127.0.0.1:{port}: cannot listen: Address already in use" in log
+    assert "Traceback" not in log

@@ -221,3 +221,57 @@ def test_a_port_in_use_stops_the_daemon_with_one_line(daemon_factory) -> None:
     log = d.log()
     assert f"metrics.listen 127.0.0.1:{port}: cannot listen: Address already in use" in log
     assert "Traceback" not in log
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "etc" / "grafana-dashboard.json"
+PROMQL_WORDS = {  # functions, aggregations and keywords: what an identifier in PromQL may be besides a metric
+    "sum", "min", "max", "avg", "count", "rate", "irate", "increase", "histogram_quantile", "time", "vector",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "label_values", "topk", "bottomk", "abs", "clamp_min", "delta", "deriv", "changes", "resets"}
+
+
+def dashboard_queries() -> list[str]:
+    import json
+    board = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in board["panels"]:
+        queries += [t["expr"] for t in panel.get("targets", [])]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            queries.append(var["query"]["query"] if isinstance(var["query"], dict) else var["query"])
+    return queries
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: what is left once strings, label matchers, ranges,
+    grouping clauses, Grafana variables, numbers and PromQL's own words are taken out."""
+    import re
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\$\w+", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r",\s*instance\)", ")", expr)  # label_values(metric, label)
+    words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
+    return words - PROMQL_WORDS
+
+
+def test_every_dashboard_query_names_only_metrics_a_real_daemon_exports(daemon_factory) -> None:
+    port = free_port()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"})
+    (d.inbox / "one").write_bytes(b"y" * 5000)
+    wait_for(lambda: d.status()["uploads"]["copies"] == 2, message="two copies")
+    assert ("cloudmanagerd_scrub_last_full_pass_timestamp_seconds", ()) not in scrape(port)  # none yet
+    assert d.ctl("verify").returncode == 0  # a full pass over the cache
+    exported = {name for name, _ in scrape(port)}
+    queries = dashboard_queries()
+    assert len(queries) > 30
+    unknown = {}
+    for expr in queries:
+        names = metric_names(expr)
+        assert names, f"no metric in {expr!r}"
+        if names - exported:
+            unknown[expr] = sorted(names - exported)
+    assert not unknown, unknown
+    assert metric_names('sum by (le) (rate(cloudmanagerd_nope_bucket{x="a"}[5m]))') == {"cloudmanagerd_nope_bucket"}
+    assert d.stop() == 0

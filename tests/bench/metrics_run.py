@@ -27,7 +27,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import yaml
 from benchlib import REPO, InboxDaemon, human_bytes, parse_size, say

@@ -490,7 +490,8 @@ def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"metrics": cmd_metrics, "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
+COMMANDS = {"metrics": cmd_metrics,
+            "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
             "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
 

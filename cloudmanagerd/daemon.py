@@ -26,7 +26,7 @@ from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
-from .logs import setup_logging
+from .logs import FILE_SAFE, fields, setup_logging
 from .metrics import Metrics
 from .node import Node, build_remotes
 from .notify import Notifier
@@ -213,8 +213,14 @@ class Daemon:
         self.wake_pump()
 
     def _copy_made(self, h: str) -> None:
-        """A new copy may let a cached file go: files waiting for room get another chance."""
+        """A new copy may let a cached file go: files waiting for room get another chance. The copy
+        that makes a file safe is said once, with its MESSAGE_ID (FILE_SAFE), for alerting and audit."""
         self._room_freed()
+        with contextlib.suppress(sqlite3.Error):  # only a log line: a busy catalog must not fail the upload
+            good = len(self.catalog.good_copies(h))
+            if good == self.config.upload.min_redundancy:
+                log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, good,
+                         extra=fields(h, message_id=FILE_SAFE))
 
     def _room_freed(self) -> None:
         if self.worker.waiting:
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print(f"cloudmanagerd: {args.config}: config OK")
         return 1 if problems else 0
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or config.log.level, config.log.format, config.node)
     for line in warnings:
         log.warning("%s", line)
     if problems:

@@ -30,6 +30,7 @@ from .cache import Cache
 from .catalog import Catalog, IngestRecord
 from .errors import CACHE_HINTS, explain_oserror
 from .hashing import copy_hashed, sha256_fd
+from .logs import FILE_AT_RISK, fields
 from .names import show
 from .rejects import Rejector
 
@@ -306,7 +307,7 @@ class Ingestor:
                     self.cache.commit(c.st.st_size)
                     if c.copied:
                         self._unlink_source(c)
-                    log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size)
+                    log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size, extra=fields(c.hash))
                 result.registered.extend(c.hash for c in done)
                 result.dropped.extend(c.st.st_ctime for c in done)
             self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
@@ -320,10 +321,11 @@ class Ingestor:
                     if c.rel not in self._stuck_logged:
                         self._stuck_logged.add(c.rel)
                         log.error("%s is already stored as %s but cannot be removed from the inbox: %s",
-                                  show(c.rel), c.hash, self._why_stuck(c) or "permission denied")
+                                  show(c.rel), c.hash, self._why_stuck(c) or "permission denied", extra=fields(c.hash))
                     result.waiting.append((c.rel, "stuck"))
                     continue
-                log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash)
+                log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash,
+                         extra=fields(c.hash))
                 result.duplicates += 1
 
     def _move_all(self, todo: list[Candidate], result: IngestResult) -> None:
@@ -487,15 +489,16 @@ class Ingestor:
             if good:
                 os.fsync(self.cache.subdir_fd(r.hash))
                 self.catalog.finish_ingest([r], self.remotes(), self.now())
-                log.info("finished the interrupted ingest of %s hash=%s", show(r.name), r.hash)
+                log.info("finished the interrupted ingest of %s hash=%s", show(r.name), r.hash, extra=fields(r.hash))
                 if in_inbox:
                     self._remove_inbox_copy(r)
                 return
-            log.warning("dropping a torn cache object for %s hash=%s", show(r.name), r.hash)
+            log.warning("dropping a torn cache object for %s hash=%s", show(r.name), r.hash, extra=fields(r.hash))
             self.cache.remove_object(r.hash)
         self.catalog.abandon_ingest([r])
         if not in_inbox and r.hash not in self.catalog.cached_here([r.hash]):
-            log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash)
+            log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash,
+                      extra=fields(r.hash, message_id=FILE_AT_RISK))
 
     def adopt_orphans(self) -> int:
         """Cache objects without a catalog row. The durable order never leaves one, but a restored
@@ -583,7 +586,8 @@ class IngestWorker:
     BUSY_MAX_WAIT = 60.0  # a file a writer keeps open is looked at again at least this often
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
-                 on_registered: Callable[[list[str], list[float]], None], first: Callable[[], None] | None = None) -> None:
+                 on_registered: Callable[[list[str], list[float]], None],
+                 first: Callable[[], None] | None = None) -> None:
         self.ingestor = ingestor
         self.queue = queue
         self.scan = scan

@@ -115,7 +115,8 @@ class JsonFormatter(logging.Formatter):
                 out[name.lower()] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        # a name that is not UTF-8 (surrogate escapes) becomes a \udcXX escape, still valid JSON
+        return json.dumps(out, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def setup_logging(level: str, log_format: str = "text", node: str | None = None) -> None:

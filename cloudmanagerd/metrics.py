@@ -13,6 +13,7 @@ Names follow the Prometheus conventions (`cloudmanagerd_` prefix, base units, `_
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -61,8 +62,16 @@ class _StatusCollector:
         return []  # collected at scrape time only (the registry must not call status() when registering)
 
     def collect(self) -> Iterable[Any]:
-        s = self.status()
-        f = self.figures()
+        try:
+            s = self.status()
+            f = self.figures()
+        except Exception as exc:  # a busy or damaged catalog: say so in the scrape, not as a traceback
+            log.warning("metrics: cannot read the status: %s", exc)
+            yield _gauge("cloudmanagerd_scrape_error", "1 when this scrape could not read the status (see the "
+                         "log); the other cloudmanagerd_ series are then missing", 1)
+            return
+        yield _gauge("cloudmanagerd_scrape_error", "1 when this scrape could not read the status (see the log); "
+                     "the other cloudmanagerd_ series are then missing", 0)
         info = InfoMetricFamily("cloudmanagerd", "the daemon's version and node name")
         info.add_metric([], {"version": __version__, "node": s["node"]})
         yield info
@@ -246,7 +255,9 @@ class Metrics:
         tmp = f"{self.textfile}.{os.getpid()}.tmp"
         try:
             data = generate_latest(self.registry)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # left by a crash: O_EXCL below never writes into a file someone else made
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 _write_all(fd, data)
                 os.fsync(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -98,6 +99,25 @@ def test_an_unwritable_textfile_is_one_warning_and_no_crash(tmp_path: Path, capl
     m.write_textfile()
     lines = [r.getMessage() for r in caplog.records if "metrics.textfile" in r.getMessage()]
     assert len(lines) == 1 and "missing-folder" in lines[0] and "cannot write it" in lines[0]
+
+
+def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog) -> None:
+    def broken() -> dict[str, Any]:
+        raise sqlite3.OperationalError("database is locked")
+
+    m = Metrics(status=broken, figures=fake_figures, pending_age=lambda: 0.0, remote_names=lambda: [],
+                listen=("127.0.0.1", free_port()))
+    m.start()
+    try:
+        samples = scrape(m.address[1])
+    finally:
+        m.stop()
+    assert value(samples, "cloudmanagerd_scrape_error") == 1
+    assert any(name == "process_resident_memory_bytes" for name, _ in samples)
+    assert not any(name.startswith("cloudmanagerd_files") for name, _ in samples)
+    assert "metrics: cannot read the status: database is locked" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert value(parse(part().text()), "cloudmanagerd_scrape_error") == 0
 
 
 def test_a_port_in_use_is_a_startup_error_naming_it() -> None:
@@ -206,6 +226,17 @@ def test_a_dead_remote_shows_in_the_metrics(daemon_factory, workdir: Path) -> No
     assert value(samples, "cloudmanagerd_remote_healthy", remote="r0") == 1
     assert value(samples, "cloudmanagerd_uploads", remote="r1", state="retrying") == 1
     assert value(samples, "cloudmanagerd_problems") >= 1
+    assert d.stop() == 0
+
+
+def test_a_reload_keeps_the_endpoint_and_names_the_restart(daemon_factory) -> None:
+    port, other = free_port(), free_port()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"})
+    d.config["metrics"] = {"listen": f"127.0.0.1:{other}", "textfile": "/nonexistent/x.prom"}
+    d.config_path.write_text(__import__("yaml").safe_dump(d.config))
+    assert d.ctl("reload").returncode == 0
+    assert "metrics.listen, metrics.textfile changed; restart cloudmanagerd to apply them" in d.log()
+    assert value(scrape(port), "cloudmanagerd_scrape_error") == 0  # the running endpoint stays
     assert d.stop() == 0
 
 

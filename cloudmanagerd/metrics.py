@@ -102,16 +102,13 @@ class _StatusCollector:
         names = list(self.remote_names())
         uploads = GaugeMetricFamily("cloudmanagerd_uploads", "upload pairs (file, remote) not done, by remote and "
                                     "state", labels=["remote", "state"])
-        upload_bytes = GaugeMetricFamily("cloudmanagerd_uploads_size_bytes", "bytes of the upload pairs not done, "
-                                         "by remote and state", labels=["remote", "state"])
         seen = set(names) | {remote for remote, _ in f["uploads"]}
         for remote in sorted(seen):
             for state in UPLOAD_STATES:
-                n, nbytes = f["uploads"].get((remote, state), (0, 0))
-                uploads.add_metric([remote, state], n)
-                upload_bytes.add_metric([remote, state], nbytes)
+                uploads.add_metric([remote, state], f["uploads"].get((remote, state), 0))
         yield uploads
-        yield upload_bytes
+        yield _gauge("cloudmanagerd_upload_queue_bytes", "bytes of the pairs queued, sending or retrying (status's "
+                     "uploads.queued_bytes)", s["uploads"]["queued_bytes"])
 
         healthy = GaugeMetricFamily("cloudmanagerd_remote_healthy", "1 when the remote works, 0 while it fails",
                                     labels=["remote"])
@@ -150,6 +147,31 @@ class _StatusCollector:
         if f["cache_oldest_verified"] is not None and not f["cache_unverified"]:
             yield _gauge("cloudmanagerd_scrub_last_full_pass_timestamp_seconds", "every cached object was "
                          "re-hashed at or after this time (absent until a first full pass)", f["cache_oldest_verified"])
+
+
+class _Spaced:
+    """`fn`'s last result, computed again only once the time since is `1 / share` times what the last
+    computation took: the per-remote pair counts cost about 0.5 s a million pairs, so with a huge
+    queue a scrape reuses figures up to that much older, and never spends over `share` of the time
+    on them; with a small catalog they are fresh at every scrape."""
+
+    def __init__(self, fn: Callable[[], dict[str, Any]], share: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fn = fn
+        self.share = share
+        self.clock = clock
+        self._lock = threading.Lock()  # the endpoint, the textfile job and `metrics` may scrape at once
+        self._value: dict[str, Any] | None = None
+        self._next = 0.0
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            started = self.clock()
+            if self._value is None or started >= self._next:
+                self._value = self.fn()
+                ended = self.clock()
+                self._next = ended + (ended - started) / self.share
+            return self._value
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -199,7 +221,8 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.last_success: dict[str, float] = {}
-        self.registry.register(_StatusCollector(status, figures, pending_age, remote_names, self.last_success))
+        self.registry.register(_StatusCollector(status, _Spaced(figures), pending_age, remote_names,
+                                                self.last_success))
         r = self.registry
         self.ingest_latency = Histogram("cloudmanagerd_ingest_latency_seconds", "from a file's last change in the "
                                         "inbox (its ctime) to its catalog commit", buckets=LATENCY_BUCKETS, registry=r)

@@ -46,14 +46,14 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def fake_status() -> dict[str, Any]:
     return {"node": "n1", "problems": [], "catalog": {"files": 3, "bytes": 300},
             "cache": {"files": 2, "used": 200, "capacity": 1000},
-            "inbox": {"pending": 1, "rejected": 0},
+            "inbox": {"pending": 1, "rejected": 0}, "uploads": {"queued_bytes": 20},
             "remotes": [{"name": "r0", "healthy": True, "copies": 3, "errors": 1}],
             "safety": {"below_min": 0, "below_min_bytes": 0, "below_redundancy": 1, "oldest_below_min": None},
             "transfer": {"total_outgoing": 300, "total_incoming": 0}}
 
 
 def fake_figures() -> dict[str, Any]:
-    return {"uploads": {("r0", "queued"): (2, 20)}, "cache_unverified": 0, "cache_oldest_verified": 1000.0}
+    return {"uploads": {("r0", "queued"): 2}, "cache_unverified": 0, "cache_oldest_verified": 1000.0}
 
 
 def part(**kwargs: Any) -> Metrics:
@@ -80,6 +80,25 @@ def test_the_text_has_the_figures_with_bounded_labels() -> None:
     for name, labels in samples:
         for key, label in labels:
             assert len(label) < 64, (name, key, label)  # never a hash
+
+
+def test_costly_figures_are_counted_again_only_after_twenty_times_their_cost() -> None:
+    from cloudmanagerd.metrics import _Spaced
+
+    clock = [100.0]
+    calls = []
+
+    def figures() -> dict[str, Any]:
+        calls.append(clock[0])
+        clock[0] += 0.5  # the count takes 0.5 s
+        return {"n": len(calls)}
+
+    spaced = _Spaced(figures, share=0.05, clock=lambda: clock[0])
+    assert spaced() == {"n": 1}
+    clock[0] += 9.0  # 9 s after: reused
+    assert spaced() == {"n": 1}
+    clock[0] += 1.0  # 10 s after the count ended: counted again
+    assert spaced() == {"n": 2} and len(calls) == 2
 
 
 def test_the_textfile_is_replaced_whole_and_parses(tmp_path: Path) -> None:

@@ -965,14 +965,14 @@ class Catalog:
                          (self.node, now, pid))
 
     def metrics_figures(self) -> dict[str, Any]:
-        """What the Prometheus metrics add to `counts`: upload pairs and their bytes per remote and state
-        (the pairs not done: through the uploads_due index, never the done ones), and how far the cache
-        scrub got (the oldest re-hash time of this node's objects, and how many were never re-hashed)."""
+        """What the Prometheus metrics add to `counts`: upload pairs per remote and state (the pairs not
+        done, through the uploads_due index: about 0.5 us a pair, so the caller spaces its calls), and
+        how far the cache scrub got (the oldest re-hash time of this node's objects, and how many were
+        never re-hashed)."""
         with self.db.read() as conn:
-            uploads = {(remote, state): (n, size) for remote, state, n, size in conn.execute(
-                "SELECT u.remote, u.state, COUNT(*), COALESCE(SUM(f.size), 0) FROM uploads u "
-                "JOIN files f ON f.hash = u.hash WHERE u.state IN ('queued', 'active', 'retrying', 'failed') "
-                "GROUP BY u.remote, u.state")}
+            uploads = {(remote, state): n for remote, state, n in conn.execute(
+                "SELECT remote, state, COUNT(*) FROM uploads WHERE state IN ('queued', 'active', 'retrying', "
+                "'failed') GROUP BY remote, state")}
             unverified = conn.execute("SELECT COUNT(*) FROM cache_entries WHERE node = ? AND verified IS NULL",
                                       (self.node,)).fetchone()[0]
             oldest = conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node = ? AND verified IS NOT NULL",

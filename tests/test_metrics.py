@@ -259,6 +259,23 @@ def test_a_reload_keeps_the_endpoint_and_names_the_restart(daemon_factory) -> No
     assert d.stop() == 0
 
 
+def test_stuck_scrapers_neither_wedge_the_daemon_nor_hold_up_its_stop(daemon_factory) -> None:
+    port = free_port()
+    d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"})
+    stuck = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # the listen backlog is 5
+    try:
+        for s in stuck:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        (d.inbox / "during").write_bytes(b"z" * 321)
+        wait_for(lambda: d.status()["catalog"]["files"] == 1, message="ingest while scrapers hang")
+        started = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - started < 10
+    finally:
+        for s in stuck:
+            s.close()
+
+
 def test_a_port_in_use_stops_the_daemon_with_one_line(daemon_factory) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -371,6 +371,7 @@ class Daemon:
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
         self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
+        self.metrics.forget_remotes(rc.name for rc in new.remotes)
         self.ingestor.set_ignore(new.ingest.ignore)
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:

@@ -264,6 +264,15 @@ class Metrics:
         self.scrub_problems.labels("corrupt").inc(report["cache"]["corrupt"])
         self.scrub_problems.labels("bad_copy").inc(report["remotes"]["bad"])
 
+    def forget_remotes(self, kept: Iterable[str]) -> None:
+        """A reload removed remotes: their transfer series go (a label set no longer configured)."""
+        kept = set(kept)
+        for remote in set(self.last_success) - kept:
+            self.last_success.pop(remote, None)
+            for histogram in (self.upload_seconds, self.upload_size):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(remote)
+
     # -- the faces -------------------------------------------------------------------------------
 
     def text(self) -> str:

@@ -76,6 +76,9 @@ def test_the_text_has_the_figures_with_bounded_labels() -> None:
     assert value(samples, "cloudmanagerd_upload_size_bytes_sum", remote="r0") == 1000
     assert value(samples, "cloudmanagerd_scrub_last_full_pass_timestamp_seconds") == 1000.0
     assert ("cloudmanagerd_remote_last_success_timestamp_seconds", (("remote", "r1"),)) not in samples
+    m.forget_remotes(["r1"])  # a reload removed r0
+    assert not [name for name, labels in parse(m.text()) if ("remote", "r0") in labels
+                and name.startswith(("cloudmanagerd_upload_", "cloudmanagerd_remote_last"))]
     assert any(name == "process_resident_memory_bytes" for name, _ in samples)
     for name, labels in samples:
         for key, label in labels:

@@ -205,6 +205,19 @@ class _Server(WSGIServer):
             self.current = None
 
 
+def _quiet(app: Callable[..., Any]) -> Callable[..., Any]:
+    """The exporter's WSGI app, with a failure as a 500 and one log line: wsgiref would print a
+    traceback to stderr (the journal)."""
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            return app(environ, start_response)
+        except Exception as exc:
+            log.error("metrics: a scrape failed: %s: %s", type(exc).__name__, exc)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [b"cloudmanagerd: the metrics could not be collected (see the log)\n"]
+    return serve
+
+
 class Metrics:
     """The registry, the endpoint and the textfile. `status` and `figures` are read at each scrape;
     the event handlers (`registered`, `uploaded`, `scrubbed`) are subscribed by the daemon."""
@@ -328,7 +341,7 @@ class Metrics:
                     errno.EADDRNOTAVAIL: " (no interface of this host has that address)",
                     errno.EACCES: " (ports below 1024 need privileges: choose a higher one)"}.get(exc.errno or 0, "")
             raise StartupError(f"metrics.listen {shown}: cannot listen: {exc.strerror or exc}{hint}") from None
-        server.set_app(make_wsgi_app(self.registry))
+        server.set_app(_quiet(make_wsgi_app(self.registry)))
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="metrics-http", daemon=True)

@@ -6,6 +6,7 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def test_an_unwritable_textfile_is_one_warning_and_no_crash(tmp_path: Path, capl
     assert len(lines) == 1 and "missing-folder" in lines[0] and "cannot write it" in lines[0]
 
 
-def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog) -> None:
+def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog, capsys) -> None:
     def broken() -> dict[str, Any]:
         raise sqlite3.OperationalError("database is locked")
 
@@ -140,6 +141,20 @@ def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog) -> Non
     assert "metrics: cannot read the status: database is locked" in caplog.text
     assert "Traceback" not in caplog.text
     assert value(parse(part().text()), "cloudmanagerd_scrape_error") == 0
+
+    def wrong() -> dict[str, Any]:
+        return {"node": "n1"}  # a collector bug (a missing key): a 500 and one line, no traceback
+
+    m = Metrics(status=wrong, figures=fake_figures, pending_age=lambda: 0.0, remote_names=lambda: [],
+                listen=("127.0.0.1", free_port()))
+    m.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="500"):
+            scrape(m.address[1])
+    finally:
+        m.stop()
+    assert "metrics: a scrape failed: KeyError" in caplog.text and "Traceback" not in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_port_in_use_is_a_startup_error_naming_it() -> None:

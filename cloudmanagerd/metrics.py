@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import socket
@@ -178,11 +179,37 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
+class _Deadline(io.RawIOBase):
+    """The request's bytes, all of them within CLIENT_TIMEOUT of the connection's start: a per-read
+    timeout alone lets a client that trickles a header line every few seconds hold the endpoint
+    (one scrape at a time) for ever."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request took over {CLIENT_TIMEOUT:g}s")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(CLIENT_TIMEOUT)  # the reply gets its own CLIENT_TIMEOUT (sendall's total)
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = CLIENT_TIMEOUT
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()  # the socket's own reader: an open one would keep the socket from closing
+        self.rfile = io.BufferedReader(_Deadline(self.connection, time.monotonic() + CLIENT_TIMEOUT))
         self.server.current = self.connection  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -187,6 +187,38 @@ def test_a_silent_client_neither_blocks_scrapes_forever_nor_the_stop() -> None:
     # the autouse no_leaks fixture fails the test if the metrics-http thread or a socket is left
 
 
+def test_a_client_trickling_its_headers_cannot_hold_the_endpoint() -> None:
+    """Slowloris: a header line every second never lets the per-read timeout fire; the connection's
+    whole request still gets CLIENT_TIMEOUT, so a real scrape waiting behind it is served."""
+    import select
+
+    from cloudmanagerd.metrics import CLIENT_TIMEOUT
+
+    m = part(listen=("127.0.0.1", free_port()))
+    m.start()
+    try:
+        port = m.address[1]
+        with socket.create_connection(("127.0.0.1", port)) as slow, \
+                socket.create_connection(("127.0.0.1", port)) as scraper:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+            time.sleep(0.2)  # the server takes the slow client first
+            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            started = time.monotonic()
+            reply = b""
+            while time.monotonic() - started < 3 * CLIENT_TIMEOUT:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass  # cut off: what the fix does
+                if select.select([scraper], [], [], 1.0)[0]:
+                    reply = scraper.recv(65536)
+                    break
+            assert reply.startswith(b"HTTP/1.0 200"), "the scrape waited behind a trickling client"
+            assert time.monotonic() - started < CLIENT_TIMEOUT + 3
+    finally:
+        m.stop()
+
+
 # -- the config -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("metrics, message", [

@@ -6,8 +6,9 @@ attempt)`, so `journalctl HASH=...` finds a file's story whatever the message's 
 every entry. The events an operator alerts on carry a stable MESSAGE_ID (below: never change them).
 
 `RepeatFilter` limits warnings and errors: a message about a file is limited per kind (its text
-before the arguments, and its remote), not per file, so that a dead remote writes one line a window,
-not one per file; any other message per identical text. The next line after a window says how many
+before the arguments, its remote and the failure it reports), not per file, so that a dead remote
+writes one line a window, not one per file; a message with a MESSAGE_ID (a file at risk, a bad copy)
+and any other message per identical text. The next line after a window says how many
 were held back.
 """
 
@@ -67,9 +68,15 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        per_kind = hasattr(record, "HASH")  # about one file: the same thing for another file is the same kind
+        # about one file: the same thing for another file is the same kind; but an event with a MESSAGE_ID
+        # (a file at risk, a bad copy) is an alert about that file, and another failure is news
+        per_kind = hasattr(record, "HASH") and not hasattr(record, "MESSAGE_ID")
         if per_kind:
-            key: tuple[Any, ...] = (record.levelno, record.name, str(record.msg), getattr(record, "REMOTE", None))
+            h = str(getattr(record, "HASH"))
+            args = record.args if isinstance(record.args, tuple) else ()
+            failures = tuple(str(a).replace(h, "") for a in args if isinstance(a, BaseException))
+            key: tuple[Any, ...] = (record.levelno, record.name, str(record.msg), getattr(record, "REMOTE", None),
+                                    failures)
         else:
             key = (record.levelno, record.getMessage())
         now = self.clock()

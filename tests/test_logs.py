@@ -119,6 +119,26 @@ def test_a_dead_remote_writes_one_line_a_window_not_one_per_file() -> None:
     assert passes(f, record("remote %s: connection refused", "s3"))
 
 
+def test_per_kind_limiting_never_hides_a_file_at_risk_nor_a_different_failure() -> None:
+    f = RepeatFilter(window=60, clock=Clock())
+    # two files lost within a minute: each is an alert of its own (journalctl HASH=... must find both)
+    for h in (H, "f" * 64):
+        rec = about("hash=%s has no good copy left and is not cached here: the file is lost", h, h=h,
+                    remote=None, level=logging.ERROR)
+        rec.MESSAGE_ID = FILE_AT_RISK
+        assert passes(f, rec), h
+    for h in (H, "e" * 64):
+        rec = about("remote %s: %s; marked bad, a new copy will be made", "nas", f"copy of {h} is missing", h=h,
+                    level=logging.ERROR)
+        rec.MESSAGE_ID = COPY_BAD
+        assert passes(f, rec), h
+    # the same kind of warning with another failure behind it is news; the same failure for another file is not
+    template = "upload of hash=%s to remote=%s failed (attempt=%d, next in 30s): %s"
+    assert passes(f, about(template, H, "nas", 1, OSError(f"copy of {H} is missing")))
+    assert not passes(f, about(template, "d" * 64, "nas", 1, OSError(f"copy of {'d' * 64} is missing"), h="d" * 64))
+    assert passes(f, about(template, "c" * 64, "nas", 1, OSError("No space left on device"), h="c" * 64))
+
+
 def test_fields_are_only_those_given() -> None:
     assert fields(H, "nas", 3, FILE_SAFE) == {"HASH": H, "REMOTE": "nas", "ATTEMPT": "3", "MESSAGE_ID": FILE_SAFE}
     assert fields(remote="nas") == {"REMOTE": "nas"}

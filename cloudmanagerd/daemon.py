@@ -104,7 +104,7 @@ class Daemon:
                                    lambda hashes, dropped: self.events.emit("registered", hashes, dropped),
                                    first=self.ingestor.adopt_orphans)
         self.metrics = Metrics(status=self.status, figures=self.catalog.metrics_figures,
-                               pending_age=self.queue.oldest_age,
+                               pending_age=lambda: max(self.queue.oldest_age(), self.worker.oldest_waiting_age()),
                                remote_names=lambda: [rc.name for rc in self.config.remotes],
                                listen=c.metrics.listen, textfile=c.metrics.textfile)
         self.events.on("registered", self.metrics.registered)

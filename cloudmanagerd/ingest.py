@@ -596,6 +596,8 @@ class IngestWorker:
         # adopts cache objects without a catalog row here)
         self.first = first
         self.waiting: dict[bytes, str] = {}
+        # when each waiting file began to wait (monotonic), kept across offers: the metrics' oldest pending
+        self._waiting_since: dict[bytes, float] = {}
         # offers come from upload and control threads while this thread sorts a batch: a lock, and a
         # count of offers, so that room made during an attempt that found none is not missed
         self._waiting_lock = threading.Lock()
@@ -635,6 +637,12 @@ class IngestWorker:
                 del self.waiting[rel]
         for rel in offered:
             self.queue.put_ready(rel)
+
+    def oldest_waiting_age(self) -> float:
+        """Seconds the longest-waiting file (for room, or stuck) has waited; 0 when none does."""
+        with self._waiting_lock:
+            first = next(iter(self._waiting_since.values()), None)
+        return 0.0 if first is None else max(time.monotonic() - first, 0.0)
 
     def _tick(self) -> None:
         self.last_progress = time.monotonic()
@@ -700,6 +708,12 @@ class IngestWorker:
                                 show(rel), self.ingestor.cache.capacity)
                     self._announced.add(rel)
                 self.waiting[rel] = reason
+            now = time.monotonic()
+            for rel in rels:
+                if rel in self.waiting:
+                    self._waiting_since.setdefault(rel, now)
+                else:
+                    self._waiting_since.pop(rel, None)
             full = any(r == "cache-full" for r in self.waiting.values())
         if full and not was_full:
             log.warning("cache full: new files wait in the inbox until room is made")

@@ -96,7 +96,7 @@ class _StatusCollector:
         inbox = s["inbox"]
         yield _gauge("cloudmanagerd_inbox_pending_files", "files seen in the inbox and not yet ingested "
                      "(settling, queued or waiting for room)", inbox["pending"])
-        yield _gauge("cloudmanagerd_inbox_oldest_pending_seconds", "how long the oldest file queued for ingest "
+        yield _gauge("cloudmanagerd_inbox_oldest_pending_seconds", "how long the oldest file pending (as above) "
                      "has waited (0 when none)", self.pending_age())
         yield _gauge("cloudmanagerd_inbox_rejected_files", "files in the rejected folder", inbox["rejected"])
 

@@ -298,6 +298,24 @@ def test_a_dead_remote_shows_in_the_metrics(daemon_factory, workdir: Path) -> No
     assert d.stop() == 0
 
 
+def test_files_waiting_for_room_age_in_the_oldest_pending(daemon_factory) -> None:
+    """inbox_pending_files counts the files waiting for room in the cache; the oldest pending age must
+    count them too, or a cache full for hours reads 0 s on the dashboard and never fires an alert."""
+    port = free_port()
+    d = daemon_factory(remotes=1, metrics={"listen": f"127.0.0.1:{port}"}, cache={"capacity": 10_000},
+                       upload={"redundancy": 1, "min_redundancy": 1})
+    remote = Path(d.config["remotes"][0]["path"])
+    remote.rename(remote.with_name("gone"))  # no copy can be made, so nothing can leave the cache
+    (d.inbox / "big").write_bytes(b"a" * 8000)
+    wait_for(lambda: d.status()["catalog"]["files"] == 1, message="big registered")
+    (d.inbox / "waits").write_bytes(b"b" * 5000)
+    wait_for(lambda: "cache full" in " ".join(d.status()["problems"]), message="waits for room")
+    wait_for(lambda: value(scrape(port), "cloudmanagerd_inbox_oldest_pending_seconds") >= 2, timeout=10,
+             message="the waiting file's age in cloudmanagerd_inbox_oldest_pending_seconds")
+    assert value(scrape(port), "cloudmanagerd_inbox_pending_files") == 1
+    assert d.stop() == 0
+
+
 def test_a_reload_keeps_the_endpoint_and_names_the_restart(daemon_factory) -> None:
     port, other = free_port(), free_port()
     d = daemon_factory(metrics={"listen": f"127.0.0.1:{port}"})

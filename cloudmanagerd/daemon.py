@@ -78,6 +78,7 @@ class Daemon:
         self.remover, self.uploader = node.remover, node.uploader
         self.events.on("work-queued", self.wake_pump)
         self.events.on("copy-made", self._copy_made)
+        self.events.on("uploaded", self._uploaded)
         self.events.on("room-freed", self._room_freed)
         self.events.on("registered", self._registered)
         self.rejector = Rejector(c.ingest.rejected)
@@ -213,14 +214,19 @@ class Daemon:
         self.wake_pump()
 
     def _copy_made(self, h: str) -> None:
-        """A new copy may let a cached file go: files waiting for room get another chance. The copy
-        that makes a file safe is said once, with its MESSAGE_ID (FILE_SAFE), for alerting and audit."""
+        """A new copy may let a cached file go: files waiting for room get another chance."""
         self._room_freed()
+
+    def _uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
+        """The copy that makes a file safe is said once, with its MESSAGE_ID (FILE_SAFE), for alerting
+        and audit: the min_redundancy-th good copy in the order they were proven. Counting the copies
+        instead said nothing when two landed before either was looked at."""
+        min_redundancy = self.config.upload.min_redundancy
         with contextlib.suppress(sqlite3.Error):  # only a log line: a busy catalog must not fail the upload
-            good = len(self.catalog.good_copies(h))
-            if good == self.config.upload.min_redundancy:
-                log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, good,
-                         extra=fields(h, message_id=FILE_SAFE))
+            order = [r for _, r in sorted((t, r) for r, t in self.catalog.good_copy_times(h))]
+            if len(order) >= min_redundancy and order[min_redundancy - 1] == remote:
+                log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, min_redundancy,
+                         extra=fields(h, remote, message_id=FILE_SAFE))
 
     def _room_freed(self) -> None:
         if self.worker.waiting:

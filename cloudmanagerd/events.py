@@ -11,8 +11,8 @@ The events:
 - "room-freed" (): a pin was lifted or the capacity raised; files waiting for room may come in.
 - "work-queued" (): uploads are due now (new pairs, a remote healthy again, a retry).
 - "remote-healthy" (name): a remote that failed works again.
-- "uploaded" (remote, size, seconds): a copy was sent and recorded (a batch's pairs each carry the
-  batch's time); the metrics' transfer histograms.
+- "uploaded" (hash, remote, size, seconds): a copy was sent and recorded (a batch's pairs each carry
+  the batch's time); the metrics' transfer histograms, and the file-safe line.
 """
 
 from __future__ import annotations

@@ -291,7 +291,7 @@ class Metrics:
         for when in dropped:
             self.ingest_latency.observe(max(now - when, 0.0))
 
-    def uploaded(self, remote: str, size: int, seconds: float) -> None:
+    def uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
         self.upload_seconds.labels(remote).observe(seconds)
         self.upload_size.labels(remote).observe(size)
         self.last_success[remote] = self.now()

@@ -451,7 +451,7 @@ class Uploader:
 
     def _recorded(self, claim: UploadClaim, started: float) -> None:
         self.events.emit("copy-made", claim.hash)
-        self.events.emit("uploaded", claim.remote, claim.size, time.monotonic() - started)
+        self.events.emit("uploaded", claim.hash, claim.remote, claim.size, time.monotonic() - started)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote, extra=fields(remote=claim.remote, message_id=REMOTE_BACK))
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,

@@ -65,7 +65,7 @@ def part(**kwargs: Any) -> Metrics:
 def test_the_text_has_the_figures_with_bounded_labels() -> None:
     m = part()
     m.registered(["a" * 64], [time.time() - 2.5])
-    m.uploaded("r0", 1000, 0.2)
+    m.uploaded("a" * 64, "r0", 1000, 0.2)
     samples = parse(m.text())
     assert value(samples, "cloudmanagerd_files", state="evicted") == 1
     assert value(samples, "cloudmanagerd_uploads", remote="r0", state="queued") == 2

@@ -978,3 +978,10 @@ class Catalog:
             oldest = conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node = ? AND verified IS NOT NULL",
                                   (self.node,)).fetchone()[0]
         return {"uploads": uploads, "cache_unverified": unverified, "cache_oldest_verified": oldest}
+
+    def good_copy_times(self, h: str) -> list[tuple[str, float]]:
+        """(remote, when it was last proven: recorded or verified) of the file's good copies: which
+        copy made a file safe, even when several were recorded before anyone looked."""
+        with self.db.read() as conn:
+            return [(r, t) for r, t in conn.execute(
+                "SELECT remote, COALESCE(verified, created) FROM copies WHERE hash=? AND bad=0", (h,))]

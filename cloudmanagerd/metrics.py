@@ -137,8 +137,9 @@ class _StatusCollector:
         yield _gauge("cloudmanagerd_oldest_below_min_redundancy_seconds", "age of the oldest file below "
                      "min_redundancy (0 when none)", safety["oldest_below_min"] or 0.0)
 
-        transfer = CounterMetricFamily("cloudmanagerd_transfer_bytes", "bytes sent to (outgoing) and fetched from "
-                                       "(incoming) remotes by this node (kept across restarts)", labels=["direction"])
+        transfer = CounterMetricFamily("cloudmanagerd_transfer_bytes", "bytes that entered this node (incoming: "
+                                       "files taken in, copies fetched back) and left it (outgoing: copies sent to "
+                                       "remotes, files handed out by get), kept across restarts", labels=["direction"])
         transfer.add_metric(["outgoing"], s["transfer"]["total_outgoing"])
         transfer.add_metric(["incoming"], s["transfer"]["total_incoming"])
         yield transfer

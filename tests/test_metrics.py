@@ -32,10 +32,14 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         assert reply.status == 200
-        return parse(reply.read().decode())
+        return reply.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return parse(scrape_text(port))
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -272,6 +276,10 @@ def test_a_real_daemon_scraped_while_files_arrive_and_upload(daemon_factory, wor
         assert value(after, "cloudmanagerd_uploads", remote=remote, state="queued") == 0
         assert value(after, "cloudmanagerd_remote_last_success_timestamp_seconds", remote=remote) > time.time() - 60
     assert value(after, "cloudmanagerd_transfer_bytes_total", direction="outgoing") == 2 * status["catalog"]["bytes"]
+    # incoming counts the files taken in from the inbox too (no remote was read): the help must say so
+    assert value(after, "cloudmanagerd_transfer_bytes_total", direction="incoming") == status["catalog"]["bytes"]
+    assert "# HELP cloudmanagerd_transfer_bytes_total bytes that entered this node (incoming: files taken in" \
+        in scrape_text(port)
 
     ctl = d.ctl("metrics")
     assert ctl.returncode == 0, ctl.stderr

@@ -612,7 +612,8 @@ class _Parser:
         lease = self.parse_lease(data)
         log = self.parse_log(data)
         metrics = self.parse_metrics(data)
-        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
+        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [],
+                          metrics.textfile if metrics is not None else None)
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
@@ -853,10 +854,13 @@ class _Parser:
 
     def check_layout(self, inbox: str | None, state: str | None, catalog: str | None,
                      cache: CacheConfig | None, ingest: IngestConfig | None,
-                     remotes: list[RemoteConfig | None]) -> None:
+                     remotes: list[RemoteConfig | None], textfile: str | None = None) -> None:
         """Folders that must stay apart: anything inside the inbox would be ingested."""
         if inbox is None:
             return
+        if textfile is not None and (_inside(textfile, inbox) or (cache is not None and _inside(textfile, cache.path))):
+            self.error("metrics.textfile", "must be outside the inbox and cache.path (the daemon would take its "
+                       f"own metrics in as a file every 15 s), got {_describe(textfile)}")
         if ingest is not None and _inside(ingest.rejected, inbox):
             self.error("ingest.rejected", "must be outside the inbox (droppers could tamper "
                        f"with it), got {_describe(ingest.rejected)}")

@@ -239,6 +239,16 @@ def test_bad_metrics_config_is_one_clear_line(tmp_path: Path, metrics: dict, mes
     assert [e for e in info.value.errors if e.startswith(message)], info.value.errors
 
 
+def test_a_textfile_in_the_inbox_or_cache_is_refused(tmp_path: Path) -> None:
+    """The daemon would ingest its own metrics every 15 s (a new file each time, uploaded for ever)."""
+    for folder in ("inbox", "cache"):
+        config = default_config(tmp_path, metrics={"textfile": str(tmp_path / folder / "sub" / "m.prom")})
+        with pytest.raises(ConfigError) as info:
+            config_from_mapping(config, base_dir=str(tmp_path))
+        assert [e for e in info.value.errors if e.startswith("metrics.textfile: must be outside the inbox")], \
+            info.value.errors
+
+
 def test_metrics_are_off_by_default_and_parse(tmp_path: Path) -> None:
     assert config_from_mapping(default_config(tmp_path), base_dir=str(tmp_path)).metrics.listen is None
     c = config_from_mapping(default_config(tmp_path, metrics={"listen": "[::1]:9464", "textfile": "m.prom"}),

@@ -33,7 +33,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
-from .errors import StartupError
+from .errors import StartupError, explain_oserror
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +342,10 @@ class Metrics:
                 os.unlink(tmp)
             except OSError:
                 pass
-            message = f"metrics.textfile {self.textfile}: cannot write it: {exc.strerror or exc}"
+            message = explain_oserror(exc, f"metrics.textfile {self.textfile}: cannot write it",
+                                      {errno.ENOENT: "its folder does not exist (create it first)"})
             if message != self._textfile_error:
-                log.warning("%s (fix the folder or its permissions; retried every %gs)", message, TEXTFILE_INTERVAL)
+                log.warning("%s; retried every %gs", message, TEXTFILE_INTERVAL)
                 self._textfile_error = message
             return
         if self._textfile_error:

@@ -126,6 +126,27 @@ def test_an_unwritable_textfile_is_one_warning_and_no_crash(tmp_path: Path, capl
     m.write_textfile()
     lines = [r.getMessage() for r in caplog.records if "metrics.textfile" in r.getMessage()]
     assert len(lines) == 1 and "missing-folder" in lines[0] and "cannot write it" in lines[0]
+    assert "its folder does not exist (create it first)" in lines[0]
+
+
+def test_a_full_disk_says_so_and_keeps_the_old_textfile(tmp_path: Path, caplog, monkeypatch) -> None:
+    """The advice must fit the error: "fix the folder or its permissions" was said for a full disk too."""
+    import errno
+
+    path = tmp_path / "m.prom"
+    path.write_text("old\n")
+    m = part(textfile=str(path))
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    m.write_textfile()
+    monkeypatch.undo()
+    line, = [r.getMessage() for r in caplog.records if "metrics.textfile" in r.getMessage()]
+    assert "cannot write it: no space left on the device (free some space on it)" in line
+    assert "permissions" not in line
+    assert path.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["m.prom"]
 
 
 def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog, capsys) -> None:

@@ -237,6 +237,10 @@ def _quiet(app: Callable[..., Any]) -> Callable[..., Any]:
     """The exporter's WSGI app, with a failure as a 500 and one log line: wsgiref would print a
     traceback to stderr (the journal)."""
     def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        # `?name[]=...` would select from the collectors that describe their names up front, and the
+        # status collector cannot (it reads the status only when scraped): an empty 200 would say
+        # "no such series", so the whole text is served whatever the query
+        environ = {**environ, "QUERY_STRING": ""}
         try:
             return app(environ, start_response)
         except Exception as exc:

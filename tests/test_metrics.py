@@ -182,6 +182,18 @@ def test_a_status_that_cannot_be_read_is_a_series_not_a_traceback(caplog, capsys
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_name_filter_in_the_query_never_hides_the_series() -> None:
+    m = part(listen=("127.0.0.1", free_port()))
+    m.start()
+    try:
+        url = f"http://127.0.0.1:{m.address[1]}/metrics?name[]=cloudmanagerd_files"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            samples = parse(reply.read().decode())
+    finally:
+        m.stop()
+    assert value(samples, "cloudmanagerd_files", state="cached") == 2
+
+
 def test_a_port_in_use_is_a_startup_error_naming_it() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

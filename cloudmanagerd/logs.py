@@ -7,9 +7,8 @@ every entry. The events an operator alerts on carry a stable MESSAGE_ID (below: 
 
 `RepeatFilter` limits warnings and errors: a message about a file is limited per kind (its text
 before the arguments, its remote and the failure it reports), not per file, so that a dead remote
-writes one line a window, not one per file; a message with a MESSAGE_ID (a file at risk, a bad copy)
-and any other message per identical text. The next line after a window says how many
-were held back.
+writes one line a window, not one per file; any other message per identical text. The next line
+after a window says how many were held back. The events with a MESSAGE_ID are never held back.
 """
 
 from __future__ import annotations
@@ -66,11 +65,12 @@ class RepeatFilter(logging.Filter):
         self._seen: collections.OrderedDict[tuple[Any, ...], list[float]] = collections.OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        # an event with a MESSAGE_ID is an alert, and its source already says it once (a remote down once
+        # per new error, a file at risk once): held back, a remote down again after "back" would read as up
+        if record.levelno < logging.WARNING or hasattr(record, "MESSAGE_ID"):
             return True
-        # about one file: the same thing for another file is the same kind; but an event with a MESSAGE_ID
-        # (a file at risk, a bad copy) is an alert about that file, and another failure is news
-        per_kind = hasattr(record, "HASH") and not hasattr(record, "MESSAGE_ID")
+        # about one file: the same thing for another file is the same kind, but another failure is news
+        per_kind = hasattr(record, "HASH")
         if per_kind:
             h = str(getattr(record, "HASH"))
             args = record.args if isinstance(record.args, tuple) else ()

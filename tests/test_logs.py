@@ -132,6 +132,13 @@ def test_per_kind_limiting_never_hides_a_file_at_risk_nor_a_different_failure() 
                     level=logging.ERROR)
         rec.MESSAGE_ID = COPY_BAD
         assert passes(f, rec), h
+    # a remote that flaps: down, back, down with the same error within the minute; the last word must be "down"
+    down = record("remote %s: %s", "nas", "connection refused")
+    down.MESSAGE_ID, down.REMOTE = REMOTE_DOWN, "nas"
+    back = record("remote %s works again", "nas", level=logging.INFO)
+    again = record("remote %s: %s", "nas", "connection refused")
+    again.MESSAGE_ID, again.REMOTE = REMOTE_DOWN, "nas"
+    assert passes(f, down) and passes(f, back) and passes(f, again)
     # the same kind of warning with another failure behind it is news; the same failure for another file is not
     template = "upload of hash=%s to remote=%s failed (attempt=%d, next in 30s): %s"
     assert passes(f, about(template, H, "nas", 1, OSError(f"copy of {H} is missing")))

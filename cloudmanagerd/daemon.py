@@ -38,6 +38,7 @@ from .status import build_status, summary_line
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+SAFE_WINDOW = 60.0  # seconds: longer than a recorded copy ever waits for its "uploaded" handler
 
 
 class Daemon:
@@ -52,6 +53,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        self._safe_lock = threading.Lock()
+        self._said_safe: dict[str, float] = {}  # hash -> when it was said safe, for SAFE_WINDOW
         self.reload_error: str | None = None
         self.log_level_override: str | None = None
         self._inbox_problems: list[str] = []  # from the periodic inbox check
@@ -218,15 +221,25 @@ class Daemon:
         self._room_freed()
 
     def _uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
-        """The copy that makes a file safe is said once, with its MESSAGE_ID (FILE_SAFE), for alerting
-        and audit: the min_redundancy-th good copy in the order they were proven. Counting the copies
-        instead said nothing when two landed before either was looked at."""
+        """A file that becomes safe is said so once, with its MESSAGE_ID (FILE_SAFE), for alerting and
+        audit. Copies recorded at once by several upload threads may all be in the catalog before the
+        first of their handlers looks, so "the count equals min_redundancy" can be true for none of
+        them or for two: the first handler that finds min_redundancy good copies says it, unless
+        min_redundancy of them are older than SAFE_WINDOW (the file was safe before: a late extra
+        copy); the others find the file in `_said_safe`. A file made safe again after a bad copy
+        (min_redundancy recent-enough copies) is said again."""
         min_redundancy = self.config.upload.min_redundancy
-        with contextlib.suppress(sqlite3.Error):  # only a log line: a busy catalog must not fail the upload
-            order = [r for _, r in sorted((t, r) for r, t in self.catalog.good_copy_times(h))]
-            if len(order) >= min_redundancy and order[min_redundancy - 1] == remote:
-                log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, min_redundancy,
-                         extra=fields(h, remote, message_id=FILE_SAFE))
+        now = time.time()
+        with contextlib.suppress(sqlite3.Error), self._safe_lock:  # a busy catalog must not fail the upload
+            while self._said_safe and next(iter(self._said_safe.values())) < now - SAFE_WINDOW:
+                del self._said_safe[next(iter(self._said_safe))]
+            times = [t for _, t in self.catalog.good_copy_times(h)]
+            if h in self._said_safe or len(times) < min_redundancy \
+                    or sum(t < now - SAFE_WINDOW for t in times) >= min_redundancy:
+                return
+            self._said_safe[h] = now
+            log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, len(times),
+                     extra=fields(h, remote, message_id=FILE_SAFE))
 
     def _room_freed(self) -> None:
         if self.worker.waiting:

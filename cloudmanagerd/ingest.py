@@ -710,10 +710,10 @@ class IngestWorker:
                 self.waiting[rel] = reason
             now = time.monotonic()
             for rel in rels:
-                if rel in self.waiting:
-                    self._waiting_since.setdefault(rel, now)
-                else:
+                if rel not in self.waiting:
                     self._waiting_since.pop(rel, None)
+            for rel, _ in result.waiting:
+                self._waiting_since.setdefault(rel, now)
             full = any(r == "cache-full" for r in self.waiting.values())
         if full and not was_full:
             log.warning("cache full: new files wait in the inbox until room is made")

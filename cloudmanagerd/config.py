@@ -29,6 +29,7 @@ DEFAULT_CONTROL_SOCKET = "/run/cloudmanagerd/control.sock"
 
 REMOTE_TYPES = ("directory", "s3", "plowshare", "rclone")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 OBSERVERS = ("inotify", "polling")
 S3_REQUEST_CHECKSUMS = ("when_supported", "when_required")
 CATALOG_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -112,6 +113,13 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str
+    format: str = "text"  # "json": one JSON object a line on stderr (outside the journal)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None = off
+    textfile: str | None = None            # node_exporter textfile (*.prom), rewritten atomically; None = off
 
 
 # The background scrub's remote reads: bytes per second of remote copies read back and hashed.
@@ -162,6 +170,7 @@ class Config:
     remotes: tuple[RemoteConfig, ...]
     source: str | None = None  # the file it was loaded from
     scrub: ScrubConfig = ScrubConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -310,7 +319,7 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes", "scrub",
+    "ingest", "upload", "cluster", "log", "remotes", "scrub", "metrics",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
@@ -319,8 +328,9 @@ _SECTION_KEYS = {
     "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate", "grace"),
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
-    "log": ("level",),
+    "log": ("level", "format"),
     "scrub": ("remote_read",),
+    "metrics": ("listen", "textfile"),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -576,6 +586,27 @@ class _Parser:
     def _observer(self, value: object) -> str:
         return self._choice(value, OBSERVERS)
 
+    @staticmethod
+    def _listen(value: object) -> tuple[str, int]:
+        expected = f"expected an address like 127.0.0.1:9464 or [::1]:9464, got {_describe(value)}"
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value.strip())
+        if not match:
+            raise ValueError(expected)
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"the port must be 1 to 65535, got {_describe(value)}")
+        return host, port
+
+    def _textfile(self, value: object) -> str:
+        path = self._path(value)
+        if not path.endswith(".prom"):
+            raise ValueError("node_exporter's textfile collector reads only files named *.prom, got "
+                             f"{_describe(value)}")
+        return path
+
     # -- sections --
 
     def parse(self, data: Mapping[Any, Any]) -> Config | None:
@@ -594,18 +625,21 @@ class _Parser:
         remotes = self.parse_remotes(data.get("remotes"))
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
         lease = self.parse_lease(data)
-        level = self.parse_level(data)
+        log = self.parse_log(data)
         scrub = self.parse_scrub(data)
-        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
+        metrics = self.parse_metrics(data)
+        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [],
+                          metrics.textfile if metrics is not None else None)
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or level is None or scrub is None):
+                or upload is None or lease is None or log is None or scrub is None or metrics is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
-            log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None), scrub=scrub,
+            log=log, remotes=tuple(r for r in remotes if r is not None), scrub=scrub,
+            metrics=metrics,
         )
 
     def _default_state(self) -> str:
@@ -625,11 +659,26 @@ class _Parser:
             return None
         return self.value(section, "lease", "cluster.lease", self._duration(positive=True), 60.0)
 
-    def parse_level(self, data: Mapping[Any, Any]) -> str | None:
+    def parse_log(self, data: Mapping[Any, Any]) -> LogConfig | None:
         section = self.section(data, "log")
         if section is None:
             return None
-        return self.value(section, "level", "log.level", self._level, "info")
+        level = self.value(section, "level", "log.level", self._level, "info")
+        log_format = self.value(section, "format", "log.format", lambda v: self._choice(v, LOG_FORMATS), "text")
+        if level is None or log_format is None:
+            return None
+        return LogConfig(level=level, format=log_format)
+
+    def parse_metrics(self, data: Mapping[Any, Any]) -> MetricsConfig | None:
+        section = self.section(data, "metrics")
+        if section is None:
+            return None
+        before = len(self.errors)
+        listen = self.value(section, "listen", "metrics.listen", self._listen)
+        textfile = self.value(section, "textfile", "metrics.textfile", self._textfile)
+        if len(self.errors) > before:
+            return None
+        return MetricsConfig(listen=listen, textfile=textfile)
 
     def parse_scrub(self, data: Mapping[Any, Any]) -> ScrubConfig | None:
         section = self.section(data, "scrub")
@@ -829,10 +878,13 @@ class _Parser:
 
     def check_layout(self, inbox: str | None, state: str | None, catalog: str | None,
                      cache: CacheConfig | None, ingest: IngestConfig | None,
-                     remotes: list[RemoteConfig | None]) -> None:
+                     remotes: list[RemoteConfig | None], textfile: str | None = None) -> None:
         """Folders that must stay apart: anything inside the inbox would be ingested."""
         if inbox is None:
             return
+        if textfile is not None and (_inside(textfile, inbox) or (cache is not None and _inside(textfile, cache.path))):
+            self.error("metrics.textfile", "must be outside the inbox and cache.path (the daemon would take its "
+                       f"own metrics in as a file every 15 s), got {_describe(textfile)}")
         if ingest is not None and _inside(ingest.rejected, inbox):
             self.error("ingest.rejected", "must be outside the inbox (droppers could tamper "
                        f"with it), got {_describe(ingest.rejected)}")

@@ -644,7 +644,17 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
+def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
+    text = client.call({"cmd": "metrics"})["text"]
+    if args.json:
+        print(json.dumps({"text": text}))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"metrics": cmd_metrics,
+            "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
             "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
 
@@ -680,6 +690,9 @@ def parser() -> argparse.ArgumentParser:
                    help="one line and the Nagios plugin exit code: 0 OK, 1 WARNING (a remote unhealthy, given-up "
                    "uploads), 2 CRITICAL (a file below min_redundancy past upload.grace, the cache over capacity, "
                    "ingest stalled), 3 UNKNOWN (daemon unreachable)")
+    command("metrics", "the Prometheus metrics, as the metrics.listen endpoint serves them",
+            "The same text as the metrics.listen endpoint and metrics.textfile (format 0.0.4), whether or not "
+            "those are configured.")
     s = command("ls", "list files, newest first",
                 "Streamed page by page: any number of files. On a terminal without --limit, the first 100.")
     s.add_argument("--state", choices=["cached", "evicted", "pending", "failed"],

@@ -26,7 +26,8 @@ from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
-from .logs import setup_logging
+from .logs import FILE_SAFE, fields, setup_logging
+from .metrics import Metrics
 from .node import Node, build_remotes
 from .notify import Notifier
 from .preflight import inbox_link_problem, preflight, promise_warnings
@@ -37,6 +38,7 @@ from .status import build_status, summary_line
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+SAFE_WINDOW = 60.0  # seconds: longer than a recorded copy ever waits for its "uploaded" handler
 
 
 class Daemon:
@@ -51,6 +53,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        self._safe_lock = threading.Lock()
+        self._said_safe: dict[str, float] = {}  # hash -> when it was said safe, for SAFE_WINDOW
         self.reload_error: str | None = None
         self.log_level_override: str | None = None
         self._inbox_problems: list[str] = []  # from the periodic inbox check
@@ -79,6 +83,7 @@ class Daemon:
         self.remover, self.uploader = node.remover, node.uploader
         self.events.on("work-queued", self.wake_pump)
         self.events.on("copy-made", self._copy_made)
+        self.events.on("uploaded", self._uploaded)
         self.events.on("room-freed", self._room_freed)
         self.events.on("registered", self._registered)
         self.rejector = Rejector(c.ingest.rejected)
@@ -102,8 +107,14 @@ class Daemon:
 
         self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox, rel))
         self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan,
-                                   lambda hashes: self.events.emit("registered", hashes),
+                                   lambda hashes, dropped: self.events.emit("registered", hashes, dropped),
                                    first=self.ingestor.adopt_orphans)
+        self.metrics = Metrics(status=self.status, figures=self.catalog.metrics_figures,
+                               pending_age=lambda: max(self.queue.oldest_age(), self.worker.oldest_waiting_age()),
+                               remote_names=lambda: [rc.name for rc in self.config.remotes],
+                               listen=c.metrics.listen, textfile=c.metrics.textfile)
+        self.events.on("registered", self.metrics.registered)
+        self.events.on("uploaded", self.metrics.uploaded)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
@@ -113,10 +124,13 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety,
+            "metrics": self.metrics.write_textfile}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
+        self.metrics.start()  # before the other threads: a port in use stops the start here, naming it
+        self._stack.callback(self.metrics.stop)
         self.watcher.start()
         self.worker.start()
         self.scheduler.start()
@@ -202,12 +216,33 @@ class Daemon:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
         self.request_scan(b"")
 
-    def _registered(self, hashes: list[str]) -> None:
+    def _registered(self, hashes: list[str], dropped: list[float]) -> None:
         self.wake_pump()
 
     def _copy_made(self, h: str) -> None:
         """A new copy may let a cached file go: files waiting for room get another chance."""
         self._room_freed()
+
+    def _uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
+        """A file that becomes safe is said so once, with its MESSAGE_ID (FILE_SAFE), for alerting and
+        audit. Copies recorded at once by several upload threads may all be in the catalog before the
+        first of their handlers looks, so "the count equals min_redundancy" can be true for none of
+        them or for two: the first handler that finds min_redundancy good copies says it, unless
+        min_redundancy of them are older than SAFE_WINDOW (the file was safe before: a late extra
+        copy); the others find the file in `_said_safe`. A file made safe again after a bad copy
+        (min_redundancy recent-enough copies) is said again."""
+        min_redundancy = self.config.upload.min_redundancy
+        now = time.time()
+        with contextlib.suppress(sqlite3.Error), self._safe_lock:  # a busy catalog must not fail the upload
+            while self._said_safe and next(iter(self._said_safe.values())) < now - SAFE_WINDOW:
+                del self._said_safe[next(iter(self._said_safe))]
+            times = [t for _, t in self.catalog.good_copy_times(h)]
+            if h in self._said_safe or len(times) < min_redundancy \
+                    or sum(t < now - SAFE_WINDOW for t in times) >= min_redundancy:
+                return
+            self._said_safe[h] = now
+            log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, len(times),
+                     extra=fields(h, remote, message_id=FILE_SAFE))
 
     def _room_freed(self) -> None:
         if self.worker.waiting:
@@ -216,8 +251,12 @@ class Daemon:
     def _scrub(self) -> None:
         budget = int(self.config.cache.scrub * jobs.SCRUB_INTERVAL)
         report = self.scrubber.step(budget, int(self.config.scrub.remote_read * jobs.SCRUB_INTERVAL))
+        self.metrics.scrubbed(report)
         if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
-            log.warning("scrub: %s", report)
+            c, r = report["cache"], report["remotes"]
+            # a sentence, not the report's dict (issue 15): what was found, and that it is being mended
+            log.warning("scrub: %d cache object(s) missing, %d corrupt, %d bad remote copies (%s check); "
+                        "fetching or uploading them again", c["missing"], c["corrupt"], r["bad"], r["depth"])
             self.wake_pump()
 
     def wake_pump(self) -> None:
@@ -365,15 +404,18 @@ class Daemon:
             log.warning("reload: %s changed; restart cloudmanagerd to apply %s", ", ".join(needs_restart),
                         "it" if len(needs_restart) == 1 else "them")
         kept = {key.split(".")[0]: getattr(old, key.split(".")[0]) for key in ("inbox", "state", "catalog",
-                                                                                  "node", "control")}
+                                                                                  "node", "control", "metrics")}
         upload = dataclasses.replace(new.upload, concurrency=old.upload.concurrency)
         ingest = dataclasses.replace(new.ingest, observer=old.ingest.observer, rejected=old.ingest.rejected)
         cache = dataclasses.replace(new.cache, path=old.cache.path)
         cluster = old.cluster
-        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster, **kept)
+        log_config = dataclasses.replace(new.log, format=old.log.format)
+        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster,
+                                          log=log_config, **kept)
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
         self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
+        self.metrics.forget_remotes(rc.name for rc in new.remotes)
         self.ingestor.set_ignore(new.ingest.ignore)
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
@@ -423,6 +465,7 @@ class Daemon:
     def _commands(self) -> dict[str, Any]:
         return {**node_commands(self.node),
                 "status": lambda req, fds, progress: self.status(),
+                "metrics": lambda req, fds, progress: {"text": self.metrics.text()},
                 "reload": self._cmd_reload}
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
@@ -434,7 +477,8 @@ class Daemon:
 
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
-                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease",
+                "metrics.listen", "metrics.textfile", "log.format")
 
 
 def _dotted(config: Any, key: str) -> Any:
@@ -482,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print(f"cloudmanagerd: {args.config}: config OK")
         return 1 if problems else 0
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or config.log.level, config.log.format, config.node)
     for line in warnings:
         log.warning("%s", line)
     if problems:

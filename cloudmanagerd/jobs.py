@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
+from .metrics import TEXTFILE_INTERVAL
 
 
 SCRUB_INTERVAL = 60.0  # the scrub's byte budget (cache.scrub) is spent per this many seconds
@@ -47,6 +48,7 @@ TABLE: tuple[Job, ...] = (
     # files below min_redundancy past upload.grace (`status --check`): a scan skipping files known only
     # from other nodes' exports, so here, not in every status; a fraction of the grace late at most
     Job("at-risk", at_risk_interval, at_start=True),
+    Job("metrics", lambda c: TEXTFILE_INTERVAL, at_start=True),  # metrics.textfile rewritten (nothing when off)
 )
 
 

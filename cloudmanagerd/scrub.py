@@ -21,6 +21,7 @@ from .catalog import Catalog
 from .errors import CloudManagerError
 from .fetch import Fetcher, ProgressFn
 from .hashing import HASH_CHUNK, sha256_fd
+from .logs import FILE_AT_RISK, fields
 from .remotes.base import MISSING, Cancelled, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class Scrubber:
         try:
             return self.fetcher.replace(h, size, seen, why)
         except CloudManagerError as exc:
-            log.error("hash=%s could not be restored: %s", h, exc)
+            log.error("hash=%s could not be restored: %s", h, exc, extra=fields(h, message_id=FILE_AT_RISK))
             return "lost"
 
     def problems(self) -> list[str]:
@@ -153,10 +154,12 @@ class Scrubber:
             try:
                 n = clean(now, min_age)
             except RemoteError as exc:
-                log.warning("remote %s: cannot clean up leftovers of killed uploads: %s", name, exc)
+                log.warning("remote %s: cannot clean up leftovers of killed uploads: %s", name, exc,
+                            extra=fields(remote=name))
                 continue
             if n:
-                log.info("remote %s: removed %d temp file(s) left by killed uploads", name, n)
+                log.info("remote %s: removed %d temp file(s) left by killed uploads", name, n,
+                         extra=fields(remote=name))
             removed += n
         return removed
 
@@ -200,7 +203,8 @@ class Scrubber:
             else:
                 for counts in (report, mine):
                     counts["unreachable"] += 1
-                log.warning("cannot check the copy of hash=%s on remote=%s: %s", h, remote_name, exc)
+                log.warning("cannot check the copy of hash=%s on remote=%s: %s", h, remote_name, exc,
+                            extra=fields(h, remote_name))
                 return read
         if found is None or (found >= 0 and found != size):
             self._bad(h, remote_name, "is missing" if found is None else f"has {found} bytes instead of {size}",

@@ -730,7 +730,7 @@ def running_worker(ingestor) -> Iterator:
     from cloudmanagerd.inbox import PendingQueue
     from cloudmanagerd.ingest import IngestWorker
     queue = PendingQueue(0.0, lambda rel: None)
-    worker = IngestWorker(ingestor, queue, lambda rel: None, lambda hashes: None)
+    worker = IngestWorker(ingestor, queue, lambda rel: None, lambda hashes, dropped: None)
     worker.start()
     try:
         yield worker, queue

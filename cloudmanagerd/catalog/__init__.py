@@ -1061,3 +1061,25 @@ class Catalog:
             return row[0]
         return conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node=? AND evicting=0",
                             (self.node,)).fetchone()[0]
+
+    def metrics_figures(self) -> dict[str, Any]:
+        """What the Prometheus metrics add to `counts`: upload pairs per remote and state (the pairs not
+        done, through the uploads_due index: about 0.5 us a pair, so the caller spaces its calls), and
+        how far the cache scrub got (the oldest re-hash time of this node's objects, and how many were
+        never re-hashed)."""
+        with self.db.read() as conn:
+            uploads = {(remote, state): n for remote, state, n in conn.execute(
+                "SELECT remote, state, COUNT(*) FROM uploads WHERE state IN ('queued', 'active', 'retrying', "
+                "'failed') GROUP BY remote, state")}
+            unverified = conn.execute("SELECT COUNT(*) FROM cache_entries WHERE node = ? AND verified IS NULL",
+                                      (self.node,)).fetchone()[0]
+            oldest = conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node = ? AND verified IS NOT NULL",
+                                  (self.node,)).fetchone()[0]
+        return {"uploads": uploads, "cache_unverified": unverified, "cache_oldest_verified": oldest}
+
+    def good_copy_times(self, h: str) -> list[tuple[str, float]]:
+        """(remote, when it was last proven: recorded or verified) of the file's good copies: which
+        copy made a file safe, even when several were recorded before anyone looked."""
+        with self.db.read() as conn:
+            return [(r, t) for r, t in conn.execute(
+                "SELECT remote, COALESCE(verified, created) FROM copies WHERE hash=? AND bad=0", (h,))]

@@ -111,6 +111,11 @@ class LogConfig:
     level: str
 
 
+@dataclass(frozen=True)
+class CatalogBackupConfig:
+    interval: float  # seconds between snapshots of a SQLite catalog to the remotes; 0 = off
+
+
 _SECRET_OPTIONS = frozenset({"secret_access_key"})
 
 
@@ -148,6 +153,7 @@ class Config:
     log: LogConfig
     remotes: tuple[RemoteConfig, ...]
     source: str | None = None  # the file it was loaded from
+    catalog_backup: CatalogBackupConfig = CatalogBackupConfig(interval=900.0)
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -296,7 +302,7 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes",
+    "ingest", "upload", "cluster", "log", "remotes", "catalog_backup",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
@@ -306,6 +312,7 @@ _SECTION_KEYS = {
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
     "log": ("level",),
+    "catalog_backup": ("interval",),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -580,16 +587,18 @@ class _Parser:
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
         lease = self.parse_lease(data)
         level = self.parse_level(data)
+        backup = self.parse_catalog_backup(data)
         self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or level is None):
+                or upload is None or lease is None or level is None or backup is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
             log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None),
+            catalog_backup=backup,
         )
 
     def _default_state(self) -> str:
@@ -608,6 +617,23 @@ class _Parser:
         if section is None:
             return None
         return self.value(section, "lease", "cluster.lease", self._duration(positive=True), 60.0)
+
+    def parse_catalog_backup(self, data: Mapping[Any, Any]) -> CatalogBackupConfig | None:
+        section = self.section(data, "catalog_backup")
+        if section is None:
+            return None
+        # 0 (or "off") turns the snapshots off; a PostgreSQL catalog never has them (see snapshots.py)
+        interval = self.value(section, "interval", "catalog_backup.interval", self._interval_or_off, 900.0)
+        return None if interval is None else CatalogBackupConfig(interval=interval)
+
+    @staticmethod
+    def _interval_or_off(value: object) -> float:
+        if value is False:  # "off" and "no" in YAML 1.1
+            return 0.0
+        seconds = parse_duration(value)
+        if 0 < seconds < 1:
+            raise ValueError(f"must be at least 1s (or 0 to turn snapshots off), got {_describe(value)}")
+        return seconds
 
     def parse_level(self, data: Mapping[Any, Any]) -> str | None:
         section = self.section(data, "log")

@@ -20,7 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, catalog_sqlite_path, load_config
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
@@ -32,6 +32,7 @@ from .notify import Notifier
 from .preflight import inbox_link_problem, preflight
 from .rejects import Rejector
 from .remotes import build_remote
+from .snapshots import Snapshotter
 from .status import build_status, summary_line
 
 log = logging.getLogger("cloudmanagerd")
@@ -75,6 +76,9 @@ class Daemon:
         self.catalog, self.cache, self.remotes = node.catalog, node.cache, node.remotes
         self.evictor, self.fetcher, self.scrubber = node.evictor, node.fetcher, node.scrubber
         self.remover, self.uploader = node.remover, node.uploader
+        # a PostgreSQL catalog is backed up with PostgreSQL's own tools (README), not snapshotted
+        self.snapshotter = (Snapshotter(self.catalog, self.remotes, c.node, c.state)
+                            if catalog_sqlite_path(c.catalog) else None)
         self.events.on("work-queued", self.wake_pump)
         self.events.on("copy-made", self._copy_made)
         self.events.on("room-freed", self._room_freed)
@@ -111,7 +115,8 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "catalog-backup": self._snapshot,
+            "catalog-snapshots": self._list_snapshots}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -125,6 +130,14 @@ class Daemon:
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _snapshot(self) -> None:
+        if self.snapshotter is not None and self.config.catalog_backup.interval > 0:
+            self.snapshotter.step()
+
+    def _list_snapshots(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.refresh()
 
     def _reclaim(self) -> None:
         self.uploader.reclaim()
@@ -249,8 +262,9 @@ class Daemon:
 
     def problems(self) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
+        snapshots = self.snapshotter.problems() if self.snapshotter is not None else []
         return (reload_error + self.health().lines() + self.worker.problems()
-                + self.uploader.problems() + self.scrubber.problems())
+                + self.uploader.problems() + self.scrubber.problems() + snapshots)
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -259,11 +273,18 @@ class Daemon:
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
-                    "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
+                    "last_error": stats.get(rc.name, {}).get("last_error"),
+                    "catalog_snapshot": self._snapshot_status(rc.name)} for rc in c.remotes]
         return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
+
+    def _snapshot_status(self, remote: str) -> dict[str, Any] | None:
+        """The newest catalog snapshot on a remote (None: no snapshots there, or none at all)."""
+        if self.snapshotter is None:
+            return None
+        return self.snapshotter.status(remote, time.time())
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
@@ -357,6 +378,9 @@ class Daemon:
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
+        if new.catalog_backup.interval != old.catalog_backup.interval:
+            self.scheduler.reschedule_job("catalog-backup", trigger="interval",
+                                          seconds=new.catalog_backup.interval or 3600.0)
         self.scheduler.modify_job("heal", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,
@@ -368,6 +392,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop in reverse order: no new requests, no new files, finish the file in hand, then close."""
+        clean = self.state in ("running", "reloading")  # not a failed start, not a damaged catalog
         self.state = "stopping"
         self.notifier.stopping()
         log.info("stopping")
@@ -385,6 +410,11 @@ class Daemon:
                 self.uploader.close()
             except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
+        if clean and getattr(self, "snapshotter", None) is not None and self.config.catalog_backup.interval > 0:
+            try:
+                self.snapshotter.step()  # the catalog as it is at the end, on the remotes
+            except sqlite3.Error as exc:
+                log.warning("no catalog snapshot at stop: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
         self._stack.close()
@@ -431,6 +461,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["restore"]:  # `cloudmanagerd restore -c FILE [--force]`: a lost node's catalog back
+        from .restore import main as restore_main
+        return restore_main(argv[1:])
     args = parse_args(argv)
     try:
         config = load_config(args.config)

@@ -39,6 +39,9 @@ TABLE: tuple[Job, ...] = (
     # running, not only at the next start (issue 10)
     Job("reclaim", lambda c: max(1.0, min(30.0, c.cluster.lease / 2))),
     Job("leftovers", lambda c: 3600.0, at_start=True),          # temp files of killed uploads on folder remotes
+    # catalog snapshots to the remotes when the catalog changed (0: off, the job then does nothing)
+    Job("catalog-backup", lambda c: c.catalog_backup.interval or 3600.0),
+    Job("catalog-snapshots", None, at_start=True),              # the newest snapshot on each remote, for status
 )
 
 

@@ -135,7 +135,7 @@ def restore(config: Config, force: bool) -> list[str]:
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
         snap, where, tmp = _newest_good(remotes, config.node, folder)
-        kept = _install(tmp, path) if _exists(path) else None
+        kept = _install(tmp, path)
         if kept:
             say(f"the previous catalog is kept as {kept}")
         say(f"installed snapshot {snap.name} ({snap.stamp}) from remote {where} as {path}")

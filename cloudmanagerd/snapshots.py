@@ -111,34 +111,37 @@ def to_keep(snapshots: list[Snapshot], now: float, keep_last: int = KEEP_LAST,
 def write_snapshot(catalog: Any, out_fd: int) -> tuple[str, int, int]:
     """The catalog's consistent copy, gzip-compressed into `out_fd`: (SHA-256 of what was written,
     its size, the uncompressed size). The backup is streamed through a pipe into the compressor, so
-    that no uncompressed copy sits on disk beside the compressed one."""
+    that no uncompressed copy sits on disk beside the compressed one.
+
+    The backup runs in a thread of its own, on a connection of its own (released after): a thread's
+    connection may hold a read transaction open (a generator's cursor not yet closed), and SQLite
+    copies what that transaction sees; the stop snapshot once held the catalog as it was at start."""
     r, w = os.pipe()
     outcome: dict[str, Any] = {}
 
-    def compress() -> None:
+    def backup() -> None:
         try:
-            with open(r, "rb") as src, open(os.dup(out_fd), "wb") as raw:
-                out = _Hashing(raw)
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
-                    shutil.copyfileobj(src, gz, 1 << 20)
-                raw.flush()
-                os.fsync(raw.fileno())
-            outcome["digest"], outcome["size"] = out.digest.hexdigest(), out.size
+            outcome["raw"] = catalog.backup_to(w)
         except BaseException as exc:  # reported by the caller, after the join
             outcome["error"] = exc
+        finally:
+            os.close(w)
+            catalog.release_connection()
 
-    thread = threading.Thread(target=compress, name="catalog-snapshot", daemon=True)
+    thread = threading.Thread(target=backup, name="catalog-snapshot", daemon=True)
     thread.start()
     try:
-        raw_size = catalog.backup_to(w)
-    except BrokenPipeError:
-        raw_size = -1  # the compressor stopped first: its error is the one to report
+        with open(r, "rb") as src, open(os.dup(out_fd), "wb") as raw:
+            out = _Hashing(raw)
+            with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
+                shutil.copyfileobj(src, gz, 1 << 20)
+            raw.flush()
+            os.fsync(raw.fileno())
     finally:
-        os.close(w)
-        thread.join()
+        thread.join()  # the pipe's reader is closed: a backup still writing fails at once (EPIPE)
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["digest"], outcome["size"], raw_size
+    return out.digest.hexdigest(), out.size, outcome["raw"]
 
 
 class _Hashing:

@@ -1,0 +1,219 @@
+"""`cloudmanagerd restore` after a lost disk (issue 14, item 2), with real folder and SeaweedFS S3 remotes:
+the newest good snapshot comes back, objects added after it are adopted by hash, every file is fetched
+back with its true bytes by a fresh daemon on fresh folders."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import wait_for
+from seaweed import seaweed  # noqa: F401  (the session-scoped S3 server)
+
+from cloudmanagerd.remotes.base import RESERVED
+from cloudmanagerd.snapshots import parse
+
+MiB = 1 << 20
+
+
+def restore(d, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cloudmanagerd", "restore", "-c", str(d.config_path), *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+def write_config(d) -> None:
+    d.config_path.write_text(yaml.safe_dump(d.config))
+
+
+def drop(d, sizes: list[int], prefix: str) -> dict[str, bytes]:
+    """Files named <prefix><i> of the given sizes; {hash: bytes}."""
+    made = {}
+    for i, size in enumerate(sizes):
+        data = os.urandom(size)
+        (d.inbox / f"{prefix}{i}").write_bytes(data)
+        made[hashlib.sha256(data).hexdigest()] = data
+    return made
+
+
+def copies(d) -> dict[str, set[str]]:
+    return {f["hash"]: {c["remote"] for c in f["copies"] if not c.get("bad")} for f in d.files()}
+
+
+def all_copied(d, hashes, remotes: set[str]) -> bool:
+    found = copies(d)
+    return all(found.get(h, set()) >= remotes for h in hashes)
+
+
+def snapshots(folder: Path, node: str = "n1") -> list[Path]:
+    where = folder / RESERVED / node
+    return sorted(p for p in where.iterdir() if not p.name.startswith(".")) if where.is_dir() else []
+
+
+def lose_the_disk(d) -> None:
+    shutil.rmtree(d.config["state"])
+    shutil.rmtree(d.cache)
+
+
+def fetch(d, h: str, out: Path) -> bytes:
+    r = d.ctl("get", h, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
+def test_the_disaster_drill_every_file_comes_back_from_a_folder_remote_and_s3(daemon_factory, workdir: Path,
+                                                                               seaweed) -> None:  # noqa: F811
+    # a cache of 20 MiB for 57 MB of files: some are evicted before the disk is lost
+    d = daemon_factory(remotes=1, start=False, node="n1", upload={"redundancy": 2},
+                       cache={"capacity": "20MiB"}, catalog_backup={"interval": "1h"})
+    d.config["remotes"].append({"name": "s3", **seaweed.remote_options(seaweed.make_bucket())})
+    write_config(d)
+    d.start()
+    sizes = [0, 1, 100, 4096, 65_536, 300_000, 2 * MiB, 9 * MiB] * 5
+    before = drop(d, sizes, "before-")
+    wait_for(lambda: all_copied(d, before, {"r0", "s3"}), timeout=120, message="40 files on r0 and s3")
+    pinned = sorted(before)[:3]
+    for h in pinned:
+        assert d.ctl("pin", h).returncode == 0
+    assert d.stop() == 0  # the clean stop takes a snapshot
+    r0 = Path(d.config["remotes"][0]["path"])
+    assert len(snapshots(r0)) == 1
+
+    # the daemon runs on (no scheduled snapshot within the hour): 6 more files reach the remotes
+    d.start()
+    after = drop(d, [10, 70_000, 3 * MiB] * 2, "after-")
+    wait_for(lambda: all_copied(d, after, {"r0", "s3"}), timeout=120, message="6 more files on r0 and s3")
+    d.kill()  # and the disk dies
+    lose_the_disk(d)
+
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    assert f"restored {len(before)} file(s)" in r.stdout, r.stdout  # 40 names, fewer contents (5 empty)
+    assert "adopted 6 object(s)" in r.stdout, r.stdout
+    assert "copies missing: 0" in r.stdout, r.stdout
+    assert "Traceback" not in r.stderr
+    assert "remote s3: 1 catalog snapshot(s)" in r.stderr
+
+    d.start()  # a fresh daemon on fresh cache and inbox folders
+    listed = {f["hash"]: f for f in d.files()}
+    assert set(listed) == set(before) | set(after)
+    names = {f["hash"]: f["name"] for f in listed.values()}
+    for h in before:
+        assert names[h].startswith("before-")
+    for h in after:
+        assert names[h] == h  # named by its hash: its name was never on a remote
+    for h in pinned:
+        assert listed[h]["pinned"]
+    for n, (h, data) in enumerate({**before, **after}.items()):
+        assert fetch(d, h, workdir / f"out{n}") == data
+    assert d.stop() == 0
+
+
+def test_restore_refuses_a_running_daemon_and_an_existing_catalog_without_force(daemon_factory) -> None:
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1s"})
+    made = drop(d, [10], "a")
+    r0 = Path(d.config["remotes"][0]["path"])
+    wait_for(lambda: all_copied(d, made, {"r0"}) and snapshots(r0), timeout=30, message="a copy and a snapshot")
+    r = restore(d)
+    assert r.returncode == 1 and "stop it first" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert d.stop() == 0
+
+    catalog = Path(d.config["state"]) / "catalog.sqlite3"
+    r = restore(d)
+    assert r.returncode == 1, r.stdout
+    assert len(r.stderr.splitlines()) == 1 and "--force" in r.stderr and str(catalog) in r.stderr, r.stderr
+    before = catalog.read_bytes()
+
+    r = restore(d, "--force")
+    assert r.returncode == 0, r.stderr
+    kept = [p for p in catalog.parent.iterdir() if p.name.startswith("catalog.sqlite3.before-restore-")]
+    assert [p.read_bytes() for p in kept if not p.name.endswith(("-wal", "-shm"))] == [before]
+    assert "restored 1 file(s)" in r.stdout
+    d.start()
+    assert [f["hash"] for f in d.files()] == list(made)
+    assert d.stop() == 0
+
+
+def test_a_corrupted_newest_snapshot_falls_back_to_the_one_before(daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1h"})
+    r0 = Path(d.config["remotes"][0]["path"])
+    first = drop(d, [1000], "first")
+    wait_for(lambda: all_copied(d, first, {"r0"}), message="the first file copied")
+    assert d.stop() == 0
+    d.start()
+    second = drop(d, [2000], "second")
+    wait_for(lambda: all_copied(d, second, {"r0"}), message="the second file copied")
+    assert d.stop() == 0
+    older, newest = snapshots(r0)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    # and the first file's cache object rots: it must not be kept
+    (h1,) = first
+    (d.cache / h1[:2] / h1).write_bytes(b"rotten")
+    shutil.rmtree(d.config["state"])
+
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    assert f"snapshot {newest.name} on remote r0 is not usable" in r.stderr and "next older" in r.stderr
+    assert f"restored 1 file(s) from snapshot {older.name}" in r.stdout
+    assert "adopted 1 object(s)" in r.stdout  # the second file, from the remote's listing
+    assert "cache: 0 kept, 1 evicted" in r.stdout
+    d.start()
+    names = {f["hash"]: f["name"] for f in d.files()}
+    (h2,) = second
+    assert names[h1] == "first0" and names[h2] in (h2, f"recovered/{h2}")
+    assert fetch(d, h1, workdir / "o1") == first[h1]  # fetched back from the remote, verified
+    assert fetch(d, h2, workdir / "o2") == second[h2]
+    assert d.stop() == 0
+
+
+def test_restore_without_snapshots_or_with_a_postgresql_catalog_says_what_to_do(daemon_factory) -> None:
+    d = daemon_factory(remotes=1, node="n1", start=False)
+    r = restore(d)
+    assert r.returncode == 1 and "no usable catalog snapshot of node 'n1'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2  # the remote's count, then the reason
+    d.config["catalog"] = "postgresql://u@localhost/cm"
+    write_config(d)
+    r = restore(d)
+    assert r.returncode == 1 and "pg_restore" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_what_a_killed_snapshot_upload_leaves_is_never_taken(daemon_factory, workdir: Path) -> None:
+    """SIGKILL at random moments while snapshots are made every second: every snapshot under its final
+    name hashes to its name; and what a kill mid-upload leaves (a temp file, or on a backend without
+    atomic renames a short file under the final name) is passed over by restore."""
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1s"}, start=False)
+    r0 = Path(d.config["remotes"][0]["path"])
+    rng = random.Random(14)
+    for round_ in range(4):
+        d.start()
+        drop(d, [100] * 20, f"r{round_}-")
+        wait_for(lambda: len(snapshots(r0)) > round_, timeout=30, message="a snapshot this round")
+        drop(d, [100] * 20, f"s{round_}-")
+        wait_for(lambda: len(d.files()) >= 40 * (round_ + 1) - 20, timeout=30, message="files registered")
+        time.sleep(rng.uniform(0, 1.2))  # a random moment to kill at (not a synchronization)
+        d.kill()
+    for snap in snapshots(r0):
+        parsed = parse(snap.name, snap.stat().st_size)
+        assert parsed is not None and hashlib.sha256(snap.read_bytes()).hexdigest() == parsed.digest
+
+    # what a kill leaves: a temp file, and a truncated snapshot newer than any under a final name
+    good = snapshots(r0)[-1]
+    folder = good.parent
+    (folder / f".{good.name}.1234abcd.tmp").write_bytes(good.read_bytes()[:100])
+    digest = hashlib.sha256(b"whole").hexdigest()
+    (folder / f"catalog-29991231T000000Z-{digest}.sqlite.gz").write_bytes(gzip.compress(b"whole")[:10])
+    shutil.rmtree(d.config["state"])
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    assert "catalog-29991231T000000Z" in r.stderr and "not usable" in r.stderr
+    assert f"from snapshot {good.name}" in r.stdout

@@ -460,17 +460,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def load_or_report(path: str) -> Config | None:
+    """The config, or None with one line per error on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["restore"]:  # `cloudmanagerd restore -c FILE [--force]`: a lost node's catalog back
         from .restore import main as restore_main
         return restore_main(argv[1:])
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"cloudmanagerd: {line}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     problems, warnings = preflight(config)
     if args.check_config:

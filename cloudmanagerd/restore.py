@@ -31,7 +31,7 @@ from typing import Any
 
 from . import fsutil
 from .catalog import Catalog
-from .config import Config, ConfigError, catalog_sqlite_path, load_config
+from .config import Config, catalog_sqlite_path
 from .errors import StartupError
 from .hashing import sha256_fd
 from .node import build_remotes
@@ -66,12 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    from .daemon import load_or_report  # the daemon's own way to read and report a config
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"cloudmanagerd: {line}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     try:
         with _state_lock(config):

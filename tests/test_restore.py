@@ -17,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from conftest import wait_for
-from seaweed import seaweed  # noqa: F401  (the session-scoped S3 server)
+from seaweed import seaweed
+
+__all__ = ["seaweed"]  # the session-scoped S3 server, a fixture here (and pyflakes sees it used)
 
 from cloudmanagerd.remotes.base import RESERVED
 from cloudmanagerd.snapshots import parse
@@ -70,7 +72,7 @@ def fetch(d, h: str, out: Path) -> bytes:
 
 
 def test_the_disaster_drill_every_file_comes_back_from_a_folder_remote_and_s3(daemon_factory, workdir: Path,
-                                                                               seaweed) -> None:  # noqa: F811
+                                                                               seaweed) -> None:
     # a cache of 20 MiB for 57 MB of files: some are evicted before the disk is lost
     d = daemon_factory(remotes=1, start=False, node="n1", upload={"redundancy": 2},
                        cache={"capacity": "20MiB"}, catalog_backup={"interval": "1h"})

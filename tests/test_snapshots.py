@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from seaweed import seaweed  # noqa: F401  (the session-scoped S3 server)
+from seaweed import seaweed
+
+__all__ = ["seaweed"]  # the session-scoped S3 server, a fixture here (and pyflakes sees it used)
 
 from cloudmanagerd.catalog import Catalog, IngestRecord
 from cloudmanagerd.remotes.base import RESERVED, RemoteError, Transfer
@@ -30,7 +32,7 @@ DAY = 86400.0
 # -- each backend's reserved namespace ------------------------------------------------------------
 
 @pytest.fixture(params=["directory", "s3", "rclone"])
-def remote(request, workdir: Path, seaweed):  # noqa: F811 (set up before the leak guard)
+def remote(request, workdir: Path, seaweed):  # seaweed: set up before the leak guard
     if request.param == "directory":
         r = DirectoryRemote("d", str(workdir / "remote"))
         (workdir / "remote").mkdir()

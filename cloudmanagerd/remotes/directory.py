@@ -178,16 +178,19 @@ class DirectoryRemote:
             results[i] = self.object_url(h)
 
     def get(self, h: str, url: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        self._read([h[:2]], h, dst_fd, transfer, f"copy of {h}")
+
+    def _read(self, folders: list[str], name: str, dst_fd: int, transfer: Transfer | None, what: str) -> None:
         root = self._root()
         try:
-            with fsutil.subdir(root, [h[:2].encode()]) as folder:
-                src = os.open(h, fsutil.O_READ_FILE, dir_fd=folder)
+            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
+                src = os.open(name, fsutil.O_READ_FILE, dir_fd=folder)
                 try:
                     fsutil.copy_fd(src, dst_fd, transfer.update if transfer else None)
                 finally:
                     os.close(src)
         except FileNotFoundError:
-            raise RemoteError(f"remote {self.name}: copy of {h} is missing", MISSING) from None
+            raise RemoteError(f"remote {self.name}: {what} is missing", MISSING) from None
         except OSError as exc:
             raise self._error(exc, "read from") from None
         finally:
@@ -206,10 +209,13 @@ class DirectoryRemote:
             os.close(root)
 
     def delete(self, h: str, url: str) -> None:
+        self._unlink([h[:2]], h)
+
+    def _unlink(self, folders: list[str], name: str) -> None:
         root = self._root()
         try:
-            with fsutil.subdir(root, [h[:2].encode()]) as folder:
-                os.unlink(h, dir_fd=folder)
+            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
+                os.unlink(name, dir_fd=folder)
                 os.fsync(folder)
         except FileNotFoundError:
             pass
@@ -304,34 +310,11 @@ class DirectoryRemote:
 
     def get_snapshot(self, rel: str, dst_fd: int, transfer: Transfer | None = None) -> None:
         *folders, name = reserved_parts(rel)
-        root = self._root()
-        try:
-            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
-                src = os.open(name, fsutil.O_READ_FILE, dir_fd=folder)
-                try:
-                    fsutil.copy_fd(src, dst_fd, transfer.update if transfer else None)
-                finally:
-                    os.close(src)
-        except FileNotFoundError:
-            raise RemoteError(f"remote {self.name}: {rel} is missing", MISSING) from None
-        except OSError as exc:
-            raise self._error(exc, "read from") from None
-        finally:
-            os.close(root)
+        self._read(folders, name, dst_fd, transfer, rel)
 
     def delete_snapshot(self, rel: str) -> None:
         *folders, name = reserved_parts(rel)
-        root = self._root()
-        try:
-            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
-                os.unlink(name, dir_fd=folder)
-                os.fsync(folder)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise self._error(exc, "delete from") from None
-        finally:
-            os.close(root)
+        self._unlink(folders, name)
 
     def list_objects(self) -> Iterator[tuple[str, int]]:
         """Every object under its final name (temp files and the reserved folder are not objects)."""

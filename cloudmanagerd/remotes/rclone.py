@@ -284,11 +284,7 @@ class RcloneRemote:
             if error.kind == MISSING:
                 return None
             raise error
-        try:
-            entry = json.loads(result.stdout)
-        except ValueError:
-            raise RemoteError("rclone lsjson printed no JSON: "
-                              + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
+        entry = _json(result)
         if not isinstance(entry, dict) or entry.get("IsDir"):
             return None
         return int(entry.get("Size", -1))
@@ -334,12 +330,8 @@ class RcloneRemote:
             if error.kind == MISSING or "directory not found" in error_detail(result):
                 return []
             raise error
-        try:
-            entries = json.loads(result.stdout)
-        except ValueError:
-            raise RemoteError("rclone lsjson printed no JSON: "
-                              + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
-        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("Name"), str)]
+        entries = _json(result)
+        return [e for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict) and isinstance(e.get("Name"), str)]
 
     def list_snapshots(self, rel_dir: str) -> list[tuple[str, int]]:
         return [(e["Name"], int(e.get("Size", -1)))
@@ -367,6 +359,14 @@ class RcloneRemote:
 
     def close(self) -> None:
         pass
+
+
+def _json(result: Result) -> object:
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        raise RemoteError("rclone lsjson printed no JSON: "
+                          + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
 
 
 def _progress(transfer: Transfer | None):

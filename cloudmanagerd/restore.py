@@ -132,6 +132,7 @@ def restore(config: Config, force: bool) -> list[str]:
     try:
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
+        _clear_leftovers(folder)
         snap, where, tmp = _newest_good(remotes, config.node, folder)
         kept = _install(tmp, path)
         if kept:
@@ -145,6 +146,15 @@ def restore(config: Config, force: bool) -> list[str]:
     finally:
         for remote in remotes.values():
             remote.close()
+
+
+def _clear_leftovers(folder: str) -> None:
+    """Temp files of a restore that was killed (we hold the state lock: no other restore runs)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".restore-") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _exists(path: str) -> bool:

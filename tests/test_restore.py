@@ -219,3 +219,23 @@ def test_what_a_killed_snapshot_upload_leaves_is_never_taken(daemon_factory, wor
     assert r.returncode == 0, r.stderr
     assert "catalog-29991231T000000Z" in r.stderr and "not usable" in r.stderr
     assert f"from snapshot {good.name}" in r.stdout
+
+
+def test_an_unreachable_remote_is_passed_over_and_named(daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(remotes=2, node="n1", catalog_backup={"interval": "1h"})
+    made = drop(d, [500, 600], "f")
+    wait_for(lambda: all_copied(d, made, {"r0", "r1"}), message="two copies each")
+    assert d.stop() == 0
+    r1 = Path(d.config["remotes"][1]["path"])
+    shutil.rmtree(r1)  # the second remote is down while the node is rebuilt
+    lose_the_disk(d)
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    assert "remote r1: cannot list catalog snapshots" in r.stderr
+    assert "restored 2 file(s)" in r.stdout and "not listed: r1" in r.stdout
+    r1.mkdir()
+    d.start()
+    assert {f["name"] for f in d.files()} == {"f0", "f1"}
+    for n, (h, data) in enumerate(made.items()):
+        assert fetch(d, h, workdir / f"o{n}") == data
+    assert d.stop() == 0

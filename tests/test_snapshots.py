@@ -271,3 +271,18 @@ def test_the_daemon_snapshots_on_schedule_and_at_stop_and_status_shows_the_age(d
     with sqlite3.connect(db) as conn:
         names = {bytes(n) for (n,) in conn.execute("SELECT name FROM files")}
     assert names == {b"one.txt", b"two.txt"}
+
+
+def test_a_snapshot_that_cannot_be_made_is_a_problem_line_not_a_crash(workdir: Path) -> None:
+    (workdir / "state").mkdir()
+    (workdir / "a").mkdir()
+    catalog = _catalog(workdir)
+    remotes = {"a": DirectoryRemote("a", str(workdir / "a"))}
+    snapper = Snapshotter(catalog, remotes, "n1", str(workdir / "no-such-folder"))
+    try:
+        assert snapper.step() == []
+        (line,) = snapper.problems()
+        assert line.startswith("remote a: catalog snapshot failed:") and "\n" not in line
+        assert listed(remotes["a"], "n1") == []
+    finally:
+        catalog.close()

@@ -451,7 +451,9 @@ def _now() -> datetime.datetime:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cloudmanagerd", description="Turn a drop folder into a content-addressed "
-                                "store, cached locally and copied to remote hosts.")
+                                "store, cached locally and copied to remote hosts.",
+                                epilog="cloudmanagerd restore -c FILE [--force]: rebuild a lost node's catalog from "
+                                "the newest snapshot on its remotes (see `cloudmanagerd restore --help`).")
     p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG),
                    help=f"config file (default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 or 1")

@@ -279,11 +279,17 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
             f"({counts['files']} new file(s) named by their hash), {len(gone)} recorded copies missing"
             + (f", {counts['conflicts']} of another size than the catalog says (not recorded)"
                if counts["conflicts"] else ""))
+    # files left with no good copy anywhere: their bytes were only on the lost disk (or on a remote
+    # not listed); the daemon keeps them listed, below min_redundancy, until `rm` or a copy turns up
+    lost = catalog.counts(1, 1)["below_min"]
     lines = [f"restored {files} file(s) from snapshot {snap.name} ({snap.stamp}, remote {where})",
              f"adopted {adopted['files']} object(s) the snapshot did not know (named by their hash), "
              f"{adopted['copies']} copies recorded in all",
              f"copies missing: {missing} (marked bad; the daemon copies those files again)",
              f"cache: {kept} kept, {dropped} evicted"]
+    if lost:
+        lines.append(f"without a copy: {lost} file(s) have no good copy on any remote (their bytes were only on "
+                     "the lost disk; they stay listed below min_redundancy until `cloudmanagerctl rm HASH`)")
     if adopted["conflicts"]:
         lines.append(f"conflicts: {adopted['conflicts']} object(s) of another size than the catalog says "
                      "(not recorded; `verify --remotes` checks them)")

@@ -257,3 +257,29 @@ def test_an_unreachable_remote_is_passed_over_and_named(daemon_factory, workdir:
     for n, (h, data) in enumerate(made.items()):
         assert fetch(d, h, workdir / f"o{n}") == data
     assert d.stop() == 0
+
+
+def test_a_copy_gone_from_its_remote_is_counted_missing_and_a_file_without_any_copy_is_named(
+        daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1h"})
+    made = drop(d, [700, 800], "f")
+    wait_for(lambda: all_copied(d, made, {"r0"}), message="copies on r0")
+    assert d.stop() == 0
+    gone, kept = sorted(made)
+    r0 = Path(d.config["remotes"][0]["path"])
+    (r0 / gone[:2] / gone).unlink()  # the remote lost it too
+    lose_the_disk(d)
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    assert "copies missing: 1" in r.stdout and "without a copy: 1 file(s)" in r.stdout, r.stdout
+    d.start()
+    status = d.status()
+    assert status["safety"]["below_min"] == 1
+    assert get_via_socket(d, kept, workdir / "o") == made[kept]
+    fd = os.open(workdir / "o2", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        reply = d.request({"cmd": "get", "hash": gone}, fds=[fd])
+    finally:
+        os.close(fd)
+    assert not reply["ok"] and (workdir / "o2").read_bytes() == b""  # a clear refusal, no wrong bytes
+    assert d.stop() == 0

@@ -286,3 +286,27 @@ def test_a_snapshot_that_cannot_be_made_is_a_problem_line_not_a_crash(workdir: P
         assert listed(remotes["a"], "n1") == []
     finally:
         catalog.close()
+
+
+def test_a_reload_changes_the_interval_and_0_turns_snapshots_off(daemon_factory) -> None:
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1h"})
+    r0 = Path(d.config["remotes"][0]["path"])
+    (d.inbox / "a").write_bytes(b"a")
+    wait_for(lambda: d.files(), message="the file registered")
+    assert _snapshots(r0, "n1") == []  # not before the hour
+    d.config["catalog_backup"] = {"interval": "1s"}
+    d.config_path.write_text(__import__("yaml").safe_dump(d.config))
+    assert d.ctl("reload").returncode == 0
+    wait_for(lambda: _snapshots(r0, "n1"), timeout=30, message="a snapshot at the new interval")
+    d.config["catalog_backup"] = {"interval": 0}
+    d.config_path.write_text(__import__("yaml").safe_dump(d.config))
+    assert d.ctl("reload").returncode == 0
+    (d.inbox / "b").write_bytes(b"b")
+    wait_for(lambda: len(d.files()) == 2, message="the second file")
+    assert d.stop() == 0  # off: not even at stop
+    for snap in _snapshots(r0, "n1"):  # no snapshot knows the file that came after
+        db = r0.parent / "check.sqlite3"
+        db.write_bytes(gzip.decompress(snap.read_bytes()))
+        with sqlite3.connect(db) as conn:
+            assert {bytes(n) for (n,) in conn.execute("SELECT name FROM files")} == {b"a"}
+        db.unlink()

@@ -38,6 +38,7 @@ from .status import build_status, summary_line
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+STOP_SNAPSHOT_BUDGET = 45.0  # seconds the stop's catalog snapshot may spend uploading
 
 
 class Daemon:
@@ -412,7 +413,9 @@ class Daemon:
                 log.warning("could not release the uploads in flight: %s", exc)
         if clean and getattr(self, "snapshotter", None) is not None and self.config.catalog_backup.interval > 0:
             try:
-                self.snapshotter.step()  # the catalog as it is at the end, on the remotes
+                # the catalog as it is at the end, on the remotes; within STOP_SNAPSHOT_BUDGET so that
+                # the stop ends before systemd's TimeoutStopSec (90 s) kills it
+                self.snapshotter.step(budget=STOP_SNAPSHOT_BUDGET)
             except sqlite3.Error as exc:
                 log.warning("no catalog snapshot at stop: %s", exc)
         if hasattr(self, "control"):

@@ -177,6 +177,7 @@ class Snapshotter:
         self.errors: dict[str, str] = {}           # remote -> why its last snapshot or listing failed
         self._taken: dict[str, Any] = {}           # remote -> the change marker of its last snapshot
         self._lock = threading.Lock()              # the scheduler's step and the stop's never overlap
+        self._deadline: float | None = None        # uploads still running then are cancelled
 
     def capable(self) -> dict[str, Any]:
         return {name: r for name, r in list(self.remotes.items()) if supports(r)}
@@ -192,10 +193,12 @@ class Snapshotter:
             self.newest[name] = found[0].when if found else None
             self.errors.pop(name, None)
 
-    def step(self, force: bool = False) -> list[str]:
+    def step(self, force: bool = False, budget: float | None = None) -> list[str]:
         """A snapshot to every capable remote whose last one predates a change of the catalog (all of
-        them with `force`); returns the remotes that took it."""
+        them with `force`); returns the remotes that took it. With `budget` (seconds), uploads still
+        running after it are cancelled (the stop's snapshot must end before systemd's stop timeout)."""
         with self._lock:
+            self._deadline = time.monotonic() + budget if budget is not None else None
             marker = self.catalog.change_marker()
             targets = {name: r for name, r in self.capable().items()
                        if force or marker is None or self._taken.get(name) != marker}
@@ -225,13 +228,27 @@ class Snapshotter:
         rel = f"{node_folder(self.node)}/{name}"
         # the remote's checked-send path, as an upload's: what it reads must hash to the name
         check = SendCheck(digest, fd, size, getattr(r, "reports_progress", True))
+        transfer = Transfer(size, source=check)
+        timer = None
+        if self._deadline is not None:
+            reason = "the stop's time for the catalog snapshot ran out"
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                transfer.cancel(reason)
+            else:
+                timer = threading.Timer(left, transfer.cancel, args=(reason,))
+                timer.start()
         try:
-            r.put_snapshot(rel, fd, size, Transfer(size, source=check))
+            r.put_snapshot(rel, fd, size, transfer)
             check.confirm()
         except RemoteError as exc:
             check.abandon()
             self._failed(remote, f"catalog snapshot not stored: {exc}")
             return False
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
         self.newest[remote] = max(when, self.newest.get(remote) or 0.0)
         self.errors.pop(remote, None)
         try:

@@ -310,3 +310,20 @@ def test_a_reload_changes_the_interval_and_0_turns_snapshots_off(daemon_factory)
         with sqlite3.connect(db) as conn:
             assert {bytes(n) for (n,) in conn.execute("SELECT name FROM files")} == {b"a"}
         db.unlink()
+
+
+def test_a_snapshot_out_of_time_is_cancelled_and_leaves_nothing(workdir: Path) -> None:
+    """The stop's snapshot has a budget (systemd kills a stop that takes too long)."""
+    for name in ("state", "a"):
+        (workdir / name).mkdir()
+    catalog = _catalog(workdir)
+    remotes = {"a": DirectoryRemote("a", str(workdir / "a"))}
+    snapper = Snapshotter(catalog, remotes, "n1", str(workdir / "state"))
+    try:
+        assert snapper.step(budget=0) == []
+        assert "ran out" in snapper.problems()[0]
+        assert not [p for p in (workdir / "a").rglob("*") if p.is_file()]
+        assert snapper.step(budget=60) == ["a"]  # in time: taken, and the problem is gone
+        assert snapper.problems() == []
+    finally:
+        catalog.close()

@@ -89,6 +89,7 @@ def _state_lock(config: Config) -> Iterator[None]:
     try:
         os.makedirs(config.state, exist_ok=True)
         fd = os.open(os.path.join(config.state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _owned_like_folder(os.path.join(config.state, "lock"))
     except OSError as exc:
         raise Refused(f"state {config.state}: {exc.strerror}") from None
     try:
@@ -155,6 +156,16 @@ def _clear_leftovers(folder: str) -> None:
             if entry.name.startswith(".restore-") and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def _owned_like_folder(path: str) -> None:
+    """Run as root for a daemon that runs as its own user (the service's `cloudmanager`), a file this
+    makes must belong to that user, or the daemon could not write it: the owner of its folder."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(os.path.dirname(path) or ".")
+    if st.st_uid != 0:
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
 
 
 def _exists(path: str) -> bool:
@@ -234,6 +245,7 @@ def _install(tmp: str, path: str) -> str | None:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path + suffix, kept + suffix)
+    _owned_like_folder(tmp)
     os.rename(tmp, path)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pwd
 import random
 import shutil
 import subprocess
@@ -282,4 +283,31 @@ def test_a_copy_gone_from_its_remote_is_counted_missing_and_a_file_without_any_c
     finally:
         os.close(fd)
     assert not reply["ok"] and (workdir / "o2").read_bytes() == b""  # a clear refusal, no wrong bytes
+    assert d.stop() == 0
+
+
+def test_restore_run_as_root_leaves_a_catalog_the_service_user_can_write(daemon_factory, workdir: Path) -> None:
+    """On a service install the daemon runs as its own user; an operator runs restore as root."""
+    nobody = pwd.getpwnam("nobody")
+    base = workdir / "nb"
+    base.mkdir(mode=0o755)
+    d = daemon_factory(user="nobody", start=False, root=base, node="n1", catalog_backup={"interval": "1h"})
+    for folder, dirs, files in os.walk(base):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.chown(name, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+    d.start()
+    made = drop(d, [300], "f")
+    for name in d.inbox.iterdir():
+        os.chown(name, nobody.pw_uid, nobody.pw_gid)
+    wait_for(lambda: all_copied(d, made, {"r0"}), message="a copy on r0")
+    assert d.stop() == 0
+    state = Path(d.config["state"])
+    for name in list(state.iterdir()):
+        name.unlink()  # the state folder is there (systemd's StateDirectory=), its files are lost
+    r = restore(d)  # as root
+    assert r.returncode == 0, r.stderr
+    for name in ("catalog.sqlite3", "lock"):
+        assert (state / name).stat().st_uid == nobody.pw_uid, name
+    d.start()
+    assert [f["name"] for f in d.files()] == ["f0"]
     assert d.stop() == 0

@@ -90,6 +90,18 @@ def test_snapshots_live_apart_from_objects_and_round_trip(remote, workdir: Path)
         remote.list_snapshots("../elsewhere")  # only the reserved namespace can be named
 
 
+def test_a_large_snapshot_round_trips(remote, workdir: Path) -> None:
+    """Above S3's single checked PUT (8 MiB): the managed transfer, streamed from disk."""
+    data = os.urandom(9 * (1 << 20))
+    rel = f"{node_folder('big')}/catalog-big.sqlite.gz"
+    _put(remote, workdir, rel, data)
+    assert remote.list_snapshots(node_folder("big")) == [("catalog-big.sqlite.gz", len(data))]
+    out = workdir / "out"
+    with open(out, "wb") as f:
+        remote.get_snapshot(rel, f.fileno())
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
 def test_a_snapshot_of_other_bytes_than_its_check_expects_is_not_kept(remote, workdir: Path) -> None:
     """The checked-send path: what the remote read must hash to the name's digest."""
     data = os.urandom(5000)

@@ -387,7 +387,7 @@ class S3Remote:
         if checked:
             self._transfer_call(what, transfer, self._put_small, h, src_fd, size, transfer)
         else:
-            self._transfer_call(what, transfer, self._upload, h, src_fd, transfer)
+            self._transfer_call(what, transfer, self._upload, self.key(h), src_fd, transfer)
         if checked:
             # the server verified the SHA-256 of what it received against the object's own hash
             self._maybe_cleanup()
@@ -502,7 +502,7 @@ class S3Remote:
             {"Error": {"Code": code, "Message": found["Message"] or text[:200]},
              "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "PutObject")
 
-    def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
+    def _upload(self, key: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
         subscribers = [ProgressCallbackInvoker(_Progress(transfer))]
         with contextlib.ExitStack() as stack:
@@ -512,7 +512,7 @@ class S3Remote:
             else:  # no /proc: a file object (s3transfer then holds up to ten parts in memory)
                 source = stack.enter_context(open(os.dup(src_fd), "rb"))
             manager = stack.enter_context(create_transfer_manager(self.client, self.transfer_config))
-            future = manager.upload(source, self.bucket, self.key(h), subscribers=subscribers)
+            future = manager.upload(source, self.bucket, key, subscribers=subscribers)
             future.result()  # raises Cancelled from the progress callback; the manager aborts
 
     def _head(self, h: str) -> int:
@@ -659,14 +659,8 @@ class S3Remote:
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
                                            ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode())
             self._transfer_call(what, transfer, send)
-        else:
-            def upload() -> None:
-                os.lseek(src_fd, 0, os.SEEK_SET)
-                with open(os.dup(src_fd), "rb") as source, \
-                        create_transfer_manager(self.client, self.transfer_config) as manager:
-                    manager.upload(source, self.bucket, key,
-                                   subscribers=[ProgressCallbackInvoker(_Progress(transfer))]).result()
-            self._transfer_call(what, transfer, upload)
+        else:  # streamed from disk part by part, as an object's (see the module doc)
+            self._transfer_call(what, transfer, self._upload, key, src_fd, transfer)
         try:
             if transfer is not None:
                 transfer.confirm_source()

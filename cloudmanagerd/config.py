@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -943,6 +944,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.en
     config = config_from_mapping(data, base_dir=os.path.dirname(source),
                                  environ=environ, hostname=hostname)
     return dataclasses.replace(config, source=source)
+
+
+def load_or_report(path: str) -> Config | None:
+    """For the command line: the config, or None with one line per error on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return None
 
 
 def upload_policy(remotes: int, redundancy: object = None, min_redundancy: object = None) -> UploadConfig:

@@ -20,7 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
-from .config import Config, ConfigError, catalog_sqlite_path, load_config
+from .config import Config, ConfigError, catalog_sqlite_path, load_config, load_or_report
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
@@ -463,16 +463,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
     p.add_argument("--version", action="version", version=f"cloudmanagerd {__version__}")
     return p.parse_args(argv)
-
-
-def load_or_report(path: str) -> Config | None:
-    """The config, or None with one line per error on stderr."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"cloudmanagerd: {line}", file=sys.stderr)
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import fsutil
 from .catalog import Catalog
-from .config import Config, catalog_sqlite_path
+from .config import DEFAULT_CONFIG_PATH, Config, catalog_sqlite_path, load_or_report
 from .errors import StartupError
 from .hashing import sha256_fd
 from .node import build_remotes
@@ -54,19 +54,17 @@ def say(line: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from .daemon import DEFAULT_CONFIG  # the daemon's default config path (no other import of it)
     p = argparse.ArgumentParser(prog="cloudmanagerd restore",
                                 description="Rebuild a lost node's catalog from the newest good snapshot on its "
                                 "remotes, and register the objects the snapshot does not know.")
-    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG),
-                   help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG_PATH),
+                   help=f"config file (default {DEFAULT_CONFIG_PATH})")
     p.add_argument("--force", action="store_true",
                    help="replace an existing catalog (it is kept beside, as <catalog>.before-restore-<time>)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    from .daemon import load_or_report  # the daemon's own way to read and report a config
     args = parse_args(argv)
     config = load_or_report(args.config)
     if config is None:

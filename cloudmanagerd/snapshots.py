@@ -174,7 +174,7 @@ class Snapshotter:
         self.workdir = workdir  # the state folder: the compressed snapshot waits there for its uploads
         self.now = now
         self.newest: dict[str, float | None] = {}  # remote -> time of its newest snapshot (None: none)
-        self.errors: dict[str, str] = {}           # remote -> why its last snapshot or listing failed
+        self.errors: dict[str, str] = {}           # remote -> why its last snapshot failed (a problem line)
         self._taken: dict[str, Any] = {}           # remote -> the change marker of its last snapshot
         self._lock = threading.Lock()              # the scheduler's step and the stop's never overlap
         self._deadline: float | None = None        # uploads still running then are cancelled
@@ -195,15 +195,15 @@ class Snapshotter:
             self.newest[name] = found[0].when if found else None
             self.errors.pop(name, None)
 
-    def step(self, force: bool = False, budget: float | None = None) -> list[str]:
-        """A snapshot to every capable remote whose last one predates a change of the catalog (all of
-        them with `force`); returns the remotes that took it. With `budget` (seconds), uploads still
+    def step(self, budget: float | None = None) -> list[str]:
+        """A snapshot to every capable remote whose last one predates a change of the catalog (or
+        failed); returns the remotes that took it. With `budget` (seconds), uploads still
         running after it are cancelled (the stop's snapshot must end before systemd's stop timeout)."""
         with self._lock:
             self._deadline = time.monotonic() + budget if budget is not None else None
             marker = self.catalog.change_marker()
             targets = {name: r for name, r in self.capable().items()
-                       if force or marker is None or self._taken.get(name) != marker}
+                       if marker is None or self._taken.get(name) != marker}
             if not targets:
                 return []
             started = time.monotonic()

@@ -3,7 +3,7 @@
 A snapshot is SQLite's online backup of the catalog (Catalog.backup_to: consistent while the daemon
 writes), gzip-compressed, stored on every remote that can store and list them under
 
-    cloudmanagerd-catalog/<node>/catalog-<UTC time>-<sha256>.sqlite.gz
+    cloudmanagerd-catalog/<node>/catalog-<UTC time, to the ms>-<sha256>.sqlite.gz
 
 The reserved folder can never collide with an object (objects are named by 64 hex digits, in
 two-digit folders on a folder remote). The SHA-256 of the compressed bytes is in the name, so that
@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 KEEP_LAST = 4
 KEEP_DAYS = 7
-NAME = re.compile(r"catalog-(\d{8}T\d{6}Z)-([0-9a-f]{64})\.sqlite\.gz")
+# the time to the millisecond: two snapshots in one second (a scheduled one, then the stop's) must
+# still sort by age
+NAME = re.compile(r"catalog-(\d{8}T\d{6})\.(\d{3})Z-([0-9a-f]{64})\.sqlite\.gz")
 METHODS = ("put_snapshot", "list_snapshots", "get_snapshot", "delete_snapshot")
 
 
@@ -76,15 +78,16 @@ class Snapshot:
 
 
 def snapshot_name(when: float, digest: str) -> str:
-    return f"catalog-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(when))}-{digest}.sqlite.gz"
+    ms = int(round(when * 1000))
+    return f"catalog-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}Z-{digest}.sqlite.gz"
 
 
 def parse(name: str, size: int) -> Snapshot | None:
     m = NAME.fullmatch(name)
     if m is None:
         return None
-    when = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
-    return Snapshot(float(when), m.group(2), name, size)
+    when = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S")) + int(m.group(2)) / 1000
+    return Snapshot(when, m.group(3), name, size)
 
 
 def listed(remote: Any, node: str) -> list[Snapshot]:

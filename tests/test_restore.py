@@ -232,11 +232,11 @@ def test_what_a_killed_snapshot_upload_leaves_is_never_taken(daemon_factory, wor
     folder = good.parent
     (folder / f".{good.name}.1234abcd.tmp").write_bytes(good.read_bytes()[:100])
     digest = hashlib.sha256(b"whole").hexdigest()
-    (folder / f"catalog-29991231T000000Z-{digest}.sqlite.gz").write_bytes(gzip.compress(b"whole")[:10])
+    (folder / f"catalog-29991231T000000.000Z-{digest}.sqlite.gz").write_bytes(gzip.compress(b"whole")[:10])
     shutil.rmtree(d.config["state"])
     r = restore(d)
     assert r.returncode == 0, r.stderr
-    assert "catalog-29991231T000000Z" in r.stderr and "not usable" in r.stderr
+    assert "catalog-29991231T000000.000Z" in r.stderr and "not usable" in r.stderr
     assert f"from snapshot {good.name}" in r.stdout
 
 

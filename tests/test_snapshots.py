@@ -145,9 +145,12 @@ def test_node_names_become_one_safe_folder() -> None:
 def test_names_carry_time_and_hash_and_nothing_else_parses() -> None:
     digest = "ab" * 32
     name = snapshot_name(1_700_000_000, digest)
-    assert name == f"catalog-20231114T221320Z-{digest}.sqlite.gz"
+    assert name == f"catalog-20231114T221320.000Z-{digest}.sqlite.gz"
+    assert snapshot_name(1_700_000_000.25, digest) == f"catalog-20231114T221320.250Z-{digest}.sqlite.gz"
+    assert parse(snapshot_name(1_700_000_000.25, digest), 1).when == 1_700_000_000.25
     assert parse(name, 10) == Snapshot(1_700_000_000.0, digest, name, 10)
-    for other in (digest, f".{name}.1234abcd.tmp", name + ".part", "catalog-2023-x.sqlite.gz"):
+    for other in (digest, f".{name}.1234abcd.tmp", name + ".part", "catalog-2023-x.sqlite.gz",
+                  f"catalog-20231114T221320Z-{digest}.sqlite.gz"):
         assert parse(other, 1) is None
 
 

@@ -22,6 +22,7 @@ import gzip
 import os
 import shutil
 import socket
+import sqlite3
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from typing import Any
 from . import fsutil
 from .catalog import Catalog
 from .config import DEFAULT_CONFIG_PATH, Config, catalog_sqlite_path, load_or_report
-from .errors import StartupError
+from .errors import CloudManagerError, StartupError, explain_oserror
 from .hashing import sha256_fd
 from .node import build_remotes
 from .remotes.base import RemoteError
@@ -72,9 +73,18 @@ def main(argv: list[str]) -> int:
     try:
         with _state_lock(config):
             summary = restore(config, args.force)
-    except Refused as exc:
+    except (Refused, CloudManagerError) as exc:
         say(str(exc))
         return 1
+    except OSError as exc:
+        say(explain_oserror(exc, exc.filename or "restore"))
+        return 1
+    except sqlite3.Error as exc:
+        say(f"catalog {catalog_sqlite_path(config.catalog)}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted: run restore again (with --force if it said the snapshot was installed)")
+        return 130
     for line in summary:
         print(line)
     return 0
@@ -95,8 +105,8 @@ def _state_lock(config: Config) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise Refused(f"cloudmanagerd is running with state {config.state}: stop it first "
-                              "(systemctl stop cloudmanagerd), then run restore again") from None
+                raise Refused(f"cloudmanagerd (or another restore) is running with state {config.state}: stop it "
+                              "first (systemctl stop cloudmanagerd), then run restore again") from None
             raise
         if _answers(config.control.socket):
             raise Refused(f"a cloudmanagerd answers on {config.control.socket}: stop it first, then run "

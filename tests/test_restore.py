@@ -311,3 +311,16 @@ def test_restore_run_as_root_leaves_a_catalog_the_service_user_can_write(daemon_
     d.start()
     assert [f["name"] for f in d.files()] == ["f0"]
     assert d.stop() == 0
+
+
+def test_a_catalog_folder_that_cannot_be_made_is_one_line_not_a_traceback(daemon_factory, workdir: Path) -> None:
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1h"})
+    drop(d, [10], "f")
+    wait_for(lambda: d.files(), message="a file")
+    assert d.stop() == 0
+    (workdir / "not-a-folder").write_text("x")
+    d.config["catalog"] = f"sqlite:///{workdir / 'not-a-folder' / 'catalog.sqlite3'}"
+    write_config(d)
+    r = restore(d)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "not-a-folder" in r.stderr, r.stderr

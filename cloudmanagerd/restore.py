@@ -140,7 +140,10 @@ def restore(config: Config, force: bool) -> list[str]:
         raise Refused(str(exc)) from None
     try:
         folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:
+            raise Refused(f"catalog folder {folder} is a file, not a folder (fix catalog: in the config)") from None
         _clear_leftovers(folder)
         snap, where, tmp = _newest_good(remotes, config.node, folder)
         kept = _install(tmp, path)

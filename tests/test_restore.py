@@ -10,6 +10,7 @@ import os
 import pwd
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -324,3 +325,40 @@ def test_a_catalog_folder_that_cannot_be_made_is_one_line_not_a_traceback(daemon
     r = restore(d)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "not-a-folder" in r.stderr, r.stderr
+
+
+def test_sigkill_in_the_middle_of_a_snapshot_upload_leaves_nothing_restore_takes(daemon_factory,
+                                                                               workdir: Path) -> None:
+    """The daemon is killed while a snapshot is being written to the folder remote (its temp file is
+    there): no partial snapshot under a final name, and restore takes the last whole one."""
+    d = daemon_factory(remotes=1, node="n1", catalog_backup={"interval": "1s"})
+    r0 = Path(d.config["remotes"][0]["path"])
+    folder = r0 / RESERVED / "n1"
+    made = drop(d, [100], "f")
+    wait_for(lambda: all_copied(d, made, {"r0"}), message="a copy")
+    assert d.stop() == 0
+    whole = snapshots(r0)
+    assert whole
+    # ballast that does not compress, so that the next snapshot takes a while to write out
+    catalog = Path(d.config["state"]) / "catalog.sqlite3"
+    with sqlite3.connect(catalog) as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('test-ballast', ?)", (os.urandom(48 * MiB),))
+    conn.close()
+    d.start()
+    temp = wait_for(lambda: [p for p in folder.iterdir() if p.name.startswith(".")], timeout=60,
+                    interval=0.0005, message="a snapshot upload in progress")
+    d.kill()
+    left = [p for p in folder.iterdir() if p.name.startswith(".")]
+    for snap in snapshots(r0):  # whatever is under a final name is whole
+        parsed = parse(snap.name, snap.stat().st_size)
+        assert parsed is not None and hashlib.sha256(snap.read_bytes()).hexdigest() == parsed.digest
+    lose_the_disk(d)
+    r = restore(d)
+    assert r.returncode == 0, r.stderr
+    newest = snapshots(r0)[-1]
+    assert f"from snapshot {newest.name}" in r.stdout
+    if left:  # the kill came before the rename (the usual case): the temp file is passed over
+        assert left == temp and newest in whole
+    d.start()
+    assert [f["name"] for f in d.files()] == ["f0"]
+    assert d.stop() == 0

@@ -91,7 +91,7 @@ def test_the_disaster_drill_every_file_comes_back_from_a_folder_remote_and_s3(da
     # a cache of 16 MiB for ~60 MB of files: many are evicted before the disk is lost
     d = daemon_factory(remotes=1, start=False, node="n1", upload={"redundancy": 2},
                        cache={"capacity": "16MiB"}, catalog_backup={"interval": "1h"})
-    d.config["remotes"].append({"name": "s3", **seaweed.remote_options(seaweed.make_bucket())})
+    d.config["remotes"].append({"name": "s3", **seaweed.remote_options(seaweed.make_bucket(), prefix="cm/")})
     write_config(d)
     d.start()
     rng = random.Random(300)

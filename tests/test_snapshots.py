@@ -20,6 +20,7 @@ from seaweed import seaweed
 __all__ = ["seaweed"]  # the session-scoped S3 server, a fixture here (and pyflakes sees it used)
 
 from cloudmanagerd.catalog import Catalog, IngestRecord
+from cloudmanagerd.config import ConfigError, config_from_mapping
 from cloudmanagerd.remotes.base import RESERVED, RemoteError, Transfer
 from cloudmanagerd.remotes.directory import DirectoryRemote
 from cloudmanagerd.remotes.rclone import RcloneRemote
@@ -369,3 +370,27 @@ def test_a_full_state_disk_fails_the_snapshot_cleanly(workdir: Path) -> None:
         subprocess.run(["umount", "-l", str(workdir / "tiny")], check=False)
     # (SQLite keeps a closed connection's descriptor until the file's last connection closes)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 900.0), ("2m", 120.0), (0, 0.0), ("0s", 0.0), (False, 0.0)])
+def test_catalog_backup_interval_is_read_with_its_default_and_off(value, seconds, workdir: Path) -> None:
+    data = {"inbox": str(workdir / "i"), "cache": {"path": str(workdir / "c"), "capacity": "1GiB"}, "node": "n"}
+    if value is not None:
+        data["catalog_backup"] = {"interval": value}
+    assert config_from_mapping(data, base_dir=str(workdir)).catalog_backup.interval == seconds
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.5s", "catalog_backup.interval: must be at least 1s (or 0 to turn snapshots off)"),
+    ("soon", "catalog_backup.interval: "),
+])
+def test_a_bad_catalog_backup_interval_names_the_key(value, message, workdir: Path) -> None:
+    data = {"inbox": str(workdir / "i"), "cache": {"path": str(workdir / "c"), "capacity": "1GiB"}, "node": "n",
+            "catalog_backup": {"interval": value}}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data, base_dir=str(workdir))
+    assert [e for e in info.value.errors if e.startswith(message)], info.value.errors
+    data["catalog_backup"] = {"intervall": "1m"}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data, base_dir=str(workdir))
+    assert any("catalog_backup.intervall" in e and "did you mean interval" in e for e in info.value.errors)

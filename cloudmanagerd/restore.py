@@ -29,6 +29,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 from . import fsutil
 from .catalog import Catalog
@@ -36,7 +37,7 @@ from .config import DEFAULT_CONFIG_PATH, Config, catalog_sqlite_path, load_or_re
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .hashing import sha256_fd
 from .node import build_remotes
-from .remotes.base import RemoteError
+from .remotes.base import RESERVED, RemoteError
 from .snapshots import Snapshot, listed, node_folder, supports
 
 ADOPT_CHUNK = 5000  # objects registered per transaction
@@ -207,8 +208,23 @@ def _newest_good(remotes: dict[str, Any], node: str, folder: str) -> tuple[Snaps
             say(f"snapshot {snap.name} on remote {name} is not usable ({exc}); trying the next older")
         except RemoteError as exc:
             say(f"snapshot {snap.name} on remote {name} could not be read ({exc}); trying the next older")
+    others = sorted(_other_nodes(remotes, node))
+    if others:
+        raise Refused(f"no usable catalog snapshot of node {node!r} on any remote; there are snapshots of "
+                      f"node(s) {', '.join(others)}: set `node:` in the config to the lost machine's name "
+                      "(it defaults to the hostname)")
     raise Refused(f"no usable catalog snapshot of node {node!r} on any remote (snapshots are made when "
                   "catalog_backup is on; is `node:` the same as on the lost machine?)")
+
+
+def _other_nodes(remotes: dict[str, Any], node: str) -> set[str]:
+    """The nodes that have snapshots on the remotes, by their folder names (for the hint)."""
+    found: set[str] = set()
+    for remote in remotes.values():
+        if callable(getattr(remote, "list_snapshot_folders", None)):
+            with contextlib.suppress(RemoteError):
+                found |= {unquote(name) for name in remote.list_snapshot_folders(RESERVED)}
+    return found - {node}
 
 
 def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:

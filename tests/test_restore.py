@@ -203,6 +203,16 @@ def test_restore_without_snapshots_or_with_a_postgresql_catalog_says_what_to_do(
     r = restore(d)
     assert r.returncode == 1 and "no usable catalog snapshot of node 'n1'" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 2  # the remote's count, then the reason
+    # the replacement machine has another hostname (node: defaults to it): the hint names the lost one
+    d.config["node"] = "old-host"
+    write_config(d)
+    d.start()
+    assert d.stop() == 0
+    shutil.rmtree(d.config["state"])
+    d.config["node"] = "n1"
+    write_config(d)
+    r = restore(d)
+    assert r.returncode == 1 and "there are snapshots of node(s) old-host" in r.stderr, r.stderr
     d.config["catalog"] = "postgresql://u@localhost/cm"
     write_config(d)
     r = restore(d)

@@ -78,6 +78,7 @@ def test_snapshots_live_apart_from_objects_and_round_trip(remote, workdir: Path)
     finally:
         os.close(fd)
     assert remote.list_snapshots(folder) == [("catalog-x.sqlite.gz", len(data))]
+    assert remote.list_snapshot_folders(RESERVED) == ["node-1"]  # the nodes with snapshots
     # the listing of objects holds the object only: the reserved folder is never taken for one
     assert list(remote.list_objects()) == [(h, len(obj))]
     assert remote.object_url(h).endswith(h)

@@ -161,6 +161,7 @@ class Remote(Protocol):
     #   put_snapshot(rel, src_fd, size, transfer): store the bytes whole under `rel`, or nothing there
     #     (a temp name and a rename, or one atomic PUT); `transfer.confirm_source()` before it is final.
     #   list_snapshots(rel_dir) -> [(name, size)]: the files directly under `rel_dir` ([] when absent).
+    #   list_snapshot_folders(rel_dir) -> [name]: the folders directly under it (the nodes, for a hint).
     #   get_snapshot(rel, dst_fd), delete_snapshot(rel): as get and delete.
     #   list_objects() -> iterable of (hash, size): every object the remote holds.
     #   object_url(h) -> str: the URL `put` would have returned for the object.

@@ -295,12 +295,21 @@ class DirectoryRemote:
                             os.unlink(entry.name, dir_fd=folder)
 
     def list_snapshots(self, rel_dir: str) -> list[tuple[str, int]]:
+        return [(e.name, e.stat(follow_symlinks=False).st_size) for e in self._entries(rel_dir)
+                if e.is_file(follow_symlinks=False)]
+
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        return [e.name for e in self._entries(rel_dir) if e.is_dir(follow_symlinks=False)]
+
+    def _entries(self, rel_dir: str) -> list[os.DirEntry]:
         parts = reserved_parts(rel_dir)
         root = self._root()
         try:
             with fsutil.subdir(root, [p.encode() for p in parts]) as folder, os.scandir(folder) as entries:
-                return [(e.name, e.stat(follow_symlinks=False).st_size) for e in entries
-                        if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+                found = [e for e in entries if not e.name.startswith(".")]
+                for e in found:
+                    e.stat(follow_symlinks=False)  # cached in the entry while the folder is open
+                return found
         except FileNotFoundError:
             return []
         except OSError as exc:

@@ -323,8 +323,11 @@ class RcloneRemote:
             self._discard(target)  # rclone cannot hold a copy back: a wrong source is deleted again
             raise
 
-    def _lsjson(self, path: str) -> list[dict]:
-        result = self._run("lsjson", "--files-only", "--no-mimetype", "--no-modtime", path, timeout=self.op_timeout)
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        return [e["Name"] for e in self._lsjson(join(self.remote, "/".join(reserved_parts(rel_dir))), "--dirs-only")]
+
+    def _lsjson(self, path: str, only: str = "--files-only") -> list[dict]:
+        result = self._run("lsjson", only, "--no-mimetype", "--no-modtime", path, timeout=self.op_timeout)
         if not result.ok:
             error = self._error("list", result)
             if error.kind == MISSING or "directory not found" in error_detail(result):

@@ -682,6 +682,12 @@ class S3Remote:
                 found.append((name, size))
         return found
 
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        prefix = self.prefix + "/".join(reserved_parts(rel_dir)) + "/"
+        pages = self._call(f"list of s3://{self.bucket}/{prefix}", lambda: list(
+            self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")))
+        return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+
     def _list(self, prefix: str, what: str) -> Iterator[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=prefix))

@@ -263,7 +263,8 @@ class Daemon:
 
     def problems(self) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
-        snapshots = self.snapshotter.problems() if self.snapshotter is not None else []
+        # a remote the uploads found broken is one line already, whatever else fails on it
+        snapshots = self.snapshotter.problems(skip=self.uploader.unhealthy) if self.snapshotter is not None else []
         return (reload_error + self.health().lines() + self.worker.problems()
                 + self.uploader.problems() + self.scrubber.problems() + snapshots)
 

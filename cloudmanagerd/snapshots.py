@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -282,6 +282,7 @@ class Snapshotter:
         return {"newest": newest, "age": round(now - newest, 1) if newest is not None else None,
                 "error": self.errors.get(remote)}
 
-    def problems(self) -> list[str]:
+    def problems(self, skip: Collection[str] = ()) -> list[str]:
+        """A line per remote whose last snapshot failed; `skip`: remotes already reported broken."""
         return [f"remote {name}: {message}" for name, message in sorted(self.errors.items())
-                if name in self.remotes]
+                if name in self.remotes and name not in skip]

@@ -395,3 +395,23 @@ def test_a_bad_catalog_backup_interval_names_the_key(value, message, workdir: Pa
     with pytest.raises(ConfigError) as info:
         config_from_mapping(data, base_dir=str(workdir))
     assert any("catalog_backup.intervall" in e and "did you mean interval" in e for e in info.value.errors)
+
+
+def test_a_broken_remote_is_one_problem_line_and_its_snapshot_error_is_in_the_status(daemon_factory) -> None:
+    d = daemon_factory(remotes=2, node="n1", start=False, catalog_backup={"interval": "1s"})
+    r1 = Path(d.config["remotes"][1]["path"])
+    r1.rmdir()
+    r1.write_text("a file where the remote folder should be")
+    d.start()
+    (d.inbox / "a").write_bytes(b"a")
+
+    def snapshot_error():
+        r = next(r for r in d.status()["remotes"] if r["name"] == "r1")
+        return r["catalog_snapshot"]["error"] and not r["healthy"]
+
+    wait_for(snapshot_error, timeout=30, message="r1 unhealthy and its snapshot failed")
+    problems = d.status()["problems"]
+    assert len([p for p in problems if "r1" in p]) == 1, problems
+    r0 = next(r for r in d.status()["remotes"] if r["name"] == "r0")
+    assert r0["catalog_snapshot"]["error"] is None and r0["catalog_snapshot"]["age"] is not None
+    assert d.stop() == 0

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -132,6 +133,11 @@ class ScrubConfig:
     remote_read: float = DEFAULT_REMOTE_READ  # bytes per second; 0 = quick checks only (exists, size)
 
 
+@dataclass(frozen=True)
+class CatalogBackupConfig:
+    interval: float  # seconds between snapshots of a SQLite catalog to the remotes; 0 = off
+
+
 _SECRET_OPTIONS = frozenset({"secret_access_key"})
 
 
@@ -171,6 +177,7 @@ class Config:
     source: str | None = None  # the file it was loaded from
     scrub: ScrubConfig = ScrubConfig()
     metrics: MetricsConfig = MetricsConfig()
+    catalog_backup: CatalogBackupConfig = CatalogBackupConfig(interval=900.0)
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -319,7 +326,7 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes", "scrub", "metrics",
+    "ingest", "upload", "cluster", "log", "remotes", "scrub", "metrics", "catalog_backup",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
@@ -331,6 +338,7 @@ _SECTION_KEYS = {
     "log": ("level", "format"),
     "scrub": ("remote_read",),
     "metrics": ("listen", "textfile"),
+    "catalog_backup": ("interval",),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -628,18 +636,21 @@ class _Parser:
         log = self.parse_log(data)
         scrub = self.parse_scrub(data)
         metrics = self.parse_metrics(data)
+        backup = self.parse_catalog_backup(data)
         self.check_layout(inbox, state, catalog, cache, ingest, remotes or [],
                           metrics.textfile if metrics is not None else None)
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or log is None or scrub is None or metrics is None):
+                or upload is None or lease is None or log is None or scrub is None or metrics is None
+                or backup is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
             log=log, remotes=tuple(r for r in remotes if r is not None), scrub=scrub,
             metrics=metrics,
+            catalog_backup=backup,
         )
 
     def _default_state(self) -> str:
@@ -658,6 +669,23 @@ class _Parser:
         if section is None:
             return None
         return self.value(section, "lease", "cluster.lease", self._duration(positive=True), 60.0)
+
+    def parse_catalog_backup(self, data: Mapping[Any, Any]) -> CatalogBackupConfig | None:
+        section = self.section(data, "catalog_backup")
+        if section is None:
+            return None
+        # 0 (or "off") turns the snapshots off; a PostgreSQL catalog never has them (see snapshots.py)
+        interval = self.value(section, "interval", "catalog_backup.interval", self._interval_or_off, 900.0)
+        return None if interval is None else CatalogBackupConfig(interval=interval)
+
+    @staticmethod
+    def _interval_or_off(value: object) -> float:
+        if value is False:  # "off" and "no" in YAML 1.1
+            return 0.0
+        seconds = parse_duration(value)
+        if 0 < seconds < 1:
+            raise ValueError(f"must be at least 1s (or 0 to turn snapshots off), got {_describe(value)}")
+        return seconds
 
     def parse_log(self, data: Mapping[Any, Any]) -> LogConfig | None:
         section = self.section(data, "log")
@@ -993,6 +1021,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.en
     config = config_from_mapping(data, base_dir=os.path.dirname(source),
                                  environ=environ, hostname=hostname)
     return dataclasses.replace(config, source=source)
+
+
+def load_or_report(path: str) -> Config | None:
+    """For the command line: the config, or None with one line per error on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return None
 
 
 def upload_policy(remotes: int, redundancy: object = None, min_redundancy: object = None) -> UploadConfig:

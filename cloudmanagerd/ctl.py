@@ -314,6 +314,10 @@ def print_status(s: dict[str, Any]) -> None:
     for r in s["remotes"]:
         health = "healthy" if r["healthy"] else "UNHEALTHY"
         err = f", last error: {r['last_error']}" if r["last_error"] else ""
+        snap = r.get("catalog_snapshot")
+        if snap is not None:  # None: the remote cannot hold catalog snapshots (or they are off)
+            err += (f", catalog snapshot {ago(snap['age'])}" if snap["age"] is not None
+                    else ", no catalog snapshot yet")
         print(f"remote   {r['name']} ({r['type']}): {health}, {r['copies']} copies, {r['errors']} errors{err}")
     t = s["transfer"]
     print(f"transfer {t['month']}: in {human_size(t['incoming'])}, out {human_size(t['outgoing'])}")

@@ -20,7 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, catalog_sqlite_path, load_config, load_or_report
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
@@ -33,12 +33,14 @@ from .notify import Notifier
 from .preflight import inbox_link_problem, preflight, promise_warnings
 from .rejects import Rejector
 from .remotes import build_remote
+from .snapshots import Snapshotter
 from .status import build_status, summary_line
 
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
 SAFE_WINDOW = 60.0  # seconds: longer than a recorded copy ever waits for its "uploaded" handler
+STOP_SNAPSHOT_BUDGET = 45.0  # seconds the stop's catalog snapshot may spend uploading
 
 
 class Daemon:
@@ -81,6 +83,9 @@ class Daemon:
         self.catalog, self.cache, self.remotes = node.catalog, node.cache, node.remotes
         self.evictor, self.fetcher, self.scrubber = node.evictor, node.fetcher, node.scrubber
         self.remover, self.uploader = node.remover, node.uploader
+        # a PostgreSQL catalog is backed up with PostgreSQL's own tools (README), not snapshotted
+        self.snapshotter = (Snapshotter(self.catalog, self.remotes, c.node, c.state)
+                            if catalog_sqlite_path(c.catalog) else None)
         self.events.on("work-queued", self.wake_pump)
         self.events.on("copy-made", self._copy_made)
         self.events.on("uploaded", self._uploaded)
@@ -125,7 +130,8 @@ class Daemon:
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
             "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety,
-            "metrics": self.metrics.write_textfile}, c, self._guarded)
+            "metrics": self.metrics.write_textfile,
+            "catalog-backup": self._snapshot, "catalog-snapshots": self._list_snapshots}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -141,6 +147,14 @@ class Daemon:
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _snapshot(self) -> None:
+        if self.snapshotter is not None and self.config.catalog_backup.interval > 0:
+            self.snapshotter.step()
+
+    def _list_snapshots(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.refresh()
 
     def _reclaim(self) -> None:
         self.uploader.reclaim()
@@ -304,6 +318,9 @@ class Daemon:
             *(health.Finding(line) for line in self.uploader.problems()),
             # a damaged object that is a file's only copy: its right bytes are nowhere
             *(health.Finding(line, critical=True) for line in self.scrubber.problems()),
+            # a remote the uploads found broken is one line already, whatever else fails on it
+            *(health.Finding(line) for line in (self.snapshotter.problems(skip=self.uploader.unhealthy)
+                                                if self.snapshotter is not None else [])),
             *filter(None, [
                 health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
                 health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
@@ -319,11 +336,18 @@ class Daemon:
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
-                    "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
+                    "last_error": stats.get(rc.name, {}).get("last_error"),
+                    "catalog_snapshot": self._snapshot_status(rc.name)} for rc in c.remotes]
         return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
+
+    def _snapshot_status(self, remote: str) -> dict[str, Any] | None:
+        """The newest catalog snapshot on a remote (None: no snapshots there, or none at all)."""
+        if self.snapshotter is None:
+            return None
+        return self.snapshotter.status(remote, time.time())
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
@@ -422,6 +446,9 @@ class Daemon:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
         if new.upload.grace != old.upload.grace:
             self.scheduler.reschedule_job("at-risk", trigger="interval", seconds=jobs.at_risk_interval(new))
+        if new.catalog_backup.interval != old.catalog_backup.interval:
+            self.scheduler.reschedule_job("catalog-backup", trigger="interval",
+                                          seconds=new.catalog_backup.interval or 3600.0)
         self.scheduler.modify_job("heal", next_run_time=_now())
         # a reload often follows a fix outside the config (a mount, permissions): probe the sick
         # remotes now, so that their waiting uploads go at once
@@ -436,6 +463,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop in reverse order: no new requests, no new files, finish the file in hand, then close."""
+        clean = self.state in ("running", "reloading")  # not a failed start, not a damaged catalog
         self.state = "stopping"
         self.notifier.stopping()
         log.info("stopping")
@@ -455,6 +483,13 @@ class Daemon:
                 self.uploader.close()
             except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
+        if clean and getattr(self, "snapshotter", None) is not None and self.config.catalog_backup.interval > 0:
+            try:
+                # the catalog as it is at the end, on the remotes; within STOP_SNAPSHOT_BUDGET so that
+                # the stop ends before systemd's TimeoutStopSec (90 s) kills it
+                self.snapshotter.step(budget=STOP_SNAPSHOT_BUDGET)
+            except sqlite3.Error as exc:
+                log.warning("no catalog snapshot at stop: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
         self._stack.close()
@@ -493,7 +528,9 @@ def _now() -> datetime.datetime:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cloudmanagerd", description="Turn a drop folder into a content-addressed "
-                                "store, cached locally and copied to remote hosts.")
+                                "store, cached locally and copied to remote hosts.",
+                                epilog="cloudmanagerd restore -c FILE [--force]: rebuild a lost node's catalog from "
+                                "the newest snapshot on its remotes (see `cloudmanagerd restore --help`).")
     p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG),
                    help=f"config file (default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 or 1")
@@ -503,12 +540,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["restore"]:  # `cloudmanagerd restore -c FILE [--force]`: a lost node's catalog back
+        from .restore import main as restore_main
+        return restore_main(argv[1:])
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"cloudmanagerd: {line}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     problems, warnings = preflight(config)
     if not problems:  # with an error to fix first, these would bury it

@@ -49,6 +49,9 @@ TABLE: tuple[Job, ...] = (
     # from other nodes' exports, so here, not in every status; a fraction of the grace late at most
     Job("at-risk", at_risk_interval, at_start=True),
     Job("metrics", lambda c: TEXTFILE_INTERVAL, at_start=True),  # metrics.textfile rewritten (nothing when off)
+    # catalog snapshots to the remotes when the catalog changed (0: off, the job then does nothing)
+    Job("catalog-backup", lambda c: c.catalog_backup.interval or 3600.0),
+    Job("catalog-snapshots", None, at_start=True),              # the newest snapshot on each remote, for status
 )
 
 

@@ -95,6 +95,8 @@ def test_status_json_has_every_field_of_the_status_object(pop: Populated) -> Non
     assert s["safety"] == {"below_min": 0, "below_min_bytes": 0, "below_redundancy": 0, "oldest_below_min": None}
     assert [r["name"] for r in s["remotes"]] == ["r0", "r1"]
     for r in s["remotes"]:
+        snapshot = r.pop("catalog_snapshot")  # the newest catalog snapshot there (issue 14)
+        assert set(snapshot) == {"newest", "age", "error"} and snapshot["error"] is None
         assert r == {"name": r["name"], "type": "directory", "healthy": True, "copies": len(DROPS), "errors": 0,
                      "last_error": None}
     t = s["transfer"]

@@ -16,6 +16,7 @@ Tables (schema version 1):
 from __future__ import annotations
 
 import collections
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -1083,3 +1084,63 @@ class Catalog:
         with self.db.read() as conn:
             return [(r, t) for r, t in conn.execute(
                 "SELECT remote, COALESCE(verified, created) FROM copies WHERE hash=? AND bad=0", (h,))]
+
+    # -- snapshots and restore after a lost disk (snapshots.py, restore.py; issue 14) ------------
+
+    def change_marker(self) -> tuple[int, ...] | None:
+        """Changes when anything was committed (the file's and its WAL's size and modification time:
+        every commit writes the WAL, a checkpoint the file); None when it cannot tell (no file)."""
+        path = getattr(self.db, "path", None)
+        if not path:
+            return None
+        marker: list[int] = []
+        for name in (path, path + "-wal"):
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                marker += [-1, -1]
+            else:
+                marker += [st.st_size, st.st_mtime_ns]
+        return tuple(marker)
+
+    def good_copies_on(self, remote: str) -> set[str]:
+        """The hashes of every good copy recorded on `remote`."""
+        return {h for (h,) in self.db.connection().execute(
+            "SELECT hash FROM copies WHERE remote=? AND bad=0", (remote,))}
+
+    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]], now: float) -> dict[str, int]:
+        """Objects (hash, size, url) found on `remote` that the catalog does not record there: an
+        unknown hash becomes a file named by its hash (its bytes are verified at its first fetch, as
+        every fetch's are), a known one gains the copy and its pending upload there is done. A size
+        that contradicts the file's is not recorded ("conflicts"). One transaction."""
+        counts = {"files": 0, "copies": 0, "conflicts": 0}
+        with self.db.tx() as conn:
+            for h, size, url in objects:
+                row = conn.execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
+                if row is None:
+                    conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?)",
+                                 (h, h.encode(), size, now))
+                    counts["files"] += 1
+                elif row[0] != size:
+                    counts["conflicts"] += 1
+                    continue
+                added = conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, ?, ?) "
+                                     "ON CONFLICT(hash, remote) DO NOTHING", (h, remote, url, now)).rowcount
+                if added:
+                    counts["copies"] += 1
+                    conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
+                                 "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
+        return counts
+
+    def mark_copies_missing(self, remote: str, hashes: Sequence[str], error: str, now: float) -> int:
+        """Recorded copies whose object is not on `remote`: bad (the self-heal copies their files again)."""
+        with self.db.tx() as conn:
+            changed = sum(conn.execute("UPDATE copies SET bad=1 WHERE hash=? AND remote=? AND bad=0",
+                                       (h, remote)).rowcount for h in hashes)
+            if changed:
+                conn.execute(
+                    "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(remote) DO UPDATE SET errors=remote_stats.errors+excluded.errors, "
+                    "last_error=excluded.last_error, last_error_at=excluded.last_error_at",
+                    (remote, changed, error, now))
+        return changed

@@ -319,8 +319,10 @@ class Daemon:
             # a damaged object that is a file's only copy: its right bytes are nowhere
             *(health.Finding(line, critical=True) for line in self.scrubber.problems()),
             # a remote the uploads found broken is one line already, whatever else fails on it
-            *(health.Finding(line) for line in (self.snapshotter.problems(skip=self.uploader.unhealthy)
-                                                if self.snapshotter is not None else [])),
+            *(health.Finding(line) for line in (
+                self.snapshotter.problems(skip=self.uploader.unhealthy)
+                + self.snapshotter.behind(c.catalog_backup.interval, skip=self.uploader.unhealthy)
+                if self.snapshotter is not None else [])),
             *filter(None, [
                 health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
                 health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),

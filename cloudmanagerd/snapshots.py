@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .remotes.base import RESERVED, RemoteError, Transfer
+from .status import human_duration
 from .uploads import SendCheck
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,24 @@ class Snapshotter:
         newest = self.newest.get(remote)
         return {"newest": newest, "age": round(now - newest, 1) if newest is not None else None,
                 "error": self.errors.get(remote)}
+
+    def behind(self, interval: float, skip: Collection[str] = ()) -> list[str]:
+        """A line per remote whose newest snapshot is older than three intervals and an hour while the
+        catalog changed since (`status --check` WARNING, issue 15): the schedule is not keeping up, and a
+        lost disk would lose that much of the catalog. A remote whose last snapshot failed has its own
+        line; one that never held a snapshot is not judged (its first is due one interval after start)."""
+        if interval <= 0:
+            return []
+        now, marker, late = self.now(), self.catalog.change_marker(), []
+        for name in sorted(self.capable()):
+            newest = self.newest.get(name)
+            if name in skip or name in self.errors or newest is None or now - newest <= 3 * interval + 3600:
+                continue
+            if marker is not None and self._taken.get(name) == marker:
+                continue  # nothing changed since the snapshot it holds: it is current
+            late.append(f"remote {name}: newest catalog snapshot is {human_duration(now - newest)} old, with "
+                        f"catalog_backup.interval {human_duration(interval)} (is the daemon too busy to take one?)")
+        return late
 
     def problems(self, skip: Collection[str] = ()) -> list[str]:
         """A line per remote whose last snapshot failed; `skip`: remotes already reported broken."""

@@ -240,6 +240,27 @@ def test_a_snapshot_goes_to_every_remote_that_can_hold_one_and_only_after_a_chan
         catalog.close()
 
 
+def test_a_snapshot_left_behind_by_changes_is_a_warning_but_an_idle_catalog_is_not(workdir: Path) -> None:
+    for name in ("state", "a"):
+        (workdir / name).mkdir()
+    catalog = _catalog(workdir)
+    remotes = {"a": DirectoryRemote("a", str(workdir / "a"))}
+    clock = [1_000 * DAY]
+    snapper = Snapshotter(catalog, remotes, "n1", str(workdir / "state"), now=lambda: clock[0])
+    try:
+        assert snapper.behind(900) == []  # no snapshot yet: the first is due one interval after start
+        assert snapper.step() == ["a"]
+        clock[0] += DAY
+        assert snapper.behind(900) == []  # a day old, but nothing changed: still the whole catalog
+        _add(catalog, 1, start=3)
+        (line,) = snapper.behind(900)
+        assert line.startswith("remote a: newest catalog snapshot is 1d") and "catalog_backup.interval 15m" in line
+        assert snapper.behind(0) == []  # snapshots turned off: nothing to be late
+        assert snapper.step() == ["a"] and snapper.behind(900) == []
+    finally:
+        catalog.close()
+
+
 def test_a_failing_remote_is_a_problem_and_the_other_still_gets_its_snapshot(workdir: Path) -> None:
     for name in ("state", "g"):
         (workdir / name).mkdir()

@@ -7,7 +7,8 @@ every entry. The events an operator alerts on carry a stable MESSAGE_ID (below: 
 
 `RepeatFilter` limits warnings and errors: a message about a file is limited per kind (its text
 before the arguments, its remote and the failure it reports), not per file, so that a dead remote
-writes one line a window, not one per file; any other message per identical text. The next line
+writes one line a window, not one per file (an ERROR about a file, damage, is written for each file);
+any other message per identical text. The next line
 after a window says how many were held back. The events with a MESSAGE_ID are never held back.
 """
 
@@ -75,8 +76,11 @@ class RepeatFilter(logging.Filter):
             h = str(getattr(record, "HASH"))
             args = record.args if isinstance(record.args, tuple) else ()
             failures = tuple(str(a).replace(h, "") for a in args if isinstance(a, BaseException))
+            # an ERROR about a file (its cache object holds other bytes, it is lost) is news for each file:
+            # those are rare and each one names damage an operator must see; warnings (a remote refusing
+            # uploads) are the floods this filter is for
             key: tuple[Any, ...] = (record.levelno, record.name, str(record.msg), getattr(record, "REMOTE", None),
-                                    failures)
+                                    failures, h if record.levelno >= logging.ERROR else None)
         else:
             key = (record.levelno, record.getMessage())
         now = self.clock()

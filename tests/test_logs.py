@@ -297,3 +297,12 @@ def test_every_file_made_safe_is_said_once_even_when_its_copies_land_together(da
     assert d.stop() == 0
     safe = [json.loads(line)["hash"] for line in d.log().splitlines() if FILE_SAFE in line]
     assert len(safe) == len(set(safe)) == 150
+
+
+def test_damage_to_each_file_is_written_for_each_file_and_repeats_of_one_file_are_still_limited() -> None:
+    # two cache objects found rotten within a minute: the second must not hide behind the first
+    f = RepeatFilter(window=60, clock=Clock())
+    template = "cache object hash=%s holds other bytes; dropping it and fetching it again"
+    assert passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))
+    assert passes(f, about(template, "f" * 64, h="f" * 64, remote=None, level=logging.ERROR))
+    assert not passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))

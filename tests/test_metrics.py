@@ -305,8 +305,10 @@ def test_a_real_daemon_scraped_while_files_arrive_and_upload(daemon_factory, wor
 
     for i in range(20):
         (d.inbox / f"f{i}").write_bytes(os.urandom(1000 + i))
-    wait_for(lambda: d.status()["safety"]["below_min"] == 0 and d.status()["catalog"]["files"] == 20,
-             timeout=30, message="20 files safe")
+    def all_safe() -> bool:
+        status = d.status()  # one status: two could see 19 files safe, then 20 files
+        return status["safety"]["below_min"] == 0 and status["catalog"]["files"] == 20
+    wait_for(all_safe, timeout=30, message="20 files safe")
     after = scrape(port)
     status = d.status()
     assert value(after, "cloudmanagerd_files", state="cached") == status["cache"]["files"] == 20

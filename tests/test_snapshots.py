@@ -4,6 +4,7 @@ schedule, stop snapshot and status."""
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import os
@@ -374,6 +375,7 @@ def test_a_full_state_disk_fails_the_snapshot_cleanly(workdir: Path) -> None:
     for name in ("state", "a", "tiny"):
         (workdir / name).mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(workdir / "tiny")], check=True)
+    gc.collect()  # an earlier test's garbage closing its descriptors mid-test would skew the count
     fds = len(os.listdir("/proc/self/fd"))
     catalog = _catalog(workdir, files=0)
     records = [IngestRecord(hashlib.sha256(os.urandom(8)).hexdigest(), os.urandom(200), 1) for _ in range(3000)]
@@ -391,7 +393,7 @@ def test_a_full_state_disk_fails_the_snapshot_cleanly(workdir: Path) -> None:
         catalog.close()
         subprocess.run(["umount", "-l", str(workdir / "tiny")], check=False)
     # (SQLite keeps a closed connection's descriptor until the file's last connection closes)
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert len(os.listdir("/proc/self/fd")) <= fds
 
 
 @pytest.mark.parametrize("value, seconds", [(None, 900.0), ("2m", 120.0), (0, 0.0), ("0s", 0.0), (False, 0.0)])

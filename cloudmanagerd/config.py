@@ -126,6 +126,20 @@ class RemoteConfig:
                 return value
         return default
 
+    @property
+    def place(self) -> str:
+        """Where this remote's copies live, in words: a remote's name must mean this same place on
+        every node sharing a catalog (the catalog records it; a node that differs refuses to start)."""
+        if self.type == "directory":
+            return f"directory {self.get('path')}"
+        if self.type == "s3":
+            return f"s3://{self.get('bucket')}/{self.get('prefix') or ''} at {self.get('endpoint') or 'AWS'}"
+        if self.type == "rclone":
+            return f"rclone {self.get('remote')}"
+        if self.type == "plowshare":
+            return f"plowshare {self.get('host')}"
+        return f"{self.type} " + " ".join(f"{k}={self.get(k)}" for k in _LOCATION_OPTIONS if self.get(k))
+
     def __repr__(self) -> str:
         # Configs end up in logs and tracebacks; a secret must not.
         shown = tuple(

@@ -295,6 +295,16 @@ def print_info(f: dict[str, Any]) -> None:
         print(f"failed   {r['remote']} after {r['attempts']} attempts: {r['error']}")
 
 
+def print_nodes(nodes: list[dict[str, Any]]) -> None:
+    print(f"{'NODE':<20} {'STATE':<8} {'HEARTBEAT':>10} {'CACHE':>22} {'CLAIMS':>16}  PID@HOST")
+    for n in nodes:
+        cache = f"{n['cache_files']} files {human_size(n['cache_bytes'])}"
+        claims = f"{n['claims']} ({human_size(n['claims_bytes'])})"
+        mark = " (this node)" if n.get("this") else ""
+        print(f"{n['node']:<20} {n['state']:<8} {ago(n['age']):>10} {cache:>22} {claims:>16}  "
+              f"{n['pid']}@{n['host']}{mark}")
+
+
 # -- commands --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -475,6 +485,15 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.call({"cmd": "nodes"})
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+    else:
+        print_nodes(nodes)
+    return EXIT_OK
+
+
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
     print(json.dumps(result) if args.json else "config reloaded")
@@ -483,7 +502,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
-            "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
+            "backup": cmd_backup, "export": cmd_export, "import": cmd_import, "nodes": cmd_nodes}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -527,6 +546,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--source", metavar="LABEL", help="what confirms these entries (the original's block hash)")
     s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
     s.add_argument("--remotes", action="store_true")
+    sub.add_parser("nodes", help="the nodes sharing the catalog: state, last heartbeat, cache, claimed uploads")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p

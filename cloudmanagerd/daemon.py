@@ -10,7 +10,9 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -20,6 +22,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
+from .catalog import Catalog
 from .config import Config, ConfigError, load_config
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
@@ -32,7 +35,7 @@ from .notify import Notifier
 from .preflight import inbox_link_problem, preflight
 from .rejects import Rejector
 from .remotes import build_remote
-from .status import build_status, summary_line
+from .status import build_status, human_size, summary_line
 
 log = logging.getLogger("cloudmanagerd")
 
@@ -58,6 +61,11 @@ class Daemon:
         # could not be restarted is not: health() makes it fatal, so that systemd restarts us
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
+        # this process's claim on the node name in the catalog (random per start): a second process
+        # under the same name, on a clone of this machine, is told apart by it
+        self.instance = secrets.token_hex(8)
+        self._registered_node = False
+        self.name_lost: str | None = None  # set when another process took the node name over
 
     # -- build and start ------------------------------------------------------------------
 
@@ -79,6 +87,9 @@ class Daemon:
         self.events.on("copy-made", self._copy_made)
         self.events.on("room-freed", self._room_freed)
         self.events.on("registered", self._registered)
+        # before anything acts on this node's rows (ingests, cache, claims): they may be a live twin's
+        self._register_node()
+        self._check_remote_places(c)
         self.rejector = Rejector(c.ingest.rejected)
         self._stack.callback(self.rejector.close)
         try:
@@ -111,7 +122,7 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "heartbeat": self._heartbeat}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -125,6 +136,34 @@ class Daemon:
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _register_node(self) -> None:
+        """Take the node name in the catalog, or refuse to start when a live process holds it."""
+        c, now = self.config, time.time()
+        holder = self.catalog.register_node(self.instance, os.getpid(), socket.gethostname(), now, c.cluster.lease)
+        if holder is not None:
+            raise StartupError(
+                f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
+                f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host {holder['host']}); "
+                "set `node:` in the config to a unique name (cloned machines share hostnames), or stop that "
+                f"process (a node that died gives its name up {c.cluster.lease:g} s after its last heartbeat)")
+        self._registered_node = True
+
+    def _check_remote_places(self, config: Config) -> None:
+        """A remote's name must mean the same place on every node: a copy recorded on remote "nas" is
+        looked for on this node's "nas". A first-seen name is recorded; a different place is refused."""
+        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time())
+        if wrong:
+            raise StartupError("; ".join(remote_place_problem(config, *w) for w in wrong))
+
+    def _heartbeat(self) -> None:
+        if self.name_lost or not self._registered_node:
+            return
+        if not self.catalog.heartbeat(self.instance, time.time()):
+            self.name_lost = (f"node {self.config.node}: another process took this node name over in catalog "
+                              f"{redact_url(self.config.catalog)} (this one was silent longer than cluster.lease, "
+                              f"{self.config.cluster.lease:g} s); stopping, as two processes must not act as one "
+                              "node: give each machine its own `node:` name")
 
     def _reclaim(self) -> None:
         self.uploader.reclaim()
@@ -247,23 +286,37 @@ class Daemon:
             [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
         )
 
-    def problems(self) -> list[str]:
+    def problems(self, cluster: dict[str, Any] | None = None) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
+        cluster = self.cluster() if cluster is None else cluster
         return (reload_error + self.health().lines() + self.worker.problems()
-                + self.uploader.problems() + self.scrubber.problems())
+                + self.uploader.problems() + self.scrubber.problems() + cluster_problems(cluster))
+
+    def cluster(self) -> dict[str, Any]:
+        """The nodes sharing this catalog, counted by state, and the files at risk: below min_redundancy
+        and cached only on nodes that are not running (nobody can fetch them, nor upload them)."""
+        nodes = self.catalog.nodes(time.time(), self.config.cluster.lease)
+        absent = [n["node"] for n in nodes if n["state"] != "up"]
+        files, size = self.catalog.at_risk(absent, self.config.upload.min_redundancy)
+        return {"nodes": len(nodes), **{state: sum(n["state"] == state for n in nodes)
+                                        for state in ("up", "down", "stopped")},
+                "at_risk": files, "at_risk_bytes": size,
+                "at_risk_nodes": absent if files else []}
 
     def status(self) -> dict[str, Any]:
         c = self.config
+        cluster = self.cluster()
         counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
         stats = counts["remotes"]
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
                     "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
-        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
+        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(cluster),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
-                            counts=counts, active=self.uploader.active_count(), remotes=remotes)
+                            counts=counts, active=self.uploader.active_count(), remotes=remotes,
+                            cluster=cluster)
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
@@ -273,7 +326,7 @@ class Daemon:
             # a failed write is reported until a write succeeds: try one (the node's heartbeat),
             # so that the line goes once there is room again, even while nothing else writes
             with contextlib.suppress(sqlite3.Error):
-                self.catalog.heartbeat(os.getpid(), time.time())
+                self._heartbeat()
         try:
             self.notifier.status(summary_line(self.status()))
         except Exception as exc:  # the catalog may be busy or gone; say so rather than die
@@ -290,6 +343,11 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if self.name_lost:
+                log.error("%s", self.name_lost)
+                self.state = "failed"
+                self.notifier.status(self.name_lost)
+                return 1
             db = self.catalog.db
             damage = db.damage()
             if damage:
@@ -336,6 +394,7 @@ class Daemon:
     def apply(self, new: Config) -> None:
         """Apply what can change while running; keep (and name) what needs a restart."""
         old = self.config
+        self._check_remote_places(new)  # before anything changes: a refused place keeps the running config
         remotes_new = {rc.name: rc for rc in new.remotes}
         remotes_old = {rc.name: rc for rc in old.remotes}
         built = {name: build_remote(rc) for name, rc in remotes_new.items() if remotes_old.get(name) != rc}
@@ -387,6 +446,11 @@ class Daemon:
                 log.warning("could not release the uploads in flight: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
+        if self._registered_node and not self.name_lost:
+            try:  # the name is free at once, and `nodes` says "stopped", not "down"
+                self.catalog.node_stopped(self.instance, time.time())
+            except sqlite3.Error as exc:
+                log.warning("could not mark node %s stopped in the catalog: %s", self.config.node, exc)
         self._stack.close()
         log.info("stopped")
 
@@ -395,7 +459,14 @@ class Daemon:
     def _commands(self) -> dict[str, Any]:
         return {**node_commands(self.node),
                 "status": lambda req, fds, progress: self.status(),
-                "reload": self._cmd_reload}
+                "reload": self._cmd_reload,
+                "nodes": lambda req, fds, progress: self.nodes()}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """`nodes`: every node sharing the catalog, with the age of its last heartbeat."""
+        now = time.time()
+        return [{**n, "age": round(max(0.0, now - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
+                for n in self.catalog.nodes(now, self.config.cluster.lease)]
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         errors = self.reload()
@@ -407,6 +478,32 @@ class Daemon:
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
                 "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+
+
+def redact_url(url: str) -> str:
+    """A catalog URL fit for a message: a PostgreSQL password is left out."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        user, _, host = rest.partition("@")
+        return f"{scheme}://{user.split(':', 1)[0]}@{host}"
+    return url
+
+
+def cluster_problems(cluster: dict[str, Any]) -> list[str]:
+    if not cluster["at_risk"]:
+        return []
+    return [f"{cluster['at_risk']} file(s) ({human_size(cluster['at_risk_bytes'])}) below min_redundancy are "
+            f"cached only on node(s) not running: {', '.join(cluster['at_risk_nodes'])} (start them so that "
+            "the files get their copies; until then no node can fetch them)"]
+
+
+def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str) -> str:
+    """One line for a remote whose name means another place in the catalog than in this config."""
+    source = config.source or DEFAULT_CONFIG
+    return (f"remotes.{name}: this config puts it at {mine}, but the catalog knows remote {name} as {recorded} "
+            f"(recorded by node {by}); one name must mean one place on every node: if it is another place, "
+            f"give it another name, else fix its config; if the copies really moved there, accept the change "
+            f"with: cloudmanagerd accept-remote -c {source} {name}")
 
 
 def _dotted(config: Any, key: str) -> Any:
@@ -430,13 +527,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _load_or_say(path: str) -> Config | None:
+    """The config, or None once its errors are printed, one line each."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return None
+
+
+def accept_remote(argv: list[str]) -> int:
+    """`cloudmanagerd accept-remote -c FILE NAME...`: record this config's place for the named remotes in
+    the catalog, when their copies really moved there; nodes that still say the old place are then refused.
+    Safe while daemons run (one transaction); a running node applies it at its next reload."""
+    p = argparse.ArgumentParser(prog="cloudmanagerd accept-remote",
+                                description="Accept a remote's new place (from this config) in the catalog.")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("names", nargs="+", metavar="NAME", help="remote names, as in the config")
+    args = p.parse_args(argv)
+    config = _load_or_say(args.config)
+    if config is None:
+        return 1
+    places = {rc.name: rc.place for rc in config.remotes}
+    unknown = [name for name in args.names if name not in places]
+    if unknown:
+        print(f"cloudmanagerd: accept-remote: {args.config} has no remote named {', '.join(unknown)} "
+              f"(its remotes: {', '.join(places) or 'none'})", file=sys.stderr)
+        return 1
+    try:
+        catalog = Catalog.open(config.catalog, config.node)
+    except CloudManagerError as exc:
+        print(f"cloudmanagerd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        before = catalog.remote_places()
+        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time())
+    finally:
+        catalog.close()
+    for name in args.names:
+        was = before.get(name)
+        print(f"cloudmanagerd: remote {name} is {places[name]}" +
+              (f" (was {was})" if was and was != places[name] else " (unchanged)" if was else " (new)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accept-remote"]:
+        return accept_remote(argv[1:])
+    args = parse_args(argv)
+    config = _load_or_say(args.config)
+    if config is None:
         return 1
     problems, warnings = preflight(config)
     if args.check_config:

@@ -39,6 +39,9 @@ TABLE: tuple[Job, ...] = (
     # running, not only at the next start (issue 10)
     Job("reclaim", lambda c: max(1.0, min(30.0, c.cluster.lease / 2))),
     Job("leftovers", lambda c: 3600.0, at_start=True),          # temp files of killed uploads on folder remotes
+    # this node is alive, for the other nodes sharing the catalog: well within the lease, so that a
+    # slow moment does not let a twin take the name over
+    Job("heartbeat", lambda c: max(0.2, min(5.0, c.cluster.lease / 4))),
 )
 
 

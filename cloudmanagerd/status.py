@@ -17,7 +17,8 @@ def file_object(info: dict[str, Any]) -> dict[str, Any]:
 
 def build_status(*, state: str, node: str, started: float, problems: list[str], inbox_path: str,
                  inbox_pending: int, rejected: int, cache_path: str, capacity: int, counts: dict[str, Any],
-                 active: int, remotes: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+                 active: int, remotes: list[dict[str, Any]], now: float | None = None,
+                 cluster: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     uploads = counts["uploads"]
     oldest = counts["oldest_below_min_added"]
@@ -42,6 +43,8 @@ def build_status(*, state: str, node: str, started: float, problems: list[str], 
         "transfer": {"month": time.strftime("%Y-%m", time.gmtime(now)),
                      "incoming": counts["month_incoming"], "outgoing": counts["month_outgoing"],
                      "total_incoming": counts["total_incoming"], "total_outgoing": counts["total_outgoing"]},
+        # the nodes sharing the catalog (this one included) and the files only absent nodes hold
+        **({"cluster": cluster} if cluster is not None else {}),
     }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
 from ..exchange import Entry, Location
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
 MIGRATIONS: list[str] = [
@@ -210,6 +210,21 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE files ADD COLUMN source TEXT;
     CREATE INDEX files_export ON files(confirmed, exported)
+    """,
+    # 6: several nodes on one catalog (issue 13). A node's row says which running process holds its
+    # name (instance: random per start), where, and whether it stopped cleanly; remote_places records
+    # what place each remote name meant when first seen, so that a name means one place on every node.
+    """
+    ALTER TABLE nodes ADD COLUMN instance TEXT;
+    ALTER TABLE nodes ADD COLUMN host TEXT;
+    ALTER TABLE nodes ADD COLUMN started REAL;
+    ALTER TABLE nodes ADD COLUMN stopped REAL;
+    CREATE TABLE remote_places (
+        name TEXT PRIMARY KEY,
+        place TEXT NOT NULL,
+        node TEXT NOT NULL,
+        recorded REAL NOT NULL
+    )
     """,
 ]
 
@@ -958,8 +973,100 @@ class Catalog:
         with self.db.tx() as conn:
             self._add_transfer(conn, month_of(now), incoming, outgoing)
 
-    def heartbeat(self, pid: int, now: float) -> None:
+    # -- several nodes on one catalog (issue 13): identity, remote places, the cluster's view --------
+
+    def register_node(self, instance: str, pid: int, host: str, now: float, lease: float) -> dict[str, Any] | None:
+        """Take this node's name for the process `instance`: None when taken, else the row of the live
+        process that holds it (heartbeat fresher than `lease`, not stopped), which is left alone.
+
+        One conditional upsert, so that two processes starting at once under one name cannot both
+        win (SQLite serialises the write; PostgreSQL locks the conflicting row)."""
         with self.db.tx() as conn:
-            conn.execute("INSERT INTO nodes(node, heartbeat, pid) VALUES (?, ?, ?) "
-                         "ON CONFLICT DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid",
-                         (self.node, now, pid))
+            taken = conn.execute(
+                "INSERT INTO nodes(node, heartbeat, pid, host, instance, started, stopped) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL) "
+                "ON CONFLICT(node) DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid, "
+                "host=excluded.host, instance=excluded.instance, started=excluded.started, stopped=NULL "
+                "WHERE nodes.stopped IS NOT NULL OR nodes.heartbeat <= ? OR nodes.instance=excluded.instance",
+                (self.node, now, pid, host, instance, now, now - lease)).rowcount
+            if taken:
+                return None
+            row = conn.execute("SELECT heartbeat, pid, host FROM nodes WHERE node=?", (self.node,)).fetchone()
+        return {"heartbeat": row[0], "pid": row[1], "host": row[2]}
+
+    def heartbeat(self, instance: str, now: float) -> bool:
+        """Renew this node's heartbeat; False when the name is no longer this process's (another
+        process took it over after this one stayed silent longer than the lease)."""
+        with self.db.tx() as conn:
+            return conn.execute("UPDATE nodes SET heartbeat=? WHERE node=? AND instance=? AND stopped IS NULL",
+                                (now, self.node, instance)).rowcount == 1
+
+    def node_stopped(self, instance: str, now: float) -> None:
+        """A clean stop: the name is free at once, and `nodes` shows the node as stopped, not down."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
+                         (now, now, self.node, instance))
+
+    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
+                            ) -> list[tuple[str, str, str, str]]:
+        """Compare each remote's place (name -> place) with the one recorded for that name; record the
+        names seen for the first time, and those in `accept` (a change made on purpose). Returns the
+        others that differ, as (name, recorded place, node that recorded it, this node's place); when
+        any differ nothing is recorded."""
+        with self.db.tx() as conn:
+            recorded = {name: (place, node) for name, place, node in conn.execute(
+                "SELECT name, place, node FROM remote_places").fetchall()}
+            wrong = [(name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
+                     if name in recorded and recorded[name][0] != place and name not in accept]
+            if not wrong:
+                conn.executemany(
+                    "INSERT INTO remote_places(name, place, node, recorded) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET place=excluded.place, node=excluded.node, "
+                    "recorded=excluded.recorded",
+                    [(name, place, self.node, now) for name, place in places.items()
+                     if recorded.get(name, (None,))[0] != place])
+        return wrong
+
+    def remote_places(self) -> dict[str, str]:
+        return dict(self.db.connection().execute("SELECT name, place FROM remote_places").fetchall())
+
+    def nodes(self, now: float, lease: float) -> list[dict[str, Any]]:
+        """Every node that ever ran on this catalog: its last heartbeat, state (up; down: silent longer
+        than the lease; stopped: stopped cleanly), cache files and bytes, and the pending uploads it holds
+        claims on (its API scripts' claims included)."""
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT node, heartbeat, pid, host, started, stopped FROM nodes "
+                                "ORDER BY node").fetchall()
+            names = [r[0] for r in rows]
+            wanted = [f"cache_{kind}:{n}" for n in names for kind in ("files", "bytes")]
+            counters = dict(conn.execute(
+                f"SELECT name, value FROM counters WHERE name IN ({','.join('?' * len(wanted))})",
+                wanted).fetchall()) if wanted else {}
+            claims = conn.execute(
+                "SELECT u.claim_owner, COUNT(*), COALESCE(SUM(f.size), 0) FROM uploads u "
+                "JOIN files f ON f.hash=u.hash WHERE u.state='active' GROUP BY u.claim_owner").fetchall()
+        held: dict[str, list[int]] = {}
+        for owner, n, size in claims:
+            account = held.setdefault(str(owner).split("/api/")[0], [0, 0])
+            account[0] += n
+            account[1] += size
+        return [{"node": node, "host": host, "pid": pid, "heartbeat": heartbeat, "started": started,
+                 "state": "stopped" if stopped is not None else "up" if heartbeat > now - lease else "down",
+                 "cache_files": counters.get(f"cache_files:{node}", 0),
+                 "cache_bytes": counters.get(f"cache_bytes:{node}", 0),
+                 "claims": held.get(node, [0, 0])[0], "claims_bytes": held.get(node, [0, 0])[1]}
+                for node, heartbeat, pid, host, started, stopped in rows]
+
+    def at_risk(self, absent: Sequence[str], min_copies: int) -> tuple[int, int]:
+        """(files, bytes) with fewer than `min_copies` good copies whose only cached copies are on the
+        `absent` nodes: nobody can fetch them until one of those nodes runs again. Reads only the files
+        below `min_copies` (files_good index) and only when some node is absent."""
+        if not absent or min_copies <= 0:
+            return 0, 0
+        marks = ",".join("?" * len(absent))
+        row = self.db.connection().execute(
+            "SELECT COUNT(*), COALESCE(SUM(f.size), 0) FROM files f WHERE f.good < ? "
+            f"AND EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node IN ({marks})) "
+            f"AND NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node NOT IN ({marks}))",
+            (min_copies, *absent, *absent)).fetchone()
+        return int(row[0]), int(row[1])

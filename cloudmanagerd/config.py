@@ -133,7 +133,8 @@ class RemoteConfig:
         if self.type == "directory":
             return f"directory {self.get('path')}"
         if self.type == "s3":
-            return f"s3://{self.get('bucket')}/{self.get('prefix') or ''} at {self.get('endpoint') or 'AWS'}"
+            endpoint = str(self.get("endpoint") or "AWS").rstrip("/")
+            return f"s3://{self.get('bucket')}/{self.get('prefix') or ''} at {endpoint}"
         if self.type == "rclone":
             return f"rclone {self.get('remote')}"
         if self.type == "plowshare":
@@ -546,6 +547,9 @@ class _Parser:
             raise ValueError(f"expected a node name (a string), got {_describe(value)}")
         if any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError(f"must not contain spaces or control characters, got {_describe(value)}")
+        if "/" in value:
+            # "node/api/pid" names a script's upload claims: a node called "a/api/1" would own them
+            raise ValueError(f"must not contain '/', got {_describe(value)}")
         return value
 
     def _socket(self, value: object) -> str:

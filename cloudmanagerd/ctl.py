@@ -302,7 +302,7 @@ def print_nodes(nodes: list[dict[str, Any]]) -> None:
         claims = f"{n['claims']} ({human_size(n['claims_bytes'])})"
         mark = " (this node)" if n.get("this") else ""
         print(f"{n['node']:<20} {n['state']:<8} {ago(n['age']):>10} {cache:>22} {claims:>16}  "
-              f"{n['pid']}@{n['host']}{mark}")
+              f"{n['pid'] or '?'}@{n['host'] or '?'}{mark}")
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
 from .catalog import Catalog
+from .catalog.migrate import copy_catalog
 from .config import Config, ConfigError, load_config
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
@@ -174,17 +175,7 @@ class Daemon:
         self.node.release_dead_claims()  # a script using the API on this node that was killed
 
     def _lock_state(self) -> None:
-        path = os.path.join(self.config.state, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(f"state {self.config.state}: another cloudmanagerd is already running "
-                                   "with this state folder (stop it first)") from None
-            raise
-        self._stack.callback(os.close, fd)
+        self._stack.callback(os.close, lock_state(self.config.state))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -496,6 +487,20 @@ RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.sock
                 "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
 
 
+def lock_state(state: str) -> int:
+    """Hold the state folder's lock (one daemon, or one migrate-catalog, per state folder): its descriptor."""
+    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(f"state {state}: another cloudmanagerd is already running "
+                               "with this state folder (stop it first)") from None
+        raise
+    return fd
+
+
 def redact_url(url: str) -> str:
     """A catalog URL fit for a message: a PostgreSQL password is left out."""
     scheme, sep, rest = url.partition("://")
@@ -588,10 +593,63 @@ def accept_remote(argv: list[str]) -> int:
     return 0
 
 
+def migrate_catalog(argv: list[str]) -> int:
+    """`cloudmanagerd migrate-catalog -c FILE --to URL [--replace]`: copy this node's SQLite catalog into
+    PostgreSQL (or another empty catalog), all or nothing, with the daemon stopped."""
+    p = argparse.ArgumentParser(prog="cloudmanagerd migrate-catalog",
+                                description="Copy this node's SQLite catalog into a PostgreSQL catalog "
+                                "(stop cloudmanagerd first).")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--to", required=True, metavar="URL", help="the new catalog: postgresql://user@host/db")
+    p.add_argument("--replace", action="store_true", help="empty a target that already holds a catalog first")
+    args = p.parse_args(argv)
+    config = _load_or_say(args.config)
+    if config is None:
+        return 1
+    if not config.catalog.startswith("sqlite:///"):
+        print(f"cloudmanagerd: migrate-catalog copies a SQLite catalog; {args.config} uses "
+              f"{redact_url(config.catalog)}", file=sys.stderr)
+        return 1
+    if os.path.realpath(config.catalog[len("sqlite:///"):]) == os.path.realpath(args.to.partition(":///")[2]):
+        print("cloudmanagerd: migrate-catalog: --to names the catalog itself", file=sys.stderr)
+        return 1
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.callback(os.close, lock_state(config.state))  # no daemon may start on it meanwhile
+            source = Catalog.open(config.catalog, config.node)
+            stack.callback(source.close)
+            now = time.time()
+            live = [n for n in source.nodes(now, config.cluster.lease) if n["state"] == "up"]
+            if live:
+                n = live[0]
+                raise StartupError(f"node {n['node']} is running on catalog {config.catalog} (pid {n['pid']} on host "
+                                   f"{n['host']}, last heartbeat {now - n['heartbeat']:.0f} s ago): stop it first "
+                                   "(systemctl stop cloudmanagerd)")
+            target = Catalog.open(args.to, config.node)
+            stack.callback(target.close)
+            counts = copy_catalog(source, target, args.replace, config.cluster.lease)
+        except CloudManagerError as exc:
+            print(f"cloudmanagerd: migrate-catalog: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"cloudmanagerd: migrate-catalog: {explain_oserror(exc, exc.filename or config.state)}",
+                  file=sys.stderr)
+            return 1
+        except sqlite3.Error as exc:
+            print(f"cloudmanagerd: migrate-catalog: catalog: {exc}; nothing was copied", file=sys.stderr)
+            return 1
+    print(f"cloudmanagerd: copied {', '.join(f'{n} {t}' for t, n in counts.items() if n) or 'an empty catalog'} "
+          f"into {redact_url(args.to)}, checked; now set `catalog: {redact_url(args.to)}` in {args.config} and "
+          f"start cloudmanagerd (keep {config.catalog[len('sqlite:///'):]} until it runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["accept-remote"]:
         return accept_remote(argv[1:])
+    if argv[:1] == ["migrate-catalog"]:
+        return migrate_catalog(argv[1:])
     args = parse_args(argv)
     config = _load_or_say(args.config)
     if config is None:

@@ -143,16 +143,34 @@ class Daemon:
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
 
     def _register_node(self) -> None:
-        """Take the node name in the catalog, or refuse to start when a live process holds it."""
-        c, now = self.config, time.time()
-        holder = self.catalog.register_node(self.instance, os.getpid(), socket.gethostname(), now, c.cluster.lease)
-        if holder is not None:
-            raise StartupError(
-                f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
-                f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host {holder['host']}); "
-                "set `node:` in the config to a unique name (cloned machines share hostnames), or stop that "
-                f"process (a node that died gives its name up {c.cluster.lease:g} s after its last heartbeat)")
-        self._registered_node = True
+        """Take the node name in the catalog, or refuse to start when a live process holds it.
+
+        A holder that ran from this state folder in this boot is gone (we hold the folder's lock): a
+        crashed daemon restarts at once. Any other holder is watched: one that renews its heartbeat
+        is alive (refused within a heartbeat interval); one that does not has died or was cut off,
+        and its name is taken once its lease runs out (after a reboot, or on another machine)."""
+        c = self.config
+        seat, first = local_seat(c.state), None
+        while True:
+            now = time.time()
+            holder = self.catalog.register_node(self.instance, seat, os.getpid(), socket.gethostname(), now,
+                                                c.cluster.lease)
+            if holder is None:
+                self._registered_node = True
+                return
+            if first is None:
+                first = holder
+                log.warning("node %s: pid %s on host %s held this name %.0f s ago; waiting up to cluster.lease "
+                            "(%g s) to see whether it still runs", c.node, holder["pid"], holder["host"],
+                            max(0.0, now - holder["heartbeat"]), c.cluster.lease)
+            elif (holder["heartbeat"], holder["instance"]) != (first["heartbeat"], first["instance"]):
+                raise StartupError(
+                    f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
+                    f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
+                    f"{holder['host']}); set `node:` in the config to a unique name (cloned machines share "
+                    "hostnames), or stop that process")
+            if self.stop_requested.wait(0.2):
+                raise StartupError(f"node {c.node}: stopped while waiting for the name's lease")
 
     def _check_remote_places(self, config: Config) -> None:
         """A remote's name must mean the same place on every node: a copy recorded on remote "nas" is
@@ -499,6 +517,35 @@ def lock_state(state: str) -> int:
                                "with this state folder (stop it first)") from None
         raise
     return fd
+
+
+def local_seat(state: str) -> str:
+    """Where this process runs: this boot of this machine (the kernel's boot id) and this state folder
+    (a random id kept in it). Cloned machines share hostnames and even state folders, never a boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:  # not known: then no seat is ever the same as another (a restart waits out the lease)
+        boot = secrets.token_hex(16)
+    path = os.path.join(state, "state-id")
+    try:
+        with open(path, encoding="ascii") as f:
+            folder = f.read().strip()
+    except FileNotFoundError:
+        folder = ""
+    if not folder:
+        folder = secrets.token_hex(8)
+        _write_id(path, folder)
+    return f"{boot}/{folder}"
+
+
+def _write_id(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def redact_url(url: str) -> str:

@@ -104,12 +104,25 @@ def test_a_node_that_died_is_taken_over_after_the_lease(daemon_factory, workdir)
     wait_for(lambda: a.files(), message="the file registered")
     a.kill()
     url = catalog_url(a)
-    b = twin(daemon_factory, workdir, a, "n1", dirname="clone", start=False)
-    wait_for(lambda: nodes_in(url)["n1"]["state"] == "down", timeout=20, message="n1 seen as down")
-    b.start()
+    assert nodes_in(url)["n1"]["state"] == "up"  # its heartbeat is still fresh
+    b = twin(daemon_factory, workdir, a, "n1", dirname="clone")  # waits for the lease to run out
+    assert "waiting up to cluster.lease (2 s) to see whether it still runs" in b.log()
     assert [f["name"] for f in b.files()] == ["one.txt"]
     assert nodes_of(b)["n1"]["pid"] == b.proc.pid
     assert b.stop() == 0
+
+
+def test_a_crashed_node_restarts_at_once_from_its_own_state_folder(daemon_factory, workdir):
+    root = workdir / "n1"
+    root.mkdir()
+    a = daemon_factory(remotes=1, root=root, node="n1", cluster={"lease": "1h"})
+    a.kill()
+    started = time.monotonic()
+    a.start()  # same boot, same state folder (whose lock it now holds): the old process is gone
+    assert time.monotonic() - started < 30
+    assert "waiting up to cluster.lease" not in a.log()
+    assert nodes_of(a)["n1"]["pid"] == a.proc.pid
+    assert a.stop() == 0
 
 
 def test_a_clean_stop_frees_the_name_at_once_and_shows_stopped(daemon_factory, workdir):
@@ -224,3 +237,28 @@ def test_a_file_cached_only_on_a_down_node_is_at_risk_in_every_status(daemon_fac
     assert b.stop() == 0
     assert len(at_risk()) == 1
     assert a.stop() == 0
+
+
+def test_eviction_and_cache_reads_on_one_node_leave_another_nodes_rows_alone(tmp_path):
+    from cloudmanagerd.catalog import IngestRecord
+    url = f"sqlite:///{tmp_path}/catalog.sqlite3"
+    a, b = Catalog.open(url, "a"), Catalog.open(url, "b")
+    try:
+        h = "ab" * 32
+        for node in (a, b):  # the same content dropped on both nodes: one file, a cache entry each
+            rec = IngestRecord(h, b"same.txt", 10)
+            node.begin_ingest([rec], 1000.0)
+            node.finish_ingest([rec], ["r0"], 1000.0)
+        a.upload_done(h, "r0", "r0/x", 10, 1, 1001.0)
+        a.mark_copy_verified(h, "r0", 1002.0)
+        assert [c[0] for c in a.eviction_candidates(1)] == [h]
+        a.mark_evicting([h])
+        assert b.evicting() == [] and list(b.eviction_candidates(1)) == [(h, 10)]
+        a.drop_cache_entries([h])
+        assert a.cached_here([h]) == set() and b.cached_here([h]) == {h}
+        assert (a.cache_usage(), b.cache_usage()) == ((0, 0), (10, 1))
+        nodes = {n["node"]: n for n in a.nodes(2000.0, 60.0)}  # no daemon registered: no rows
+        assert nodes == {}
+    finally:
+        a.close()
+        b.close()

@@ -219,6 +219,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN host TEXT;
     ALTER TABLE nodes ADD COLUMN started REAL;
     ALTER TABLE nodes ADD COLUMN stopped REAL;
+    ALTER TABLE nodes ADD COLUMN seat TEXT;
     CREATE TABLE remote_places (
         name TEXT PRIMARY KEY,
         place TEXT NOT NULL,
@@ -975,24 +976,29 @@ class Catalog:
 
     # -- several nodes on one catalog (issue 13): identity, remote places, the cluster's view --------
 
-    def register_node(self, instance: str, pid: int, host: str, now: float, lease: float) -> dict[str, Any] | None:
-        """Take this node's name for the process `instance`: None when taken, else the row of the live
+    def register_node(self, instance: str, seat: str, pid: int, host: str, now: float, lease: float
+                      ) -> dict[str, Any] | None:
+        """Take this node's name for the process `instance`: None when taken, else the row of the
         process that holds it (heartbeat fresher than `lease`, not stopped), which is left alone.
+        `seat` says where a process runs (this boot of this machine, this state folder): a holder in
+        the caller's own seat is gone, as the caller holds that state folder's lock.
 
         One conditional upsert, so that two processes starting at once under one name cannot both
         win (SQLite serialises the write; PostgreSQL locks the conflicting row)."""
         with self.db.tx() as conn:
             taken = conn.execute(
-                "INSERT INTO nodes(node, heartbeat, pid, host, instance, started, stopped) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL) "
+                "INSERT INTO nodes(node, heartbeat, pid, host, instance, seat, started, stopped) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, NULL) "
                 "ON CONFLICT(node) DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid, "
-                "host=excluded.host, instance=excluded.instance, started=excluded.started, stopped=NULL "
-                "WHERE nodes.stopped IS NOT NULL OR nodes.heartbeat <= ? OR nodes.instance=excluded.instance",
-                (self.node, now, pid, host, instance, now, now - lease)).rowcount
+                "host=excluded.host, instance=excluded.instance, seat=excluded.seat, started=excluded.started, "
+                "stopped=NULL WHERE nodes.stopped IS NOT NULL OR nodes.heartbeat <= ? "
+                "OR nodes.instance=excluded.instance OR nodes.seat=excluded.seat",
+                (self.node, now, pid, host, instance, seat, now, now - lease)).rowcount
             if taken:
                 return None
-            row = conn.execute("SELECT heartbeat, pid, host FROM nodes WHERE node=?", (self.node,)).fetchone()
-        return {"heartbeat": row[0], "pid": row[1], "host": row[2]}
+            row = conn.execute("SELECT heartbeat, pid, host, instance FROM nodes WHERE node=?",
+                               (self.node,)).fetchone()
+        return {"heartbeat": row[0], "pid": row[1], "host": row[2], "instance": row[3]}
 
     def heartbeat(self, instance: str, now: float) -> bool:
         """Renew this node's heartbeat; False when the name is no longer this process's (another

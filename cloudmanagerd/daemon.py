@@ -11,7 +11,6 @@ import fcntl
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from . import __version__, health, jobs
 from .config import Config, ConfigError, load_config
 from .control import ControlServer, node_commands
+from .catalog import DB_ERRORS
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
@@ -151,7 +151,7 @@ class Daemon:
         def run() -> None:
             try:
                 job()
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 name = getattr(job, "__name__", "job")
                 if self._job_errors.get(name) != str(exc):
                     self._job_errors[name] = str(exc)
@@ -226,19 +226,20 @@ class Daemon:
 
     def health(self) -> health.Health:
         """Every health check, in one verdict: problem lines, and what only a restart can cure."""
-        db = self.catalog.db
+        cat = self.catalog.health()
         catalog_free = catalog_total = cache_free = None
-        with contextlib.suppress(OSError):
-            catalog_free, catalog_total = health.fs_space(os.path.dirname(db.path) or ".")
+        if cat.folder is not None:  # a file catalog: its disk is watched too (a server's is its own)
+            with contextlib.suppress(OSError):
+                catalog_free, catalog_total = health.fs_space(cat.folder)
         with contextlib.suppress(OSError):
             cache_free = health.fs_space(self.cache.root_fd)[0]
         stale = max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
         return health.assess(
             health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
                          self.scheduler.running, self.uploader.last_progress),
-            health.catalog(db.path, db.damage(), db.recovery_hint(), db.write_error,
-                           health.catalog_disk_full(catalog_free, catalog_total,
-                                                    db.write_error_code == sqlite3.SQLITE_FULL), catalog_free),
+            health.catalog(cat.where, cat.damage, cat.hint, cat.write_error,
+                           health.catalog_disk_full(catalog_free, catalog_total, cat.disk_full), catalog_free,
+                           cat.folder, cat.unreachable),
             [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
                                self.cache.disk_limit(), self.cache.capacity, self.cache.used)],
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
@@ -267,12 +268,13 @@ class Daemon:
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*DB_ERRORS):
             self.node.refresh_cache_account()
-        if self.catalog.db.write_error:
+        cat = self.catalog.health()
+        if cat.write_error or cat.unreachable:
             # a failed write is reported until a write succeeds: try one (the node's heartbeat),
             # so that the line goes once there is room again, even while nothing else writes
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*DB_ERRORS):
                 self.catalog.heartbeat(os.getpid(), time.time())
         try:
             self.notifier.status(summary_line(self.status()))
@@ -290,12 +292,12 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-            db = self.catalog.db
-            damage = db.damage()
+            cat = self.catalog.health()
+            damage = cat.damage
             if damage:
                 # never run on a damaged catalog: every ingest and `ls` would fail for ever, and a
                 # restart would only refuse to start; stop, and say how to recover
-                line = f"catalog {db.path} is damaged ({damage}): {db.recovery_hint()}"
+                line = f"catalog {cat.where} is damaged ({damage}): {cat.hint}"
                 log.error("stopping: %s", line)
                 self.state = "failed"
                 self.notifier.status(line)
@@ -383,7 +385,7 @@ class Daemon:
         if hasattr(self, "uploader"):
             try:
                 self.uploader.close()
-            except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
+            except DB_ERRORS as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)

@@ -30,7 +30,6 @@ import os
 import select
 import selectors
 import socket
-import sqlite3
 import stat
 import threading
 import time
@@ -38,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import fsutil
+from .catalog import DB_ERRORS
 from .errors import CloudManagerError, StartupError
 from .protocol import HEARTBEAT, LineReader, ProtocolError, decode, encode
 
@@ -348,7 +348,7 @@ class ControlServer:
             return _error(str(exc), getattr(exc, "errno", None))
         except OSError as exc:
             return _error(f"{exc.strerror or exc}", exc.errno)
-        except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
+        except DB_ERRORS as exc:  # a damaged or full catalog: the health check reports it (status)
             return {"ok": False, "error": f"catalog: {exc}"}
         except Exception as exc:
             log.exception("control request failed")

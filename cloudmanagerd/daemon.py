@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
-from .catalog import Catalog
+from .catalog import DB_ERRORS, Catalog
 from .catalog.migrate import copy_catalog
 from .config import Config, ConfigError, load_config
 from .control import ControlServer, node_commands
@@ -93,8 +92,8 @@ class Daemon:
         try:
             self._register_node()
             self._check_remote_places(c)
-        except sqlite3.Error as exc:  # the catalog took the schema but refuses this write (a full disk)
-            raise StartupError(self.catalog.db.explain(exc)) from None
+        except DB_ERRORS as exc:  # the catalog took the schema but refuses this write (a full disk)
+            raise StartupError(self.catalog.explain(exc)) from None
         self.rejector = Rejector(c.ingest.rejected)
         self._stack.callback(self.rejector.close)
         try:
@@ -203,7 +202,7 @@ class Daemon:
         def run() -> None:
             try:
                 job()
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 name = getattr(job, "__name__", "job")
                 if self._job_errors.get(name) != str(exc):
                     self._job_errors[name] = str(exc)
@@ -278,19 +277,20 @@ class Daemon:
 
     def health(self) -> health.Health:
         """Every health check, in one verdict: problem lines, and what only a restart can cure."""
-        db = self.catalog.db
+        cat = self.catalog.health()
         catalog_free = catalog_total = cache_free = None
-        with contextlib.suppress(OSError):
-            catalog_free, catalog_total = health.fs_space(os.path.dirname(db.path) or ".")
+        if cat.folder is not None:  # a file catalog: its disk is watched too (a server's is its own)
+            with contextlib.suppress(OSError):
+                catalog_free, catalog_total = health.fs_space(cat.folder)
         with contextlib.suppress(OSError):
             cache_free = health.fs_space(self.cache.root_fd)[0]
         stale = max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
         return health.assess(
             health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
                          self.scheduler.running, self.uploader.last_progress),
-            health.catalog(db.path, db.damage(), db.recovery_hint(), db.write_error,
-                           health.catalog_disk_full(catalog_free, catalog_total,
-                                                    db.write_error_code == sqlite3.SQLITE_FULL), catalog_free),
+            health.catalog(cat.where, cat.damage, cat.hint, cat.write_error,
+                           health.catalog_disk_full(catalog_free, catalog_total, cat.disk_full), catalog_free,
+                           cat.folder, cat.unreachable),
             [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
                                self.cache.disk_limit(), self.cache.capacity, self.cache.used)],
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
@@ -343,12 +343,13 @@ class Daemon:
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*DB_ERRORS):
             self.node.refresh_cache_account()
-        if self.catalog.db.write_error:
+        cat = self.catalog.health()
+        if cat.write_error or cat.unreachable:
             # a failed write is reported until a write succeeds: try one (the node's heartbeat),
             # so that the line goes once there is room again, even while nothing else writes
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*DB_ERRORS):
                 self._heartbeat()
         try:
             self.notifier.status(summary_line(self.status()))
@@ -371,12 +372,12 @@ class Daemon:
                 self.state = "failed"
                 self.notifier.status(self.name_lost)
                 return 1
-            db = self.catalog.db
-            damage = db.damage()
+            cat = self.catalog.health()
+            damage = cat.damage
             if damage:
                 # never run on a damaged catalog: every ingest and `ls` would fail for ever, and a
                 # restart would only refuse to start; stop, and say how to recover
-                line = f"catalog {db.path} is damaged ({damage}): {db.recovery_hint()}"
+                line = f"catalog {cat.where} is damaged ({damage}): {cat.hint}"
                 log.error("stopping: %s", line)
                 self.state = "failed"
                 self.notifier.status(line)
@@ -465,14 +466,14 @@ class Daemon:
         if hasattr(self, "uploader"):
             try:
                 self.uploader.close()
-            except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
+            except DB_ERRORS as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
         if self._registered_node and not self.name_lost:
             try:  # the name is free at once, and `nodes` says "stopped", not "down"
                 self.catalog.node_stopped(self.instance, time.time())
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 log.warning("could not mark node %s stopped in the catalog: %s", self.config.node, exc)
         self._stack.close()
         log.info("stopped")
@@ -549,12 +550,11 @@ def _write_id(path: str, text: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """A catalog URL fit for a message: a PostgreSQL password is left out."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        user, _, host = rest.partition("@")
-        return f"{scheme}://{user.split(':', 1)[0]}@{host}"
-    return url
+    """A catalog URL fit for a message: a PostgreSQL URL without its user and password."""
+    if url.startswith("sqlite:"):
+        return url
+    from .catalog.postgres import safe_url  # only a PostgreSQL catalog needs psycopg's pool
+    return safe_url(url)
 
 
 def cluster_problems(cluster: dict[str, Any]) -> list[str]:
@@ -682,8 +682,9 @@ def migrate_catalog(argv: list[str]) -> int:
             print(f"cloudmanagerd: migrate-catalog: {explain_oserror(exc, exc.filename or config.state)}",
                   file=sys.stderr)
             return 1
-        except sqlite3.Error as exc:
-            print(f"cloudmanagerd: migrate-catalog: catalog: {exc}; nothing was copied", file=sys.stderr)
+        except DB_ERRORS as exc:
+            print(f"cloudmanagerd: migrate-catalog: catalog: {str(exc).strip().splitlines()[0]}; nothing was "
+                  "copied", file=sys.stderr)
             return 1
     print(f"cloudmanagerd: copied {', '.join(f'{n} {t}' for t, n in counts.items() if n) or 'an empty catalog'} "
           f"into {redact_url(args.to)}, checked; now set `catalog: {redact_url(args.to)}` in {args.config} and "

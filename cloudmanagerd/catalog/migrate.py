@@ -73,12 +73,7 @@ def copy_catalog(source: Catalog, target: Catalog, replace: bool = False, lease:
 
 
 def _table_names(catalog: Catalog) -> set[str]:
-    conn = catalog.db.connection()
-    if catalog.db.dialect == "sqlite":
-        rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")
-    else:
-        rows = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema=current_schema()")
-    return {name for (name,) in rows.fetchall()}
+    return {name for name in catalog.db.tables(catalog.db.connection()) if not name.startswith("sqlite_")}
 
 
 def _row_counts(catalog: Catalog, conn: Any = None) -> dict[str, int]:
@@ -105,7 +100,7 @@ def _batches(source: Catalog, table: str) -> Iterator[tuple[list[str], list[tupl
 def _counter_mismatches(target: Catalog, conn: Any) -> list[str]:
     """The target's trigger-kept counters against counts made again from its rows."""
     kept: dict[str, int] = collections.Counter()
-    for name, value in conn.execute(getattr(target.db, "counters_sql", "SELECT name, value FROM counters")):
+    for name, value in conn.execute(target.db.counters_sql):
         kept[name] += int(value)
     counted: dict[str, int] = collections.Counter()
     one = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()

@@ -16,20 +16,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from conftest import Daemon, wait_for
 
 from cloudmanagerd.catalog import Catalog
+from cloudmanagerd.daemon import redact_url
 
 LEASE = "2s"  # short, so that a dead node is seen as down quickly
 
 
-def first(factory, workdir: Path, name: str = "n1", remote_list: list | None = None) -> Daemon:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> dict[str, str]:
+    """The shared catalog: the first node's SQLite file, or a fresh database on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {"catalog": request.getfixturevalue("postgres_url")}
+
+
+def first(factory, workdir: Path, backend: dict[str, str], name: str = "n1",
+          remote_list: list | None = None) -> Daemon:
     root = workdir / name
     root.mkdir()
     if remote_list is None:
-        return factory(remotes=1, root=root, node=name, cluster={"lease": LEASE})
-    return with_remotes(factory, root, remote_list, True, node=name, cluster={"lease": LEASE})
+        return factory(remotes=1, root=root, node=name, cluster={"lease": LEASE}, **backend)
+    return with_remotes(factory, root, remote_list, True, node=name, cluster={"lease": LEASE}, **backend)
+
+
+def shown(url: str) -> str:
+    """A catalog URL as messages show it (a PostgreSQL one without its user)."""
+    return redact_url(url)
 
 
 def with_remotes(factory, root: Path, remote_list: list, start: bool, **overrides: Any) -> Daemon:
@@ -83,12 +99,12 @@ def drop(d: Daemon, name: str, data: bytes) -> None:
     os.rename(tmp, d.inbox / name)
 
 
-def test_second_live_node_with_the_same_name_is_refused(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_second_live_node_with_the_same_name_is_refused(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     b = twin(daemon_factory, workdir, a, "n1", dirname="clone", start=False)
     log = refused(b)
     url = catalog_url(a)
-    assert f"node n1 is already running on catalog {url}, last heartbeat" in log
+    assert f"node n1 is already running on catalog {shown(url)}, last heartbeat" in log
     assert f"(pid {a.proc.pid} on host " in log
     assert "set `node:` in the config to a unique name (cloned machines share hostnames)" in log
     assert "Traceback" not in log
@@ -98,8 +114,8 @@ def test_second_live_node_with_the_same_name_is_refused(daemon_factory, workdir)
     assert a.stop() == 0
 
 
-def test_a_node_that_died_is_taken_over_after_the_lease(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_a_node_that_died_is_taken_over_after_the_lease(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     drop(a, "one.txt", b"kept across the takeover")
     wait_for(lambda: a.files(), message="the file registered")
     a.kill()
@@ -112,10 +128,10 @@ def test_a_node_that_died_is_taken_over_after_the_lease(daemon_factory, workdir)
     assert b.stop() == 0
 
 
-def test_a_crashed_node_restarts_at_once_from_its_own_state_folder(daemon_factory, workdir):
+def test_a_crashed_node_restarts_at_once_from_its_own_state_folder(daemon_factory, workdir, backend):
     root = workdir / "n1"
     root.mkdir()
-    a = daemon_factory(remotes=1, root=root, node="n1", cluster={"lease": "1h"})
+    a = daemon_factory(remotes=1, root=root, node="n1", cluster={"lease": "1h"}, **backend)
     a.kill()
     started = time.monotonic()
     a.start()  # same boot, same state folder (whose lock it now holds): the old process is gone
@@ -125,8 +141,8 @@ def test_a_crashed_node_restarts_at_once_from_its_own_state_folder(daemon_factor
     assert a.stop() == 0
 
 
-def test_a_clean_stop_frees_the_name_at_once_and_shows_stopped(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_a_clean_stop_frees_the_name_at_once_and_shows_stopped(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     b = twin(daemon_factory, workdir, a, "n2")
     assert b.stop() == 0
     assert nodes_of(a)["n2"]["state"] == "stopped"
@@ -135,8 +151,8 @@ def test_a_clean_stop_frees_the_name_at_once_and_shows_stopped(daemon_factory, w
     assert again.stop() == 0 and a.stop() == 0
 
 
-def test_a_node_cut_off_past_its_lease_stops_when_it_finds_its_name_taken(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_a_node_cut_off_past_its_lease_stops_when_it_finds_its_name_taken(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     url = catalog_url(a)
     os.kill(a.proc.pid, signal.SIGSTOP)  # a frozen VM, a long GC pause, a cut network
     try:
@@ -154,8 +170,8 @@ def test_a_node_cut_off_past_its_lease_stops_when_it_finds_its_name_taken(daemon
     assert b.stop() == 0
 
 
-def test_a_remote_name_that_points_elsewhere_is_refused_until_accepted(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_a_remote_name_that_points_elsewhere_is_refused_until_accepted(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     elsewhere = workdir / "elsewhere"
     elsewhere.mkdir()
     r0 = a.config["remotes"][0]
@@ -188,8 +204,8 @@ def test_a_remote_name_that_points_elsewhere_is_refused_until_accepted(daemon_fa
     assert b.stop() == 0 and a.stop() == 0
 
 
-def test_nodes_lists_every_node_and_one_killed_shows_down_after_the_lease(daemon_factory, workdir):
-    a = first(daemon_factory, workdir)
+def test_nodes_lists_every_node_and_one_killed_shows_down_after_the_lease(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
     b = twin(daemon_factory, workdir, a, "n2")
     drop(b, "on-b.txt", b"x" * 1000)
     wait_for(lambda: nodes_of(a)["n2"]["cache_files"] == 1, message="n2's cached file")
@@ -213,10 +229,10 @@ def test_nodes_lists_every_node_and_one_killed_shows_down_after_the_lease(daemon
     assert a.stop() == 0
 
 
-def test_a_file_cached_only_on_a_down_node_is_at_risk_in_every_status(daemon_factory, workdir):
+def test_a_file_cached_only_on_a_down_node_is_at_risk_in_every_status(daemon_factory, workdir, backend):
     # a remote that takes no copy (its folder does not exist): files stay below min_redundancy
     nowhere = {"name": "r0", "type": "directory", "path": str(workdir / "missing-nas")}
-    a = first(daemon_factory, workdir, remote_list=[nowhere])
+    a = first(daemon_factory, workdir, backend, remote_list=[nowhere])
     b = twin(daemon_factory, workdir, a, "n2")
     drop(b, "only-on-b.bin", b"y" * 4096)
     wait_for(lambda: nodes_of(a)["n2"]["cache_files"] == 1, message="n2's cached file")
@@ -239,9 +255,9 @@ def test_a_file_cached_only_on_a_down_node_is_at_risk_in_every_status(daemon_fac
     assert a.stop() == 0
 
 
-def test_eviction_and_cache_reads_on_one_node_leave_another_nodes_rows_alone(tmp_path):
+def test_eviction_and_cache_reads_on_one_node_leave_another_nodes_rows_alone(tmp_path, backend):
     from cloudmanagerd.catalog import IngestRecord
-    url = f"sqlite:///{tmp_path}/catalog.sqlite3"
+    url = backend.get("catalog", f"sqlite:///{tmp_path}/catalog.sqlite3")
     a, b = Catalog.open(url, "a"), Catalog.open(url, "b")
     try:
         h = "ab" * 32

@@ -11,15 +11,20 @@ import pytest
 import yaml
 from conftest import Daemon, sha256_of, wait_for
 
+from cloudmanagerd.daemon import redact_url
+
 
 def migrate(d: Daemon, to: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cloudmanagerd", "migrate-catalog", "-c", str(d.config_path),
                            "--to", to, *extra], capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def target(workdir: Path) -> str:
-    return f"sqlite:///{workdir}/new/catalog.sqlite3"
+@pytest.fixture(params=["postgresql", "sqlite"])
+def target(request, workdir: Path) -> str:
+    """The new catalog: a fresh database on a real PostgreSQL (what users grow into), or a SQLite file."""
+    if request.param == "sqlite":
+        return f"sqlite:///{workdir}/new/catalog.sqlite3"
+    return request.getfixturevalue("postgres_url")
 
 
 def filled(daemon_factory, count: int = 5) -> tuple[Daemon, dict[str, bytes]]:
@@ -48,7 +53,7 @@ def test_round_trip_keeps_every_file_copy_and_upload_and_serves_get(daemon_facto
     assert d.stop() == 0
     out = migrate(d, target)
     assert out.returncode == 0, out.stderr
-    assert "5 files" in out.stdout and f"now set `catalog: {target}`" in out.stdout
+    assert "5 files" in out.stdout and f"now set `catalog: {redact_url(target)}`" in out.stdout
     use_catalog(d, target)
     d.start()
     assert sorted(d.files(), key=lambda f: f["hash"]) == sorted(before, key=lambda f: f["hash"])
@@ -123,26 +128,26 @@ def _catalog_with_files(url: str, n: int = 3):
     return c
 
 
-def test_copy_counts_every_table_and_the_targets_counters_agree(tmp_path):
+def test_copy_counts_every_table_and_the_targets_counters_agree(tmp_path, target):
     from cloudmanagerd.catalog import Catalog
     from cloudmanagerd.catalog.migrate import copy_catalog
     source = _catalog_with_files(f"sqlite:///{tmp_path}/a.sqlite3")
-    target = Catalog.open(f"sqlite:///{tmp_path}/b.sqlite3", "n1")
+    into = Catalog.open(target, "n1")
     try:
-        counts = copy_catalog(source, target)
+        counts = copy_catalog(source, into)
         assert (counts["files"], counts["copies"], counts["cache_entries"]) == (3, 3, 3)
-        assert target.counts(2, 2) == source.counts(2, 2)
-        assert target.good_copies("01" * 32) == source.good_copies("01" * 32)
-        assert target.good_copies("00" * 32) == []  # the copy marked bad stays bad
+        assert into.counts(2, 2) == source.counts(2, 2)
+        assert into.good_copies("01" * 32) == source.good_copies("01" * 32)
+        assert into.good_copies("00" * 32) == []  # the copy marked bad stays bad
     finally:
         source.close()
-        target.close()
+        into.close()
 
 
-def test_a_copy_that_does_not_match_keeps_nothing(tmp_path, monkeypatch):
+def test_a_copy_that_does_not_match_keeps_nothing(tmp_path, target, monkeypatch):
     from cloudmanagerd.catalog import Catalog, migrate
     source = _catalog_with_files(f"sqlite:///{tmp_path}/a.sqlite3")
-    target = Catalog.open(f"sqlite:///{tmp_path}/b.sqlite3", "n1")
+    into = Catalog.open(target, "n1")
     real = migrate._batches
 
     def lossy(catalog, table):  # an engine that silently drops a row
@@ -151,8 +156,8 @@ def test_a_copy_that_does_not_match_keeps_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(migrate, "_batches", lossy)
     try:
         with pytest.raises(migrate.MigrationError, match="copies: 3 in the source, 2 copied"):
-            migrate.copy_catalog(source, target)
-        assert target.counts(2, 2)["files"] == 0 and target.list_files() == []
+            migrate.copy_catalog(source, into)
+        assert into.counts(2, 2)["files"] == 0 and into.list_files() == []
     finally:
         source.close()
-        target.close()
+        into.close()

@@ -657,11 +657,17 @@ def migrate_catalog(argv: list[str]) -> int:
         print(f"cloudmanagerd: migrate-catalog copies a SQLite catalog; {args.config} uses "
               f"{redact_url(config.catalog)}", file=sys.stderr)
         return 1
-    if os.path.realpath(config.catalog[len("sqlite:///"):]) == os.path.realpath(args.to.partition(":///")[2]):
+    path = config.catalog[len("sqlite:///"):]
+    if not os.path.isfile(path):
+        print(f"cloudmanagerd: migrate-catalog: catalog {path} does not exist: nothing to migrate (is {args.config} "
+              "this node's config?)", file=sys.stderr)
+        return 1
+    if os.path.realpath(path) == os.path.realpath(args.to.partition(":///")[2]):
         print("cloudmanagerd: migrate-catalog: --to names the catalog itself", file=sys.stderr)
         return 1
     with contextlib.ExitStack() as stack:
         try:
+            os.makedirs(config.state, exist_ok=True)
             stack.callback(os.close, lock_state(config.state))  # no daemon may start on it meanwhile
             source = Catalog.open(config.catalog, config.node)
             stack.callback(source.close)

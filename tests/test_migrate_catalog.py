@@ -161,3 +161,17 @@ def test_a_copy_that_does_not_match_keeps_nothing(tmp_path, target, monkeypatch)
     finally:
         source.close()
         into.close()
+
+
+def test_bad_arguments_are_one_line_each(daemon_factory, workdir):
+    d = daemon_factory(remotes=1, start=False)
+    out = migrate(d, "sqlite:///nowhere.sqlite3")
+    assert out.returncode == 1
+    assert f"catalog {d.config['state']}/catalog.sqlite3 does not exist: nothing to migrate" in out.stderr
+    d.start()
+    assert d.stop() == 0
+    for to, says in (("mysql://x/y", "not a sqlite:/// or postgresql:// URL"),
+                     ("postgresql://127.0.0.1:1/x", "cannot connect")):
+        out = migrate(d, to)
+        assert out.returncode == 1 and says in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr

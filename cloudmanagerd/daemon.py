@@ -58,6 +58,7 @@ class Daemon:
         # could not be restarted is not: health() makes it fatal, so that systemd restarts us
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
+        self._last_counts: dict[str, Any] | None = None  # status's figures while the catalog is unreachable
 
     # -- build and start ------------------------------------------------------------------
 
@@ -255,7 +256,13 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         c = self.config
-        counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+        try:
+            counts = self._last_counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+        except DB_ERRORS:
+            # a catalog server that is away: the last figures, and the problem line that says so
+            if self._last_counts is None or not self.catalog.health().unreachable:
+                raise
+            counts = self._last_counts
         stats = counts["remotes"]
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),

@@ -61,6 +61,8 @@ class Daemon:
         # could not be restarted is not: health() makes it fatal, so that systemd restarts us
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
+        self._last_counts: dict[str, Any] | None = None  # status's figures while the catalog is unreachable
+        self._last_cluster: dict[str, Any] | None = None  # ...and the cluster's
         # this process's claim on the node name in the catalog (random per start): a second process
         # under the same name, on a clone of this machine, is told apart by it
         self.instance = secrets.token_hex(8)
@@ -328,8 +330,14 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         c = self.config
-        cluster = self.cluster()
-        counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+        try:
+            counts = self._last_counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+            cluster = self._last_cluster = self.cluster()
+        except DB_ERRORS:
+            # a catalog server that is away: the last figures, and the problem line that says so
+            if self._last_counts is None or self._last_cluster is None or not self.catalog.health().unreachable:
+                raise
+            counts, cluster = self._last_counts, self._last_cluster
         stats = counts["remotes"]
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),

@@ -25,6 +25,10 @@ from ..errors import CloudManagerError, StartupError
 # How long a thread waits for a connection before the catalog counts as unreachable, and how long
 # the first connection at start-up may take.
 POOL_TIMEOUT = 15.0
+# ...and once it is known to be unreachable: every thread (the upload pump, ingest, status) fails
+# fast and comes back, instead of each waiting out POOL_TIMEOUT, which the health check would take
+# for a stuck loop.
+UNREACHABLE_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 10
 POOL_SIZE = 16
 
@@ -345,7 +349,7 @@ class _Session:
         try:
             if held is not None:
                 return _Result(held.execute(_translate(sql), tuple(params)))
-            with self.db.pool.connection() as conn:
+            with self.db.pooled() as conn:
                 return _Result(conn.execute(_translate(sql), tuple(params)))
         except psycopg.Error as exc:
             self.db.watch(exc)
@@ -356,7 +360,7 @@ class _Session:
         held = getattr(self.db._local, "conn", None)
         try:
             if held is None:
-                with self.db.pool.connection() as conn:
+                with self.db.pooled() as conn:
                     with conn.cursor() as cur:
                         cur.executemany(_translate(sql), seq)
                         return _Result(None)
@@ -477,6 +481,9 @@ class PostgresDatabase:
     def connection(self) -> _Session:
         return self._session
 
+    def pooled(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        return self.pool.connection(timeout=UNREACHABLE_TIMEOUT if self.unreachable else POOL_TIMEOUT)
+
     @contextlib.contextmanager
     def tx(self) -> Iterator[_Session]:
         """One transaction on one pooled connection: commit, or roll back on any error."""
@@ -497,7 +504,7 @@ class PostgresDatabase:
             yield  # already in one (schema_version inside migrate)
             return
         try:
-            with self.pool.connection() as conn:  # commits at the end, or rolls back on an exception
+            with self.pooled() as conn:  # commits at the end, or rolls back on an exception
                 if first:
                     conn.execute(first)
                 self._local.conn = conn

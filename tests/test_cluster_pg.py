@@ -1,0 +1,235 @@
+"""Several daemons on one PostgreSQL catalog and shared remotes behave as one store (issue 13, items 3, 4, 6).
+
+Two or three daemons run as subprocesses, each with its own inbox, cache and state folder, on one
+real PostgreSQL catalog (tests/postgres.py), one SeaweedFS S3 bucket (tests/seaweed.py) and one
+folder remote. Every write to a remote is counted where it lands, not in the catalog:
+
+- the folder remote: the kernel's inotify queue on its 256 object folders, made beforehand, sees
+  each rename of a finished copy onto its final name (IN_MOVED_TO); nothing is read until the end,
+  so no thread runs while the daemons work;
+- S3: the bucket has versioning on, so every PUT of a key leaves a version of its own.
+
+A file sent twice (two nodes racing for one pair, a takeover that also lets the old owner finish)
+shows up as two renames or two versions, though the listing still shows one object.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Daemon, wait_for
+from postgres import CI, PostgresServer, start_server
+from seaweed import SeaweedFS, seaweed  # noqa: F401  (the session-scoped fixture)
+from test_postgres_e2e import drop
+
+from cloudmanagerd import CloudManager
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "3s"  # short, so that a dead node's claims go to the others quickly
+FAKES = str(Path(__file__).resolve().parent / "fakes")
+
+
+# -- counting what reaches the remotes -------------------------------------------------------
+
+IN_MOVED_TO = 0x80
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+
+
+class Renames:
+    """Renames onto final names in a folder remote's object folders, counted per object (inotify).
+
+    The folders h[:2] are made up front (the directory remote makes a missing one, and accepts one
+    that exists), so that no copy can land before its folder is watched."""
+
+    def __init__(self, path: Path) -> None:
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self.libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        self.counts: collections.Counter[str] = collections.Counter()
+        for i in range(256):
+            folder = path / f"{i:02x}"
+            folder.mkdir(parents=True, exist_ok=True)
+            assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), IN_MOVED_TO) >= 0
+
+    def read(self) -> collections.Counter[str]:
+        """Every rename seen so far (the kernel queued them; an overflow would fail the test)."""
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return self.counts
+            pos = 0
+            while pos < len(buf):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", buf, pos)
+                name = buf[pos + 16:pos + 16 + length].rstrip(b"\0").decode()
+                pos += 16 + length
+                assert mask & 0x4000 == 0, "the inotify queue overflowed: renames were lost"
+                if not name.startswith("."):
+                    self.counts[name] += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def s3_writes(server: SeaweedFS, bucket: str) -> collections.Counter[str]:
+    """PUTs per key in a versioned bucket (every PUT made a version)."""
+    counts: collections.Counter[str] = collections.Counter()
+    with server.client() as s3:
+        for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            for v in page.get("Versions", []):
+                counts[v["Key"].rsplit("/", 1)[-1]] += 1
+    return counts
+
+
+# -- the cluster --------------------------------------------------------------------------------
+
+class Cluster:
+    """Nodes n1, n2, ... on one catalog URL and one list of remotes, each in its own folder."""
+
+    def __init__(self, factory, workdir: Path, url: str, remotes: list[dict[str, Any]], **settings: Any) -> None:
+        self.factory, self.workdir, self.url, self.remotes = factory, workdir, url, remotes
+        self.settings = settings
+        self.nodes: list[Daemon] = []
+
+    def add(self, start: bool = True, **overrides: Any) -> Daemon:
+        name = f"n{len(self.nodes) + 1}"
+        root = self.workdir / name
+        root.mkdir()
+        settings = {"catalog": self.url, "node": name, "cluster": {"lease": LEASE}, **self.settings, **overrides}
+        d = self.factory(remotes=0, root=root, start=False, **settings)
+        d.config["remotes"] = self.remotes
+        d.config_path.write_text(yaml.safe_dump(d.config))
+        self.nodes.append(d)
+        return d.start() if start else d
+
+
+def shared_remotes(workdir: Path, server: SeaweedFS) -> tuple[list[dict[str, Any]], Renames, str]:
+    """A folder remote r0 (renames counted) and an S3 remote s3 on a versioned bucket."""
+    bucket = server.make_bucket()
+    with server.client() as s3:
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    folder = workdir / "nas"
+    renames = Renames(folder)
+    remotes = [{"name": "r0", "type": "directory", "path": str(folder)},
+               {"name": "s3", **server.remote_options(bucket, prefix="cm/")}]
+    return remotes, renames, bucket
+
+
+def copies_of(d: Daemon) -> dict[str, set[str]]:
+    """hash -> the remotes holding a copy, as a node's `ls` shows them."""
+    return {f["hash"]: {c["remote"] if isinstance(c, dict) else c for c in f["copies"]} for f in d.files()}
+
+
+def all_stored(d: Daemon, hashes: set[str], remotes: set[str]) -> bool:
+    seen = copies_of(d)
+    return all(h in seen and seen[h] >= remotes for h in hashes)
+
+
+def get(d: Daemon, h: str, out: Path) -> bytes:
+    result = d.ctl("get", h, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+def no_tracebacks(*nodes: Daemon) -> None:
+    for d in nodes:
+        assert "Traceback" not in d.log(), d.log()[-3000:]
+
+
+@pytest.fixture
+def remotes(workdir: Path, seaweed: SeaweedFS) -> Iterator[tuple[list[dict[str, Any]], Renames, str]]:  # noqa: F811
+    found = shared_remotes(workdir, seaweed)
+    yield found
+    found[1].close()
+
+
+# -- the tests --------------------------------------------------------------------------------------
+
+def test_files_dropped_on_three_nodes_are_stored_once_and_fetchable_on_every_node(
+        daemon_factory, workdir: Path, postgres_url: str, seaweed: SeaweedFS, remotes) -> None:  # noqa: F811
+    remote_list, renames, bucket = remotes
+    cluster = Cluster(daemon_factory, workdir, postgres_url, remote_list)
+    n1, n2, n3 = cluster.add(), cluster.add(), cluster.add()
+    mine = {d.config["node"]: drop(d, {f"{d.config['node']}-{i}.bin": os.urandom(3000 + i) for i in range(8)})
+            for d in (n1, n2, n3)}
+    # the same bytes under other names on every node: one file
+    shared = b"dropped on every node" * 100
+    for d in (n1, n2, n3):
+        drop(d, {f"common-{d.config['node']}.txt": shared})
+    everything = {h for files in mine.values() for h in files.values()} | {hashlib.sha256(shared).hexdigest()}
+    assert len(everything) == 25
+
+    for d in (n1, n2, n3):  # each node's view of the shared catalog
+        wait_for(lambda d=d: all_stored(d, everything, {"r0", "s3"}), timeout=90,
+                 message=f"25 files with copies on r0 and s3, seen from {d.config['node']}")
+        assert set(copies_of(d)) == everything
+    assert renames.read() == {h: 1 for h in everything}, "a file was written to the folder remote twice"
+    assert s3_writes(seaweed, bucket) == {h: 1 for h in everything}, "a file was PUT to S3 twice"
+
+    # item 4: every node serves a file registered on another node, fetched from the remotes and verified
+    for d, other in ((n1, "n2"), (n2, "n3"), (n3, "n1")):
+        h = next(iter(mine[other].values()))
+        got = get(d, h, workdir / f"got-{d.config['node']}")
+        assert hashlib.sha256(got).hexdigest() == h
+        info = json.loads(d.ctl("info", "--json", h).stdout)
+        assert info["hash"] == h
+    # the fetched copies are now in the fetching node's own cache, never written into another's
+    assert n1.ctl("--json", "nodes").returncode == 0
+    nodes = {n["node"]: n for n in json.loads(n1.ctl("--json", "nodes").stdout)}
+    assert {k: v["cache_files"] for k, v in nodes.items()} == {"n1": 10, "n2": 10, "n3": 10}
+
+    # the Python API on the PostgreSQL catalog: warm_up of a file another node registered
+    name, h = next(iter(mine["n2"].items()))
+    with CloudManager(postgres_url, str(workdir / "api-cache"), 1 << 20, remotes=remote_list) as cm:
+        path = cm.warm_up(h)
+        assert path and hashlib.sha256(Path(path).read_bytes()).hexdigest() == h
+        assert cm.exists(h) and cm.warm_up("0" * 64) is None
+    assert renames.read() == {h: 1 for h in everything} and s3_writes(seaweed, bucket) == {h: 1 for h in everything}
+    no_tracebacks(n1, n2, n3)
+    for d in (n1, n2, n3):
+        assert d.stop() == 0
+
+
+def test_the_same_200_files_dropped_on_two_nodes_at_once_are_200_entries_with_one_set_of_copies(
+        daemon_factory, workdir: Path, postgres_url: str, seaweed: SeaweedFS, remotes) -> None:  # noqa: F811
+    remote_list, renames, bucket = remotes
+    cluster = Cluster(daemon_factory, workdir, postgres_url, remote_list)
+    n1, n2 = cluster.add(), cluster.add()
+    files = {f"same-{i:03}.bin": os.urandom(2048) + i.to_bytes(2, "big") for i in range(200)}
+    for d in (n1, n2):  # written aside first, so that both inboxes fill within the same moment
+        for name, data in files.items():
+            (d.root / f".{name}.part").write_bytes(data)
+    for name in files:
+        for d in (n1, n2):
+            os.rename(d.root / f".{name}.part", d.inbox / name)
+    hashes = {hashlib.sha256(data).hexdigest() for data in files.values()}
+
+    wait_for(lambda: all_stored(n1, hashes, {"r0", "s3"}), timeout=120, message="200 files with both copies")
+    for d in (n1, n2):
+        wait_for(lambda d=d: not any(d.inbox.iterdir()), message=f"{d.config['node']}'s inbox taken")
+        listed = d.files()
+        assert len(listed) == 200 and {f["hash"] for f in listed} == hashes
+    assert renames.read() == {h: 1 for h in hashes}, "a file was written to the folder remote twice"
+    assert s3_writes(seaweed, bucket) == {h: 1 for h in hashes}, "a file was PUT to S3 twice"
+    # each node keeps the bytes it was given, in its own cache
+    nodes = {n["node"]: n for n in json.loads(n1.ctl("--json", "nodes").stdout)}
+    assert nodes["n1"]["cache_files"] == nodes["n2"]["cache_files"] == 200
+    assert n1.status()["cluster"]["nodes"] == 2
+    no_tracebacks(n1, n2)
+    assert n1.stop() == 0 and n2.stop() == 0

@@ -16,6 +16,7 @@ shows up as two renames or two versions, though the listing still shows one obje
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -34,7 +35,7 @@ import yaml
 from conftest import Daemon, wait_for
 from postgres import CI, PostgresServer, start_server
 from seaweed import SeaweedFS, seaweed  # noqa: F401  (the session-scoped fixture)
-from test_postgres_e2e import drop
+from test_postgres_e2e import drop, own_server  # noqa: F401  (a fixture: a server to stop)
 
 from cloudmanagerd import CloudManager
 
@@ -231,5 +232,104 @@ def test_the_same_200_files_dropped_on_two_nodes_at_once_are_200_entries_with_on
     nodes = {n["node"]: n for n in json.loads(n1.ctl("--json", "nodes").stdout)}
     assert nodes["n1"]["cache_files"] == nodes["n2"]["cache_files"] == 200
     assert n1.status()["cluster"]["nodes"] == 2
+    no_tracebacks(n1, n2)
+    assert n1.stop() == 0 and n2.stop() == 0
+
+
+def nodes_of(d: Daemon) -> dict[str, dict[str, Any]]:
+    out = d.ctl("--json", "nodes")
+    assert out.returncode == 0, out.stderr
+    return {n["node"]: n for n in json.loads(out.stdout)}
+
+
+def test_a_node_killed_in_the_middle_of_uploads_leaves_its_claims_to_the_others_after_the_lease(
+        daemon_factory, workdir: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a file locker (the plowshare stand-ins) whose first three uploads hang: n1 is caught sending
+    locker = workdir / "locker"
+    locker.mkdir()
+    (locker / "control.json").write_text(json.dumps({"plowup": {"hang": True, "times": 3}}))
+    monkeypatch.setenv("FAKE_PLOWSHARE_STORE", str(locker))
+    renames = Renames(workdir / "nas")
+    try:
+        remote_list = [{"name": "r0", "type": "directory", "path": str(workdir / "nas")},
+                       {"name": "locker", "type": "plowshare", "host": "fakelocker", "bin_dir": FAKES}]
+        cluster = Cluster(daemon_factory, workdir, postgres_url, remote_list)
+        n1 = cluster.add(upload={"concurrency": 8})
+        hashes = set(drop(n1, {f"k{i}.bin": os.urandom(100_000 + i) for i in range(3)}).values())
+
+        def hanging() -> list[int]:
+            folder = locker / "hangs"
+            return [int(p) for f in folder.iterdir() for p in f.read_text().split()] if folder.exists() else []
+        wait_for(lambda: len(hanging()) == 6 and all_stored(n1, hashes, {"r0"}), timeout=60,
+                 message="n1 sending its three files to the locker (hanging) after r0 took them")
+        n2, n3 = cluster.add(), cluster.add()
+        held = nodes_of(n2)
+        assert (held["n1"]["claims"], held["n2"]["claims"], held["n3"]["claims"]) == (3, 0, 0)
+
+        n1.kill()  # SIGKILL: no release of its claims; its plowup children are orphans now
+        for pid in hanging():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # the others take the pairs over once n1's lease runs out, fetching the bytes from r0
+        wait_for(lambda: all_stored(n2, hashes, {"r0", "locker"}), timeout=90,
+                 message="the locker copies sent by n2 or n3 after n1's lease ran out")
+        took = time.monotonic() - killed
+        stored = sorted(p.name for p in (locker / "files" / "fakelocker").iterdir() if "." not in p.name)
+        assert len(stored) == 3, stored
+        plowups = [c for c in map(json.loads, (locker / "calls.log").read_text().splitlines())
+                   if c["tool"] == "plowup"]
+        assert len(plowups) == 6  # three hung on n1, three sent by the others: no pair sent twice
+        assert renames.read() == {h: 1 for h in hashes}
+        # not before the lease: n1 renewed it every lease/2 (1.5 s) up to the kill, so it ran out
+        # 1.5 to 3 s after it; n1 shows down once its heartbeat (renewed every lease/4) is 3 s old
+        assert took >= 1.4, took
+        seen = wait_for(lambda: (s := nodes_of(n3))["n1"]["state"] == "down" and s, timeout=20,
+                        message="n1 shown down")
+        assert seen["n1"]["claims"] == seen["n2"]["claims"] == seen["n3"]["claims"] == 0
+        no_tracebacks(n2, n3)
+        assert n2.stop() == 0 and n3.stop() == 0
+    finally:
+        renames.close()
+
+
+def test_postgresql_stopped_for_30_s_under_load_every_node_waits_and_resumes_losing_nothing(
+        daemon_factory, workdir: Path, own_server: PostgresServer, seaweed: SeaweedFS, remotes) -> None:  # noqa: F811
+    remote_list, renames, bucket = remotes
+    cluster = Cluster(daemon_factory, workdir, own_server.create_database(), remote_list)
+    n1, n2 = cluster.add(), cluster.add()
+    hashes: set[str] = set()
+    for d in (n1, n2):  # work in flight on every node when the server goes
+        hashes |= set(drop(d, {f"{d.config['node']}-a{i}": os.urandom(65536) for i in range(30)}).values())
+    wait_for(lambda: len(n1.files()) >= 10, timeout=30, message="ingest under way")
+    own_server.stop("immediate")  # no goodbye to the clients: a crash or a cut network
+    stopped = time.monotonic()
+
+    def unreachable(d: Daemon) -> bool:
+        return any(p.startswith("catalog unreachable: ") for p in d.status()["problems"])
+    rounds = 0
+    while time.monotonic() - stopped < 30:  # 30 s of outage with files still arriving on every node
+        for d in (n1, n2):
+            hashes |= set(drop(d, {f"{d.config['node']}-b{rounds}-{i}": os.urandom(4096) for i in range(5)}).values())
+            wait_for(lambda d=d: unreachable(d), timeout=60, message=f"{d.config['node']} saying why it waits")
+            assert d.proc.poll() is None
+        rounds += 1
+        time.sleep(1)  # pacing the load, not waiting for anything
+    for d in (n1, n2):
+        assert any(not p.name.startswith(".") for p in d.inbox.iterdir())  # ingest waits, files left in place
+        summary = d.ctl("status")
+        assert summary.returncode == 0 and b"catalog unreachable" in summary.stdout
+
+    own_server.start()
+    for d in (n1, n2):
+        wait_for(lambda d=d: all_stored(d, hashes, {"r0", "s3"}), timeout=120,
+                 message=f"every file with both copies after the outage, seen from {d.config['node']}")
+        assert not any(d.inbox.iterdir())
+        assert not unreachable(d)
+    assert len(n1.files()) == len(hashes) == 60 + 10 * rounds
+    assert renames.read() == {h: 1 for h in hashes}, "a file was written to the folder remote twice"
+    assert s3_writes(seaweed, bucket) == {h: 1 for h in hashes}, "a file was PUT to S3 twice"
+    for d in (n1, n2):  # waiting is no hang: the watchdog was fed all along
+        assert "no more watchdog pings" not in d.log()
     no_tracebacks(n1, n2)
     assert n1.stop() == 0 and n2.stop() == 0

@@ -75,3 +75,44 @@ def test_two_nodes_share_one_catalog_and_send_each_pair_once(daemon_factory, pos
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(out.read_bytes()).hexdigest() == h
     assert n1.stop() == 0 and n2.stop() == 0
+
+
+def test_a_killed_nodes_transfers_are_finished_by_another_node_after_its_lease(
+        daemon_factory, postgres_url: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_remote_plowshare import FAKES, Locker, alive
+    locker = Locker(workdir / "locker")
+    locker.root.mkdir()
+    monkeypatch.setenv("FAKE_PLOWSHARE_STORE", str(locker.root))
+    locker.fail("plowup", hang=True, times=2)  # n1's two sends hang (then plowup works again)
+    remote = {"name": "locker", "type": "plowshare", "host": "fakelocker", "bin_dir": FAKES}
+    nodes = {}
+    for name in ("n1", "n2"):
+        root = workdir / name
+        root.mkdir()
+        d = daemon_factory(remotes=0, start=False, root=root, catalog=postgres_url, node=name,
+                           upload={"redundancy": 1, "min_redundancy": 1, "concurrency": 4},
+                           cluster={"lease": "5s"})
+        d.config["remotes"] = [remote]
+        d.config_path.write_text(yaml.safe_dump(d.config))
+        nodes[name] = d
+    n1, n2 = nodes["n1"].start(), nodes["n2"].start()
+    try:
+        files = {f"k{i}": os.urandom(2000) for i in range(2)}
+        hashes = drop(n1, files)
+        wait_for(lambda: len(locker.hang_pids()) == 4, timeout=30, message="n1's two plowups hanging")
+        drop(n2, files)  # n2 holds the same bytes now, but n1's claims stand while n1 renews them
+        wait_for(lambda: not any(n2.inbox.iterdir()) and len(n2.files()) == 2, message="n2 registered them")
+        assert all(f["pending"] == ["locker"] and not f["copies"] for f in n2.files())
+        n1.kill()  # SIGKILL in the middle of both transfers: nobody releases its claims
+
+        def stored() -> bool:
+            return all(len(f["copies"]) == 1 for f in n2.files())
+        wait_for(stored, timeout=60, message="n2 finishing n1's transfers once n1's lease ran out")
+        sent_by_n2 = {h for h, _ in UPLOADED.findall(n2.log())}
+        assert sent_by_n2 == set(hashes.values())
+        assert len(locker.files()) == 2
+        assert n2.stop() == 0
+    finally:
+        for pid in locker.hang_pids():  # n1's plowups, orphaned by the SIGKILL
+            if alive(pid):
+                os.kill(pid, 9)

@@ -394,7 +394,9 @@ class PostgresDatabase:
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT, open=False, configure=self._configure,
             check=psycopg_pool.ConnectionPool.check_connection, kwargs={"connect_timeout": CONNECT_TIMEOUT},
-            name="catalog")
+            # the pool's own threads (one worker that opens connections, its scheduler) are the only
+            # ones a PostgreSQL catalog adds; close() ends them
+            num_workers=1, name="catalog")
         self.pool.open(wait=True, timeout=POOL_TIMEOUT)
 
     @staticmethod

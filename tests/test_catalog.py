@@ -356,3 +356,21 @@ def test_a_node_prefers_the_pairs_whose_file_it_holds(
     assert catalog.claim_due(T0 + 100, 3, 60) == []
     other.upload_done(theirs[0], "r1", "u://y", 10, 2, T0 + 50)  # now a remote has one: node1 may fetch it
     assert [c.hash for c in catalog.claim_due(T0 + 100, 3, 60)] == [theirs[0]]
+
+
+def test_eviction_candidates_walk_the_whole_lru_in_pages_without_repeats(catalog: Catalog) -> None:
+    # more entries than one page, all used at the same instant (ties broken by hash), the newest last
+    hashes = [fake_hash(f"{i:04x}e5") for i in range(1100)]
+    records = [IngestRecord(h, b"f", 1) for h in hashes]
+    catalog.begin_ingest(records, T0)
+    catalog.finish_ingest(records, ["r0"], T0)
+    catalog.touch(hashes[0], T0 + 5)
+    catalog.uploads_done([(h, "r0", "u", 1) for h in hashes if h != hashes[1]], 1, T0)
+    candidates = catalog.eviction_candidates(1)
+    try:
+        got = [h for h, _ in candidates]
+    finally:
+        candidates.close()
+    assert got == sorted(set(hashes) - {hashes[0], hashes[1]}) + [hashes[0]]  # hashes[1] has no copy
+    # the least recently used entry is hashes[1], short of copies: a scan limit of 1 stops there
+    assert [h for h, _ in catalog.eviction_candidates(1, scan_limit=1)] == []

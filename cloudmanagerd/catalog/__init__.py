@@ -55,6 +55,7 @@ class CatalogHealth:
 
 
 ACTIVE_STATES = ("queued", "active", "retrying")
+EVICTION_PAGE = 500  # cache entries read per query by eviction_candidates
 
 
 @dataclass(frozen=True)
@@ -268,25 +269,30 @@ class Catalog:
         still short of copies are skipped, at most `scan_limit` of them, so that the decision
         stays bounded when most of the cache cannot go yet. Close the iterator when done.
         """
-        cursor = self.db.connection().execute(
-            # only verified copies count: a location imported from another node (verified NULL) is a
-            # claim, and a file whose only copies are claims would be lost with its cache object
-            "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0 "
-            "AND k.verified IS NOT NULL) "
-            "FROM cache_entries c JOIN files f ON f.hash=c.hash "
-            "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 ORDER BY c.last_used",
-            (self.node,))
         need, skipped = max(min_copies, 1), 0
-        try:
-            for h, size, good in cursor:
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            # pages in (last_used, hash) order: a server's rows come to the client whole, so one
+            # query for the whole LRU would load a million rows to evict a few
+            rows = self.db.connection().execute(
+                # only verified copies count: a location imported from another node (verified NULL) is a
+                # claim, and a file whose only copies are claims would be lost with its cache object
+                "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0 "
+                "AND k.verified IS NOT NULL), c.last_used "
+                "FROM cache_entries c JOIN files f ON f.hash=c.hash "
+                "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 "
+                "AND (c.last_used > ? OR (c.last_used = ? AND c.hash > ?)) ORDER BY c.last_used, c.hash LIMIT ?",
+                (self.node, after[0], after[0], after[1], EVICTION_PAGE)).fetchall()
+            for h, size, good, _ in rows:
                 if good >= need:
                     yield h, size
                 else:
                     skipped += 1
                     if skipped >= scan_limit:
                         return
-        finally:
-            cursor.close()
+            if len(rows) < EVICTION_PAGE:
+                return
+            after = (rows[-1][3], rows[-1][0])
 
     def mark_evicting(self, hashes: Sequence[str]) -> None:
         with self.db.tx() as conn:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -407,13 +408,38 @@ class PostgresDatabase:
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
         except psycopg.Error as exc:
             raise StartupError(self.explain(exc)) from None
-        self.pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT, open=False, configure=self._configure,
+        self._revival = threading.Lock()
+        self._next_probe = 0.0
+        self.pool = self._new_pool()
+        self.pool.open(wait=True, timeout=POOL_TIMEOUT)
+
+    def _new_pool(self) -> psycopg_pool.ConnectionPool:
+        return psycopg_pool.ConnectionPool(
+            self.url, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT, open=False, configure=self._configure,
             check=psycopg_pool.ConnectionPool.check_connection, kwargs={"connect_timeout": CONNECT_TIMEOUT},
             # the pool's own threads (one worker that opens connections, its scheduler) are the only
             # ones a PostgreSQL catalog adds; close() ends them
             num_workers=1, name="catalog")
-        self.pool.open(wait=True, timeout=POOL_TIMEOUT)
+
+    def _revive(self) -> None:
+        """While the server is unreachable, one direct connection a second; once one succeeds, a fresh
+        pool. psycopg_pool retries a lost server with a doubling delay (1, 2, 4 ... s up to its
+        reconnect_timeout of 5 min): after a 30 s outage its next try came 30 s or more after the
+        server was back, and every node waited that long (tests/test_cluster_pg.py)."""
+        now = time.monotonic()
+        if now < self._next_probe or not self._revival.acquire(blocking=False):
+            return
+        try:
+            self._next_probe = now + 1.0
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+            except psycopg.Error:
+                return
+            old, self.pool = self.pool, self._new_pool()
+            self.pool.open(wait=False)
+        finally:
+            self._revival.release()
+        old.close(timeout=1.0)  # connections still lent out are closed when they come back
 
     @staticmethod
     def _configure(conn: psycopg.Connection) -> None:
@@ -494,6 +520,8 @@ class PostgresDatabase:
         return self._session
 
     def pooled(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        if self.unreachable:
+            self._revive()
         return self.pool.connection(timeout=UNREACHABLE_TIMEOUT if self.unreachable else POOL_TIMEOUT)
 
     @contextlib.contextmanager

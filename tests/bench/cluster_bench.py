@@ -13,7 +13,8 @@ first (untimed), then renamed in at once. Measured:
   statements (pg_stat_statements, top level: every statement a client sent, its round trips; the triggers' own statements run inside them);
 - claims per second: (file, remote) pairs claimed and sent per second, all nodes competing for
   one queue (the safe rate: one pair per file), and the claim SELECTs (FOR UPDATE SKIP LOCKED)
-  per file that took.
+  per file that took; and claims alone at the catalog, 3 processes competing for one queue of
+  2 x --files pairs (pg_catalog_bench.py's claimers).
 
 The server is Debian's PostgreSQL started in a temp folder by tests/postgres.py, with fsync and
 synchronous_commit on (as a real server runs) and pg_stat_statements loaded. This machine has 2
@@ -30,6 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -38,7 +40,9 @@ import psycopg  # noqa: E402
 from benchlib import InboxDaemon, fmt, human_bytes, parse_size, say, table, write_small_files  # noqa: E402
 from postgres import PostgresServer, start_server  # noqa: E402
 
-from cloudmanagerd.catalog import Catalog  # noqa: E402
+from pg_catalog_bench import claims  # noqa: E402
+
+from cloudmanagerd.catalog import Catalog, IngestRecord  # noqa: E402
 
 STATS = ("SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname=current_database()), "
          "(SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid=s.dbid "
@@ -64,6 +68,14 @@ def stats(url: str) -> tuple[int, int, int]:
     return int(commits), int(statements), int(claims)
 
 
+def top_statements(url: str, limit: int) -> list[tuple[int, str]]:
+    """The statements sent most often in this database: (calls, start of the text)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [(int(calls), " ".join(query.split())[:110]) for calls, query in conn.execute(
+            "SELECT calls, query FROM pg_stat_statements s JOIN pg_database d ON d.oid=s.dbid "
+            "WHERE d.datname=current_database() ORDER BY calls DESC LIMIT %s", (limit,))]
+
+
 def counts(url: str) -> tuple[int, int]:
     """(files, copies) in the catalog, from its trigger-kept counters."""
     catalog = Catalog.open(url, "bench")
@@ -74,7 +86,7 @@ def counts(url: str) -> tuple[int, int]:
         catalog.close()
 
 
-def run(root: Path, url: str, nodes: int, files: int, size: int, pg: bool) -> dict[str, float]:
+def run(root: Path, url: str, nodes: int, files: int, size: int, pg: bool, top: int = 0) -> dict[str, Any]:
     remote = root / "nas"
     remote.mkdir()
     daemons = []
@@ -115,10 +127,27 @@ def run(root: Path, url: str, nodes: int, files: int, size: int, pg: bool) -> di
             result["commits_per_file"] = (after[0] - before[0]) / total
             result["statements_per_file"] = (after[1] - before[1]) / total
             result["claim_statements"] = after[2] - before[2]
+            result["top"] = top_statements(url, top) if top else []
         return result
     finally:
         for d in daemons:
             d.stop()
+
+
+def claim_rate(url: str, files: int, nodes: int = 3) -> tuple[float, int]:
+    """Claims alone, at the catalog: `files` files queued for two remotes, then `nodes` processes
+    claiming 8 pairs at a time until the queue is empty (pg_catalog_bench's claimers); pairs/s."""
+    for n in range(nodes):  # each claimer's share cached on it: a node never claims a file that
+        catalog = Catalog.open(url, f"node{n}")  # only another node's cache holds
+        try:
+            for i in range(n, files, 500 * nodes):
+                records = [IngestRecord(os.urandom(32).hex(), f"c{j}".encode(), 4096)
+                           for j in range(i, min(i + 500 * nodes, files), nodes)]
+                catalog.begin_ingest(records, time.time())
+                catalog.finish_ingest(records, ["r0", "r1"], time.time())
+        finally:
+            catalog.close()
+    return claims(url, nodes)
 
 
 def main() -> int:
@@ -127,6 +156,8 @@ def main() -> int:
     ap.add_argument("--size", type=parse_size, default=4096, help="bytes per file (default 4 KiB)")
     ap.add_argument("--nodes", default="1,2,3", help="node counts on PostgreSQL (default 1,2,3)")
     ap.add_argument("--no-sqlite", action="store_true", help="skip the single node on SQLite")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="also print the N statements sent most often in each PostgreSQL run, per file")
     ap.add_argument("--tmp", default="/tmp", help="where the daemons' folders go")
     args = ap.parse_args()
 
@@ -140,12 +171,16 @@ def main() -> int:
             root = Path(__import__("tempfile").mkdtemp(prefix="cm-cluster-", dir=args.tmp))
             try:
                 url = server.create_database() if engine == "postgresql" else f"sqlite:///{root}/catalog.sqlite3"
-                r = run(root, url, nodes, args.files, args.size, engine == "postgresql")
+                r = run(root, url, nodes, args.files, args.size, engine == "postgresql", args.top)
                 r["engine"] = engine
                 results.append(r)
-                say(f"{engine}, {nodes} node(s): {r}")
+                say(f"{engine}, {nodes} node(s): {dict((k, v) for k, v in r.items() if k != 'top')}")
+                for calls, query in r.get("top", []):
+                    say(f"  {calls / r['files']:6.2f}/file  {query}")
             finally:
                 shutil.rmtree(root, ignore_errors=True)
+        claimed = claim_rate(server.create_database(), args.files)
+        say(f"claims, 3 nodes at once: {claimed[0]:.0f} pairs/s ({claimed[1]} pairs, 8 per claim)")
     finally:
         server.stop("fast")
         shutil.rmtree(server.root, ignore_errors=True)
@@ -161,6 +196,8 @@ def main() -> int:
     print("\n".join(table(rows, ["catalog", "nodes", "files", "ingest", "files/s", "safe", "files/s",
                                  "commits/file", "stmts/file", "claims+sends/s", "claim selects/file"],
                           right=set(range(1, 11)))))
+    print(f"claims alone, 3 nodes competing at the catalog: {claimed[0]:.0f} pairs/s "
+          f"({claimed[1]} pairs of {args.files} files x 2 remotes, 8 pairs per claim)")
     return 0
 
 

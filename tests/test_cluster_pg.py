@@ -22,6 +22,7 @@ import ctypes.util
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import time
@@ -32,9 +33,9 @@ from typing import Any
 import pytest
 import yaml
 from conftest import Daemon, wait_for
-from postgres import PostgresServer
+from postgres import CI, PostgresServer, start_server
 from seaweed import SeaweedFS, seaweed  # noqa: F401  (the session-scoped fixture)
-from test_postgres_e2e import drop, own_server  # noqa: F401  (a fixture: a server to stop)
+from test_postgres_e2e import drop
 
 from cloudmanagerd import CloudManager
 
@@ -157,6 +158,24 @@ def remotes(workdir: Path, seaweed: SeaweedFS) -> Iterator[tuple[list[dict[str, 
     found = shared_remotes(workdir, seaweed)
     yield found
     found[1].close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop under running daemons: with fsync and synchronous_commit
+    on, so that `pg_ctl stop -m immediate` is a crash that keeps every commit (the shared test
+    server runs without them, and an immediate stop would lose the last commits)."""
+    try:
+        server = start_server(fsync=True)
+    except RuntimeError as exc:
+        if CI:
+            pytest.fail(f"PostgreSQL for the tests: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL for the tests: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
 
 
 # -- the tests --------------------------------------------------------------------------------------
@@ -350,3 +369,31 @@ def test_postgresql_stopped_for_30_s_under_load_every_node_waits_and_resumes_los
         assert "no more watchdog pings" not in d.log()
     no_tracebacks(n1, n2)
     assert n1.stop() == 0 and n2.stop() == 0
+
+
+def test_a_catalog_is_back_within_seconds_of_the_server_after_a_long_outage(own_server: PostgresServer) -> None:
+    """psycopg_pool alone retries with a doubling delay: after 30 s away its next try came up to 30 s
+    after the server was back. The catalog tries one direct connection a second meanwhile."""
+    from cloudmanagerd.catalog import DB_ERRORS, Catalog
+    catalog = Catalog.open(own_server.create_database(), "n1")
+    try:
+        assert catalog.cache_bytes() == 0
+        own_server.stop("immediate")
+        started = time.monotonic()
+
+        def refused() -> bool:  # the pool's backoff grows while callers keep asking
+            try:
+                catalog.cache_bytes()
+            except DB_ERRORS:
+                return time.monotonic() - started > 20
+            raise AssertionError("the catalog answered with the server stopped")
+        wait_for(refused, timeout=60, interval=0.5, message="20 s of refusals")
+        assert catalog.health().unreachable
+        own_server.start()
+        back = time.monotonic()
+        wait_for(lambda: catalog.cache_bytes() == 0, timeout=30, interval=0.1, message="the catalog back")
+        assert time.monotonic() - back < 5
+        assert catalog.counts(1, 1)["files"] == 0  # a transaction: the outage is over for status too
+        assert catalog.health().unreachable is None
+    finally:
+        catalog.close()  # the replaced pools' threads are gone too (no_leaks)

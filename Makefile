@@ -6,9 +6,9 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pyth
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-APT_RUN := python3-venv python3-dev gcc pkg-config libsystemd-dev
+APT_RUN := python3-venv python3-dev gcc pkg-config libsystemd-dev libpq5
 # debootstrap and systemd-container: tests/systemd boots a Debian 12 under systemd-nspawn.
-APT_TEST := $(APT_RUN) strace rclone sqlite3 util-linux procps debootstrap systemd-container
+APT_TEST := $(APT_RUN) strace rclone sqlite3 util-linux procps debootstrap systemd-container postgresql
 APT_BENCH := $(APT_TEST) git git-annex rclone openssl
 
 # Install the Debian packages that are missing (apt-get update first, and only when needed).

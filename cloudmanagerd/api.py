@@ -14,14 +14,13 @@ import hashlib
 import logging
 import os
 import socket
-import sqlite3
 import stat
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import fsutil, ops
-from .catalog import ImportConflict, IngestRecord
+from .catalog import DB_ERRORS, ImportConflict, IngestRecord
 from .config import Config, ConfigError, load_config, parse_remotes, upload_policy
 from .errors import CloudManagerError
 from .exchange import ExchangeError
@@ -65,7 +64,7 @@ def _verb(false_value: Callable[[], Any]) -> Callable[[Callable[..., Any]], Call
                 return false_value()
             try:
                 return method(self, *args, **kwargs)
-            except (OSError, sqlite3.Error, CloudManagerError) as exc:
+            except (OSError, *DB_ERRORS, CloudManagerError) as exc:
                 log.error("%s: %s", method.__name__, getattr(exc, "strerror", None) or exc)
                 return false_value()
         return verb

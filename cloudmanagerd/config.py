@@ -153,6 +153,21 @@ class RemoteConfig:
                 return value
         return default
 
+    @property
+    def place(self) -> str:
+        """Where this remote's copies live, in words: a remote's name must mean this same place on
+        every node sharing a catalog (the catalog records it; a node that differs refuses to start)."""
+        if self.type == "directory":
+            return f"directory {self.get('path')}"
+        if self.type == "s3":
+            endpoint = str(self.get("endpoint") or "AWS").rstrip("/")
+            return f"s3://{self.get('bucket')}/{self.get('prefix') or ''} at {endpoint}"
+        if self.type == "rclone":
+            return f"rclone {self.get('remote')}"
+        if self.type == "plowshare":
+            return f"plowshare {self.get('host')}"
+        return f"{self.type} " + " ".join(f"{k}={self.get(k)}" for k in _LOCATION_OPTIONS if self.get(k))
+
     def __repr__(self) -> str:
         # Configs end up in logs and tracebacks; a secret must not.
         shown = tuple(
@@ -565,6 +580,9 @@ class _Parser:
             raise ValueError(f"expected a node name (a string), got {_describe(value)}")
         if any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError(f"must not contain spaces or control characters, got {_describe(value)}")
+        if "/" in value:
+            # "node/api/pid" names a script's upload claims: a node called "a/api/1" would own them
+            raise ValueError(f"must not contain '/', got {_describe(value)}")
         return value
 
     def _socket(self, value: object) -> str:

@@ -30,7 +30,6 @@ import os
 import select
 import selectors
 import socket
-import sqlite3
 import stat
 import threading
 import time
@@ -38,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import fsutil
+from .catalog import DB_ERRORS
 from .errors import CloudManagerError, StartupError
 from .protocol import HEARTBEAT, LineReader, ProtocolError, decode, encode
 
@@ -116,7 +116,7 @@ class Client:
                         chunk, sent = [], True
             except OSError:
                 raise  # the client went away or stopped reading: nothing to say, nothing to log
-            except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
+            except DB_ERRORS as exc:  # a damaged or full catalog: the health check reports it (status)
                 log.error("control: a streamed reply cut half-way: catalog: %s", exc)
                 with contextlib.suppress(OSError):
                     self.conn.shutdown(socket.SHUT_RDWR)
@@ -392,7 +392,7 @@ class ControlServer:
             return _error(str(exc), getattr(exc, "errno", None))
         except OSError as exc:
             return _error(f"{exc.strerror or exc}", exc.errno)
-        except sqlite3.Error as exc:  # a damaged or full catalog: the health check reports it (status)
+        except DB_ERRORS as exc:  # a damaged or full catalog: the health check reports it (status)
             return {"ok": False, "error": f"catalog: {exc}"}
         except Exception as exc:
             log.exception("control request failed")

@@ -359,6 +359,16 @@ def print_info(f: dict[str, Any]) -> None:
         print(line)
 
 
+def print_nodes(nodes: list[dict[str, Any]]) -> None:
+    print(f"{'NODE':<20} {'STATE':<8} {'HEARTBEAT':>10} {'CACHE':>22} {'CLAIMS':>16}  PID@HOST")
+    for n in nodes:
+        cache = f"{n['cache_files']} files {human_size(n['cache_bytes'])}"
+        claims = f"{n['claims']} ({human_size(n['claims_bytes'])})"
+        mark = " (this node)" if n.get("this") else ""
+        print(f"{n['node']:<20} {n['state']:<8} {ago(n['age']):>10} {cache:>22} {claims:>16}  "
+              f"{n['pid'] or '?'}@{n['host'] or '?'}{mark}")
+
+
 # -- commands --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -639,6 +649,15 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.call({"cmd": "nodes"})
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+    else:
+        print_nodes(nodes)
+    return EXIT_OK
+
+
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
     if args.json:
@@ -660,7 +679,7 @@ def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
 COMMANDS = {"metrics": cmd_metrics,
             "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
-            "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
+            "backup": cmd_backup, "export": cmd_export, "import": cmd_import, "nodes": cmd_nodes}
 
 EPILOG = """exit codes: 0 done; 1 the command failed (the daemon said no, a local file could not be opened);
 2 usage error; 3 the daemon could not be reached. `status --check` follows the Nagios plugin
@@ -735,6 +754,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("verify", "re-hash the cache; with --remotes, check every recorded copy")
     s.add_argument("--remotes", action="store_true", help="also check that every recorded copy exists with its size")
     s.add_argument("--deep", action="store_true", help="with --remotes: read each copy back and hash it")
+    command("nodes", "the nodes sharing the catalog: state, last heartbeat, cache, claimed uploads")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p

@@ -10,8 +10,9 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import signal
-import sqlite3
+import socket
 import sys
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
+from .catalog import DB_ERRORS, Catalog
+from .catalog.migrate import copy_catalog
 from .config import Config, ConfigError, catalog_sqlite_path, load_config, load_or_report
 from .control import ControlServer, node_commands
 from .errors import CloudManagerError, StartupError, explain_oserror
@@ -34,7 +37,7 @@ from .preflight import inbox_link_problem, preflight, promise_warnings
 from .rejects import Rejector
 from .remotes import build_remote
 from .snapshots import Snapshotter
-from .status import build_status, summary_line
+from .status import build_status, human_size, summary_line
 
 log = logging.getLogger("cloudmanagerd")
 
@@ -66,6 +69,14 @@ class Daemon:
         self._job_errors: dict[str, str] = {}
         self._at_risk: tuple[int, float | None] = (0, None)  # from the at-risk job: (files, oldest added)
         self._last_checked: float | None = None  # from the at-risk job: the scrub's next object, last good
+        self._last_counts: dict[str, Any] | None = None  # status's figures while the catalog is unreachable
+        self._last_cluster: dict[str, Any] | None = None  # ...and the cluster's
+        # this process's claim on the node name in the catalog (random per start): a second process
+        # under the same name, on a clone of this machine, is told apart by it
+        self.instance = secrets.token_hex(8)
+        self._registered_node = False
+        self.name_lost: str | None = None  # set when another process took the node name over
+        self._at_risk_cache: tuple[Any, float, tuple[int, int]] | None = None
 
     # -- build and start ------------------------------------------------------------------
 
@@ -91,6 +102,12 @@ class Daemon:
         self.events.on("uploaded", self._uploaded)
         self.events.on("room-freed", self._room_freed)
         self.events.on("registered", self._registered)
+        # before anything acts on this node's rows (ingests, cache, claims): they may be a live twin's
+        try:
+            self._register_node()
+            self._check_remote_places(c)
+        except DB_ERRORS as exc:  # the catalog took the schema but refuses this write (a full disk)
+            raise StartupError(self.catalog.explain(exc)) from None
         self.rejector = Rejector(c.ingest.rejected)
         self._stack.callback(self.rejector.close)
         try:
@@ -131,7 +148,8 @@ class Daemon:
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
             "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety,
             "metrics": self.metrics.write_textfile,
-            "catalog-backup": self._snapshot, "catalog-snapshots": self._list_snapshots}, c, self._guarded)
+            "catalog-backup": self._snapshot, "catalog-snapshots": self._list_snapshots,
+            "heartbeat": self._heartbeat}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
@@ -156,22 +174,58 @@ class Daemon:
         if self.snapshotter is not None:
             self.snapshotter.refresh()
 
+    def _register_node(self) -> None:
+        """Take the node name in the catalog, or refuse to start when a live process holds it.
+
+        A holder that ran from this state folder in this boot is gone (we hold the folder's lock): a
+        crashed daemon restarts at once. Any other holder is watched: one that renews its heartbeat
+        is alive (refused within a heartbeat interval); one that does not has died or was cut off,
+        and its name is taken once its lease runs out (after a reboot, or on another machine)."""
+        c = self.config
+        seat, first = local_seat(c.state), None
+        while True:
+            now = time.time()
+            holder = self.catalog.register_node(self.instance, seat, os.getpid(), socket.gethostname(), now,
+                                                c.cluster.lease)
+            if holder is None:
+                self._registered_node = True
+                return
+            if first is None:
+                first = holder
+                log.warning("node %s: pid %s on host %s held this name %.0f s ago; waiting up to cluster.lease "
+                            "(%g s) to see whether it still runs", c.node, holder["pid"], holder["host"],
+                            max(0.0, now - holder["heartbeat"]), c.cluster.lease)
+            elif (holder["heartbeat"], holder["instance"]) != (first["heartbeat"], first["instance"]):
+                raise StartupError(
+                    f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
+                    f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
+                    f"{holder['host']}); set `node:` in the config to a unique name (cloned machines share "
+                    "hostnames), or stop that process")
+            if self.stop_requested.wait(0.2):
+                raise StartupError(f"node {c.node}: stopped while waiting for the name's lease")
+
+    def _check_remote_places(self, config: Config) -> None:
+        """A remote's name must mean the same place on every node: a copy recorded on remote "nas" is
+        looked for on this node's "nas". A first-seen name is recorded; a different place is refused."""
+        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time())
+        if wrong:
+            raise StartupError("; ".join(remote_place_problem(config, *w) for w in wrong))
+
+    def _heartbeat(self) -> None:
+        if self.name_lost or not self._registered_node:
+            return
+        if not self.catalog.heartbeat(self.instance, time.time()):
+            self.name_lost = (f"node {self.config.node}: another process took this node name over in catalog "
+                              f"{redact_url(self.config.catalog)} (this one was silent longer than cluster.lease, "
+                              f"{self.config.cluster.lease:g} s); stopping, as two processes must not act as one "
+                              "node: give each machine its own `node:` name")
+
     def _reclaim(self) -> None:
         self.uploader.reclaim()
         self.node.release_dead_claims()  # a script using the API on this node that was killed
 
     def _lock_state(self) -> None:
-        path = os.path.join(self.config.state, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(f"state {self.config.state}: another cloudmanagerd is already running "
-                                   "with this state folder (stop it first)") from None
-            raise
-        self._stack.callback(os.close, fd)
+        self._stack.callback(os.close, lock_state(self.config.state))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -181,7 +235,7 @@ class Daemon:
         def run() -> None:
             try:
                 job()
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 name = getattr(job, "__name__", "job")
                 if self._job_errors.get(name) != str(exc):
                     self._job_errors[name] = str(exc)
@@ -247,7 +301,7 @@ class Daemon:
         (min_redundancy recent-enough copies) is said again."""
         min_redundancy = self.config.upload.min_redundancy
         now = time.time()
-        with contextlib.suppress(sqlite3.Error), self._safe_lock:  # a busy catalog must not fail the upload
+        with contextlib.suppress(*DB_ERRORS), self._safe_lock:  # a busy catalog must not fail the upload
             while self._said_safe and next(iter(self._said_safe.values())) < now - SAFE_WINDOW:
                 del self._said_safe[next(iter(self._said_safe))]
             times = [t for _, t in self.catalog.good_copy_times(h)]
@@ -279,19 +333,20 @@ class Daemon:
 
     def health(self) -> health.Health:
         """Every health check, in one verdict: problem lines, and what only a restart can cure."""
-        db = self.catalog.db
+        cat = self.catalog.health()
         catalog_free = catalog_total = cache_free = None
-        with contextlib.suppress(OSError):
-            catalog_free, catalog_total = health.fs_space(os.path.dirname(db.path) or ".")
+        if cat.folder is not None:  # a file catalog: its disk is watched too (a server's is its own)
+            with contextlib.suppress(OSError):
+                catalog_free, catalog_total = health.fs_space(cat.folder)
         with contextlib.suppress(OSError):
             cache_free = health.fs_space(self.cache.root_fd)[0]
         stale = max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
         return health.assess(
             health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
                          self.scheduler.running, self.uploader.last_progress),
-            health.catalog(db.path, db.damage(), db.recovery_hint(), db.write_error,
-                           health.catalog_disk_full(catalog_free, catalog_total,
-                                                    db.write_error_code == sqlite3.SQLITE_FULL), catalog_free),
+            health.catalog(cat.where, cat.damage, cat.hint, cat.write_error,
+                           health.catalog_disk_full(catalog_free, catalog_total, cat.disk_full), catalog_free,
+                           cat.folder, cat.unreachable),
             [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
                                self.cache.disk_limit(), self.cache.capacity, self.cache.used)],
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
@@ -307,9 +362,9 @@ class Daemon:
         self._at_risk = self.catalog.at_risk(c.upload.min_redundancy, time.time() - c.upload.grace)
         self._last_checked = self.catalog.least_recently_checked()
 
-    def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
+    def findings(self, counts: dict[str, Any], cluster: dict[str, Any]) -> list[health.Finding]:
         """Every status problem with its level (health.py): the line an operator reads, and what
-        `status --check` exits with. `counts` are the catalog's figures of this status."""
+        `status --check` exits with. `counts` and `cluster` are the catalog's figures of this status."""
         c = self.config
         now = time.time()
         at_risk, oldest = self._at_risk
@@ -323,6 +378,8 @@ class Daemon:
                 self.snapshotter.problems(skip=self.uploader.unhealthy)
                 + self.snapshotter.behind(c.catalog_backup.interval, skip=self.uploader.unhealthy)
                 if self.snapshotter is not None else [])),
+            # files below min_redundancy cached only on nodes not running: nobody can fetch or copy them
+            *(health.Finding(line) for line in cluster_problems(cluster)),
             *filter(None, [
                 health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
                 health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
@@ -331,19 +388,48 @@ class Daemon:
                                     counts["cache_bytes"], c.cache.scrub)]),
         ]
 
+    def cluster(self) -> dict[str, Any]:
+        """The nodes sharing this catalog, counted by state, and the files at risk: below min_redundancy
+        and cached only on nodes that are not running (nobody can fetch them, nor upload them)."""
+        nodes = self.catalog.nodes(time.time(), self.config.cluster.lease)
+        absent = [n["node"] for n in nodes if n["state"] != "up"]
+        files, size = self._cached_only_on(absent)
+        return {"nodes": len(nodes), **{state: sum(n["state"] == state for n in nodes)
+                                        for state in ("up", "down", "stopped")},
+                "at_risk": files, "at_risk_bytes": size,
+                "at_risk_nodes": absent if files else []}
+
+    def _cached_only_on(self, absent: list[str]) -> tuple[int, int]:
+        """The at-risk count reads every file below min_redundancy (0.5-0.7 s with 200,000 of them):
+        taken again when the absent nodes or min_redundancy change, else at most every AT_RISK_EVERY."""
+        key = (tuple(absent), self.config.upload.min_redundancy)
+        now = time.monotonic()
+        cached = self._at_risk_cache
+        if cached is None or cached[0] != key or now - cached[1] > AT_RISK_EVERY:
+            cached = self._at_risk_cache = (key, now, self.catalog.cached_only_on(absent, key[1]))
+        return cached[2]
+
     def status(self) -> dict[str, Any]:
         c = self.config
-        counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+        try:
+            counts = self._last_counts = self.catalog.counts(c.upload.min_redundancy, c.upload.redundancy)
+            cluster = self._last_cluster = self.cluster()
+        except DB_ERRORS:
+            # a catalog server that is away: the last figures, and the problem line that says so
+            if self._last_counts is None or self._last_cluster is None or not self.catalog.health().unreachable:
+                raise
+            counts, cluster = self._last_counts, self._last_cluster
         stats = counts["remotes"]
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
                     "last_error": stats.get(rc.name, {}).get("last_error"),
                     "catalog_snapshot": self._snapshot_status(rc.name)} for rc in c.remotes]
-        return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts),
+        return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts, cluster),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
-                            counts=counts, active=self.uploader.active_count(), remotes=remotes)
+                            counts=counts, active=self.uploader.active_count(), remotes=remotes,
+                            cluster=cluster)
 
     def _snapshot_status(self, remote: str) -> dict[str, Any] | None:
         """The newest catalog snapshot on a remote (None: no snapshots there, or none at all)."""
@@ -353,13 +439,14 @@ class Daemon:
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*DB_ERRORS):
             self.node.refresh_cache_account()
-        if self.catalog.db.write_error:
+        cat = self.catalog.health()
+        if cat.write_error or cat.unreachable:
             # a failed write is reported until a write succeeds: try one (the node's heartbeat),
             # so that the line goes once there is room again, even while nothing else writes
-            with contextlib.suppress(sqlite3.Error):
-                self.catalog.heartbeat(os.getpid(), time.time())
+            with contextlib.suppress(*DB_ERRORS):
+                self._heartbeat()
         try:
             self.notifier.status(summary_line(self.status()))
         except Exception as exc:  # the catalog may be busy or gone; say so rather than die
@@ -376,12 +463,17 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-            db = self.catalog.db
-            damage = db.damage()
+            if self.name_lost:
+                log.error("%s", self.name_lost)
+                self.state = "failed"
+                self.notifier.status(self.name_lost)
+                return 1
+            cat = self.catalog.health()
+            damage = cat.damage
             if damage:
                 # never run on a damaged catalog: every ingest and `ls` would fail for ever, and a
                 # restart would only refuse to start; stop, and say how to recover
-                line = f"catalog {db.path} is damaged ({damage}): {db.recovery_hint()}"
+                line = f"catalog {cat.where} is damaged ({damage}): {cat.hint}"
                 log.error("stopping: %s", line)
                 self.state = "failed"
                 self.notifier.status(line)
@@ -422,6 +514,7 @@ class Daemon:
     def apply(self, new: Config) -> None:
         """Apply what can change while running; keep (and name) what needs a restart."""
         old = self.config
+        self._check_remote_places(new)  # before anything changes: a refused place keeps the running config
         remotes_new = {rc.name: rc for rc in new.remotes}
         remotes_old = {rc.name: rc for rc in old.remotes}
         built = {name: build_remote(rc) for name, rc in remotes_new.items() if remotes_old.get(name) != rc}
@@ -483,17 +576,22 @@ class Daemon:
         if hasattr(self, "uploader"):
             try:
                 self.uploader.close()
-            except sqlite3.Error as exc:  # a damaged or full catalog: the next start releases the claims
+            except DB_ERRORS as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
         if clean and getattr(self, "snapshotter", None) is not None and self.config.catalog_backup.interval > 0:
             try:
                 # the catalog as it is at the end, on the remotes; within STOP_SNAPSHOT_BUDGET so that
                 # the stop ends before systemd's TimeoutStopSec (90 s) kills it
                 self.snapshotter.step(budget=STOP_SNAPSHOT_BUDGET)
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 log.warning("no catalog snapshot at stop: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
+        if self._registered_node and not self.name_lost:
+            try:  # the name is free at once, and `nodes` says "stopped", not "down"
+                self.catalog.node_stopped(self.instance, time.time())
+            except DB_ERRORS as exc:
+                log.warning("could not mark node %s stopped in the catalog: %s", self.config.node, exc)
         self._stack.close()
         log.info("stopped")
 
@@ -503,7 +601,14 @@ class Daemon:
         return {**node_commands(self.node),
                 "status": lambda req, fds, progress: self.status(),
                 "metrics": lambda req, fds, progress: {"text": self.metrics.text()},
-                "reload": self._cmd_reload}
+                "reload": self._cmd_reload,
+                "nodes": lambda req, fds, progress: self.nodes()}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """`nodes`: every node sharing the catalog, with the age of its last heartbeat."""
+        now = time.time()
+        return [{**n, "age": round(max(0.0, now - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
+                for n in self.catalog.nodes(now, self.config.cluster.lease)]
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
         errors = self.reload()
@@ -512,10 +617,80 @@ class Daemon:
         return {"reloaded": True}
 
 
+AT_RISK_EVERY = 30.0  # seconds between two counts of the files at risk while the same nodes are absent
+
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
                 "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease",
                 "metrics.listen", "metrics.textfile", "log.format")
+
+
+def lock_state(state: str) -> int:
+    """Hold the state folder's lock (one daemon, or one migrate-catalog, per state folder): its descriptor."""
+    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(f"state {state}: another cloudmanagerd is already running "
+                               "with this state folder (stop it first)") from None
+        raise
+    return fd
+
+
+def local_seat(state: str) -> str:
+    """Where this process runs: this boot of this machine (the kernel's boot id) and this state folder
+    (a random id kept in it). Cloned machines share hostnames and even state folders, never a boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:  # not known: then no seat is ever the same as another (a restart waits out the lease)
+        boot = secrets.token_hex(16)
+    path = os.path.join(state, "state-id")
+    try:
+        with open(path, encoding="ascii") as f:
+            folder = f.read().strip()
+    except FileNotFoundError:
+        folder = ""
+    if not folder:
+        folder = secrets.token_hex(8)
+        _write_id(path, folder)
+    return f"{boot}/{folder}"
+
+
+def _write_id(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def redact_url(url: str) -> str:
+    """A catalog URL fit for a message: a PostgreSQL URL without its user and password."""
+    if url.startswith("sqlite:"):
+        return url
+    from .catalog.postgres import safe_url  # only a PostgreSQL catalog needs psycopg's pool
+    return safe_url(url)
+
+
+def cluster_problems(cluster: dict[str, Any]) -> list[str]:
+    if not cluster["at_risk"]:
+        return []
+    return [f"{cluster['at_risk']} file(s) ({human_size(cluster['at_risk_bytes'])}) below min_redundancy are "
+            f"cached only on node(s) not running: {', '.join(cluster['at_risk_nodes'])} (start them so that "
+            "the files get their copies; until then no node can fetch them)"]
+
+
+def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str) -> str:
+    """One line for a remote whose name means another place in the catalog than in this config."""
+    source = config.source or DEFAULT_CONFIG
+    return (f"remotes.{name}: this config puts it at {mine}, but the catalog knows remote {name} as {recorded} "
+            f"(recorded by node {by}); one name must mean one place on every node: if it is another place, "
+            f"give it another name, else fix its config; if the copies really moved there, accept the change "
+            f"with: cloudmanagerd accept-remote -c {source} {name}")
 
 
 def _dotted(config: Any, key: str) -> Any:
@@ -541,8 +716,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def accept_remote(argv: list[str]) -> int:
+    """`cloudmanagerd accept-remote -c FILE NAME...`: record this config's place for the named remotes in
+    the catalog, when their copies really moved there; nodes that still say the old place are then refused.
+    Safe while daemons run (one transaction); a running node applies it at its next reload."""
+    p = argparse.ArgumentParser(prog="cloudmanagerd accept-remote",
+                                description="Accept a remote's new place (from this config) in the catalog.")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("names", nargs="+", metavar="NAME", help="remote names, as in the config")
+    args = p.parse_args(argv)
+    config = load_or_report(args.config)
+    if config is None:
+        return 1
+    places = {rc.name: rc.place for rc in config.remotes}
+    unknown = [name for name in args.names if name not in places]
+    if unknown:
+        print(f"cloudmanagerd: accept-remote: {args.config} has no remote named {', '.join(unknown)} "
+              f"(its remotes: {', '.join(places) or 'none'})", file=sys.stderr)
+        return 1
+    try:
+        catalog = Catalog.open(config.catalog, config.node)
+    except CloudManagerError as exc:
+        print(f"cloudmanagerd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        before = catalog.remote_places()
+        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time())
+    finally:
+        catalog.close()
+    for name in args.names:
+        was = before.get(name)
+        print(f"cloudmanagerd: remote {name} is {places[name]}" +
+              (f" (was {was})" if was and was != places[name] else " (unchanged)" if was else " (new)"))
+    return 0
+
+
+def migrate_catalog(argv: list[str]) -> int:
+    """`cloudmanagerd migrate-catalog -c FILE --to URL [--replace]`: copy this node's SQLite catalog into
+    PostgreSQL (or another empty catalog), all or nothing, with the daemon stopped."""
+    p = argparse.ArgumentParser(prog="cloudmanagerd migrate-catalog",
+                                description="Copy this node's SQLite catalog into a PostgreSQL catalog "
+                                "(stop cloudmanagerd first).")
+    p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--to", required=True, metavar="URL", help="the new catalog: postgresql://user@host/db")
+    p.add_argument("--replace", action="store_true", help="empty a target that already holds a catalog first")
+    args = p.parse_args(argv)
+    config = load_or_report(args.config)
+    if config is None:
+        return 1
+    if not config.catalog.startswith("sqlite:///"):
+        print(f"cloudmanagerd: migrate-catalog copies a SQLite catalog; {args.config} uses "
+              f"{redact_url(config.catalog)}", file=sys.stderr)
+        return 1
+    path = config.catalog[len("sqlite:///"):]
+    if not os.path.isfile(path):
+        print(f"cloudmanagerd: migrate-catalog: catalog {path} does not exist: nothing to migrate (is {args.config} "
+              "this node's config?)", file=sys.stderr)
+        return 1
+    if os.path.realpath(path) == os.path.realpath(args.to.partition(":///")[2]):
+        print("cloudmanagerd: migrate-catalog: --to names the catalog itself", file=sys.stderr)
+        return 1
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(config.state, exist_ok=True)
+            stack.callback(os.close, lock_state(config.state))  # no daemon may start on it meanwhile
+            source = Catalog.open(config.catalog, config.node)
+            stack.callback(source.close)
+            now = time.time()
+            live = [n for n in source.nodes(now, config.cluster.lease) if n["state"] == "up"]
+            if live:
+                n = live[0]
+                raise StartupError(f"node {n['node']} is running on catalog {config.catalog} (pid {n['pid']} on host "
+                                   f"{n['host']}, last heartbeat {now - n['heartbeat']:.0f} s ago): stop it first "
+                                   "(systemctl stop cloudmanagerd)")
+            target = Catalog.open(args.to, config.node)
+            stack.callback(target.close)
+            counts = copy_catalog(source, target, args.replace, config.cluster.lease)
+        except CloudManagerError as exc:
+            print(f"cloudmanagerd: migrate-catalog: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"cloudmanagerd: migrate-catalog: {explain_oserror(exc, exc.filename or config.state)}",
+                  file=sys.stderr)
+            return 1
+        except DB_ERRORS as exc:
+            print(f"cloudmanagerd: migrate-catalog: catalog: {str(exc).strip().splitlines()[0]}; nothing was "
+                  "copied", file=sys.stderr)
+            return 1
+    print(f"cloudmanagerd: copied {', '.join(f'{n} {t}' for t, n in counts.items() if n) or 'an empty catalog'} "
+          f"into {redact_url(args.to)}, checked; now set `catalog: {redact_url(args.to)}` in {args.config} and "
+          f"start cloudmanagerd (keep {config.catalog[len('sqlite:///'):]} until it runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accept-remote"]:
+        return accept_remote(argv[1:])
+    if argv[:1] == ["migrate-catalog"]:
+        return migrate_catalog(argv[1:])
     if argv[:1] == ["restore"]:  # `cloudmanagerd restore -c FILE [--force]`: a lost node's catalog back
         from .restore import main as restore_main
         return restore_main(argv[1:])

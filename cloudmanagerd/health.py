@@ -103,11 +103,15 @@ def loops(now: float, stale_after: float, ingest_alive: bool, ingest_progress: f
 
 
 def catalog(path: str, corrupt: str | None, hint: str, write_error: str | None, disk_full: bool,
-            free: int | None) -> list[Finding]:
-    """A damaged catalog is fatal; one that cannot be written now (a full disk) is waited out."""
+            free: int | None, folder: str | None = None, unreachable: str | None = None) -> list[Finding]:
+    """A damaged catalog is fatal; one that cannot be written now (a full disk) or a catalog server
+    that cannot be reached is waited out: a restart would not bring the server back."""
     if corrupt:
         return [Finding(f"catalog {path} is damaged ({corrupt}): {hint}", True)]
-    folder = os.path.dirname(path) or "."
+    if unreachable:
+        return [Finding(f"catalog unreachable: {path} ({unreachable}); ingest and uploads wait, files stay "
+                        "in the inbox", critical=True)]
+    folder = folder or os.path.dirname(path) or "."
     # nothing is taken in while the catalog cannot be written: critical (ingest stalled)
     if disk_full:
         room = f" has {_size(free)} free" if free is not None else " is full"

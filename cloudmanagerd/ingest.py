@@ -18,7 +18,6 @@ import fnmatch
 import logging
 import os
 import resource
-import sqlite3
 import stat
 import threading
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 
 from . import fsutil
 from .cache import Cache
-from .catalog import Catalog, IngestRecord
+from .catalog import DB_ERRORS, Catalog, IngestRecord
 from .errors import CACHE_HINTS, explain_oserror
 from .hashing import copy_hashed, sha256_fd
 from .logs import FILE_AT_RISK, fields
@@ -669,7 +668,7 @@ class IngestWorker:
             except OSError as exc:
                 self._failed(rels, explain_oserror(exc, "ingest", CACHE_HINTS))
                 continue
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 self._failed(rels, f"catalog: {exc} (free some space on the state folder's disk)"
                              if "full" in str(exc) else f"catalog: {exc}")
                 continue

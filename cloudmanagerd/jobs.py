@@ -52,6 +52,9 @@ TABLE: tuple[Job, ...] = (
     # catalog snapshots to the remotes when the catalog changed (0: off, the job then does nothing)
     Job("catalog-backup", lambda c: c.catalog_backup.interval or 3600.0),
     Job("catalog-snapshots", None, at_start=True),              # the newest snapshot on each remote, for status
+    # this node is alive, for the other nodes sharing the catalog: well within the lease, so that a
+    # slow moment does not let a twin take the name over
+    Job("heartbeat", lambda c: max(0.2, min(5.0, c.cluster.lease / 4))),
 )
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import fsutil
 from .cache import Cache
-from .catalog import Catalog
+from .catalog import DB_ERRORS, Catalog
 from .config import RemoteConfig, UploadConfig
 from .errors import StartupError
 from .events import Events
@@ -114,7 +113,7 @@ class Node:
         # must not fail the reload: the daemon's status job trims again every few seconds.
         try:
             self.evictor.trim()
-        except (sqlite3.Error, OSError) as exc:
+        except (*DB_ERRORS, OSError) as exc:
             log.warning("cache.capacity lowered, but evicting now failed (tried again shortly): %s", exc)
 
     def api_owner(self, pid: int) -> str:

@@ -17,7 +17,8 @@ def file_object(info: dict[str, Any]) -> dict[str, Any]:
 
 def build_status(*, state: str, node: str, started: float, findings: list[Any], inbox_path: str,
                  inbox_pending: int, rejected: int, cache_path: str, capacity: int, counts: dict[str, Any],
-                 active: int, remotes: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+                 active: int, remotes: list[dict[str, Any]], now: float | None = None,
+                 cluster: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     problems = [f.line for f in findings]  # health.Finding: a line and its level
     levels = [f.level for f in findings]
@@ -47,6 +48,8 @@ def build_status(*, state: str, node: str, started: float, findings: list[Any], 
         "transfer": {"month": time.strftime("%Y-%m", time.gmtime(now)),
                      "incoming": counts["month_incoming"], "outgoing": counts["month_outgoing"],
                      "total_incoming": counts["total_incoming"], "total_outgoing": counts["total_outgoing"]},
+        # the nodes sharing the catalog (this one included) and the files only absent nodes hold
+        **({"cluster": cluster} if cluster is not None else {}),
     }
 
 

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cache import Cache
-from .catalog import Catalog, UploadClaim
+from .catalog import DB_ERRORS, Catalog, UploadClaim
 from .config import UploadConfig
 from .errors import CloudManagerError
 from .events import Events
@@ -357,7 +356,7 @@ class Uploader:
                 else:
                     self._send_batch(claims, unsettled)
                 unsettled = []
-            except sqlite3.Error:
+            except DB_ERRORS:
                 raise
             except Exception:
                 log.exception("upload of %s to remote=%s failed unexpectedly",
@@ -365,7 +364,7 @@ class Uploader:
                               claims[0].remote, extra=fields(remote=claims[0].remote))
                 for claim in unsettled:
                     self._failed(claim, RemoteError("internal error (see the log)"))
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             # The pairs stay claimed in the catalog: `reclaim` queues them again once their lease has
             # expired, and the health check reports the catalog (issue 10: it used to stay "active").
             log.error("upload of hash=%s to remote=%s: the catalog could not record it (%s); it is queued "

@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/postgres.py: the postgres_server and postgres_url fixtures (a real PostgreSQL server)
+pytest_plugins = ["postgres"]
 CI = os.environ.get("CI") == "true"
 
 

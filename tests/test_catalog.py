@@ -1,5 +1,8 @@
-"""The catalog on a real SQLite file: schema and migrations, the transaction helper, hash
-prefixes, listing, the file object of SPEC, status counts and transfer counters.
+"""The catalog's contract: every test runs against both backends (a real SQLite file and a real
+PostgreSQL database from tests/postgres.py) and speaks to the catalog only through its interface:
+schema, hash prefixes, listing, the file object of SPEC, status counts, transfer counters, claims.
+What only one engine has (SQLite's WAL and its transaction helper, PostgreSQL's URL handling) is
+tested in test_catalog_sqlite.py and test_catalog_postgres.py.
 
 Hashes here are fabricated 64-hex strings, so that prefixes can be made to collide.
 """
@@ -7,18 +10,14 @@ Hashes here are fabricated 64-hex strings, so that prefixes can be made to colli
 from __future__ import annotations
 
 import calendar
-import contextlib
-import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from cloudmanagerd.errors import StartupError
-
 from cloudmanagerd.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, IngestRecord, month_of
-from cloudmanagerd.catalog.sqlite import BUSY_TIMEOUT_MS
 from cloudmanagerd.errors import Ambiguous, NotFound
 
 T0 = 1_700_000_000.0
@@ -28,16 +27,30 @@ def fake_hash(prefix: str, fill: str = "0") -> str:
     return (prefix + fill * 64)[:64]
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "catalog.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One catalog store: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'catalog.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
-def catalog(db_path: Path) -> Iterator[Catalog]:
-    c = Catalog.open(f"sqlite:///{db_path}", "node1")
-    yield c
-    c.close()
+def open_catalog(store_url: str) -> Iterator[Callable[[str], Catalog]]:
+    """Opens more catalogs on the same store (another node, or the same one again); all closed at the end."""
+    opened: list[Catalog] = []
+
+    def open_one(node: str = "node1") -> Catalog:
+        opened.append(Catalog.open(store_url, node))
+        return opened[-1]
+    yield open_one
+    for c in reversed(opened):
+        c.close()
+
+
+@pytest.fixture
+def catalog(open_catalog: Callable[[str], Catalog]) -> Catalog:
+    return open_catalog("node1")
 
 
 def register(catalog: Catalog, h: str, name: bytes = b"f", size: int = 10, now: float = T0,
@@ -47,155 +60,47 @@ def register(catalog: Catalog, h: str, name: bytes = b"f", size: int = 10, now: 
     catalog.finish_ingest([record], list(remotes), now)
 
 
-@contextlib.contextmanager
-def raw(db_path: Path, timeout: float = 5.0) -> Iterator[sqlite3.Connection]:
-    """A separate connection to the same file, as another process would have; committed and closed."""
-    conn = sqlite3.connect(db_path, timeout=timeout)
-    try:
-        with conn:
-            yield conn
-    finally:
-        conn.close()
-
-
 # -- schema ------------------------------------------------------------------------------------
 
-def test_a_fresh_catalog_is_migrated_to_the_current_schema(catalog: Catalog, db_path: Path) -> None:
+def test_a_fresh_catalog_is_migrated_to_the_current_schema(catalog: Catalog) -> None:
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 1
     assert catalog.schema_version() == SCHEMA_VERSION
-    with raw(db_path) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-    assert {"meta", "files", "ingests", "cache_entries", "uploads", "copies", "remote_stats", "transfer",
-            "nodes"} <= tables
-    assert version == str(SCHEMA_VERSION)
+    assert catalog.list_files() == [] and catalog.counts(1, 1)["files"] == 0
 
 
-def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_data(db_path: Path) -> None:
-    # the database the first release wrote: migration 1 only, one file with a copy
-    h = fake_hash("0ld0ld")
-    db_path.parent.mkdir(parents=True)
-    with raw(db_path) as conn:
-        for statement in MIGRATIONS[0].split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
-        conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 5, ?)", (h, b"old.txt", T0))
-        conn.execute("INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, 'node1', 5, ?)", (h, T0))
-        conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, 'r0', 'u', ?)", (h, T0))
-    catalog = Catalog.open(f"sqlite:///{db_path}", "node1")
-    try:
-        assert catalog.schema_version() == SCHEMA_VERSION
-        info = catalog.file_info(h)
-        assert (info["name"], info["size"], info["cached"]) == (b"old.txt", 5, True)
-        assert info["copies"] == [{"remote": "r0", "url": "u"}]
-        register(catalog, fake_hash("new000"))  # and the upgraded schema takes new files
-        assert len(catalog.list_files()) == 2
-    finally:
-        catalog.close()
-
-
-def test_opening_again_is_idempotent_and_keeps_the_data(catalog: Catalog, db_path: Path) -> None:
+def test_opening_again_is_idempotent_and_keeps_the_data(catalog: Catalog,
+                                                        open_catalog: Callable[[str], Catalog]) -> None:
     h = fake_hash("ab12cd")
     register(catalog, h, b"kept.txt")
     for _ in range(2):
-        again = Catalog.open(f"sqlite:///{db_path}", "node1")
+        again = open_catalog("node1")
+        assert again.schema_version() == SCHEMA_VERSION
+        assert again.file_info(h)["name"] == b"kept.txt"
+        again.migrate()
+        assert again.schema_version() == SCHEMA_VERSION
+    assert [f["hash"] for f in catalog.list_files()] == [h]
+    assert catalog.counts(1, 1)["files"] == 1
+
+
+def test_nodes_opening_one_new_store_together_create_its_schema_once(
+        open_catalog: Callable[[str], Catalog]) -> None:
+    # four nodes start at once on an empty store: the schema lock lets one create it, the others wait
+    opened: list[Catalog] = []
+    errors: list[BaseException] = []
+
+    def start(node: str) -> None:
         try:
-            assert again.schema_version() == SCHEMA_VERSION
-            assert again.file_info(h)["name"] == b"kept.txt"
-            again.migrate()
-            assert again.schema_version() == SCHEMA_VERSION
-        finally:
-            again.close()
-    with raw(db_path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 1
-        assert conn.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
-
-
-def test_a_newer_schema_is_refused_with_a_clear_error(catalog: Catalog, db_path: Path) -> None:
-    register(catalog, fake_hash("aaaaaa"))
-    catalog.close()
-    newer = SCHEMA_VERSION + 5
-    with raw(db_path) as conn:
-        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(newer),))
-    with pytest.raises(Exception) as info:
-        Catalog.open(f"sqlite:///{db_path}", "node1")
-    message = str(info.value)
-    assert str(newer) in message and "newer" in message and "upgrade" in message
-    assert "\n" not in message
-    # and nothing was touched
-    with raw(db_path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(newer)
-        assert conn.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
-
-
-def test_only_sqlite_urls_are_accepted_for_now(tmp_path: Path) -> None:
-    # a one-line start-up error (no traceback) that says what to use instead
-    with pytest.raises(StartupError, match="not supported .* use a sqlite:/// catalog"):
-        Catalog.open("postgresql://localhost/cm", "node1")
-
-
-# -- the transaction helper and connection settings ----------------------------------------------
-
-def test_tx_commits_on_success(catalog: Catalog, db_path: Path) -> None:
-    with catalog.db.tx() as conn:
-        conn.execute("INSERT INTO meta(key, value) VALUES ('k', 'v')")
-    with raw(db_path) as other:  # visible to another connection: committed
-        assert other.execute("SELECT value FROM meta WHERE key='k'").fetchone() == ("v",)
-
-
-def test_tx_rolls_back_on_an_exception(catalog: Catalog, db_path: Path) -> None:
-    class Boom(Exception):
-        pass
-
-    with pytest.raises(Boom):
-        with catalog.db.tx() as conn:
-            conn.execute("INSERT INTO meta(key, value) VALUES ('k1', 'v')")
-            conn.execute("INSERT INTO files(hash, name, size, added) VALUES ('x', x'00', 1, 0)")
-            raise Boom()
-    with raw(db_path) as other:
-        assert other.execute("SELECT COUNT(*) FROM meta WHERE key='k1'").fetchone()[0] == 0
-        assert other.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0
-    # the connection is usable afterwards: no transaction left open
-    assert not catalog.db.connection().in_transaction
-    with catalog.db.tx() as conn:
-        conn.execute("INSERT INTO meta(key, value) VALUES ('k2', 'v')")
-    with raw(db_path) as other:
-        assert other.execute("SELECT COUNT(*) FROM meta WHERE key='k2'").fetchone()[0] == 1
-
-
-def test_a_failing_statement_rolls_back_the_whole_batch(catalog: Catalog) -> None:
-    h = fake_hash("bbbbbb")
-    good = IngestRecord(h, b"good", 1)
-    with pytest.raises(sqlite3.Error):
-        with catalog.db.tx() as conn:
-            conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 1, 0)", (h, b"good"))
-            conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 1, 0)", (h, b"dup"))
-    with pytest.raises(NotFound):
-        catalog.file_info(h)
-    catalog.finish_ingest([good], [], T0)
-    assert catalog.file_info(h)["name"] == b"good"
-
-
-def test_wal_journal_and_busy_timeout_are_set(catalog: Catalog, db_path: Path) -> None:
-    conn = catalog.db.connection()
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS >= 1000
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit is on disk
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    # WAL is a property of the file: every other connection sees it too
-    with raw(db_path) as other:
-        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-
-def test_a_reader_is_not_blocked_by_a_writer(catalog: Catalog, db_path: Path) -> None:
-    register(catalog, fake_hash("cccccc"))
-    with catalog.db.tx() as conn:
-        conn.execute("INSERT INTO meta(key, value) VALUES ('w', 'x')")
-        # while the write transaction is open, another connection still reads (WAL)
-        with raw(db_path, timeout=0) as other:
-            assert other.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
-            assert other.execute("SELECT COUNT(*) FROM meta WHERE key='w'").fetchone()[0] == 0
+            opened.append(open_catalog(node))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=start, args=(f"n{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(opened) == 4
+    register(opened[0], fake_hash("5c4e3a"))
+    assert all(c.schema_version() == SCHEMA_VERSION and c.counts(1, 1)["files"] == 1 for c in opened)
 
 
 # -- resolve -------------------------------------------------------------------------------------
@@ -352,19 +257,17 @@ def test_counts_follow_files_uploads_and_copies(catalog: Catalog) -> None:
     assert counts["total_outgoing"] == counts["month_outgoing"] == 400
 
 
-def test_cache_counts_belong_to_this_node(catalog: Catalog, db_path: Path) -> None:
+def test_cache_counts_belong_to_this_node(catalog: Catalog, open_catalog: Callable[[str], Catalog]) -> None:
     register(catalog, fake_hash("d10000"), size=50)
-    other = Catalog.open(f"sqlite:///{db_path}", "node2")
-    try:
-        assert other.counts(1, 1)["cache_files"] == 0
-        assert other.counts(1, 1)["files"] == 1  # the files are shared; the cache is not
-        assert other.list_files(state="cached") == []
-        assert other.file_info(fake_hash("d10000"))["cached"] is False
-    finally:
-        other.close()
+    other = open_catalog("node2")
+    assert other.counts(1, 1)["cache_files"] == 0
+    assert other.counts(1, 1)["files"] == 1  # the files are shared; the cache is not
+    assert other.list_files(state="cached") == []
+    assert other.file_info(fake_hash("d10000"))["cached"] is False
+    assert other.cache_bytes() == 0 and catalog.cache_bytes() == 50
 
 
-def test_transfer_counters_are_kept_by_month(catalog: Catalog, db_path: Path) -> None:
+def test_transfer_counters_are_kept_by_month(catalog: Catalog) -> None:
     jan = calendar.timegm((2024, 1, 15, 12, 0, 0))
     jan_end = calendar.timegm((2024, 1, 31, 23, 59, 59))
     feb = calendar.timegm((2024, 2, 1, 0, 0, 0))
@@ -374,9 +277,10 @@ def test_transfer_counters_are_kept_by_month(catalog: Catalog, db_path: Path) ->
     register(catalog, fake_hash("e30000"), size=70, now=feb)
     catalog.add_transfer(feb, outgoing=30)
     catalog.upload_done(fake_hash("e10000"), "r0", "u", 1000, 2, feb)
-    with raw(db_path) as conn:
-        rows = conn.execute("SELECT node, month, incoming, outgoing FROM transfer ORDER BY month").fetchall()
-    assert rows == [("node1", "2024-01", 1500, 0), ("node1", "2024-02", 70, 1030)]
+    month = {k: v for k, v in catalog.transfer_totals(jan).items() if k.startswith("month_")}
+    assert month == {"month_incoming": 1500, "month_outgoing": 0}
+    month = {k: v for k, v in catalog.transfer_totals(feb).items() if k.startswith("month_")}
+    assert month == {"month_incoming": 70, "month_outgoing": 1030}
 
     # this month's counters in counts(); totals over every month
     now = time.time()
@@ -384,3 +288,89 @@ def test_transfer_counters_are_kept_by_month(catalog: Catalog, db_path: Path) ->
     counts = catalog.counts(1, 1)
     assert (counts["month_incoming"], counts["month_outgoing"]) == (5, 6)
     assert (counts["total_incoming"], counts["total_outgoing"]) == (1575, 1036)
+
+
+# -- claims: one node per pair, leases that run out, this node's cache first -------------------------
+
+def test_two_nodes_claiming_at_once_never_take_the_same_pair(
+        catalog: Catalog, open_catalog: Callable[[str], Catalog]) -> None:
+    for i in range(60):
+        register(catalog, fake_hash(f"{i:02x}c1a1"), now=T0, remotes=("r0",))
+    nodes = [catalog, open_catalog("node2"), open_catalog("node3")]
+    taken: dict[str, list[str]] = {c.node: [] for c in nodes}
+
+    def claim(c: Catalog) -> None:
+        while True:
+            got = c.claim_due(T0 + 1, 3, 60)
+            if not got:
+                return
+            taken[c.node] += [g.hash for g in got]
+    threads = [threading.Thread(target=claim, args=(c,)) for c in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [h for hashes in taken.values() for h in hashes]
+    assert len(every) == len(set(every)) == 60
+    assert catalog.counts(1, 1)["uploads"]["active"] == 60
+
+
+def test_a_dead_nodes_claims_go_to_another_node_when_its_lease_runs_out(
+        catalog: Catalog, open_catalog: Callable[[str], Catalog]) -> None:
+    h = fake_hash("1ea5e0")
+    register(catalog, h, now=T0, remotes=("r0",))
+    other = open_catalog("node2")
+    register(other, h, now=T0, remotes=("r0",))  # the same content dropped on node2: it holds the bytes too
+    assert [c.hash for c in catalog.claim_due(T0, 10, lease=60)] == [h]
+    assert other.claim_due(T0 + 59, 10, lease=60) == []  # still node1's
+    # node1 died: once its lease is over, node2 takes the pair
+    assert [c.hash for c in other.claim_due(T0 + 61, 10, lease=60)] == [h]
+    # node1 comes back and records a failure of its old attempt: node2's claim stands
+    catalog.upload_failed(h, "r0", "late", T0 + 100, T0 + 62)
+    assert other.counts(1, 1)["uploads"]["active"] == 1
+    assert other.claim_due(T0 + 200, 10, lease=60) == []  # node2's own lease is its refresh's business
+    other.upload_done(h, "r0", "u://x", 10, 1, T0 + 70)
+    assert other.file_info(h)["copies"] == [{"remote": "r0", "url": "u://x"}]
+
+
+def test_this_node_never_takes_back_its_own_expired_claims_by_claiming(catalog: Catalog) -> None:
+    # a pair this node still sends may have an old lease (refresh_claims decides, knowing what is in flight)
+    register(catalog, fake_hash("5e1f00"), now=T0, remotes=("r0",))
+    assert len(catalog.claim_due(T0, 10, lease=60)) == 1
+    assert catalog.claim_due(T0 + 1000, 10, lease=60) == []
+    assert catalog.refresh_claims(T0 + 1000, 60, in_flight=set()) == 1
+    assert len(catalog.claim_due(T0 + 1000, 10, lease=60)) == 1
+
+
+def test_a_node_prefers_the_pairs_whose_file_it_holds(
+        catalog: Catalog, open_catalog: Callable[[str], Catalog]) -> None:
+    other = open_catalog("node2")
+    mine = [fake_hash(f"a{i}0000") for i in range(3)]
+    theirs = [fake_hash(f"b{i}0000") for i in range(3)]
+    for i, h in enumerate(theirs):  # older, so first in next_attempt order
+        register(other, h, now=T0 + i, remotes=("r0",))
+    for i, h in enumerate(mine):
+        register(catalog, h, now=T0 + 10 + i, remotes=("r0",))
+    assert [c.hash for c in catalog.claim_due(T0 + 100, 3, 60)] == mine
+    # the files only node2 holds, with no copy anywhere yet, are node2's to send: node1 leaves them
+    assert catalog.claim_due(T0 + 100, 3, 60) == []
+    other.upload_done(theirs[0], "r1", "u://y", 10, 2, T0 + 50)  # now a remote has one: node1 may fetch it
+    assert [c.hash for c in catalog.claim_due(T0 + 100, 3, 60)] == [theirs[0]]
+
+
+def test_eviction_candidates_walk_the_whole_lru_in_pages_without_repeats(catalog: Catalog) -> None:
+    # more entries than one page, all used at the same instant (ties broken by hash), the newest last
+    hashes = [fake_hash(f"{i:04x}e5") for i in range(1100)]
+    records = [IngestRecord(h, b"f", 1) for h in hashes]
+    catalog.begin_ingest(records, T0)
+    catalog.finish_ingest(records, ["r0"], T0)
+    catalog.touch(hashes[0], T0 + 5)
+    catalog.uploads_done([(h, "r0", "u", 1) for h in hashes if h != hashes[1]], 1, T0)
+    candidates = catalog.eviction_candidates(1)
+    try:
+        got = [h for h, _ in candidates]
+    finally:
+        candidates.close()
+    assert got == sorted(set(hashes) - {hashes[0], hashes[1]}) + [hashes[0]]  # hashes[1] has no copy
+    # the least recently used entry is hashes[1], short of copies: a scan limit of 1 stops there
+    assert [h for h, _ in catalog.eviction_candidates(1, scan_limit=1)] == []

@@ -234,6 +234,21 @@ def test_node_defaults_to_the_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config_from_mapping(minimal(), base_dir=BASE, environ={}).node == "storage-7"
 
 
+def test_a_node_name_with_a_slash_is_refused() -> None:
+    # "node/api/pid" owns a script's upload claims: a node named like that would own them
+    errors = errors_of({**minimal(), "node": "a/api/1"})
+    assert len(errors) == 1 and errors[0].startswith("node: must not contain '/'"), errors
+
+
+def test_a_remote_place_names_where_its_copies_live() -> None:
+    config = build(minimal(remotes=[directory("nas"),
+                                    {"name": "s3", "type": "s3", "bucket": "b", "prefix": "p/",
+                                     "endpoint": "http://127.0.0.1:8333/"}]))
+    nas, s3 = config.remotes
+    assert nas.place == f"directory {nas.get('path')}"
+    assert s3.place == "s3://b/p/ at http://127.0.0.1:8333"  # a trailing slash is the same endpoint
+
+
 # --- paths -----------------------------------------------------------------------------
 
 

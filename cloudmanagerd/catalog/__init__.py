@@ -19,209 +19,44 @@ import collections
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
 from ..exchange import Entry, Location
+from . import sqlite as _sqlite
 from .sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 6
+# SQLite's migrations, named here for the tests and benches that build old catalogs
+MIGRATIONS, split_statements = _sqlite.MIGRATIONS, _sqlite.split_statements
 
-# Each entry upgrades the schema from version i to i + 1; later issues append, never edit.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE files (
-        hash TEXT PRIMARY KEY,
-        name BLOB NOT NULL,
-        size INTEGER NOT NULL,
-        added REAL NOT NULL,
-        pinned INTEGER NOT NULL DEFAULT 0,
-        removing INTEGER NOT NULL DEFAULT 0,
-        exported REAL,
-        confirmed INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX files_added ON files(added);
-    CREATE TABLE ingests (
-        node TEXT NOT NULL,
-        hash TEXT NOT NULL,
-        name BLOB NOT NULL,
-        size INTEGER NOT NULL,
-        started REAL NOT NULL,
-        PRIMARY KEY (node, hash, name)
-    );
-    CREATE TABLE cache_entries (
-        hash TEXT NOT NULL REFERENCES files(hash),
-        node TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        last_used REAL NOT NULL,
-        PRIMARY KEY (hash, node)
-    );
-    CREATE INDEX cache_lru ON cache_entries(node, last_used);
-    CREATE TABLE uploads (
-        hash TEXT NOT NULL REFERENCES files(hash),
-        remote TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'retrying', 'failed', 'done')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt REAL NOT NULL DEFAULT 0,
-        last_error TEXT,
-        claim_owner TEXT,
-        lease_expiry REAL,
-        updated REAL NOT NULL,
-        PRIMARY KEY (hash, remote)
-    );
-    CREATE INDEX uploads_due ON uploads(state, next_attempt);
-    CREATE TABLE copies (
-        hash TEXT NOT NULL REFERENCES files(hash),
-        remote TEXT NOT NULL,
-        url TEXT NOT NULL,
-        created REAL NOT NULL,
-        verified REAL,
-        bad INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (hash, remote)
-    );
-    CREATE TABLE remote_stats (
-        remote TEXT PRIMARY KEY,
-        errors INTEGER NOT NULL DEFAULT 0,
-        successes INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        last_error_at REAL
-    );
-    CREATE TABLE transfer (
-        node TEXT NOT NULL,
-        month TEXT NOT NULL,
-        incoming INTEGER NOT NULL DEFAULT 0,
-        outgoing INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (node, month)
-    );
-    CREATE TABLE nodes (
-        node TEXT PRIMARY KEY,
-        heartbeat REAL NOT NULL,
-        pid INTEGER,
-        info TEXT
-    );
-    """,
-    # 2: eviction is marked before the object goes (start-up finishes it), and the scrub
-    # remembers when each cache object and each remote copy was last checked.
-    """
-    ALTER TABLE cache_entries ADD COLUMN evicting INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE cache_entries ADD COLUMN verified REAL;
-    CREATE INDEX cache_verified ON cache_entries(node, verified);
-    CREATE INDEX copies_verified ON copies(verified);
-    CREATE INDEX files_removing ON files(removing) WHERE removing=1;
-    """,
-    # 3: counters kept by triggers, so that `status` costs the same with a million files as with
-    # ten (a COUNT/SUM over 1M rows takes 27-70 ms); files.good counts each file's good copies.
-    """
-    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL DEFAULT 0);
-    ALTER TABLE files ADD COLUMN good INTEGER NOT NULL DEFAULT 0;
-    UPDATE files SET good=(SELECT COUNT(*) FROM copies k WHERE k.hash=files.hash AND k.bad=0);
-    CREATE INDEX files_good ON files(good, added);
-    INSERT INTO counters(name, value) SELECT 'files', COUNT(*) FROM files;
-    INSERT INTO counters(name, value) SELECT 'bytes', COALESCE(SUM(size), 0) FROM files;
-    INSERT INTO counters(name, value) SELECT 'copies', COUNT(*) FROM copies WHERE bad=0;
-    INSERT INTO counters(name, value) SELECT 'uploads:' || state, COUNT(*) FROM uploads GROUP BY state;
-    INSERT INTO counters(name, value) SELECT 'pending_bytes', COALESCE(SUM(f.size), 0) FROM uploads u
-        JOIN files f ON f.hash=u.hash WHERE u.state IN ('queued', 'active', 'retrying');
-    INSERT INTO counters(name, value) SELECT 'good:' || good, COUNT(*) FROM files GROUP BY good;
-    INSERT INTO counters(name, value) SELECT 'goodbytes:' || good, SUM(size) FROM files GROUP BY good;
-    INSERT INTO counters(name, value) SELECT 'cache_files:' || node, COUNT(*) FROM cache_entries GROUP BY node;
-    INSERT INTO counters(name, value) SELECT 'cache_bytes:' || node, SUM(size) FROM cache_entries GROUP BY node;
-    CREATE TRIGGER files_ins AFTER INSERT ON files BEGIN
-        INSERT INTO counters VALUES ('files', 1), ('bytes', NEW.size), ('good:' || NEW.good, 1),
-            ('goodbytes:' || NEW.good, NEW.size) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER files_del AFTER DELETE ON files BEGIN
-        INSERT INTO counters VALUES ('files', -1), ('bytes', -OLD.size), ('good:' || OLD.good, -1),
-            ('goodbytes:' || OLD.good, -OLD.size) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER files_good AFTER UPDATE OF good ON files WHEN OLD.good != NEW.good BEGIN
-        INSERT INTO counters VALUES ('good:' || OLD.good, -1), ('goodbytes:' || OLD.good, -OLD.size),
-            ('good:' || NEW.good, 1), ('goodbytes:' || NEW.good, NEW.size)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER copies_ins AFTER INSERT ON copies WHEN NEW.bad=0 BEGIN
-        UPDATE files SET good=good+1 WHERE hash=NEW.hash;
-        INSERT INTO counters VALUES ('copies', 1) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER copies_del AFTER DELETE ON copies WHEN OLD.bad=0 BEGIN
-        UPDATE files SET good=good-1 WHERE hash=OLD.hash;
-        INSERT INTO counters VALUES ('copies', -1) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER copies_bad AFTER UPDATE OF bad ON copies WHEN OLD.bad != NEW.bad BEGIN
-        UPDATE files SET good=good + (CASE WHEN NEW.bad=0 THEN 1 ELSE -1 END) WHERE hash=NEW.hash;
-        INSERT INTO counters VALUES ('copies', CASE WHEN NEW.bad=0 THEN 1 ELSE -1 END)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER uploads_ins AFTER INSERT ON uploads BEGIN
-        INSERT INTO counters VALUES ('uploads:' || NEW.state, 1),
-            ('pending_bytes', CASE WHEN NEW.state IN ('queued', 'active', 'retrying')
-                              THEN (SELECT size FROM files WHERE hash=NEW.hash) ELSE 0 END)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER uploads_del AFTER DELETE ON uploads BEGIN
-        INSERT INTO counters VALUES ('uploads:' || OLD.state, -1),
-            ('pending_bytes', CASE WHEN OLD.state IN ('queued', 'active', 'retrying')
-                              THEN -(SELECT size FROM files WHERE hash=OLD.hash) ELSE 0 END)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER uploads_state AFTER UPDATE OF state ON uploads WHEN OLD.state != NEW.state BEGIN
-        INSERT INTO counters VALUES ('uploads:' || OLD.state, -1), ('uploads:' || NEW.state, 1),
-            ('pending_bytes', (SELECT size FROM files WHERE hash=NEW.hash) *
-                ((NEW.state IN ('queued', 'active', 'retrying')) - (OLD.state IN ('queued', 'active', 'retrying'))))
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER cache_ins AFTER INSERT ON cache_entries BEGIN
-        INSERT INTO counters VALUES ('cache_files:' || NEW.node, 1), ('cache_bytes:' || NEW.node, NEW.size)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER cache_del AFTER DELETE ON cache_entries BEGIN
-        INSERT INTO counters VALUES ('cache_files:' || OLD.node, -1), ('cache_bytes:' || OLD.node, -OLD.size)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END
-    """,
-    # 4: good copies per remote are counted too: `status` lists every remote's copies, and a GROUP BY
-    # over 2M copies took 1.2-2.3 s per status (and per 2 s status job) with 1M files (issue 6's benchmark).
-    """
-    INSERT INTO counters(name, value) SELECT 'copies:' || remote, COUNT(*) FROM copies WHERE bad=0 GROUP BY remote;
-    CREATE TRIGGER copies_ins_remote AFTER INSERT ON copies WHEN NEW.bad=0 BEGIN
-        INSERT INTO counters VALUES ('copies:' || NEW.remote, 1)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER copies_del_remote AFTER DELETE ON copies WHEN OLD.bad=0 BEGIN
-        INSERT INTO counters VALUES ('copies:' || OLD.remote, -1)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END;
-    CREATE TRIGGER copies_bad_remote AFTER UPDATE OF bad ON copies WHEN OLD.bad != NEW.bad BEGIN
-        INSERT INTO counters VALUES ('copies:' || NEW.remote, CASE WHEN NEW.bad=0 THEN 1 ELSE -1 END)
-            ON CONFLICT(name) DO UPDATE SET value=value+excluded.value;
-    END
-    """,
-    # 5: the exchange with other nodes (issue 11). Locations another node reported on remotes this
-    # node does not have are kept, to be exported again, but never counted or used; `source` is what
-    # confirmed a file (the original's block hash); the export queue reads files by (confirmed, exported).
-    """
-    CREATE TABLE foreign_copies (
-        hash TEXT NOT NULL REFERENCES files(hash),
-        host_name TEXT NOT NULL,
-        url TEXT,
-        PRIMARY KEY (hash, host_name)
-    );
-    ALTER TABLE files ADD COLUMN source TEXT;
-    CREATE INDEX files_export ON files(confirmed, exported)
-    """,
-    # 6: when each remote copy was last proven by its content (read back and hashed: an upload, a
-    # fetch, a deep verify or the scrub), apart from `verified` (a quick check: exists, size). The
-    # scrub reads the copies proven longest ago first; one never proven counts from its creation.
-    """
-    ALTER TABLE copies ADD COLUMN proven REAL;
-    CREATE INDEX copies_proven ON copies((COALESCE(proven, created)))
-    """,
-]
+SCHEMA_VERSION = 7
+
+# What a catalog operation may raise when its database fails (a full disk, a damaged file, a server
+# gone): the faces (daemon jobs, control socket, Python API) catch these, log one line and go on;
+# the health check (Catalog.health) says what is wrong.
+DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, psycopg.Error)
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class CatalogHealth:
+    """What the daemon's health check needs to know about its catalog, whatever the engine."""
+    where: str  # the file, or the server's URL without credentials
+    folder: str | None  # the folder of a file catalog, whose disk the daemon watches; None for a server
+    damage: str | None  # why the catalog can no longer be trusted (fatal), or None
+    hint: str  # what to do about damage
+    write_error: str | None  # the last failed write, until a write succeeds
+    disk_full: bool  # that failed write said the disk is full
+    unreachable: str | None = None  # the server cannot be reached (waited out, not fatal)
+
 
 ACTIVE_STATES = ("queued", "active", "retrying")
+EVICTION_PAGE = 500  # cache entries read per query by eviction_candidates
 
 
 @dataclass(frozen=True)
@@ -243,28 +78,18 @@ class ImportConflict(CloudManagerError):
     """An entry contradicts the catalog (the same hash with another size): the import takes nothing."""
 
 
-def split_statements(script: str) -> list[str]:
-    """Split a migration into statements; a trigger body's semicolons stay inside its statement."""
-    statements, current = [], ""
-    for piece in script.split(";"):
-        current += piece + ";"
-        if sqlite3.complete_statement(current):
-            if current.strip(" \n;"):
-                statements.append(current.strip())
-            current = ""
-    if current.strip(" \n;"):
-        statements.append(current.strip(" \n;"))
-    return statements
-
-
 def month_of(now: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(now))
 
 
 class Catalog:
-    """The catalog of one node; `node` names this node's rows in a shared database."""
+    """The catalog of one node; `node` names this node's rows in a shared database.
 
-    def __init__(self, db: SqliteDatabase, node: str) -> None:
+    The SQL here is written once for both engines (`?` placeholders, explicit ON CONFLICT targets,
+    qualified columns in DO UPDATE); what must differ is the backend's (`db`): its connections and
+    transactions, DDL and migrations, name matching, the counters' read and the claim of due pairs."""
+
+    def __init__(self, db: Any, node: str) -> None:
         self.db = db
         self.node = node
 
@@ -272,17 +97,19 @@ class Catalog:
     def open(cls, url: str, node: str) -> Catalog:
         if url.startswith("sqlite:///"):
             catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
+        elif url.lower().startswith(POSTGRES_SCHEMES):
+            from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
+            catalog = cls(PostgresDatabase(url), node)
         else:
-            raise StartupError(f"catalog: {url.split('@')[-1]}: PostgreSQL catalogs are not supported by this "
-                               "version yet; use a sqlite:/// catalog")
+            raise StartupError(f"catalog {url.split('@')[-1]}: not a sqlite:/// or postgresql:// URL")
         try:
             # A damaged file must stop the start, not be run on: it would fail `ls` and every
             # ingest for ever while saying "running" (issue 10).
             damage = catalog.db.check()
             if damage:
-                raise StartupError(f"catalog {catalog.db.path} is damaged ({damage}): {catalog.db.recovery_hint()}")
+                raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
             catalog.migrate()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             catalog.close()
             raise StartupError(catalog.db.explain(exc)) from None
         except BaseException:
@@ -292,6 +119,11 @@ class Catalog:
 
     def close(self) -> None:
         self.db.close()
+
+    def health(self) -> CatalogHealth:
+        """The catalog's state for the health check: damage (fatal), a failed write or an unreachable
+        server (waited out), in words that name the file or the server (never its password)."""
+        return self.db.health()
 
     # -- connections: the callers say what they need, the database decides how --------------
 
@@ -310,37 +142,38 @@ class Catalog:
     # -- schema ---------------------------------------------------------------------------
 
     def schema_version(self) -> int:
-        """The catalog's schema version; 0 for a new, empty file. A file whose version cannot be told
+        """The catalog's schema version; 0 for a new, empty database. One whose version cannot be told
         is refused (StartupError): migrating it from 0 would fail half-way or damage it."""
         conn = self.db.connection()
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = self.db.tables(conn)
+        where = self.db.where
         if "meta" not in tables:
             if not tables:
                 return 0
-            raise StartupError(f"catalog {self.db.path} has tables but no meta table: it is damaged or not a "
+            raise StartupError(f"catalog {where} has tables but no meta table: it is damaged or not a "
                                f"cloudmanagerd catalog; {self.db.recovery_hint()}")
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        set_it = (f"if you know its version ({SCHEMA_VERSION} for this cloudmanagerd's own), set it: sqlite3 "
-                  f"{self.db.path} \"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')\"")
+        set_it = self.db.set_version_hint(SCHEMA_VERSION)
         if row is None:
-            raise StartupError(f"catalog {self.db.path}: its meta table has no schema_version row; "
+            raise StartupError(f"catalog {where}: its meta table has no schema_version row; "
                                f"{set_it}, or {self.db.recovery_hint()}")
         try:
             return int(row[0])
         except (TypeError, ValueError):
-            raise StartupError(f"catalog {self.db.path}: schema_version is {row[0]!r}, not a number; "
+            raise StartupError(f"catalog {where}: schema_version is {row[0]!r}, not a number; "
                                f"{set_it}, or {self.db.recovery_hint()}") from None
 
     def migrate(self) -> None:
+        """Create or upgrade the schema, in one transaction that holds the backend's schema lock: nodes
+        starting together on one server do not race (the second finds the work done)."""
         with self.db.tx() as conn:
+            self.db.lock_schema(conn)
             version = self.schema_version()
             if version > SCHEMA_VERSION:
                 raise StartupError(
-                    f"catalog {self.db.path}: schema version {version} is newer than this cloudmanagerd understands "
-                    f"({SCHEMA_VERSION}); upgrade cloudmanagerd")
-            for step in MIGRATIONS[version:]:
-                for statement in split_statements(step):
-                    conn.execute(statement)
+                    f"catalog {self.db.where}: schema version {version} is newer than this cloudmanagerd "
+                    f"understands ({SCHEMA_VERSION}); upgrade cloudmanagerd")
+            self.db.upgrade(conn, version)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
 
@@ -365,7 +198,7 @@ class Catalog:
                     (r.hash, r.name, r.size, now)).rowcount
                 conn.execute(
                     "INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT DO UPDATE SET last_used=excluded.last_used",
+                    "ON CONFLICT(hash, node) DO UPDATE SET last_used=excluded.last_used",
                     (r.hash, self.node, r.size, now))
                 if inserted:
                     new.append(r.hash)
@@ -414,9 +247,8 @@ class Catalog:
     def cache_bytes(self) -> int:
         """Bytes in this node's cache, from the trigger-kept counter (constant time, as `status`): what
         every face on this node (the daemon, a script using the API) added and dropped, committed."""
-        row = self.db.connection().execute("SELECT value FROM counters WHERE name=?",
-                                           (f"cache_bytes:{self.node}",)).fetchone()
-        return int(row[0]) if row else 0
+        return self._counters(self.db.connection(), "name=?", f"cache_bytes:{self.node}").get(
+            f"cache_bytes:{self.node}", 0)
 
     def forget_cache_entry(self, h: str) -> None:
         with self.db.tx() as conn:
@@ -438,25 +270,30 @@ class Catalog:
         still short of copies are skipped, at most `scan_limit` of them, so that the decision
         stays bounded when most of the cache cannot go yet. Close the iterator when done.
         """
-        cursor = self.db.connection().execute(
-            # only verified copies count: a location imported from another node (verified NULL) is a
-            # claim, and a file whose only copies are claims would be lost with its cache object
-            "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0 "
-            "AND k.verified IS NOT NULL) "
-            "FROM cache_entries c JOIN files f ON f.hash=c.hash "
-            "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 ORDER BY c.last_used",
-            (self.node,))
         need, skipped = max(min_copies, 1), 0
-        try:
-            for h, size, good in cursor:
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            # pages in (last_used, hash) order: a server's rows come to the client whole, so one
+            # query for the whole LRU would load a million rows to evict a few
+            rows = self.db.connection().execute(
+                # only verified copies count: a location imported from another node (verified NULL) is a
+                # claim, and a file whose only copies are claims would be lost with its cache object
+                "SELECT c.hash, c.size, (SELECT COUNT(*) FROM copies k WHERE k.hash=c.hash AND k.bad=0 "
+                "AND k.verified IS NOT NULL), c.last_used "
+                "FROM cache_entries c JOIN files f ON f.hash=c.hash "
+                "WHERE c.node=? AND c.evicting=0 AND f.pinned=0 AND f.removing=0 "
+                "AND (c.last_used > ? OR (c.last_used = ? AND c.hash > ?)) ORDER BY c.last_used, c.hash LIMIT ?",
+                (self.node, after[0], after[0], after[1], EVICTION_PAGE)).fetchall()
+            for h, size, good, _ in rows:
                 if good >= need:
                     yield h, size
                 else:
                     skipped += 1
                     if skipped >= scan_limit:
                         return
-        finally:
-            cursor.close()
+            if len(rows) < EVICTION_PAGE:
+                return
+            after = (rows[-1][3], rows[-1][0])
 
     def mark_evicting(self, hashes: Sequence[str]) -> None:
         with self.db.tx() as conn:
@@ -481,7 +318,7 @@ class Catalog:
         with self.db.tx() as conn:
             conn.execute(
                 "INSERT INTO cache_entries(hash, node, size, last_used, verified) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET last_used=excluded.last_used, evicting=0",
+                "ON CONFLICT(hash, node) DO UPDATE SET last_used=excluded.last_used, evicting=0",
                 (h, self.node, size, now, now))
             self._add_transfer(conn, month_of(now), incoming=incoming)
 
@@ -499,7 +336,7 @@ class Catalog:
             conn.execute("DELETE FROM uploads WHERE hash=? AND remote=? AND state='done'", (h, remote))
             conn.execute(
                 "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
-                "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
+                "ON CONFLICT(remote) DO UPDATE SET errors=remote_stats.errors+1, last_error=excluded.last_error, "
                 "last_error_at=excluded.last_error_at", (remote, error, now))
 
     def mark_copy_verified(self, h: str, remote: str, now: float) -> None:
@@ -512,7 +349,8 @@ class Catalog:
             conn.execute("DELETE FROM copies WHERE hash=? AND remote=? AND bad=1", (h, remote))
             conn.execute(
                 "INSERT INTO uploads(hash, remote, state, next_attempt, updated) VALUES (?, ?, 'queued', ?, ?) "
-                "ON CONFLICT DO UPDATE SET state='queued', attempts=0, next_attempt=excluded.next_attempt, "
+                "ON CONFLICT(hash, remote) DO UPDATE SET state='queued', attempts=0, "
+                "next_attempt=excluded.next_attempt, "
                 "updated=excluded.updated", (h, remote, now, now))
 
     def under_replicated(self, redundancy: int, limit: int = 1000) -> list[str]:
@@ -624,24 +462,48 @@ class Catalog:
         not) and then only 'queued' (the spares that failures queued in the same round)."""
         if limit <= 0:
             return []
+        owner = owner or self.node
         skip = ",".join("?" * len(skip_remotes))
-        skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
+        skip_sql = f"AND u.remote NOT IN ({skip}) " if skip_remotes else ""
         only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
         only = [v for v in (remote, max_size) if v is not None]
-        # one indexed walk in next_attempt order per state, merged: `state IN (...) ORDER BY` would read
-        # and sort every due pair (10,000 after a large drop) in each claim, holding the write lock
-        one_state = ("SELECT * FROM (SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
-                     "FROM uploads u JOIN files f ON f.hash=u.hash WHERE u.state=? AND u.next_attempt <= ? "
-                     f"AND f.removing=0 {skip_sql} {only_sql}ORDER BY u.next_attempt LIMIT ?)")
-        params = [(state, now if due_by is None else due_by, *skip_remotes, *only, limit) for state in states]
+        due = now if due_by is None else due_by
+        # Which pairs: due ones in `states`, and pairs another node claimed whose lease ran out (it died
+        # or was cut off: its claims go to whoever can send them). This node's own stale claims are
+        # refresh_claims' (it alone knows what this node still has in flight).
+        branches = [("u.state=? AND u.next_attempt <= ?", (state, due)) for state in states]
+        if "queued" in states or "retrying" in states:
+            branches.append(("u.state='active' AND u.lease_expiry < ? AND u.claim_owner <> ? "
+                             "AND substr(u.claim_owner, 1, ?) <> ?",
+                             (now, self.node, len(self.node) + 1, self.node + "/")))
+        here = "EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=u.hash AND c.node=?)"
+        # Pass 1: pairs whose file is in this node's cache (no fetch needed); pass 2, only when that did
+        # not fill `limit`: the others, except files cached on another node that no remote holds yet
+        # (only that node has their bytes: it sends them).
+        passes = [(f"AND {here}", (self.node,)),
+                  (f"AND NOT {here} AND (f.good > 0 OR NOT EXISTS (SELECT 1 FROM cache_entries o "
+                   "WHERE o.hash=u.hash AND o.node <> ?))", (self.node, self.node))]
+        rows: list[tuple[str, str, int, int]] = []
         with self.db.tx() as conn:
-            rows = [row[:4] for row in conn.execute(
-                " UNION ALL ".join([one_state] * len(states)) + " ORDER BY 5 LIMIT ?",
-                (*(v for p in params for v in p), limit)).fetchall()]
+            for pass_sql, pass_args in passes:
+                found: list[tuple[Any, ...]] = []
+                # one indexed walk in next_attempt order per branch, merged here: `state IN (...) ORDER BY`
+                # would read and sort every due pair (10,000 after a large drop) in each claim, holding
+                # the write lock (and PostgreSQL's FOR UPDATE does not go with UNION)
+                for cond, cond_args in branches:
+                    found += conn.execute(
+                        "SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
+                        f"FROM uploads u JOIN files f ON f.hash=u.hash WHERE {cond} AND f.removing=0 "
+                        f"{skip_sql}{only_sql}{pass_sql} ORDER BY u.next_attempt LIMIT ? {self.db.claim_lock}",
+                        (*cond_args, *skip_remotes, *only, *pass_args, limit - len(rows))).fetchall()
+                found.sort(key=lambda row: row[4])
+                rows += [tuple(row[:4]) for row in found[:limit - len(rows)]]
+                if len(rows) >= limit:
+                    break
             conn.executemany(
                 "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
                 "WHERE hash=? AND remote=?",
-                [(owner or self.node, now + lease, now, h, r) for h, r, _, _ in rows])
+                [(owner, now + lease, now, h, r) for h, r, _, _ in rows])
         return [UploadClaim(h, r, a, s) for h, r, a, s in rows]
 
     def next_due_time(self) -> float | None:
@@ -658,7 +520,7 @@ class Catalog:
         with self.db.tx() as conn:
             conn.executemany(
                 "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
+                "ON CONFLICT(hash, remote) DO UPDATE SET url=excluded.url, verified=excluded.verified, bad=0",
                 [(h, remote, url, now, now) for h, remote, url, _ in copies])
             conn.executemany(
                 "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
@@ -673,7 +535,8 @@ class Catalog:
             for remote, count in collections.Counter(remote for _, remote, _, _ in copies).items():
                 conn.execute(
                     "INSERT INTO remote_stats(remote, successes) VALUES (?, ?) "
-                    "ON CONFLICT DO UPDATE SET successes=successes+excluded.successes", (remote, count))
+                    "ON CONFLICT(remote) DO UPDATE SET successes=remote_stats.successes+excluded.successes",
+                    (remote, count))
             self._add_transfer(conn, month_of(now), outgoing=sum(size for *_, size in copies))
 
     def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float,
@@ -682,14 +545,18 @@ class Catalog:
         counts it against the remote (not when the local copy was at fault)."""
         state = "failed" if next_attempt is None else "retrying"
         with self.db.tx() as conn:
+            # a node whose lease ran out while it sent must not undo the claim another node has made
+            # since (this node's own claims are its daemon's or its API scripts', node/api/pid)
             conn.execute(
                 "UPDATE uploads SET state=?, attempts=attempts+1, next_attempt=?, last_error=?, "
-                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=?",
-                (state, next_attempt if next_attempt is not None else now, error, now, h, remote))
+                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=? "
+                "AND (state <> 'active' OR claim_owner IS NULL OR claim_owner=? OR substr(claim_owner, 1, ?)=?)",
+                (state, next_attempt if next_attempt is not None else now, error, now, h, remote,
+                 self.node, len(self.node) + 1, self.node + "/"))
             if charge:
                 conn.execute(
                     "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, 1, ?, ?) "
-                    "ON CONFLICT DO UPDATE SET errors=errors+1, last_error=excluded.last_error, "
+                    "ON CONFLICT(remote) DO UPDATE SET errors=remote_stats.errors+1, last_error=excluded.last_error, "
                     "last_error_at=excluded.last_error_at", (remote, error, now))
 
     def top_up(self, h: str, choose: Callable[[set[str], dict[str, str]], Sequence[str]], now: float) -> list[str]:
@@ -724,8 +591,7 @@ class Catalog:
 
     def remote_stats(self) -> dict[str, dict[str, Any]]:
         with self.db.read() as conn:
-            counters = dict(conn.execute(
-                "SELECT name, value FROM counters WHERE name >= 'copies:' AND name < 'copies;'").fetchall())
+            counters = self._counters(conn, "name >= 'copies:' AND name < 'copies;'")
             return self._remote_stats(conn, counters)
 
     def _remote_stats(self, conn, counters: dict[str, int]) -> dict[str, dict[str, Any]]:
@@ -741,11 +607,18 @@ class Catalog:
 
     # -- queries for status, ls and info --------------------------------------------------
 
+    def _counters(self, conn, where: str = "", *args: Any) -> dict[str, int]:
+        """Trigger-kept counters by name (the backend sums its shards, if it has any)."""
+        sql = self.db.counters_sql
+        if where:
+            sql = sql.replace("FROM counters", f"FROM counters WHERE {where}")
+        return {name: int(value) for name, value in conn.execute(sql, args).fetchall()}
+
     def counts(self, min_redundancy: int, redundancy: int) -> dict[str, Any]:
         """Status figures from trigger-kept counters: constant time whatever the catalog's size,
         and few statements (each one lets other threads take the GIL: the tail of a status call)."""
         with self.db.read() as conn:
-            c = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            c = self._counters(conn)
             below_min = range(max(min_redundancy, 0))
             oldest = None
             for k in below_min:
@@ -890,7 +763,8 @@ class Catalog:
                             "ON CONFLICT DO NOTHING", (e.filehash, loc.host_name, loc.url, now)).rowcount
                     else:
                         conn.execute("INSERT INTO foreign_copies(hash, host_name, url) VALUES (?, ?, ?) "
-                                     "ON CONFLICT DO UPDATE SET url=excluded.url", (e.filehash, loc.host_name, loc.url))
+                                     "ON CONFLICT(hash, host_name) DO UPDATE SET url=excluded.url",
+                                     (e.filehash, loc.host_name, loc.url))
         return counts
 
     _PENDING = ("FROM files f WHERE f.removing=0 AND EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
@@ -937,18 +811,117 @@ class Catalog:
             return
         conn.execute(
             "INSERT INTO transfer(node, month, incoming, outgoing) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET incoming=incoming+excluded.incoming, outgoing=outgoing+excluded.outgoing",
+            "ON CONFLICT(node, month) DO UPDATE SET incoming=transfer.incoming+excluded.incoming, "
+            "outgoing=transfer.outgoing+excluded.outgoing",
             (self.node, month, incoming, outgoing))
 
     def add_transfer(self, now: float, incoming: int = 0, outgoing: int = 0) -> None:
         with self.db.tx() as conn:
             self._add_transfer(conn, month_of(now), incoming, outgoing)
 
-    def heartbeat(self, pid: int, now: float) -> None:
+    # -- several nodes on one catalog (issue 13): identity, remote places, the cluster's view --------
+
+    def register_node(self, instance: str, seat: str, pid: int, host: str, now: float, lease: float
+                      ) -> dict[str, Any] | None:
+        """Take this node's name for the process `instance`: None when taken, else the row of the
+        process that holds it (heartbeat fresher than `lease`, not stopped), which is left alone.
+        `seat` says where a process runs (this boot of this machine, this state folder): a holder in
+        the caller's own seat is gone, as the caller holds that state folder's lock.
+
+        One conditional upsert, so that two processes starting at once under one name cannot both
+        win (SQLite serialises the write; PostgreSQL locks the conflicting row)."""
         with self.db.tx() as conn:
-            conn.execute("INSERT INTO nodes(node, heartbeat, pid) VALUES (?, ?, ?) "
-                         "ON CONFLICT DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid",
-                         (self.node, now, pid))
+            taken = conn.execute(
+                "INSERT INTO nodes(node, heartbeat, pid, host, instance, seat, started, stopped) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, NULL) "
+                "ON CONFLICT(node) DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid, "
+                "host=excluded.host, instance=excluded.instance, seat=excluded.seat, started=excluded.started, "
+                "stopped=NULL WHERE nodes.stopped IS NOT NULL OR nodes.heartbeat <= ? "
+                "OR nodes.instance=excluded.instance OR nodes.seat=excluded.seat",
+                (self.node, now, pid, host, instance, seat, now, now - lease)).rowcount
+            if taken:
+                return None
+            row = conn.execute("SELECT heartbeat, pid, host, instance FROM nodes WHERE node=?",
+                               (self.node,)).fetchone()
+        return {"heartbeat": row[0], "pid": row[1], "host": row[2], "instance": row[3]}
+
+    def heartbeat(self, instance: str, now: float) -> bool:
+        """Renew this node's heartbeat; False when the name is no longer this process's (another
+        process took it over after this one stayed silent longer than the lease)."""
+        with self.db.tx() as conn:
+            return conn.execute("UPDATE nodes SET heartbeat=? WHERE node=? AND instance=? AND stopped IS NULL",
+                                (now, self.node, instance)).rowcount == 1
+
+    def node_stopped(self, instance: str, now: float) -> None:
+        """A clean stop: the name is free at once, and `nodes` shows the node as stopped, not down."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
+                         (now, now, self.node, instance))
+
+    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
+                            ) -> list[tuple[str, str, str, str]]:
+        """Compare each remote's place (name -> place) with the one recorded for that name; record the
+        names seen for the first time, and those in `accept` (a change made on purpose). Returns the
+        others that differ, as (name, recorded place, node that recorded it, this node's place); when
+        any differ nothing is recorded."""
+        with self.db.tx() as conn:
+            recorded = {name: (place, node) for name, place, node in conn.execute(
+                "SELECT name, place, node FROM remote_places").fetchall()}
+            wrong = [(name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
+                     if name in recorded and recorded[name][0] != place and name not in accept]
+            if not wrong:
+                conn.executemany(
+                    "INSERT INTO remote_places(name, place, node, recorded) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET place=excluded.place, node=excluded.node, "
+                    "recorded=excluded.recorded",
+                    [(name, place, self.node, now) for name, place in places.items()
+                     if recorded.get(name, (None,))[0] != place])
+        return wrong
+
+    def remote_places(self) -> dict[str, str]:
+        return dict(self.db.connection().execute("SELECT name, place FROM remote_places").fetchall())
+
+    def nodes(self, now: float, lease: float) -> list[dict[str, Any]]:
+        """Every node that ever ran on this catalog: its last heartbeat, state (up; down: silent longer
+        than the lease; stopped: stopped cleanly), cache files and bytes, and the pending uploads it holds
+        claims on (its API scripts' claims included)."""
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT node, heartbeat, pid, host, started, stopped FROM nodes "
+                                "ORDER BY node").fetchall()
+            wanted = [f"cache_{kind}:{r[0]}" for r in rows for kind in ("files", "bytes")]
+            counters = self._counters(conn, f"name IN ({','.join('?' * len(wanted))})", *wanted) if wanted else {}
+            claims = conn.execute(
+                "SELECT u.claim_owner, COUNT(*), COALESCE(SUM(f.size), 0) FROM uploads u "
+                "JOIN files f ON f.hash=u.hash WHERE u.state='active' GROUP BY u.claim_owner").fetchall()
+        held: dict[str, list[int]] = {}
+        for owner, n, size in claims:
+            account = held.setdefault(str(owner).split("/api/")[0], [0, 0])
+            account[0] += n
+            account[1] += size
+        return [{"node": node, "host": host, "pid": pid, "heartbeat": heartbeat, "started": started,
+                 "state": "stopped" if stopped is not None else "up" if heartbeat > now - lease else "down",
+                 "cache_files": counters.get(f"cache_files:{node}", 0),
+                 "cache_bytes": counters.get(f"cache_bytes:{node}", 0),
+                 "claims": held.get(node, [0, 0])[0], "claims_bytes": held.get(node, [0, 0])[1]}
+                for node, heartbeat, pid, host, started, stopped in rows]
+
+    def cached_only_on(self, absent: Sequence[str], min_copies: int) -> tuple[int, int]:
+        """(files, bytes) with fewer than `min_copies` good copies whose only cached copies are on the
+        `absent` nodes: nobody can fetch them until one of those nodes runs again. Reads only the files
+        below `min_copies` (files_good index) and only when some node is absent."""
+        if not absent or min_copies <= 0:
+            return 0, 0
+        marks = ",".join("?" * len(absent))
+        row = self.db.connection().execute(
+            "SELECT COUNT(*), COALESCE(SUM(f.size), 0) FROM files f WHERE f.good < ? "
+            f"AND EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node IN ({marks})) "
+            f"AND NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node NOT IN ({marks}))",
+            (min_copies, *absent, *absent)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def explain(self, exc: BaseException) -> str:
+        """One line for a database error met outside the catalog's own start (naming the file or server)."""
+        return self.db.explain(exc)
 
     # -- deep checks and waiting pairs (issue 14) ---------------------------------------------
 
@@ -1033,8 +1006,9 @@ class Catalog:
             where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
         if name_glob is not None:
             # names are raw bytes; a non-UTF-8 pattern arrives with surrogate escapes (os.fsdecode)
-            where.append("CAST(f.name AS TEXT) GLOB CAST(? AS TEXT)")
-            args.append(name_glob.encode("utf-8", "surrogateescape"))
+            sql, arg = self.db.name_glob(name_glob)
+            where.append(sql)
+            args.append(arg)
         if after is not None:
             # this form lets SQLite start at the cursor in index files_added (an OR around the
             # equality made it scan from the newest file on every page: quadratic)

@@ -1,0 +1,159 @@
+"""What only the SQLite backend has: migrations from old files, its transaction helper on a real
+file seen from a second connection (as another process would), WAL and durability settings."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudmanagerd.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, IngestRecord
+from cloudmanagerd.catalog.sqlite import BUSY_TIMEOUT_MS
+from cloudmanagerd.errors import NotFound
+
+from test_catalog import T0, fake_hash, register
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "catalog.db"
+
+
+@pytest.fixture
+def catalog(db_path: Path) -> Iterator[Catalog]:
+    c = Catalog.open(f"sqlite:///{db_path}", "node1")
+    yield c
+    c.close()
+
+
+@contextlib.contextmanager
+def raw(db_path: Path, timeout: float = 5.0) -> Iterator[sqlite3.Connection]:
+    """A separate connection to the same file, as another process would have; committed and closed."""
+    conn = sqlite3.connect(db_path, timeout=timeout)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def test_the_file_holds_every_table_and_the_version(catalog: Catalog, db_path: Path) -> None:
+    with raw(db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert {"meta", "files", "ingests", "cache_entries", "uploads", "copies", "remote_stats", "transfer",
+            "nodes"} <= tables
+    assert version == str(SCHEMA_VERSION)
+
+
+def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_data(db_path: Path) -> None:
+    # the database the first release wrote: migration 1 only, one file with a copy
+    h = fake_hash("0ld0ld")
+    db_path.parent.mkdir(parents=True)
+    with raw(db_path) as conn:
+        for statement in MIGRATIONS[0].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
+        conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 5, ?)", (h, b"old.txt", T0))
+        conn.execute("INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, 'node1', 5, ?)", (h, T0))
+        conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, 'r0', 'u', ?)", (h, T0))
+    catalog = Catalog.open(f"sqlite:///{db_path}", "node1")
+    try:
+        assert catalog.schema_version() == SCHEMA_VERSION
+        info = catalog.file_info(h)
+        assert (info["name"], info["size"], info["cached"]) == (b"old.txt", 5, True)
+        assert info["copies"] == [{"remote": "r0", "url": "u"}]
+        register(catalog, fake_hash("new000"))  # and the upgraded schema takes new files
+        assert len(catalog.list_files()) == 2
+    finally:
+        catalog.close()
+
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(catalog: Catalog, db_path: Path) -> None:
+    register(catalog, fake_hash("aaaaaa"))
+    catalog.close()
+    newer = SCHEMA_VERSION + 5
+    with raw(db_path) as conn:
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(newer),))
+    with pytest.raises(Exception) as info:
+        Catalog.open(f"sqlite:///{db_path}", "node1")
+    message = str(info.value)
+    assert str(newer) in message and "newer" in message and "upgrade" in message
+    assert "\n" not in message
+    # and nothing was touched
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(newer)
+        assert conn.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
+
+
+
+def test_tx_commits_on_success(catalog: Catalog, db_path: Path) -> None:
+    with catalog.db.tx() as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('k', 'v')")
+    with raw(db_path) as other:  # visible to another connection: committed
+        assert other.execute("SELECT value FROM meta WHERE key='k'").fetchone() == ("v",)
+
+
+
+def test_tx_rolls_back_on_an_exception(catalog: Catalog, db_path: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with catalog.db.tx() as conn:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('k1', 'v')")
+            conn.execute("INSERT INTO files(hash, name, size, added) VALUES ('x', x'00', 1, 0)")
+            raise Boom()
+    with raw(db_path) as other:
+        assert other.execute("SELECT COUNT(*) FROM meta WHERE key='k1'").fetchone()[0] == 0
+        assert other.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0
+    # the connection is usable afterwards: no transaction left open
+    assert not catalog.db.connection().in_transaction
+    with catalog.db.tx() as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('k2', 'v')")
+    with raw(db_path) as other:
+        assert other.execute("SELECT COUNT(*) FROM meta WHERE key='k2'").fetchone()[0] == 1
+
+
+
+def test_a_failing_statement_rolls_back_the_whole_batch(catalog: Catalog) -> None:
+    h = fake_hash("bbbbbb")
+    good = IngestRecord(h, b"good", 1)
+    with pytest.raises(sqlite3.Error):
+        with catalog.db.tx() as conn:
+            conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 1, 0)", (h, b"good"))
+            conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, 1, 0)", (h, b"dup"))
+    with pytest.raises(NotFound):
+        catalog.file_info(h)
+    catalog.finish_ingest([good], [], T0)
+    assert catalog.file_info(h)["name"] == b"good"
+
+
+
+def test_wal_journal_and_busy_timeout_are_set(catalog: Catalog, db_path: Path) -> None:
+    conn = catalog.db.connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS >= 1000
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit is on disk
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    # WAL is a property of the file: every other connection sees it too
+    with raw(db_path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+
+def test_a_reader_is_not_blocked_by_a_writer(catalog: Catalog, db_path: Path) -> None:
+    register(catalog, fake_hash("cccccc"))
+    with catalog.db.tx() as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('w', 'x')")
+        # while the write transaction is open, another connection still reads (WAL)
+        with raw(db_path, timeout=0) as other:
+            assert other.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 1
+            assert other.execute("SELECT COUNT(*) FROM meta WHERE key='w'").fetchone()[0] == 0
+
+

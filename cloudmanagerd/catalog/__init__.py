@@ -191,7 +191,9 @@ class Catalog:
         new: list[str] = []
         month = month_of(now)
         with self.db.tx() as conn:
-            for r in records:
+            # in hash order: two nodes registering the same content at once (the same files dropped on
+            # both) must lock the rows in one order, or each would wait on the other's (a deadlock)
+            for r in sorted(records, key=lambda r: (r.hash, r.name)):
                 inserted = conn.execute(
                     "INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (r.hash, r.name, r.size, now)).rowcount
@@ -516,6 +518,9 @@ class Catalog:
 
     def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int, now: float) -> None:
         """Record verified copies (hash, remote, url, size), all in one transaction (a batch's)."""
+        # in hash order: each copy's trigger updates its file's row, and two nodes recording copies of
+        # the same files in different orders would deadlock on those rows (PostgreSQL aborts one)
+        copies = sorted(copies)
         with self.db.tx() as conn:
             conn.executemany(
                 "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "

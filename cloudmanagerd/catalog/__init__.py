@@ -1,6 +1,8 @@
-"""The catalog: every SQL statement of cloudmanagerd lives in this module.
+"""The catalog: every SQL statement of cloudmanagerd lives in this package, written once here for
+both engines; sqlite.py and postgres.py hold what differs (connections, DDL and migrations, the
+dialect's few statements), chosen by the catalog URL's scheme.
 
-Tables (schema version 1):
+Tables:
 - files: one row per content hash (name as raw bytes, size, added, pin, export bookkeeping).
 - ingests: files in flight from the inbox to the cache, committed before the rename so
   that start-up can finish or undo whatever a crash interrupted.

@@ -20,7 +20,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: run test bench venv clean install uninstall
+.PHONY: run test bench venv clean install uninstall docs
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(call apt_install,$(APT_RUN))
@@ -51,6 +51,11 @@ bench: venv
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q matplotlib
 	$(BIN)/python tests/bench/report.py $(BENCH_FLAGS)
 
+# cloudmanagerctl's man page and bash completion, generated from its argument parser (committed;
+# tests/test_ctl_docs.py fails when they are not what the parser makes)
+docs: venv
+	$(BIN)/python -m cloudmanagerd.manpage docs/cloudmanagerctl.1 etc/bash-completion/cloudmanagerctl
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 
@@ -69,6 +74,8 @@ SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 CONFDIR ?= /etc/cloudmanagerd
 DOCDIR ?= /usr/local/share/doc/cloudmanagerd
+MANDIR ?= /usr/local/share/man
+COMPLETIONDIR ?= /usr/local/share/bash-completion/completions
 PIP_FLAGS ?=
 # Whether systemd is the running init (sd_booted): not in a chroot or a container build.
 SYSTEMD_RUNNING = test -d /run/systemd/system
@@ -92,6 +99,8 @@ install:
 	install -m 0644 systemd/cloudmanagerd.sysusers $(SYSUSERSDIR)/cloudmanagerd.conf
 	install -m 0644 systemd/cloudmanagerd.tmpfiles $(TMPFILESDIR)/cloudmanagerd.conf
 	install -m 0644 README.md etc/config.yaml $(DOCDIR)/
+	install -D -m 0644 docs/cloudmanagerctl.1 $(MANDIR)/man1/cloudmanagerctl.1
+	install -D -m 0644 etc/bash-completion/cloudmanagerctl $(COMPLETIONDIR)/cloudmanagerctl
 	systemd-sysusers $(SYSUSERSDIR)/cloudmanagerd.conf
 	systemd-tmpfiles --create $(TMPFILESDIR)/cloudmanagerd.conf
 	install -d -m 0755 $(CONFDIR)
@@ -109,7 +118,7 @@ uninstall:
 	for b in cloudmanagerd cloudmanagerctl; do \
 	  if test "$$(readlink $(BINDIR)/$$b)" = $(INSTALL_VENV)/bin/$$b; then rm -f $(BINDIR)/$$b; fi; done
 	if test -f $(INSTALL_VENV)/pyvenv.cfg; then rm -rf $(INSTALL_VENV); fi
-	rm -f $(DOCDIR)/README.md $(DOCDIR)/config.yaml
+	rm -f $(DOCDIR)/README.md $(DOCDIR)/config.yaml $(MANDIR)/man1/cloudmanagerctl.1 $(COMPLETIONDIR)/cloudmanagerctl
 	if test -d $(DOCDIR); then rmdir --ignore-fail-on-non-empty $(DOCDIR); fi
 	if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 	@echo "kept: $(CONFDIR) (config), /srv/cloudmanager (data), /var/lib/cloudmanagerd (catalog)," \

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load_config, parse_remotes, upload_poli
 from .errors import CloudManagerError
 from .exchange import ExchangeError
 from .hashing import HASH_CHUNK
+from .logs import fields
 from .protocol import FULL_HASH
 from .events import Events
 from .node import Node
@@ -208,7 +209,7 @@ class CloudManager:
         known = self.catalog.file_size(h) is not None
         self.catalog.finish_ingest([IngestRecord(h, name, size)], self.uploader.targets(), now)
         self.cache.commit(size)
-        log.info("added hash=%s size=%d%s", h, size, " (known content, cached again)" if known else "")
+        log.info("added hash=%s size=%d%s", h, size, " (known content, cached again)" if known else "", extra=fields(h))
         return h
 
     @_verb(lambda: 0)
@@ -230,12 +231,12 @@ class CloudManager:
         self.cache.revalidate_subdir(h)
         if self.catalog.cached_here([h]) and not self.cache.has_object(h):
             # the object vanished behind the catalog's back: the catalog follows the disk, then fetch
-            log.warning("cache object hash=%s is missing; fetching it again", h)
+            log.warning("cache object hash=%s is missing; fetching it again", h, extra=fields(h))
             self.evictor.drop([(h, size)])
         try:
             self.fetcher.ensure_cached(h)
         except CloudManagerError as exc:
-            log.error("warm_up %s: %s", h[:12], exc)
+            log.error("warm_up %s: %s", h[:12], exc, extra=fields(h))
             return False
         self.catalog.add_transfer(time.time(), outgoing=size)
         return self.cache.object_path(h)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -29,6 +30,7 @@ DEFAULT_CONTROL_SOCKET = "/run/cloudmanagerd/control.sock"
 
 REMOTE_TYPES = ("directory", "s3", "plowshare", "rclone")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 OBSERVERS = ("inotify", "polling")
 S3_REQUEST_CHECKSUMS = ("when_supported", "when_required")
 CATALOG_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -92,6 +94,9 @@ class UploadConfig:
     retry: RetryConfig
     stall: float
     min_rate: float  # bytes per second; 0 = no minimum
+    # how long a file may stay below min_redundancy before `status --check` says CRITICAL: a new
+    # file is below it until its uploads finish, which is normal, not an alarm
+    grace: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,28 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str
+    format: str = "text"  # "json": one JSON object a line on stderr (outside the journal)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None = off
+    textfile: str | None = None            # node_exporter textfile (*.prom), rewritten atomically; None = off
+
+
+# The background scrub's remote reads: bytes per second of remote copies read back and hashed.
+# 1GiB/day proves 1 TiB of copies in about 3 years; README says how to size it.
+DEFAULT_REMOTE_READ = 2**30 / 86400.0
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    remote_read: float = DEFAULT_REMOTE_READ  # bytes per second; 0 = quick checks only (exists, size)
+
+
+@dataclass(frozen=True)
+class CatalogBackupConfig:
+    interval: float  # seconds between snapshots of a SQLite catalog to the remotes; 0 = off
 
 
 _SECRET_OPTIONS = frozenset({"secret_access_key"})
@@ -148,6 +175,9 @@ class Config:
     log: LogConfig
     remotes: tuple[RemoteConfig, ...]
     source: str | None = None  # the file it was loaded from
+    scrub: ScrubConfig = ScrubConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    catalog_backup: CatalogBackupConfig = CatalogBackupConfig(interval=900.0)
 
     def remote(self, name: str) -> RemoteConfig | None:
         for remote in self.remotes:
@@ -296,16 +326,19 @@ def format_duration(seconds: float) -> str:
 
 _TOP_KEYS = (
     "inbox", "cache", "state", "catalog", "node", "control",
-    "ingest", "upload", "cluster", "log", "remotes",
+    "ingest", "upload", "cluster", "log", "remotes", "scrub", "metrics", "catalog_backup",
 )
 _SECTION_KEYS = {
     "cache": ("path", "capacity", "scrub"),
     "control": ("socket", "mode", "group"),
     "ingest": ("settle", "observer", "rescan", "ignore", "rejected"),
-    "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate"),
+    "upload": ("redundancy", "min_redundancy", "concurrency", "retry", "stall", "min_rate", "grace"),
     "upload.retry": ("initial", "max", "max_attempts"),
     "cluster": ("lease",),
-    "log": ("level",),
+    "log": ("level", "format"),
+    "scrub": ("remote_read",),
+    "metrics": ("listen", "textfile"),
+    "catalog_backup": ("interval",),
 }
 _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
@@ -561,6 +594,27 @@ class _Parser:
     def _observer(self, value: object) -> str:
         return self._choice(value, OBSERVERS)
 
+    @staticmethod
+    def _listen(value: object) -> tuple[str, int]:
+        expected = f"expected an address like 127.0.0.1:9464 or [::1]:9464, got {_describe(value)}"
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value.strip())
+        if not match:
+            raise ValueError(expected)
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"the port must be 1 to 65535, got {_describe(value)}")
+        return host, port
+
+    def _textfile(self, value: object) -> str:
+        path = self._path(value)
+        if not path.endswith(".prom"):
+            raise ValueError("node_exporter's textfile collector reads only files named *.prom, got "
+                             f"{_describe(value)}")
+        return path
+
     # -- sections --
 
     def parse(self, data: Mapping[Any, Any]) -> Config | None:
@@ -579,17 +633,24 @@ class _Parser:
         remotes = self.parse_remotes(data.get("remotes"))
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
         lease = self.parse_lease(data)
-        level = self.parse_level(data)
-        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [])
+        log = self.parse_log(data)
+        scrub = self.parse_scrub(data)
+        metrics = self.parse_metrics(data)
+        backup = self.parse_catalog_backup(data)
+        self.check_layout(inbox, state, catalog, cache, ingest, remotes or [],
+                          metrics.textfile if metrics is not None else None)
 
         if (self.errors or inbox is None or state is None or catalog is None or node is None
                 or cache is None or control is None or ingest is None or remotes is None
-                or upload is None or lease is None or level is None):
+                or upload is None or lease is None or log is None or scrub is None or metrics is None
+                or backup is None):
             return None
         return Config(
             inbox=inbox, cache=cache, state=state, catalog=catalog, node=node,
             control=control, ingest=ingest, upload=upload, cluster=ClusterConfig(lease=lease),
-            log=LogConfig(level=level), remotes=tuple(r for r in remotes if r is not None),
+            log=log, remotes=tuple(r for r in remotes if r is not None), scrub=scrub,
+            metrics=metrics,
+            catalog_backup=backup,
         )
 
     def _default_state(self) -> str:
@@ -609,11 +670,50 @@ class _Parser:
             return None
         return self.value(section, "lease", "cluster.lease", self._duration(positive=True), 60.0)
 
-    def parse_level(self, data: Mapping[Any, Any]) -> str | None:
+    def parse_catalog_backup(self, data: Mapping[Any, Any]) -> CatalogBackupConfig | None:
+        section = self.section(data, "catalog_backup")
+        if section is None:
+            return None
+        # 0 (or "off") turns the snapshots off; a PostgreSQL catalog never has them (see snapshots.py)
+        interval = self.value(section, "interval", "catalog_backup.interval", self._interval_or_off, 900.0)
+        return None if interval is None else CatalogBackupConfig(interval=interval)
+
+    @staticmethod
+    def _interval_or_off(value: object) -> float:
+        if value is False:  # "off" and "no" in YAML 1.1
+            return 0.0
+        seconds = parse_duration(value)
+        if 0 < seconds < 1:
+            raise ValueError(f"must be at least 1s (or 0 to turn snapshots off), got {_describe(value)}")
+        return seconds
+
+    def parse_log(self, data: Mapping[Any, Any]) -> LogConfig | None:
         section = self.section(data, "log")
         if section is None:
             return None
-        return self.value(section, "level", "log.level", self._level, "info")
+        level = self.value(section, "level", "log.level", self._level, "info")
+        log_format = self.value(section, "format", "log.format", lambda v: self._choice(v, LOG_FORMATS), "text")
+        if level is None or log_format is None:
+            return None
+        return LogConfig(level=level, format=log_format)
+
+    def parse_metrics(self, data: Mapping[Any, Any]) -> MetricsConfig | None:
+        section = self.section(data, "metrics")
+        if section is None:
+            return None
+        before = len(self.errors)
+        listen = self.value(section, "listen", "metrics.listen", self._listen)
+        textfile = self.value(section, "textfile", "metrics.textfile", self._textfile)
+        if len(self.errors) > before:
+            return None
+        return MetricsConfig(listen=listen, textfile=textfile)
+
+    def parse_scrub(self, data: Mapping[Any, Any]) -> ScrubConfig | None:
+        section = self.section(data, "scrub")
+        if section is None:
+            return None
+        remote_read = self.value(section, "remote_read", "scrub.remote_read", self._rate, DEFAULT_REMOTE_READ)
+        return None if remote_read is None else ScrubConfig(remote_read=remote_read)
 
     def parse_cache(self, data: Mapping[Any, Any]) -> CacheConfig | None:
         section = self.section(data, "cache")
@@ -675,11 +775,12 @@ class _Parser:
         stall = self.value(section, "stall", "upload.stall", self._duration(positive=True), 60.0)
         min_rate = self.value(section, "min_rate", "upload.min_rate", self._rate,
                               parse_rate("64KiB/s"))
+        grace = self.value(section, "grace", "upload.grace", self._duration(positive=True), 3600.0)
         if (redundancy is None or min_redundancy is None or concurrency is None or retry is None
-                or stall is None or min_rate is None):
+                or stall is None or min_rate is None or grace is None):
             return None
         return UploadConfig(redundancy=redundancy, min_redundancy=min_redundancy,
-                            concurrency=concurrency, retry=retry, stall=stall, min_rate=min_rate)
+                            concurrency=concurrency, retry=retry, stall=stall, min_rate=min_rate, grace=grace)
 
     def parse_redundancy(self, section: Mapping[Any, Any], remotes: int | None) -> int | None:
         count = remotes or 0
@@ -805,10 +906,13 @@ class _Parser:
 
     def check_layout(self, inbox: str | None, state: str | None, catalog: str | None,
                      cache: CacheConfig | None, ingest: IngestConfig | None,
-                     remotes: list[RemoteConfig | None]) -> None:
+                     remotes: list[RemoteConfig | None], textfile: str | None = None) -> None:
         """Folders that must stay apart: anything inside the inbox would be ingested."""
         if inbox is None:
             return
+        if textfile is not None and (_inside(textfile, inbox) or (cache is not None and _inside(textfile, cache.path))):
+            self.error("metrics.textfile", "must be outside the inbox and cache.path (the daemon would take its "
+                       f"own metrics in as a file every 15 s), got {_describe(textfile)}")
         if ingest is not None and _inside(ingest.rejected, inbox):
             self.error("ingest.rejected", "must be outside the inbox (droppers could tamper "
                        f"with it), got {_describe(ingest.rejected)}")
@@ -917,6 +1021,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.en
     config = config_from_mapping(data, base_dir=os.path.dirname(source),
                                  environ=environ, hostname=hostname)
     return dataclasses.replace(config, source=source)
+
+
+def load_or_report(path: str) -> Config | None:
+    """For the command line: the config, or None with one line per error on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"cloudmanagerd: {line}", file=sys.stderr)
+        return None
 
 
 def upload_policy(remotes: int, redundancy: object = None, min_redundancy: object = None) -> UploadConfig:

@@ -33,7 +33,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import fsutil
@@ -48,6 +48,7 @@ IDLE = 30.0
 MAX_IDLE = 256
 MAX_BUSY = 64
 STATUS_RESERVE = 8
+STREAM_CHUNK = 256  # items of a streamed reply per write
 TICK = 0.25  # the selector's longest sleep: deadlines and heartbeats are checked this often
 
 Progress = Callable[[int, int], None]
@@ -74,6 +75,14 @@ def prepare_socket_path(path: str) -> None:
     raise StartupError(f"control.socket {path}: another cloudmanagerd is listening there")
 
 
+class Streamed:
+    """A command's result that is a long list (`ls` of a million files), produced item by item:
+    the reply is written as the items come (Client.send_stream), never held whole."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items = items
+
+
 class Client:
     """One connection: its reader, and what the selector needs to time it out or keep it informed."""
 
@@ -88,6 +97,38 @@ class Client:
     def send(self, message: dict[str, Any]) -> None:
         with self.write_lock:
             fsutil.write_all(self.conn.fileno(), encode(message))
+            self.last_sent = time.monotonic()
+
+    def send_stream(self, stream: Streamed) -> None:
+        """A reply whose list is written as its items come (`Streamed`): one line on the wire, as
+        every reply, but never one string in memory. An error after the first byte cannot be
+        answered any more: the connection is closed, and the client sees a cut reply."""
+        with self.write_lock:
+            fd = self.conn.fileno()
+            fsutil.write_all(fd, b'{"ok":true,"result":[')
+            chunk: list[bytes] = []
+            sent = False
+            try:
+                for item in stream.items:
+                    chunk.append(encode(item)[:-1])
+                    if len(chunk) >= STREAM_CHUNK:
+                        fsutil.write_all(fd, (b"," if sent else b"") + b",".join(chunk))
+                        chunk, sent = [], True
+            except OSError:
+                raise  # the client went away or stopped reading: nothing to say, nothing to log
+            except DB_ERRORS as exc:  # a damaged or full catalog: the health check reports it (status)
+                log.error("control: a streamed reply cut half-way: catalog: %s", exc)
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+                raise OSError(errno.EIO, "streamed reply cut") from None
+            except Exception:
+                log.exception("control: a streamed reply failed half-way; closing the connection")
+                with contextlib.suppress(OSError):
+                    self.conn.shutdown(socket.SHUT_RDWR)
+                raise OSError(errno.EPIPE, "streamed reply cut") from None
+            if chunk:
+                fsutil.write_all(fd, (b"," if sent else b"") + b",".join(chunk))
+            fsutil.write_all(fd, b"]}\n")
             self.last_sent = time.monotonic()
 
     def heartbeat(self, now: float) -> None:
@@ -312,7 +353,10 @@ class ControlServer:
                 client.progress = {}
                 client.last_sent = time.monotonic()
                 reply = self._handle(client, line, client.reader.take_fds())
-                client.send(reply)
+                if isinstance(reply.get("result"), Streamed):
+                    client.send_stream(reply["result"])
+                else:
+                    client.send(reply)
         except OSError:
             pass  # the client went away or stopped reading: nothing to answer
         finally:
@@ -388,14 +432,16 @@ def node_commands(node: Any) -> dict[str, Callable[[dict[str, Any], list[int], A
         return fds[0]
 
     return {
-        "ls": lambda req, fds, progress: ops.ls(node, req.get("state"), req.get("name"), req.get("limit")),
+        "ls": lambda req, fds, progress: Streamed(ops.ls_pages(node, req.get("state"), req.get("name"),
+                                                               req.get("limit"), req.get("after"))),
         "info": lambda req, fds, progress: ops.info(node, req.get("hash")),
         "get": lambda req, fds, progress: ops.get(node, req.get("hash"), one_fd("get", fds), progress),
         "pin": lambda req, fds, progress: ops.pin(node, req.get("hash"), True, progress),
         "unpin": lambda req, fds, progress: ops.pin(node, req.get("hash"), False),
         "rm": lambda req, fds, progress: ops.rm(node, req.get("hash")),
         "retry": lambda req, fds, progress: ops.retry(node, req.get("hashes"), bool(req.get("all"))),
-        "verify": lambda req, fds, progress: ops.verify(node, bool(req.get("remotes")), progress),
+        "verify": lambda req, fds, progress: ops.verify(node, bool(req.get("remotes")), progress,
+                                                              bool(req.get("deep"))),
         "backup": lambda req, fds, progress: ops.backup(node, one_fd("backup", fds)),
         "export": lambda req, fds, progress: ops.export_to(node, one_fd("export", fds), req.get("limit")),
         "import": lambda req, fds, progress: ops.import_from(node, one_fd("import", fds), req.get("source")),

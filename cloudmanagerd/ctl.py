@@ -12,13 +12,15 @@ import signal
 import socket
 import stat
 import sys
+import textwrap
 import time
 from typing import Any
 
 from .names import show
 from .protocol import (EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, HEARTBEAT, LineReader, ProtocolError,
                        decode, encode)
-from .status import human_size
+from . import __version__
+from .status import human_duration, human_size
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
 DEFAULT_SOCKET = "/run/cloudmanagerd/control.sock"
@@ -246,14 +248,60 @@ def ago(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+def print_json(value: Any) -> None:
+    """Every --json output has this one style."""
+    print(json.dumps(value, indent=2))
+
+
+class Progress:
+    """Progress of a long request on stderr, drawn only when stderr is a terminal, with rate and ETA,
+    and cleared before anything else is printed (a context manager), so that it never runs into
+    the result."""
+
+    def __init__(self, what: str, unit: str = "bytes") -> None:
+        self.what = what
+        self.unit = unit
+        self.on = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.drawn = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def __call__(self, p: dict[str, int]) -> None:
+        done, total = p.get("done"), p.get("total")
+        if not self.on or not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+            return
+        size = human_size if self.unit == "bytes" else (lambda n: f"{n:.0f} {self.unit}")
+        line = f"{self.what}: {size(done)} of {size(total)} ({min(done / total, 1):.0%})"
+        elapsed = time.monotonic() - self.started
+        if elapsed >= 1 and done:
+            rate = done / elapsed
+            line += f", {size(rate)}/s, {human_duration((total - done) / rate)} left"
+        sys.stderr.write("\r\033[K" + line)
+        sys.stderr.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.drawn = False
 
 
 def print_status(s: dict[str, Any]) -> None:
     cache, up, safety = s["cache"], s["uploads"], s["safety"]
-    print(f"cloudmanagerd {s['version']} on {s['node']}: {s['state']} (pid {s['pid']}, up {s['uptime']:.0f}s)")
-    for problem in s["problems"]:
-        print(f"  problem: {problem}")
+    print(f"cloudmanagerd {s['version']} on {s['node']}: {s['state']} (pid {s['pid']}, "
+          f"up {human_duration(s['uptime'])})")
+    findings = s.get("findings") or [{"level": "problem", "line": p} for p in s["problems"]]
+    for f in sorted(findings, key=lambda f: f["level"] != "critical"):  # the worst first, as --check
+        print(f"  {f['level']}: {f['line']}")
     print(f"inbox    {s['inbox']['path']}: {s['inbox']['pending']} pending, {s['inbox']['rejected']} rejected")
     print(f"cache    {cache['path']}: {human_size(cache['used'])} of {human_size(cache['capacity'])} "
           f"({cache['usage_ratio']:.1%}), {cache['files']} files")
@@ -266,19 +314,21 @@ def print_status(s: dict[str, Any]) -> None:
     for r in s["remotes"]:
         health = "healthy" if r["healthy"] else "UNHEALTHY"
         err = f", last error: {r['last_error']}" if r["last_error"] else ""
+        snap = r.get("catalog_snapshot")
+        if snap is not None:  # None: the remote cannot hold catalog snapshots (or they are off)
+            err += (f", catalog snapshot {ago(snap['age'])}" if snap["age"] is not None
+                    else ", no catalog snapshot yet")
         print(f"remote   {r['name']} ({r['type']}): {health}, {r['copies']} copies, {r['errors']} errors{err}")
     t = s["transfer"]
     print(f"transfer {t['month']}: in {human_size(t['incoming'])}, out {human_size(t['outgoing'])}")
 
 
-def print_files(files: list[dict[str, Any]]) -> None:
-    if not files:
-        return
-    now = time.time()
-    print(f"{'HASH':<14} {'SIZE':>10} {'ADDED':>9} {'CACHED':<6} {'COPIES':<6} NAME")
-    for f in files:
-        print(f"{f['hash'][:12]:<14} {human_size(f['size']):>10} {ago(now - f['added']):>9} "
-              f"{'yes' if f['cached'] else 'no':<6} {len(f['copies']):<6} {show(f['name'])}")
+FILES_HEADER = f"{'HASH':<14} {'SIZE':>10} {'ADDED':>9} {'CACHED':<6} {'COPIES':<6} NAME"
+
+
+def file_row(f: dict[str, Any], now: float) -> str:
+    return (f"{f['hash'][:12]:<14} {human_size(f['size']):>10} {ago(now - f['added']):>9} "
+            f"{'yes' if f['cached'] else 'no':<6} {len(f['copies']):<6} {show(f['name'])}")
 
 
 def print_info(f: dict[str, Any]) -> None:
@@ -289,10 +339,24 @@ def print_info(f: dict[str, Any]) -> None:
     print(f"cached   {'yes' if f['cached'] else 'no'}{', pinned' if f['pinned'] else ''}")
     for c in f["copies"]:
         print(f"copy     {c['remote']}: {c['url']}")
-    for r in f["pending"]:
-        print(f"pending  {r}")
-    for r in f["failed"]:
-        print(f"failed   {r['remote']} after {r['attempts']} attempts: {r['error']}")
+    pairs = f.get("uploads")
+    if pairs is None:  # a daemon from before `uploads` was in `info`
+        for r in f["pending"]:
+            print(f"pending  {r}")
+        for r in f["failed"]:
+            print(f"failed   {r['remote']} after {r['attempts']} attempts: {r['error']}")
+        return
+    now = time.time()
+    for p in pairs:
+        line = f"{p['state']:<8} {p['remote']}: {p['attempts']} attempt(s)"
+        if p["next_attempt"] is not None:
+            wait = p["next_attempt"] - now
+            line += f", next {'in ' + human_duration(wait) if wait > 1 else 'now'}"
+        elif p["state"] == "failed":
+            line += ", given up (retry revives it)"
+        if p["last_error"]:
+            line += f"; last error {ago(now - p['updated'])}: {p['last_error']}"
+        print(line)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -305,30 +369,106 @@ def run(args: argparse.Namespace) -> int:
         client.close()
 
 
+# `status --check`: the Nagios plugin convention (exit code and one line), for Nagios, Icinga,
+# Zabbix's and Sensu's plugin runners, and anything else that runs check_* commands.
+NAGIOS = {"ok": (0, "OK"), "warning": (1, "WARNING"), "critical": (2, "CRITICAL")}
+NAGIOS_UNKNOWN = 3
+
+
+def check_line(s: dict[str, Any]) -> tuple[int, str]:
+    """(exit code, the one line) from a status object whose findings carry the daemon's levels."""
+    findings = s["findings"]
+    level = s["level"]
+    code, word = NAGIOS[level]
+    if findings:
+        # the worst first: a monitoring system shows the start of the line
+        ordered = sorted(findings, key=lambda f: f["level"] != "critical")
+        reason = "; ".join(str(f["line"]) for f in ordered)
+    else:
+        reason = (f"{s['catalog']['files']} file(s), {s['safety']['below_min']} below min_redundancy, "
+                  f"cache {human_size(s['cache']['used'])} of {human_size(s['cache']['capacity'])}")
+    cache, up, safety = s["cache"], s["uploads"], s["safety"]
+    perf = (f"files={s['catalog']['files']} cache_used={cache['used']}B;;{cache['capacity']};0;{cache['capacity']} "
+            f"below_min={safety['below_min']} pending={up['queued'] + up['active'] + up['retrying']} "
+            f"failed={up['failed']} unhealthy_remotes={sum(not r['healthy'] for r in s['remotes'])}")
+    return code, f"CLOUDMANAGERD {word} - {' '.join(reason.split())} | {perf}"
+
+
+def check(args: argparse.Namespace) -> int:
+    """`status --check`: never a usage or connection error code, as a plugin must: 3 UNKNOWN."""
+    try:
+        client = Client(socket_path(args), args.timeout)
+        try:
+            s = client.call({"cmd": "status"})
+        finally:
+            client.close()
+        code, line = check_line(s)
+    except Failed as exc:
+        code, line = NAGIOS_UNKNOWN, f"CLOUDMANAGERD UNKNOWN - {exc}"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        code, line = NAGIOS_UNKNOWN, "CLOUDMANAGERD UNKNOWN - the daemon's status reply is not what this " \
+            f"cloudmanagerctl {__version__} understands (a different version?)"
+    else:
+        if args.json:
+            print_json(s)
+            return code
+    print(line)
+    return code
+
+
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     s = client.call({"cmd": "status"})
     if args.json:
-        print(json.dumps(s, indent=2))
+        print_json(s)
     else:
         print_status(s)
-    if args.check and s["safety"]["below_min"]:
-        return EXIT_FAILED
     return EXIT_OK
 
 
+LS_PAGE = 1000
+LS_TERMINAL = 100  # on a terminal without --limit: a screenful, not a million lines
+
+
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
-    files = client.call({"cmd": "ls", "state": args.state, "name": args.name, "limit": args.limit})
+    """Page through the daemon's list (`after` cursor): neither side ever holds every file."""
+    limit = args.limit
+    capped = limit is None and sys.stdout.isatty() and not (args.json or args.ndjson)
+    if capped:
+        limit = LS_TERMINAL + 1  # one more tells whether there are more
+    shown, after, now = 0, None, time.time()
     if args.json:
-        print(json.dumps(files, indent=2))
-    else:
-        print_files(files)
+        sys.stdout.write("[")
+    while limit is None or shown < limit:
+        want = LS_PAGE if limit is None else min(LS_PAGE, limit - shown)
+        request = {"cmd": "ls", "state": args.state, "name": args.name, "limit": want}
+        if after is not None:
+            request["after"] = after
+        page = client.call(request)
+        for f in page:
+            if capped and shown == LS_TERMINAL:
+                print("... more files: --limit N shows N of them, or pipe the output", file=sys.stderr)
+                return EXIT_OK
+            if args.json:
+                sys.stdout.write(("," if shown else "") + "\n" + textwrap.indent(json.dumps(f, indent=2), "  "))
+            elif args.ndjson:
+                print(json.dumps(f))
+            else:
+                if not shown:
+                    print(FILES_HEADER)
+                print(file_row(f, now))
+            shown += 1
+        if len(page) < want:
+            break
+        after = [page[-1]["added"], page[-1]["hash"]]
+    if args.json:
+        sys.stdout.write("\n]\n" if shown else "]\n")
     return EXIT_OK
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     f = client.call({"cmd": "info", "hash": args.hash})
     if args.json:
-        print(json.dumps(f, indent=2))
+        print_json(f)
     else:
         print_info(f)
     return EXIT_OK
@@ -361,21 +501,12 @@ def _call_writing(client: Client, request: dict[str, Any], output: str | None, m
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     to_file = args.output not in (None, "-")
-    if not to_file and sys.stdout.isatty():
+    if args.output is None and sys.stdout.isatty():
         raise Failed("get: stdout is a terminal; give -o PATH or redirect the output", EXIT_USAGE)
-    show_progress = sys.stderr.isatty()
-
-    def progress(p: dict[str, int]) -> None:
-        if show_progress and p.get("total"):
-            print(f"\r{human_size(p['done'])} of {human_size(p['total'])}", end="", file=sys.stderr, flush=True)
-
-    try:
+    with Progress("get") as progress:
         result = _call_writing(client, {"cmd": "get", "hash": args.hash}, args.output, 0o666, progress)
-    finally:
-        if show_progress:
-            print("\r", end="", file=sys.stderr)
     if args.json:
-        print(json.dumps(result), file=sys.stderr if not to_file else sys.stdout)
+        print(json.dumps(result, indent=2), file=sys.stdout if to_file else sys.stderr)
     elif to_file:
         print(f"{result['hash'][:12]}: {human_size(result['size'])} written to {args.output}")
     return EXIT_OK
@@ -385,28 +516,60 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     if not args.hashes and not args.all:
         raise Failed("retry: name one or more hashes, or pass --all", EXIT_USAGE)
     result = client.call({"cmd": "retry", "hashes": args.hashes, "all": args.all})
-    print(json.dumps(result) if args.json else f"{result['requeued']} upload(s) queued again")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"requeued {result['given_up']} given-up and {result['waiting']} waiting pairs")
     return EXIT_OK
 
 
 def cmd_pin(client: Client, args: argparse.Namespace) -> int:
-    result = client.call({"cmd": args.command, "hash": args.hash}, progress=_progress_printer())
-    print(json.dumps(result) if args.json else
-          f"{result['hash'][:12]}: {'pinned in the cache' if result['pinned'] else 'may be evicted again'}")
+    with Progress("fetching back") as progress:
+        result = client.call({"cmd": args.command, "hash": args.hash}, progress=progress)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['hash'][:12]}: {'pinned in the cache' if result['pinned'] else 'may be evicted again'}")
     return EXIT_OK
 
 
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
-    result = client.call({"cmd": "rm", "hash": args.hash})
-    print(json.dumps(result) if args.json else f"{result['hash'][:12]}: removed from the cache, every remote "
-          "and the catalog")
+    """Delete every copy of a file: say what goes, and ask on a terminal unless --yes."""
+    f = client.call({"cmd": "info", "hash": args.hash})
+    remotes = sorted(c["remote"] for c in f["copies"])
+    where = (["the cache"] if f["cached"] else []) + \
+        ([f"{len(remotes)} remote(s) ({', '.join(remotes)})"] if remotes else [])
+    plan = (f"{f['hash'][:12]} ({show(f['name'])}, {human_size(f['size'])}): delete it from "
+            f"{' and '.join(where) or 'nowhere (no copy left)'}, then from the catalog")
+    if args.dry_run:
+        if args.json:
+            print_json({"hash": f["hash"], "removed": False, "cached": f["cached"], "remotes": remotes})
+        else:
+            print(f"would {plan}")
+        return EXIT_OK
+    if not args.yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise Failed("rm deletes every copy of the file, on every remote; confirm on a terminal or pass --yes",
+                         EXIT_USAGE)
+        sys.stderr.write(f"{plan}. This cannot be undone. Delete? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise Failed("rm: nothing deleted")
+    result = client.call({"cmd": "rm", "hash": f["hash"]})
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['hash'][:12]}: removed from the cache, every remote and the catalog")
     return EXIT_OK
 
 
 def cmd_verify(client: Client, args: argparse.Namespace) -> int:
-    result = client.call({"cmd": "verify", "remotes": args.remotes}, progress=_progress_printer())
+    if args.deep and not args.remotes:
+        raise Failed("verify: --deep reads the remote copies back: give it with --remotes", EXIT_USAGE)
+    with Progress("verify", unit="files") as progress:
+        result = client.call({"cmd": "verify", "remotes": args.remotes, "deep": args.deep}, progress=progress)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return EXIT_OK
     c = result["cache"]
     print(f"cache: {c['checked']} checked, {c['corrupt']} corrupt, {c['missing']} missing, "
@@ -414,18 +577,14 @@ def cmd_verify(client: Client, args: argparse.Namespace) -> int:
     if "remotes" in result:
         r = result["remotes"]
         print(f"remotes: {r['checked']} copies checked, {r['bad']} bad (being replaced), "
-              f"{r['unreachable']} could not be checked")
+              f"{r['unreachable']} could not be checked ({r['depth']}: {DEPTHS[r['depth']]})")
+        for name, mine in sorted(r["per_remote"].items()):
+            print(f"  {name} ({mine['depth']}): {mine['checked']} checked, {mine['bad']} bad, "
+                  f"{mine['unreachable']} could not be checked")
     return EXIT_FAILED if c["lost"] else EXIT_OK
 
 
-def _progress_printer():
-    if not sys.stderr.isatty():
-        return None
-
-    def show_progress(p: dict[str, int]) -> None:
-        if p.get("total"):
-            print(f"\r{p['done']} of {p['total']}", end="", file=sys.stderr, flush=True)
-    return show_progress
+DEPTHS = {"quick": "exists with the right size", "deep": "read back and hashed"}
 
 
 def cmd_backup(client: Client, args: argparse.Namespace) -> int:
@@ -435,8 +594,10 @@ def cmd_backup(client: Client, args: argparse.Namespace) -> int:
         out.commit()
     finally:
         out.close()
-    print(json.dumps(result) if args.json else f"catalog backed up to {args.output} "
-          f"({human_size(result['bytes'])})")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"catalog backed up to {args.output} ({human_size(result['bytes'])})")
     return EXIT_OK
 
 
@@ -446,7 +607,7 @@ def cmd_export(client: Client, args: argparse.Namespace) -> int:
     result = _call_writing(client, {"cmd": "export", "limit": args.limit}, args.output, 0o644)
     report = sys.stdout if to_file else sys.stderr  # stdout carries the text itself
     if args.json:
-        print(json.dumps(result), file=report)
+        print(json.dumps(result, indent=2), file=report)
     else:
         print(f"{result['files']} file(s) exported" + (f" to {args.output}" if to_file else ""), file=report)
     return EXIT_OK
@@ -470,63 +631,110 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
         result = client.call(request, fds=[fd])
     finally:
         os.close(fd)
-    print(json.dumps(result) if args.json else
-          f"imported {result['files']} file(s): {result['new']} new, {result['copies']} copies on this node's remotes")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"imported {result['files']} file(s): {result['new']} new, {result['copies']} copies on this "
+              "node's remotes")
     return EXIT_OK
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     result = client.call({"cmd": "reload"})
-    print(json.dumps(result) if args.json else "config reloaded")
+    if args.json:
+        print_json(result)
+    else:
+        print("config reloaded")
     return EXIT_OK
 
 
-COMMANDS = {"status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
+def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
+    text = client.call({"cmd": "metrics"})["text"]
+    if args.json:
+        print(json.dumps({"text": text}))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"metrics": cmd_metrics,
+            "status": cmd_status, "ls": cmd_ls, "info": cmd_info, "get": cmd_get, "retry": cmd_retry,
             "reload": cmd_reload, "pin": cmd_pin, "unpin": cmd_pin, "rm": cmd_rm, "verify": cmd_verify,
             "backup": cmd_backup, "export": cmd_export, "import": cmd_import}
 
+EPILOG = """exit codes: 0 done; 1 the command failed (the daemon said no, a local file could not be opened);
+2 usage error; 3 the daemon could not be reached. `status --check` follows the Nagios plugin
+convention instead: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+
+HASH_HELP = "the file's SHA-256, or a unique prefix of 6 or more hex digits"
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cloudmanagerctl", description="Query and steer a running cloudmanagerd.")
+    p = argparse.ArgumentParser(prog="cloudmanagerctl", description="Query and steer a running cloudmanagerd "
+                                "over its control socket.", epilog=EPILOG)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("-c", "--config", help=f"find the socket in this config (default {DEFAULT_CONFIG})")
-    where.add_argument("-s", "--socket", help="the control socket")
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help=f"find the socket in this config (default $CLOUDMANAGERD_CONFIG, else {DEFAULT_CONFIG})")
+    where.add_argument("-s", "--socket", metavar="SOCKET", help="the control socket itself")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"give up (exit 3) when the daemon does not answer within this time (default "
                    f"{DEFAULT_TIMEOUT:g}); get, verify, backup, pin, rm, export and import wait as long as "
                    "progress comes")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("status", help="one screen of state")
-    s.add_argument("--check", action="store_true", help="exit 1 while any file is below min_redundancy")
-    s = sub.add_parser("ls", help="files, newest first")
-    s.add_argument("--state", choices=["cached", "evicted", "pending", "failed"])
-    s.add_argument("--name", help="glob on the original name")
-    s.add_argument("--limit", type=int)
-    s = sub.add_parser("info", help="one file")
-    s.add_argument("hash")
-    s = sub.add_parser("get", help="write a file's bytes to PATH or stdout")
-    s.add_argument("hash")
-    s.add_argument("-o", "--output", metavar="PATH")
-    s = sub.add_parser("retry", help="put failed uploads back in the queue")
-    s.add_argument("hashes", nargs="*")
-    s.add_argument("--all", action="store_true")
-    sub.add_parser("reload", help="re-read the config, like systemctl reload")
-    for name, text in (("pin", "keep a file in the cache (fetched back if needed)"),
-                       ("unpin", "let a pinned file be evicted again"),
-                       ("rm", "forget a file: remove it from the cache, every remote and the catalog")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("hash")
-    s = sub.add_parser("backup", help="a consistent copy of the catalog, while the daemon runs")
-    s.add_argument("-o", "--output", metavar="FILE", required=True)
-    s = sub.add_parser("export", help="the exchange text (format 0.2) of files not yet exported, for other nodes")
+    p.add_argument("--version", action="version", version=f"cloudmanagerctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do; COMMAND --help says more")
+
+    def command(name: str, text: str, more: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.{' ' + more if more else ''}")
+
+    s = command("status", "one screen of state: inbox, cache, catalog, uploads, safety, remotes",
+                "Problems are listed first; `--check` turns them into a monitoring check.")
+    s.add_argument("--check", action="store_true",
+                   help="one line and the Nagios plugin exit code: 0 OK, 1 WARNING (a remote unhealthy, given-up "
+                   "uploads), 2 CRITICAL (a file below min_redundancy past upload.grace, the cache over capacity, "
+                   "ingest stalled), 3 UNKNOWN (daemon unreachable)")
+    command("metrics", "the Prometheus metrics, as the metrics.listen endpoint serves them",
+            "The same text as the metrics.listen endpoint and metrics.textfile (format 0.0.4), whether or not "
+            "those are configured.")
+    s = command("ls", "list files, newest first",
+                "Streamed page by page: any number of files. On a terminal without --limit, the first 100.")
+    s.add_argument("--state", choices=["cached", "evicted", "pending", "failed"],
+                   help="only files in the cache, evicted from it, with uploads pending, or with given-up uploads")
+    s.add_argument("--name", metavar="GLOB", help="only files whose original name matches this glob")
+    s.add_argument("--limit", type=_count, metavar="N", help="at most N files")
+    s.add_argument("--ndjson", action="store_true", help="one JSON object a line (--json gives one list)")
+    s = command("info", "one file: its copies, and each pending upload's attempts, next attempt and last error")
+    s.add_argument("hash", metavar="HASH", help=HASH_HELP)
+    s = command("get", "write a file's verified bytes to PATH or stdout",
+                "An evicted file is fetched back first (progress on a terminal). PATH changes only once "
+                "every byte is written.")
+    s.add_argument("hash", metavar="HASH", help=HASH_HELP)
+    s.add_argument("-o", "--output", metavar="PATH", help="write here; - or nothing: stdout (not a terminal)")
+    s = command("retry", "put given-up uploads, and those waiting out a backoff, back in the queue now")
+    s.add_argument("hashes", nargs="*", metavar="HASH", help=HASH_HELP)
+    s.add_argument("--all", action="store_true", help="every given-up or waiting upload")
+    command("reload", "re-read the config, like systemctl reload", "Keys that need a restart are named in the log.")
+    s = command("pin", "keep a file in the cache (fetched back if needed)")
+    s.add_argument("hash", metavar="HASH", help=HASH_HELP)
+    s = command("unpin", "let a pinned file be evicted again")
+    s.add_argument("hash", metavar="HASH", help=HASH_HELP)
+    s = command("rm", "delete a file from the cache, from every remote, then from the catalog",
+                "This cannot be undone: on a terminal it asks first; elsewhere it needs --yes.")
+    s.add_argument("hash", metavar="HASH", help=HASH_HELP)
+    s.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    s.add_argument("-n", "--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    s = command("backup", "a consistent copy of the catalog, while the daemon runs")
+    s.add_argument("-o", "--output", metavar="FILE", required=True, help="write the copy here (mode 0600)")
+    s = command("export", "the exchange text (format 0.2) of files not yet exported, for other nodes")
     s.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     s.add_argument("--limit", type=int, metavar="BYTES", help="at most this many bytes (whole entries)")
-    s = sub.add_parser("import", help="another node's exchange text: its files become known and fetchable here")
+    s = command("import", "another node's exchange text: its files become known and fetchable here")
     s.add_argument("file", metavar="FILE", help="the exchange text, or - for stdin")
     s.add_argument("--source", metavar="LABEL", help="what confirms these entries (the original's block hash)")
-    s = sub.add_parser("verify", help="re-hash the cache; with --remotes, check every recorded copy")
-    s.add_argument("--remotes", action="store_true")
+    s = command("verify", "re-hash the cache; with --remotes, check every recorded copy")
+    s.add_argument("--remotes", action="store_true", help="also check that every recorded copy exists with its size")
+    s.add_argument("--deep", action="store_true", help="with --remotes: read each copy back and hash it")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return p
@@ -542,10 +750,22 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return run(args)
+        code = check(args) if args.command == "status" and args.check else run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is the quiet case below
+        return code
     except Failed as exc:
         print(f"cloudmanagerctl: {exc}", file=sys.stderr)
         return exc.code

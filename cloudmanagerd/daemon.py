@@ -19,24 +19,28 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, health, jobs
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, catalog_sqlite_path, load_config, load_or_report
 from .control import ControlServer, node_commands
 from .catalog import DB_ERRORS
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .events import Events
 from .inbox import SYSCTL_HINTS, InboxRoot, InboxWatcher, PendingQueue, scan, stat_in
 from .ingest import Ingestor, IngestWorker
-from .logs import setup_logging
+from .logs import FILE_SAFE, fields, setup_logging
+from .metrics import Metrics
 from .node import Node, build_remotes
 from .notify import Notifier
-from .preflight import inbox_link_problem, preflight
+from .preflight import inbox_link_problem, preflight, promise_warnings
 from .rejects import Rejector
 from .remotes import build_remote
+from .snapshots import Snapshotter
 from .status import build_status, summary_line
 
 log = logging.getLogger("cloudmanagerd")
 
 DEFAULT_CONFIG = "/etc/cloudmanagerd/config.yaml"
+SAFE_WINDOW = 60.0  # seconds: longer than a recorded copy ever waits for its "uploaded" handler
+STOP_SNAPSHOT_BUDGET = 45.0  # seconds the stop's catalog snapshot may spend uploading
 
 
 class Daemon:
@@ -51,6 +55,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        self._safe_lock = threading.Lock()
+        self._said_safe: dict[str, float] = {}  # hash -> when it was said safe, for SAFE_WINDOW
         self.reload_error: str | None = None
         self.log_level_override: str | None = None
         self._inbox_problems: list[str] = []  # from the periodic inbox check
@@ -59,6 +65,8 @@ class Daemon:
         self._watcher_broken = False
         self._job_errors: dict[str, str] = {}
         self._last_counts: dict[str, Any] | None = None  # status's figures while the catalog is unreachable
+        self._at_risk: tuple[int, float | None] = (0, None)  # from the at-risk job: (files, oldest added)
+        self._last_checked: float | None = None  # from the at-risk job: the scrub's next object, last good
 
     # -- build and start ------------------------------------------------------------------
 
@@ -76,8 +84,12 @@ class Daemon:
         self.catalog, self.cache, self.remotes = node.catalog, node.cache, node.remotes
         self.evictor, self.fetcher, self.scrubber = node.evictor, node.fetcher, node.scrubber
         self.remover, self.uploader = node.remover, node.uploader
+        # a PostgreSQL catalog is backed up with PostgreSQL's own tools (README), not snapshotted
+        self.snapshotter = (Snapshotter(self.catalog, self.remotes, c.node, c.state)
+                            if catalog_sqlite_path(c.catalog) else None)
         self.events.on("work-queued", self.wake_pump)
         self.events.on("copy-made", self._copy_made)
+        self.events.on("uploaded", self._uploaded)
         self.events.on("room-freed", self._room_freed)
         self.events.on("registered", self._registered)
         self.rejector = Rejector(c.ingest.rejected)
@@ -101,8 +113,14 @@ class Daemon:
 
         self.queue = PendingQueue(c.ingest.settle, lambda rel: stat_in(self.inbox, rel))
         self.worker = IngestWorker(self.ingestor, self.queue, self.request_scan,
-                                   lambda hashes: self.events.emit("registered", hashes),
+                                   lambda hashes, dropped: self.events.emit("registered", hashes, dropped),
                                    first=self.ingestor.adopt_orphans)
+        self.metrics = Metrics(status=self.status, figures=self.catalog.metrics_figures,
+                               pending_age=lambda: max(self.queue.oldest_age(), self.worker.oldest_waiting_age()),
+                               remote_names=lambda: [rc.name for rc in self.config.remotes],
+                               listen=c.metrics.listen, textfile=c.metrics.textfile)
+        self.events.on("registered", self.metrics.registered)
+        self.events.on("uploaded", self.metrics.uploaded)
         self.watcher = InboxWatcher(c.inbox, self.queue, self.request_scan, c.ingest.observer, self._lost_events)
         self.scheduler = BackgroundScheduler(timezone=datetime.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
@@ -112,10 +130,14 @@ class Daemon:
             "probe": self.uploader.probe_unhealthy, "stalls": self.uploader.check_stalls,
             "status": self._refresh_status, "scrub": self._scrub, "heal": self.uploader.heal,
             "resume-removals": self.remover.resume, "reclaim": self._reclaim,
-            "leftovers": self.scrubber.clean_leftovers}, c, self._guarded)
+            "leftovers": self.scrubber.clean_leftovers, "at-risk": self._check_safety,
+            "metrics": self.metrics.write_textfile,
+            "catalog-backup": self._snapshot, "catalog-snapshots": self._list_snapshots}, c, self._guarded)
         self.control = ControlServer(c.control.socket, c.control.mode, c.control.group, self._commands(),
                                      on_client_done=self.catalog.release_connection)
 
+        self.metrics.start()  # before the other threads: a port in use stops the start here, naming it
+        self._stack.callback(self.metrics.stop)
         self.watcher.start()
         self.worker.start()
         self.scheduler.start()
@@ -126,6 +148,14 @@ class Daemon:
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
                  c.cache.path, c.node, ",".join(rc.name for rc in c.remotes) or "none")
+
+    def _snapshot(self) -> None:
+        if self.snapshotter is not None and self.config.catalog_backup.interval > 0:
+            self.snapshotter.step()
+
+    def _list_snapshots(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.refresh()
 
     def _reclaim(self) -> None:
         self.uploader.reclaim()
@@ -201,12 +231,33 @@ class Daemon:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))
         self.request_scan(b"")
 
-    def _registered(self, hashes: list[str]) -> None:
+    def _registered(self, hashes: list[str], dropped: list[float]) -> None:
         self.wake_pump()
 
     def _copy_made(self, h: str) -> None:
         """A new copy may let a cached file go: files waiting for room get another chance."""
         self._room_freed()
+
+    def _uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
+        """A file that becomes safe is said so once, with its MESSAGE_ID (FILE_SAFE), for alerting and
+        audit. Copies recorded at once by several upload threads may all be in the catalog before the
+        first of their handlers looks, so "the count equals min_redundancy" can be true for none of
+        them or for two: the first handler that finds min_redundancy good copies says it, unless
+        min_redundancy of them are older than SAFE_WINDOW (the file was safe before: a late extra
+        copy); the others find the file in `_said_safe`. A file made safe again after a bad copy
+        (min_redundancy recent-enough copies) is said again."""
+        min_redundancy = self.config.upload.min_redundancy
+        now = time.time()
+        with contextlib.suppress(*DB_ERRORS), self._safe_lock:  # a busy catalog must not fail the upload
+            while self._said_safe and next(iter(self._said_safe.values())) < now - SAFE_WINDOW:
+                del self._said_safe[next(iter(self._said_safe))]
+            times = [t for _, t in self.catalog.good_copy_times(h)]
+            if h in self._said_safe or len(times) < min_redundancy \
+                    or sum(t < now - SAFE_WINDOW for t in times) >= min_redundancy:
+                return
+            self._said_safe[h] = now
+            log.info("hash=%s is safe: %d good copies (upload.min_redundancy)", h, len(times),
+                     extra=fields(h, remote, message_id=FILE_SAFE))
 
     def _room_freed(self) -> None:
         if self.worker.waiting:
@@ -214,11 +265,13 @@ class Daemon:
 
     def _scrub(self) -> None:
         budget = int(self.config.cache.scrub * jobs.SCRUB_INTERVAL)
-        if budget <= 0:
-            return
-        report = self.scrubber.step(budget)
+        report = self.scrubber.step(budget, int(self.config.scrub.remote_read * jobs.SCRUB_INTERVAL))
+        self.metrics.scrubbed(report)
         if report["cache"]["missing"] or report["cache"]["corrupt"] or report["remotes"]["bad"]:
-            log.warning("scrub: %s", report)
+            c, r = report["cache"], report["remotes"]
+            # a sentence, not the report's dict (issue 15): what was found, and that it is being mended
+            log.warning("scrub: %d cache object(s) missing, %d corrupt, %d bad remote copies (%s check); "
+                        "fetching or uploading them again", c["missing"], c["corrupt"], r["bad"], r["depth"])
             self.wake_pump()
 
     def wake_pump(self) -> None:
@@ -246,13 +299,39 @@ class Daemon:
             [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
             # the inbox's own findings (InboxRoot.check(), InboxWatcher.check(): alive, watching the
             # folder the config names), from the last periodic check
-            [health.Finding(line, self._watcher_broken) for line in self._inbox_problems],
+            # (critical for `status --check` either way: nothing dropped is taken in)
+            [health.Finding(line, self._watcher_broken, critical=True) for line in self._inbox_problems],
         )
 
-    def problems(self) -> list[str]:
-        reload_error = [self.reload_error] if self.reload_error else []
-        return (reload_error + self.health().lines() + self.worker.problems()
-                + self.uploader.problems() + self.scrubber.problems())
+    def _check_safety(self) -> None:
+        """The findings that take a scan (at-risk files) or need not be fresher (the scrub's lag)."""
+        c = self.config
+        self._at_risk = self.catalog.at_risk(c.upload.min_redundancy, time.time() - c.upload.grace)
+        self._last_checked = self.catalog.least_recently_checked()
+
+    def findings(self, counts: dict[str, Any]) -> list[health.Finding]:
+        """Every status problem with its level (health.py): the line an operator reads, and what
+        `status --check` exits with. `counts` are the catalog's figures of this status."""
+        c = self.config
+        now = time.time()
+        at_risk, oldest = self._at_risk
+        return ([health.Finding(self.reload_error)] if self.reload_error else []) + self.health().ordered() + [
+            *(health.Finding(line) for line in self.worker.problems()),
+            *(health.Finding(line) for line in self.uploader.problems()),
+            # a damaged object that is a file's only copy: its right bytes are nowhere
+            *(health.Finding(line, critical=True) for line in self.scrubber.problems()),
+            # a remote the uploads found broken is one line already, whatever else fails on it
+            *(health.Finding(line) for line in (
+                self.snapshotter.problems(skip=self.uploader.unhealthy)
+                + self.snapshotter.behind(c.catalog_backup.interval, skip=self.uploader.unhealthy)
+                if self.snapshotter is not None else [])),
+            *filter(None, [
+                health.over_capacity(c.cache.path, counts["cache_bytes"], self.cache.capacity),
+                health.at_risk(at_risk, None if oldest is None else now - oldest, c.upload.grace),
+                health.given_up(counts["uploads"]["failed"]),
+                health.scrub_behind(None if self._last_checked is None else now - self._last_checked,
+                                    counts["cache_bytes"], c.cache.scrub)]),
+        ]
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -267,11 +346,18 @@ class Daemon:
         remotes = [{"name": rc.name, "type": rc.type, "healthy": rc.name not in self.uploader.unhealthy,
                     "copies": stats.get(rc.name, {}).get("copies", 0),
                     "errors": stats.get(rc.name, {}).get("errors", 0),
-                    "last_error": stats.get(rc.name, {}).get("last_error")} for rc in c.remotes]
-        return build_status(state=self.state, node=c.node, started=self.started, problems=self.problems(),
+                    "last_error": stats.get(rc.name, {}).get("last_error"),
+                    "catalog_snapshot": self._snapshot_status(rc.name)} for rc in c.remotes]
+        return build_status(state=self.state, node=c.node, started=self.started, findings=self.findings(counts),
                             inbox_path=c.inbox, inbox_pending=len(self.queue) + len(self.worker.waiting),
                             rejected=self.rejector.count, cache_path=c.cache.path, capacity=self.cache.capacity,
                             counts=counts, active=self.uploader.active_count(), remotes=remotes)
+
+    def _snapshot_status(self, remote: str) -> dict[str, Any] | None:
+        """The newest catalog snapshot on a remote (None: no snapshots there, or none at all)."""
+        if self.snapshotter is None:
+            return None
+        return self.snapshotter.status(remote, time.time())
 
     def _refresh_status(self) -> None:
         # a script using the Python API on this node adds and evicts too: follow the catalog's account
@@ -353,20 +439,31 @@ class Daemon:
             log.warning("reload: %s changed; restart cloudmanagerd to apply %s", ", ".join(needs_restart),
                         "it" if len(needs_restart) == 1 else "them")
         kept = {key.split(".")[0]: getattr(old, key.split(".")[0]) for key in ("inbox", "state", "catalog",
-                                                                                  "node", "control")}
+                                                                                  "node", "control", "metrics")}
         upload = dataclasses.replace(new.upload, concurrency=old.upload.concurrency)
         ingest = dataclasses.replace(new.ingest, observer=old.ingest.observer, rejected=old.ingest.rejected)
         cache = dataclasses.replace(new.cache, path=old.cache.path)
         cluster = old.cluster
-        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster, **kept)
+        log_config = dataclasses.replace(new.log, format=old.log.format)
+        self.config = dataclasses.replace(new, upload=upload, ingest=ingest, cache=cache, cluster=cluster,
+                                          log=log_config, **kept)
 
         logging.getLogger().setLevel((self.log_level_override or new.log.level).upper())
         self.node.reconfigure(upload, new.cache.capacity, new.remotes, built)
+        self.metrics.forget_remotes(rc.name for rc in new.remotes)
         self.ingestor.set_ignore(new.ingest.ignore)
         self.queue.set_settle(new.ingest.settle)
         if new.ingest.rescan != old.ingest.rescan:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.ingest.rescan)
+        if new.upload.grace != old.upload.grace:
+            self.scheduler.reschedule_job("at-risk", trigger="interval", seconds=jobs.at_risk_interval(new))
+        if new.catalog_backup.interval != old.catalog_backup.interval:
+            self.scheduler.reschedule_job("catalog-backup", trigger="interval",
+                                          seconds=new.catalog_backup.interval or 3600.0)
         self.scheduler.modify_job("heal", next_run_time=_now())
+        # a reload often follows a fix outside the config (a mount, permissions): probe the sick
+        # remotes now, so that their waiting uploads go at once
+        self.scheduler.modify_job("probe", next_run_time=_now())
         log.info("reloaded %s: capacity=%d redundancy=%d min_redundancy=%d remotes=%s", new.source,
                  new.cache.capacity, upload.redundancy, upload.min_redundancy,
                  ",".join(self.uploader.order) or "none")
@@ -377,6 +474,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop in reverse order: no new requests, no new files, finish the file in hand, then close."""
+        clean = self.state in ("running", "reloading")  # not a failed start, not a damaged catalog
         self.state = "stopping"
         self.notifier.stopping()
         log.info("stopping")
@@ -387,6 +485,8 @@ class Daemon:
             self.watcher.join(10)
         if hasattr(self, "worker"):
             self.worker.join(60)
+        if hasattr(self, "scrubber"):
+            self.scrubber.stop()  # a deep read of a large copy (scrub, verify) would hold the stop
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if hasattr(self, "uploader"):
@@ -394,6 +494,13 @@ class Daemon:
                 self.uploader.close()
             except DB_ERRORS as exc:  # a damaged or full catalog: the next start releases the claims
                 log.warning("could not release the uploads in flight: %s", exc)
+        if clean and getattr(self, "snapshotter", None) is not None and self.config.catalog_backup.interval > 0:
+            try:
+                # the catalog as it is at the end, on the remotes; within STOP_SNAPSHOT_BUDGET so that
+                # the stop ends before systemd's TimeoutStopSec (90 s) kills it
+                self.snapshotter.step(budget=STOP_SNAPSHOT_BUDGET)
+            except DB_ERRORS as exc:
+                log.warning("no catalog snapshot at stop: %s", exc)
         if hasattr(self, "control"):
             self.control.join(5)
         self._stack.close()
@@ -404,6 +511,7 @@ class Daemon:
     def _commands(self) -> dict[str, Any]:
         return {**node_commands(self.node),
                 "status": lambda req, fds, progress: self.status(),
+                "metrics": lambda req, fds, progress: {"text": self.metrics.text()},
                 "reload": self._cmd_reload}
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
@@ -415,7 +523,8 @@ class Daemon:
 
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",
-                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease")
+                "control.group", "ingest.observer", "ingest.rejected", "upload.concurrency", "cluster.lease",
+                "metrics.listen", "metrics.textfile", "log.format")
 
 
 def _dotted(config: Any, key: str) -> Any:
@@ -430,7 +539,9 @@ def _now() -> datetime.datetime:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cloudmanagerd", description="Turn a drop folder into a content-addressed "
-                                "store, cached locally and copied to remote hosts.")
+                                "store, cached locally and copied to remote hosts.",
+                                epilog="cloudmanagerd restore -c FILE [--force]: rebuild a lost node's catalog from "
+                                "the newest snapshot on its remotes (see `cloudmanagerd restore --help`).")
     p.add_argument("-c", "--config", default=os.environ.get("CLOUDMANAGERD_CONFIG", DEFAULT_CONFIG),
                    help=f"config file (default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 or 1")
@@ -440,14 +551,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["restore"]:  # `cloudmanagerd restore -c FILE [--force]`: a lost node's catalog back
+        from .restore import main as restore_main
+        return restore_main(argv[1:])
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"cloudmanagerd: {line}", file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     problems, warnings = preflight(config)
+    if not problems:  # with an error to fix first, these would bury it
+        warnings += promise_warnings(config)
     if args.check_config:
         try:
             for remote in build_remotes(config.remotes).values():
@@ -461,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print(f"cloudmanagerd: {args.config}: config OK")
         return 1 if problems else 0
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or config.log.level, config.log.format, config.node)
     for line in warnings:
         log.warning("%s", line)
     if problems:

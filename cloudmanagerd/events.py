@@ -5,11 +5,14 @@ A stage says what happened (`emit`); whoever cares subscribed when the parts wer
 a file waiting in the inbox in, it only says "copy-made".
 
 The events:
-- "registered" (hashes): files entered the catalog; the upload stage queues their copies.
+- "registered" (hashes, dropped): files entered the catalog; the upload stage queues their copies.
+  `dropped`: each file's last change in the inbox (its ctime, wall clock): the ingest latency's start.
 - "copy-made" (hash): a remote copy was recorded; room may have appeared in the cache.
 - "room-freed" (): a pin was lifted or the capacity raised; files waiting for room may come in.
 - "work-queued" (): uploads are due now (new pairs, a remote healthy again, a retry).
 - "remote-healthy" (name): a remote that failed works again.
+- "uploaded" (hash, remote, size, seconds): a copy was sent and recorded (a batch's pairs each carry
+  the batch's time); the metrics' transfer histograms, and the file-safe line.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-NAMES = frozenset({"registered", "copy-made", "room-freed", "work-queued", "remote-healthy"})
+NAMES = frozenset({"registered", "copy-made", "room-freed", "work-queued", "remote-healthy", "uploaded"})
 
 
 class Events:

@@ -24,6 +24,7 @@ from .catalog import Catalog
 from .errors import CacheFull, CloudManagerError, NotFound, OutputError
 from .eviction import Evictor
 from .hashing import HASH_CHUNK, sha256_fd
+from .logs import COPY_BAD, FILE_AT_RISK, fields
 from .remotes.base import MISSING, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
@@ -251,12 +252,12 @@ class Fetcher:
                     if h not in self.damaged:
                         log.error("cache object hash=%s %s, and no remote holds a good copy: kept as it is, not "
                                   "uploaded (restore the file and drop it in the inbox again, or "
-                                  "cloudmanagerctl rm %s)", h, why, h[:12])
+                                  "cloudmanagerctl rm %s)", h, why, h[:12], extra=fields(h, message_id=FILE_AT_RISK))
                     self.damaged[h] = why
                     self.catalog.give_up_uploads(h, f"the only copy, in the cache, {why}", self.now())
                     outcome = "kept"
                     return
-                log.error("cache object hash=%s %s; dropping it and fetching it again", h, why)
+                log.error("cache object hash=%s %s; dropping it and fetching it again", h, why, extra=fields(h))
                 if self.catalog.cached_here([h]):
                     self.evictor.drop([(h, size)])
                 else:
@@ -335,7 +336,8 @@ class Fetcher:
                 if digest == h:
                     return size
                 log.error("get: cache object hash=%s holds other bytes (%s); dropping it and fetching it again",
-                          h, f"sha256 {digest[:12]}" if digest else f"{st.st_size} bytes instead of {size}")
+                          h, f"sha256 {digest[:12]}" if digest else f"{st.st_size} bytes instead of {size}",
+                          extra=fields(h))
                 if cut:  # never leave wrong bytes that look like a whole file
                     os.ftruncate(dst, start)
                 if regular:
@@ -343,7 +345,7 @@ class Fetcher:
                 try:
                     kept = self.replace(h, size, (st.st_dev, st.st_ino), "holds other bytes", progress) == "kept"
                 except CloudManagerError as exc:
-                    log.error("get: hash=%s could not be restored after corruption: %s", h, exc)
+                    log.error("get: hash=%s could not be restored after corruption: %s", h, exc, extra=fields(h))
                     raise CloudManagerError(f"{h[:12]}: the cached copy was corrupt and was dropped; "
                                             f"fetching it again failed: {exc}") from None
                 if kept:
@@ -354,7 +356,7 @@ class Fetcher:
                         f"{h[:12]}: the cached copy was corrupt and the output got part of it; the copy was "
                         "replaced from a remote: run get again")
                 log.info("get: hash=%s fetched again after corruption; sending the fresh copy (attempt %d)",
-                         h, attempt + 1)
+                         h, attempt + 1, extra=fields(h))
         raise CloudManagerError(f"{h[:12]}: the cache holds other bytes again after a fresh fetch (check the disk)")
 
     def _fetch(self, h: str, progress: ProgressFn | None, tee: _Tee | None = None) -> None:
@@ -419,7 +421,7 @@ class Fetcher:
                 # the bytes are right and the catalog is wrong (an imported entry's size): installing the
                 # object would put more bytes in the cache than its account says, for good
                 log.error("copy of %s has the right bytes but %d of them, and the catalog says %d; not used",
-                          h[:12], written, size)
+                          h[:12], written, size, extra=fields(h, remote.name))
                 raise RemoteError(f"copy holds {written} bytes, the catalog says {size}")
             self.cache.install(tmp, h)
             tmp = ""
@@ -431,13 +433,14 @@ class Fetcher:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=self.cache.tmp_fd)
         self.catalog.add_cache_entry(h, size, self.now(), incoming=size)
-        self.catalog.mark_copy_verified(h, remote.name, self.now())  # an imported location, proven now
-        log.info("fetched hash=%s remote=%s size=%d, verified", h, remote.name, size)
+        self.catalog.mark_copy_proven(h, remote.name, self.now())  # read back and hashed (an imported location too)
+        log.info("fetched hash=%s remote=%s size=%d, verified", h, remote.name, size, extra=fields(h, remote.name))
 
     def bad_copy(self, h: str, remote: str, why: str) -> None:
         """The one path for a remote copy found missing or holding other bytes (a fetch, the scrub,
         verify): it stops counting, its remote is charged, and a replacement is queued."""
-        log.error("remote %s: %s; marked bad, a new copy will be made", remote, why)
+        log.error("remote %s: %s; marked bad, a new copy will be made", remote, why,
+                  extra=fields(h, remote, message_id=COPY_BAD))
         now = self.now()
         self.catalog.mark_copy_bad(h, remote, why, now)
         if self.catalog.good_copies(h) or self.catalog.cached_here([h]):
@@ -445,4 +448,5 @@ class Fetcher:
         else:
             # no byte of the file is left to copy from (an imported location that was never true):
             # a replacement upload could only fail for ever; heal() queues one if a copy turns up
-            log.error("hash=%s has no good copy left and is not cached here: the file is lost", h)
+            log.error("hash=%s has no good copy left and is not cached here: the file is lost", h,
+                      extra=fields(h, message_id=FILE_AT_RISK))

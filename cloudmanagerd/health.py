@@ -9,6 +9,10 @@ every rule is tested without a daemon. `assess()` sorts them into
   The daemon stops feeding systemd's watchdog, so that systemd restarts it; a damaged catalog
   also stops the daemon at once (exit 1), since a restart would only refuse to start.
 
+Every finding also has a level for `status --check` (the Nagios plugin convention): "critical"
+when data is at risk or nothing comes in any more (a fatal finding is always critical), else
+"warning". The daemon decides the level, so that no client parses the lines.
+
 The daemon gathers the inputs (`Daemon.health()`); the edges that read the system are here too.
 """
 
@@ -20,22 +24,32 @@ import resource
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .status import human_size
+from .status import human_duration, human_size
 
 FD_WARN = 0.90  # a problem line from here on: a leak shows long before it bites
 FD_FATAL = 0.98  # and past this, the next accept() or open() fails: restart
+
+
+WARNING, CRITICAL = "warning", "critical"
+LEVELS = ("ok", WARNING, CRITICAL)  # worst last: the exit codes 0, 1, 2 of `status --check`
 
 
 @dataclass(frozen=True)
 class Finding:
     line: str
     fatal: bool = False
+    critical: bool = False
+
+    @property
+    def level(self) -> str:
+        return CRITICAL if self.fatal or self.critical else WARNING
 
 
 @dataclass(frozen=True)
 class Health:
     problems: list[str] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -45,15 +59,26 @@ class Health:
         """Every finding, the fatal ones first: the status problems."""
         return self.fatal + self.problems
 
+    def ordered(self) -> list[Finding]:
+        """The findings in the order of `lines()`."""
+        return [f for f in self.findings if f.fatal] + [f for f in self.findings if not f.fatal]
+
 
 def assess(*groups: Iterable[Finding | None]) -> Health:
     problems: list[str] = []
     fatal: list[str] = []
+    findings: list[Finding] = []
     for group in groups:
         for f in group:
             if f is not None:
                 (fatal if f.fatal else problems).append(f.line)
-    return Health(problems, fatal)
+                findings.append(f)
+    return Health(problems, fatal, findings)
+
+
+def worst(findings: Iterable[Finding]) -> str:
+    """"ok", "warning" or "critical": the level of the worst finding."""
+    return max((f.level for f in findings), key=LEVELS.index, default="ok")
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -83,16 +108,19 @@ def catalog(path: str, corrupt: str | None, hint: str, write_error: str | None, 
     that cannot be reached is waited out: a restart would not bring the server back."""
     if corrupt:
         return [Finding(f"catalog {path} is damaged ({corrupt}): {hint}", True)]
+    # nothing is taken in while the catalog cannot be written or reached: critical (ingest stalled),
+    # but not fatal (a restart would not bring the server back)
     if unreachable:
         return [Finding(f"catalog unreachable: {path} ({unreachable}); ingest and uploads wait, files stay "
-                        "in the inbox")]
+                        "in the inbox", critical=True)]
     folder = folder or os.path.dirname(path) or "."
     if disk_full:
         room = f" has {_size(free)} free" if free is not None else " is full"
         return [Finding(f"catalog disk full: {folder}{room}; ingest and uploads wait until there is room "
-                        "(free some space there)")]
+                        "(free some space there)", critical=True)]
     if write_error:
-        return [Finding(f"catalog {path} cannot be written ({write_error}); ingest and uploads wait")]
+        return [Finding(f"catalog {path} cannot be written ({write_error}); ingest and uploads wait",
+                        critical=True)]
     return []
 
 
@@ -105,6 +133,46 @@ def cache_disk(path: str, hit_disk_limit: bool, free: int | None, disk_limit: in
     return Finding(f"cache disk full: {path} has {_size(free)} free, less than cache.capacity "
                    f"({_size(capacity)}) needs; the cache is held at {_size(used)}, evicting early "
                    "(free space there or lower cache.capacity)")
+
+
+def at_risk(count: int, oldest_age: float | None, grace: float, cap: int = 1000) -> Finding | None:
+    """Files below min_redundancy for longer than upload.grace: their only copies may be lost."""
+    if not count or oldest_age is None:
+        return None
+    many = f"more than {cap}" if count > cap else str(count)
+    return Finding(f"{many} file(s) below min_redundancy for more than {human_duration(grace)} (the oldest "
+                   f"for {human_duration(oldest_age)}): see the remotes' errors, `cloudmanagerctl ls --state "
+                   "pending`", critical=True)
+
+
+def scrub_behind(lag: float | None, used: int, rate: float) -> Finding | None:
+    """The background scrub (cache.scrub, bytes per second) should check every cache object once
+    per used/rate seconds; one not checked for twice that (and an hour) means it falls behind."""
+    if lag is None or rate <= 0:
+        return None
+    expected = used / rate
+    if lag <= 2 * expected + 3600:
+        return None
+    return Finding(f"scrub behind: a cache object was last checked {human_duration(lag)} ago, while a pass "
+                   f"over {_size(used)} at cache.scrub {_size(rate * 3600)}/h takes {human_duration(expected)} "
+                   "(raise cache.scrub, or the daemon is too busy to scrub)")
+
+
+def given_up(failed: int) -> Finding | None:
+    """Upload pairs given up (upload.retry.max_attempts, or an error retrying cannot fix)."""
+    if not failed:
+        return None
+    return Finding(f"{failed} upload(s) given up (`cloudmanagerctl ls --state failed`; `cloudmanagerctl retry "
+                   "--all` tries them again)")
+
+
+def over_capacity(path: str, used: int, capacity: int) -> Finding | None:
+    """The cache holds more than cache.capacity (lowered by a reload, or two faces that took room at
+    once) and eviction could not bring it back: what is left may not go yet."""
+    if used <= capacity:
+        return None
+    return Finding(f"cache over capacity: {path} holds {_size(used)} of {_size(capacity)}; the rest cannot be "
+                   "evicted yet (pinned, or waiting for min_redundancy copies)", critical=True)
 
 
 def descriptors(open_count: int, soft_limit: int) -> Finding | None:
@@ -156,3 +224,4 @@ def descriptor_limit() -> int:
 
 def _size(n: int | None) -> str:
     return "?" if n is None else human_size(n)
+

@@ -547,6 +547,8 @@ class PendingQueue:
         # rel -> (last signature, since when it is unchanged, not looked at before)
         self._settling: dict[bytes, tuple[tuple[int, int, int], float, float]] = {}
         self._heap: list[_Settling] = []
+        # rel -> when it was queued (monotonic); in insertion order, so the first is the oldest (metrics)
+        self._since: dict[bytes, float] = {}
         self._cond = threading.Condition()
         self._closed = False
 
@@ -558,8 +560,15 @@ class PendingQueue:
         with self._cond:
             return len(self._ready) + len(self._settling)
 
+    def oldest_age(self) -> float:
+        """Seconds the longest-waiting entry has been in the queue (since it was last put in); 0 when empty."""
+        with self._cond:
+            first = next(iter(self._since.values()), None)
+        return 0.0 if first is None else max(self.monotonic() - first, 0.0)
+
     def put_ready(self, rel: bytes) -> None:
         with self._cond:
+            self._since.setdefault(rel, self.monotonic())
             self._settling.pop(rel, None)
             self._ready[rel] = None
             self._cond.notify()
@@ -569,6 +578,7 @@ class PendingQueue:
             if rel in self._ready or rel in self._settling:
                 return
             now = self.monotonic()
+            self._since.setdefault(rel, now)
             self._settling[rel] = ((-1, -1, -1), now, now)
             heapq.heappush(self._heap, _Settling(now, rel))
             self._cond.notify()
@@ -580,6 +590,7 @@ class PendingQueue:
             if rel in self._ready:
                 return
             now = self.monotonic()
+            self._since.setdefault(rel, now)
             self._settling[rel] = ((-1, -1, -1), now, now + delay)
             heapq.heappush(self._heap, _Settling(now + delay, rel))
             self._cond.notify()
@@ -613,6 +624,7 @@ class PendingQueue:
                     for rel in list(self._ready):
                         batch.append(rel)
                         del self._ready[rel]
+                        self._since.pop(rel, None)
                         if len(batch) >= limit:
                             break
                     return batch
@@ -644,6 +656,7 @@ class PendingQueue:
                 return
             if st is None:
                 del self._settling[rel]
+                self._since.pop(rel, None)
                 return
             if not stat.S_ISREG(st.st_mode):
                 # ingest rejects it or scans it; nothing to wait for

@@ -29,6 +29,7 @@ from .cache import Cache
 from .catalog import DB_ERRORS, Catalog, IngestRecord
 from .errors import CACHE_HINTS, explain_oserror
 from .hashing import copy_hashed, sha256_fd
+from .logs import FILE_AT_RISK, fields
 from .names import show
 from .rejects import Rejector
 
@@ -84,6 +85,7 @@ def content_signature(st: os.stat_result) -> tuple[int, int, int, int]:
 @dataclass
 class IngestResult:
     registered: list[str] = field(default_factory=list)
+    dropped: list[float] = field(default_factory=list)  # each registered file's inbox ctime (ingest latency)
     duplicates: int = 0
     requeue: list[bytes] = field(default_factory=list)      # changed while hashed: take again later
     busy: list[bytes] = field(default_factory=list)         # still open for writing: take much later
@@ -304,8 +306,9 @@ class Ingestor:
                     self.cache.commit(c.st.st_size)
                     if c.copied:
                         self._unlink_source(c)
-                    log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size)
+                    log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size, extra=fields(c.hash))
                 result.registered.extend(c.hash for c in done)
+                result.dropped.extend(c.st.st_ctime for c in done)
             self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
         for c in duplicates:
             if self._still_same(c):
@@ -317,10 +320,11 @@ class Ingestor:
                     if c.rel not in self._stuck_logged:
                         self._stuck_logged.add(c.rel)
                         log.error("%s is already stored as %s but cannot be removed from the inbox: %s",
-                                  show(c.rel), c.hash, self._why_stuck(c) or "permission denied")
+                                  show(c.rel), c.hash, self._why_stuck(c) or "permission denied", extra=fields(c.hash))
                     result.waiting.append((c.rel, "stuck"))
                     continue
-                log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash)
+                log.info("%s is already stored as %s; removed from the inbox", show(c.rel), c.hash,
+                         extra=fields(c.hash))
                 result.duplicates += 1
 
     def _move_all(self, todo: list[Candidate], result: IngestResult) -> None:
@@ -489,15 +493,16 @@ class Ingestor:
             if good:
                 os.fsync(self.cache.subdir_fd(r.hash))
                 self.catalog.finish_ingest([r], self.remotes(), self.now())
-                log.info("finished the interrupted ingest of %s hash=%s", show(r.name), r.hash)
+                log.info("finished the interrupted ingest of %s hash=%s", show(r.name), r.hash, extra=fields(r.hash))
                 if in_inbox:
                     self._remove_inbox_copy(r)
                 return
-            log.warning("dropping a torn cache object for %s hash=%s", show(r.name), r.hash)
+            log.warning("dropping a torn cache object for %s hash=%s", show(r.name), r.hash, extra=fields(r.hash))
             self.cache.remove_object(r.hash)
         self.catalog.abandon_ingest([r])
         if not in_inbox and r.hash not in self.catalog.cached_here([r.hash]):
-            log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash)
+            log.error("the interrupted ingest of %s hash=%s left no copy anywhere", show(r.name), r.hash,
+                      extra=fields(r.hash, message_id=FILE_AT_RISK))
 
     def adopt_orphans(self) -> int:
         """Cache objects without a catalog row. The durable order never leaves one, but a restored
@@ -585,7 +590,8 @@ class IngestWorker:
     BUSY_MAX_WAIT = 60.0  # a file a writer keeps open is looked at again at least this often
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
-                 on_registered: Callable[[list[str]], None], first: Callable[[], None] | None = None) -> None:
+                 on_registered: Callable[[list[str], list[float]], None],
+                 first: Callable[[], None] | None = None) -> None:
         self.ingestor = ingestor
         self.queue = queue
         self.scan = scan
@@ -594,6 +600,8 @@ class IngestWorker:
         # adopts cache objects without a catalog row here)
         self.first = first
         self.waiting: dict[bytes, str] = {}
+        # when each waiting file began to wait (monotonic), kept across offers: the metrics' oldest pending
+        self._waiting_since: dict[bytes, float] = {}
         # offers come from upload and control threads while this thread sorts a batch: a lock, and a
         # count of offers, so that room made during an attempt that found none is not missed
         self._waiting_lock = threading.Lock()
@@ -634,6 +642,12 @@ class IngestWorker:
                 del self.waiting[rel]
         for rel in offered:
             self.queue.put_ready(rel)
+
+    def oldest_waiting_age(self) -> float:
+        """Seconds the longest-waiting file (for room, or stuck) has waited; 0 when none does."""
+        with self._waiting_lock:
+            first = next(iter(self._waiting_since.values()), None)
+        return 0.0 if first is None else max(time.monotonic() - first, 0.0)
 
     def _tick(self) -> None:
         self.last_progress = time.monotonic()
@@ -711,6 +725,12 @@ class IngestWorker:
                                 show(rel), self.ingestor.cache.capacity)
                     self._announced.add(rel)
                 self.waiting[rel] = reason
+            now = time.monotonic()
+            for rel in rels:
+                if rel not in self.waiting:
+                    self._waiting_since.pop(rel, None)
+            for rel, _ in result.waiting:
+                self._waiting_since.setdefault(rel, now)
             full = any(r == "cache-full" for r in self.waiting.values())
         if full and not was_full:
             log.warning("cache full: new files wait in the inbox until room is made")
@@ -718,7 +738,7 @@ class IngestWorker:
             log.info("room in the cache again: ingest resumed")
         if result.registered:
             self.registered += len(result.registered)
-            self.on_registered(result.registered)
+            self.on_registered(result.registered, result.dropped)
 
     def _back_off(self, rels: Sequence[bytes], busy: Sequence[bytes]) -> None:
         """Files a writer still holds open wait settle, then twice as long each time (up to a

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
+from .metrics import TEXTFILE_INTERVAL
 
 
 SCRUB_INTERVAL = 60.0  # the scrub's byte budget (cache.scrub) is spent per this many seconds
@@ -25,11 +26,16 @@ class Job:
     guarded: bool = True                      # a catalog error is one log line, not a traceback a second
 
 
+def at_risk_interval(c: Config) -> float:
+    return max(1.0, min(30.0, c.upload.grace / 4))
+
+
 TABLE: tuple[Job, ...] = (
     Job("pump", lambda c: 1.0, at_start=True),                  # claim due uploads (each ending transfer pumps too)
     Job("rescan", lambda c: c.ingest.rescan),                   # the safety rescan of the whole inbox
     Job("inbox-check", lambda c: 2.0),                          # a recreated inbox, a dead observer
-    Job("probe", lambda c: 30.0, guarded=False),                # remotes marked unhealthy: reachable again?
+    # remotes marked unhealthy: reachable again? (cheap: only sick ones; a fixed remote waits 10 s at most)
+    Job("probe", lambda c: 10.0, guarded=False),
     Job("stalls", lambda c: 1.0, guarded=False),                # transfers that stopped moving
     Job("status", lambda c: 2.0, guarded=False),                # STATUS= for systemd, health
     Job("scrub", lambda c: SCRUB_INTERVAL),                     # a budget of re-hashing per interval
@@ -39,6 +45,13 @@ TABLE: tuple[Job, ...] = (
     # running, not only at the next start (issue 10)
     Job("reclaim", lambda c: max(1.0, min(30.0, c.cluster.lease / 2))),
     Job("leftovers", lambda c: 3600.0, at_start=True),          # temp files of killed uploads on folder remotes
+    # files below min_redundancy past upload.grace (`status --check`): a scan skipping files known only
+    # from other nodes' exports, so here, not in every status; a fraction of the grace late at most
+    Job("at-risk", at_risk_interval, at_start=True),
+    Job("metrics", lambda c: TEXTFILE_INTERVAL, at_start=True),  # metrics.textfile rewritten (nothing when off)
+    # catalog snapshots to the remotes when the catalog changed (0: off, the job then does nothing)
+    Job("catalog-backup", lambda c: c.catalog_backup.interval or 3600.0),
+    Job("catalog-snapshots", None, at_start=True),              # the newest snapshot on each remote, for status
 )
 
 

@@ -1,56 +1,97 @@
-"""Logging: to the journal with structured fields under systemd, to stderr otherwise.
+"""Logging: to the journal with structured fields under systemd, to stderr otherwise (text, or one
+JSON object a line with `log.format: json`).
 
-Two filters: `FieldsFilter` lifts `hash=`, `remote=` and `attempt=` out of a message into
-journal fields (HASH=, REMOTE=, ATTEMPT=), so `journalctl HASH=...` finds a file's story;
-`RepeatFilter` lets an identical message through once per window and then says how often
-it was repeated, so a dead remote cannot flood the journal.
+A message about a file, a remote or an upload passes its fields explicitly, `extra=fields(h, remote,
+attempt)`, so `journalctl HASH=...` finds a file's story whatever the message's words; NODE is on
+every entry. The events an operator alerts on carry a stable MESSAGE_ID (below: never change them).
+
+`RepeatFilter` limits warnings and errors: a message about a file is limited per kind (its text
+before the arguments, its remote and the failure it reports), not per file, so that a dead remote
+writes one line a window, not one per file (an ERROR about a file, damage, is written for each file);
+any other message per identical text. The next line
+after a window says how many were held back. The events with a MESSAGE_ID are never held back.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
+import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-FIELDS = {"HASH": re.compile(r"\bhash=([0-9a-f]{64})"), "REMOTE": re.compile(r"\bremote=([^\s,;]+)"),
-          "ATTEMPT": re.compile(r"\battempt=(\d+)")}
+# MESSAGE_IDs (journalctl MESSAGE_ID=...): 128-bit ids, fixed for good
+FILE_SAFE = "d7c959e2dfa640589475352fcaa27a23"      # a file reached upload.min_redundancy good copies
+FILE_AT_RISK = "2d4b0be919544830b6a3d778b145e61a"   # a file not safe that the daemon no longer makes safe alone
+REMOTE_DOWN = "c2443e0f632b4b828142e3adc544a80b"    # a remote's transfers fail (once per new error)
+REMOTE_BACK = "55487e14b2e64f2e98e2f32f6be1788f"    # a remote that failed works again
+COPY_BAD = "6348fd7bb74d4cf4b38167ba772601f0"       # a remote copy is missing or holds other bytes, or an
+                                                    # upload read other bytes than the file's
+
+FIELD_NAMES = ("HASH", "REMOTE", "ATTEMPT", "NODE", "MESSAGE_ID")
 
 
-class FieldsFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        for field, pattern in FIELDS.items():
-            match = pattern.search(message)
-            if match:
-                setattr(record, field, match.group(1))
-        return True
+def fields(h: str | None = None, remote: str | None = None, attempt: int | None = None,
+           message_id: str | None = None) -> dict[str, str]:
+    """The journal fields of a message, for `extra=`: only those given."""
+    out = {}
+    if h is not None:
+        out["HASH"] = h
+    if remote is not None:
+        out["REMOTE"] = remote
+    if attempt is not None:
+        out["ATTEMPT"] = str(attempt)
+    if message_id is not None:
+        out["MESSAGE_ID"] = message_id
+    return out
+
+
+def timestamp(created: float) -> str:
+    """ISO 8601 in local time with its offset, to the millisecond: unambiguous across hosts and DST."""
+    return datetime.datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
 
 
 class RepeatFilter(logging.Filter):
-    """Identical warnings and errors pass once per `window` seconds, then with a repeat count."""
+    """Warnings and errors pass once per `window` seconds for each kind, then with a count."""
 
     def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic, remember: int = 512) -> None:
         super().__init__()
         self.window = window
         self.clock = clock
         self.remember = remember
-        self._seen: collections.OrderedDict[tuple[int, str], list[float]] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[Any, ...], list[float]] = collections.OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        # an event with a MESSAGE_ID is an alert, and its source already says it once (a remote down once
+        # per new error, a file at risk once): held back, a remote down again after "back" would read as up
+        if record.levelno < logging.WARNING or hasattr(record, "MESSAGE_ID"):
             return True
-        key = (record.levelno, record.getMessage())
+        # about one file: the same thing for another file is the same kind, but another failure is news
+        per_kind = hasattr(record, "HASH")
+        if per_kind:
+            h = str(getattr(record, "HASH"))
+            args = record.args if isinstance(record.args, tuple) else ()
+            failures = tuple(str(a).replace(h, "") for a in args if isinstance(a, BaseException))
+            # an ERROR about a file (its cache object holds other bytes, it is lost) is news for each file:
+            # those are rare and each one names damage an operator must see; warnings (a remote refusing
+            # uploads) are the floods this filter is for
+            key: tuple[Any, ...] = (record.levelno, record.name, str(record.msg), getattr(record, "REMOTE", None),
+                                    failures, h if record.levelno >= logging.ERROR else None)
+        else:
+            key = (record.levelno, record.getMessage())
         now = self.clock()
         entry = self._seen.get(key)
         if entry is not None and now - entry[0] < self.window:
             entry[1] += 1
             return False
         if entry is not None and entry[1]:
-            record.msg = f"{record.getMessage()} (repeated {int(entry[1])} more times in the last {self.window:.0f}s)"
+            more = (f"{int(entry[1])} more like it for other files" if per_kind
+                    else f"repeated {int(entry[1])} more times")
+            record.msg = f"{record.getMessage()} ({more} in the last {self.window:.0f}s)"
             record.args = None
         self._seen[key] = [now, 0]
         self._seen.move_to_end(key)
@@ -59,23 +100,58 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (with its offset), level, logger, message, and the fields given."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": timestamp(record.created), "level": record.levelname.lower(),
+                               "logger": record.name, "message": record.getMessage()}
+        if self.node is not None:
+            out["node"] = self.node
+        for name in FIELD_NAMES:
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name.lower()] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        # a name that is not UTF-8 (surrogate escapes) becomes a \udcXX escape, still valid JSON
+        return json.dumps(out, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def setup_logging(level: str, log_format: str = "text", node: str | None = None) -> None:
+    """`text`: the journal under systemd (JOURNAL_STREAM set; it keeps its own timestamps), else
+    stderr with ISO timestamps; `json`: JSON lines on stderr in any case (for shipping elsewhere)."""
     root = logging.getLogger()
     root.handlers.clear()
     handler: logging.Handler | None = None
-    if os.environ.get("JOURNAL_STREAM"):
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(node))
+    elif os.environ.get("JOURNAL_STREAM"):
         try:
             from systemd.journal import JournalHandler
         except ImportError:
             pass
         else:
-            handler = JournalHandler(SYSLOG_IDENTIFIER="cloudmanagerd")
+            extra = {"NODE": node} if node else {}
+            handler = JournalHandler(SYSLOG_IDENTIFIER="cloudmanagerd", **extra)
             handler.setFormatter(logging.Formatter("%(message)s"))
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(RepeatFilter())
-    handler.addFilter(FieldsFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("apscheduler").setLevel(logging.ERROR)

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import fsutil
 from .cache import Cache
-from .catalog import Catalog
+from .catalog import DB_ERRORS, Catalog
 from .config import RemoteConfig, UploadConfig
 from .errors import StartupError
 from .events import Events
@@ -108,6 +108,13 @@ class Node:
             if previous is not None:
                 previous.close()
         self.uploader.reconfigure(policy, names)
+        # a lowered capacity takes effect now, not when the next file arrives; what cannot go yet
+        # (pinned, below min_redundancy) is a status problem (health.over_capacity). A failure here
+        # must not fail the reload: the daemon's status job trims again every few seconds.
+        try:
+            self.evictor.trim()
+        except (*DB_ERRORS, OSError) as exc:
+            log.warning("cache.capacity lowered, but evicting now failed (tried again shortly): %s", exc)
 
     def api_owner(self, pid: int) -> str:
         """The claim owner of a Python API script on this node (its pid in it)."""

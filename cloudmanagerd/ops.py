@@ -15,7 +15,7 @@ import select
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import fsutil
@@ -79,18 +79,50 @@ def resolve(node, value: Any) -> str:
     return value if known else node.catalog.resolve(value)
 
 
-def ls(node, state: Any = None, name: Any = None, limit: Any = None) -> list[dict[str, Any]]:
+LS_PAGE = 1000  # files read from the catalog at a time by a streamed `ls`
+
+
+def ls(node, state: Any = None, name: Any = None, limit: Any = None, after: Any = None) -> list[dict[str, Any]]:
+    return list(ls_pages(node, state, name, limit, after))
+
+
+def ls_pages(node, state: Any = None, name: Any = None, limit: Any = None,
+             after: Any = None) -> Iterator[dict[str, Any]]:
+    """The files of `ls`, newest first, read from the catalog a page at a time; `after` = [added, hash]
+    of the last file a client has (paging). Arguments are checked now, before the first item."""
     if state not in (None, "cached", "evicted", "pending", "failed"):
         raise CloudManagerError(f"ls: unknown state {state!r}; use cached, evicted, pending or failed")
     if name is not None and (not isinstance(name, str) or not _encodable(name)):
         raise CloudManagerError("ls: name must be a glob pattern (a string)")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 63):
         raise CloudManagerError("ls: limit must be a whole number, 0 or more")
-    return [file_object(f) for f in node.catalog.list_files(state, name, limit)]
+    if after is not None and not (isinstance(after, list) and len(after) == 2
+                                  and isinstance(after[0], (int, float)) and not isinstance(after[0], bool)
+                                  and isinstance(after[1], str) and HASH_PREFIX.match(after[1])):
+        raise CloudManagerError("ls: after must be [added, hash] of the last file of the previous page")
+    cursor = None if after is None else (float(after[0]), after[1])
+    # the first page is read now: a catalog that cannot be read is an error reply, not a cut one
+    want = LS_PAGE if limit is None else min(limit, LS_PAGE)
+    first, cursor = node.catalog.list_page(state, name, cursor, want) if want else ([], None)
+
+    def pages() -> Iterator[dict[str, Any]]:
+        nonlocal cursor, want
+        page, left = first, limit
+        while True:
+            yield from (file_object(f) for f in page)
+            left = None if left is None else left - len(page)
+            if cursor is None or left == 0:
+                return
+            want = LS_PAGE if left is None else min(left, LS_PAGE)
+            page, cursor = node.catalog.list_page(state, name, cursor, want)
+    return pages()
 
 
 def info(node, h: Any) -> dict[str, Any]:
-    return file_object(node.catalog.file_info(resolve(node, h)))
+    """The file object, and every upload pair not yet done with its stored attempts, next attempt
+    and last error (`uploads`): what an operator asks of a file that has not reached its copies."""
+    h = resolve(node, h)
+    return {**file_object(node.catalog.file_info(h)), "uploads": node.catalog.upload_pairs(h)}
 
 
 def get(node, h: Any, fd: int, progress: Progress = None) -> dict[str, Any]:
@@ -119,21 +151,27 @@ def rm(node, h: Any) -> dict[str, Any]:
 
 
 def retry(node, hashes: Any = None, everything: bool = False) -> dict[str, Any]:
-    """Given-up uploads back in the queue, now."""
+    """Uploads back in the queue, now: the given-up ones, and those waiting out a backoff."""
+    now = time.time()
     if everything:
-        revived = node.catalog.retry_failed(None, time.time())
+        chosen = None
     else:
         if not isinstance(hashes, list) or not hashes:
             raise CloudManagerError("retry: name one or more hashes, or pass --all")
-        revived = node.catalog.retry_failed([resolve(node, h) for h in hashes], time.time())
+        chosen = [resolve(node, h) for h in hashes]
+    given_up = node.catalog.retry_failed(chosen, now)
+    waiting = node.catalog.retry_waiting(chosen, now)
     node.events.emit("work-queued")
-    return {"requeued": revived}
+    return {"requeued": given_up + waiting, "given_up": given_up, "waiting": waiting}
 
 
-def verify(node, remotes: bool = False, progress: Progress = None) -> dict[str, Any]:
+def verify(node, remotes: bool = False, progress: Progress = None, deep: bool = False) -> dict[str, Any]:
+    """Re-hash the cache; with `remotes`, check every copy: quick (exists, size) or `deep` (read back)."""
+    if deep and not remotes:
+        raise CloudManagerError("verify: --deep reads the remote copies back: give it with --remotes")
     result: dict[str, Any] = {"cache": node.scrubber.verify_cache(progress)}
     if remotes:
-        result["remotes"] = node.scrubber.verify_remotes(progress)
+        result["remotes"] = node.scrubber.verify_remotes(progress, deep)
     node.events.emit("work-queued")
     return result
 

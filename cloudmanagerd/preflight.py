@@ -64,6 +64,72 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def promise_warnings(config: Config) -> list[str]:
+    """Configs that start but cannot keep the promise of copies that outlive the node's disk, each a
+    warning (not a refusal: a test box or a first try may mean it), logged at start and listed by
+    --check-config: a folder remote on the cache's or the inbox's filesystem, two folder remotes on
+    one filesystem, a single copy per file, fewer usable remotes than `upload.redundancy`."""
+    warnings: list[str] = []
+    local = [("the cache", _device(config.cache.path)), ("the inbox", _device(config.inbox))]
+    seen: dict[int, str] = {}
+    usable = 0
+    for rc in config.remotes:
+        if rc.type != "directory":
+            usable += 1
+            continue
+        path = str(rc.get("path"))
+        if not os.path.isdir(path):
+            warnings.append(f"remote {rc.name}: {path} does not exist: no copy can be made there until it does "
+                            f"(mount it, or mkdir -p {path})")
+            continue
+        if _unusable_folder(path):  # preflight() said why
+            continue
+        usable += 1
+        dev = _device(path)
+        if dev is None:
+            continue
+        shared = next((what for what, d in local if d == dev), None)
+        if shared:
+            warnings.append(f"remote {rc.name}: {path} is on the same filesystem as {shared}: this copy dies with "
+                            "the disk (point it at another disk or a mounted NAS)")
+        elif dev in seen:
+            warnings.append(f"remote {rc.name}: {path} is on the same filesystem as remote {seen[dev]}: their "
+                            "copies die together with that disk (point one at another disk)")
+        seen.setdefault(dev, rc.name)
+    redundancy = config.upload.redundancy
+    if redundancy == 1:
+        warnings.append("upload.redundancy is 1: each file has one copy, lost with its remote (set 2 or more, "
+                        "with as many remotes)")
+    if usable < redundancy:
+        warnings.append(f"upload.redundancy is {redundancy} but {_usable(usable)}: files stay below it (fix the "
+                        "remotes named above, or add remotes)")
+    return warnings
+
+
+def _usable(count: int) -> str:
+    return "no remote is usable" if count == 0 else f"only {count} remote{'s' if count > 1 else ''} " \
+        f"{'are' if count > 1 else 'is'} usable"
+
+
+def _device(path: str) -> int | None:
+    """st_dev of the folder, or of its nearest existing parent (where it would be created)."""
+    while True:
+        try:
+            return os.stat(path).st_dev
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        except OSError:
+            return None
+
+
+def _unusable_folder(path: str) -> bool:
+    """A folder remote no copy can be written to now (as `preflight` warns)."""
+    return _read_only(path) or not os.access(path, os.W_OK | os.X_OK)
+
+
 def inbox_link_problem(inbox: str) -> str | None:
     """An inbox path whose last component is a symlink is refused: it would take whatever the
     link points to (anyone who may replace it could point it at any folder). Links higher up

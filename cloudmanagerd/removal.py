@@ -13,6 +13,7 @@ from .cache import Cache
 from .catalog import Catalog
 from .eviction import Evictor
 from .errors import CloudManagerError
+from .logs import fields
 from .remotes.base import Remote, RemoteError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Remover:
             raise CloudManagerError(f"rm {h[:12]}: removed here, but not yet from {'; '.join(failed)} "
                                     "(it is retried at the next start or rm)")
         self.catalog.finish_remove(h)
-        log.info("removed hash=%s from the cache, every remote and the catalog", h)
+        log.info("removed hash=%s from the cache, every remote and the catalog", h, extra=fields(h))
         return {"hash": h, "removed": True}
 
     def resume(self) -> None:

@@ -1,14 +1,17 @@
 """Verify and scrub: find rotten or missing copies, in the cache and on the remotes, and replace them.
 
-`verify_cache` re-hashes every cache object; `verify_remotes` checks that every recorded
-copy still exists with the right size; `step` does a bounded amount of both, so that the
-scheduler can run it with a byte budget per hour (`cache.scrub`).
+`verify_cache` re-hashes every cache object; `verify_remotes` checks every recorded copy,
+quickly (it exists with the right size) or deeply (read back and hashed); `step` does a bounded
+amount of both, so that the scheduler runs it with byte budgets: `cache.scrub` for the cache,
+`scrub.remote_read` for copies read back from the remotes, the one proven longest ago first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,14 +20,46 @@ from .cache import Cache
 from .catalog import Catalog
 from .errors import CloudManagerError
 from .fetch import Fetcher, ProgressFn
-from .hashing import sha256_fd
-from .remotes.base import Remote, RemoteError
+from .hashing import HASH_CHUNK, sha256_fd
+from .logs import FILE_AT_RISK, fields
+from .remotes.base import MISSING, Cancelled, Remote, RemoteError, Transfer
 
 log = logging.getLogger(__name__)
 
 REMOTE_CHECKS_PER_STEP = 20
+# the scrub's remote budget carries over this many ticks at most (a day of one-minute ticks)
+REMOTE_CARRY_STEPS = 1440
+# a remote the scrub could not read is left alone this long (seconds), so that its copies, the oldest
+# proofs while it is down, do not hold back the other remotes' turn
+UNREACHABLE_PAUSE = 600.0
 # A folder remote's temp file younger than this may be another node's upload still running.
 LEFTOVER_AGE = 3600.0
+QUICK, DEEP = "quick", "deep"
+
+
+def read_back(remote: Remote, h: str, url: str, transfer: Transfer | None = None) -> tuple[str, int]:
+    """(sha256, size) of a remote copy, read through the backend's own `get` (the one reader fetch
+    uses) into a pipe and hashed as it flows: memory stays at a pipe's worth, and no disk is used.
+    RemoteError as `get` raises it (Cancelled once `transfer` is cancelled)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    digest = hashlib.sha256()
+    count = 0
+
+    def drain() -> None:  # always reads to the end: the writer never blocks on a full pipe
+        nonlocal count
+        while data := os.read(r, HASH_CHUNK):
+            digest.update(data)
+            count += len(data)
+
+    reader = threading.Thread(target=drain, name="scrub-hash", daemon=True)
+    reader.start()
+    try:
+        remote.get(h, url, w, transfer)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    return digest.hexdigest(), count
 
 
 class Scrubber:
@@ -35,6 +70,31 @@ class Scrubber:
         self.remotes = remotes
         self.fetcher = fetcher
         self.now = now
+        self.remote_credit = 0.0  # bytes the background scrub may still read from remotes (see step)
+        self._paused: dict[str, float] = {}  # remote -> monotonic time until which the scrub skips it
+        # deep reads in progress, cancelled by stop(): a daemon stopping never waits for a large copy
+        self._reads: set[Transfer] = set()
+        self._reads_lock = threading.Lock()
+        self.stopped = False
+
+    def stop(self) -> None:
+        """No more remote checks: reads in progress are cancelled, loops end at their next copy."""
+        self.stopped = True
+        with self._reads_lock:
+            for transfer in self._reads:
+                transfer.cancel("the daemon is stopping")
+
+    def _read_back(self, remote: Remote, h: str, url: str, size: int) -> tuple[str, int]:
+        transfer = Transfer(size)
+        with self._reads_lock:
+            if self.stopped:
+                raise Cancelled("the daemon is stopping")
+            self._reads.add(transfer)
+        try:
+            return read_back(remote, h, url, transfer)
+        finally:
+            with self._reads_lock:
+                self._reads.discard(transfer)
 
     # -- the cache -------------------------------------------------------------------------
 
@@ -73,7 +133,7 @@ class Scrubber:
         try:
             return self.fetcher.replace(h, size, seen, why)
         except CloudManagerError as exc:
-            log.error("hash=%s could not be restored: %s", h, exc)
+            log.error("hash=%s could not be restored: %s", h, exc, extra=fields(h, message_id=FILE_AT_RISK))
             return "lost"
 
     def problems(self) -> list[str]:
@@ -94,10 +154,12 @@ class Scrubber:
             try:
                 n = clean(now, min_age)
             except RemoteError as exc:
-                log.warning("remote %s: cannot clean up leftovers of killed uploads: %s", name, exc)
+                log.warning("remote %s: cannot clean up leftovers of killed uploads: %s", name, exc,
+                            extra=fields(remote=name))
                 continue
             if n:
-                log.info("remote %s: removed %d temp file(s) left by killed uploads", name, n)
+                log.info("remote %s: removed %d temp file(s) left by killed uploads", name, n,
+                         extra=fields(remote=name))
             removed += n
         return removed
 
@@ -115,44 +177,102 @@ class Scrubber:
 
     # -- the remotes -------------------------------------------------------------------------
 
-    def check_copy(self, h: str, remote_name: str, url: str, size: int, report: dict[str, int]) -> None:
+    def check_copy(self, h: str, remote_name: str, url: str, size: int, report: dict[str, Any],
+                   depth: str = QUICK) -> int:
+        """Check one copy, quickly (exists, size) or deeply (read back and hashed); a bad one goes
+        through the one bad-copy path (`Fetcher.bad_copy`). Returns the bytes read from the remote."""
         remote = self.remotes.get(remote_name)
         if remote is None:
-            return
-        report["checked"] += 1
+            return 0
+        mine = report.setdefault("per_remote", {}).setdefault(
+            remote_name, {"depth": depth, "checked": 0, "bad": 0, "unreachable": 0})
+        for counts in (report, mine):
+            counts["checked"] += 1
+        read = 0
         try:
             found = remote.exists(h, url)
+            if depth == DEEP and found is not None and (found < 0 or found == size):
+                digest, read = self._read_back(remote, h, url, size)
+                if digest != h or read != size:
+                    why = f"holds other bytes (sha256 {digest[:12]}, {read} bytes)"
+                    self._bad(h, remote_name, why, report, mine)
+                    return read
         except RemoteError as exc:
-            report["unreachable"] += 1
-            log.warning("cannot check the copy of hash=%s on remote=%s: %s", h, remote_name, exc)
-            return
+            if exc.kind == MISSING:
+                found = None
+            else:
+                for counts in (report, mine):
+                    counts["unreachable"] += 1
+                log.warning("cannot check the copy of hash=%s on remote=%s: %s", h, remote_name, exc,
+                            extra=fields(h, remote_name))
+                return read
         if found is None or (found >= 0 and found != size):
-            why = "missing" if found is None else f"has {found} bytes instead of {size}"
-            report["bad"] += 1
-            self.fetcher.bad_copy(h, remote_name, f"copy of {h[:12]} is {why}")
-            return
-        self.catalog.mark_copy_verified(h, remote_name, self.now())
+            self._bad(h, remote_name, "is missing" if found is None else f"has {found} bytes instead of {size}",
+                      report, mine)
+            return read
+        if depth == DEEP:
+            self.catalog.mark_copy_proven(h, remote_name, self.now())
+        else:
+            self.catalog.mark_copy_verified(h, remote_name, self.now())
+        return read
 
-    def verify_remotes(self, progress: ProgressFn | None = None) -> dict[str, int]:
-        report = {"checked": 0, "bad": 0, "unreachable": 0}
+    def _bad(self, h: str, remote_name: str, why: str, report: dict[str, Any], mine: dict[str, Any]) -> None:
+        for counts in (report, mine):
+            counts["bad"] += 1
+        self.fetcher.bad_copy(h, remote_name, f"copy of {h[:12]} {why}")
+
+    def verify_remotes(self, progress: ProgressFn | None = None, deep: bool = False) -> dict[str, Any]:
+        """Every good copy checked; the report says the depth, in all and per remote."""
+        depth = DEEP if deep else QUICK
+        report: dict[str, Any] = {"depth": depth, "checked": 0, "bad": 0, "unreachable": 0, "bytes_read": 0,
+                                  "per_remote": {}}
         copies = self.catalog.copies_to_check(limit=-1)
         for i, (h, remote, url, size) in enumerate(copies, 1):
-            self.check_copy(h, remote, url, size, report)
+            if self.stopped:
+                break
+            report["bytes_read"] += self.check_copy(h, remote, url, size, report, depth)
             if progress:
                 progress(i, len(copies))
         return report
 
     # -- the budgeted background scrub -----------------------------------------------------
 
-    def step(self, byte_budget: int) -> dict[str, Any]:
+    def step(self, byte_budget: int, remote_budget: int = 0) -> dict[str, Any]:
+        """One scheduler tick: up to `byte_budget` bytes of cache objects re-hashed, and remote copies
+        read back for `remote_budget` bytes (the one proven longest ago first). An unspent remote budget
+        carries over up to a day's worth, and a copy larger than what is left is still read, the excess
+        paid back by the next ticks: every copy gets its turn and the rate holds on average. Without a
+        remote budget, REMOTE_CHECKS_PER_STEP copies get a quick check instead (none when both budgets are 0)."""
         report = {"checked": 0, "missing": 0, "corrupt": 0, "refetched": 0, "lost": 0}
         spent = 0
-        for h, size in self.catalog.scrub_candidates(limit=1000):
+        for h, size in self.catalog.scrub_candidates(limit=1000) if byte_budget > 0 else ():
             if spent and spent + size > byte_budget:
                 break
             self.check_object(h, size, report)
             spent += size
-        remote_report = {"checked": 0, "bad": 0, "unreachable": 0}
-        for h, remote, url, size in self.catalog.copies_to_check(REMOTE_CHECKS_PER_STEP):
-            self.check_copy(h, remote, url, size, remote_report)
+        if remote_budget <= 0 and byte_budget <= 0:
+            return {"cache": report, "remotes": {"depth": QUICK, "checked": 0, "bad": 0, "unreachable": 0},
+                    "bytes": 0}
+        if remote_budget <= 0:
+            remote_report: dict[str, Any] = {"depth": QUICK, "checked": 0, "bad": 0, "unreachable": 0}
+            for h, remote, url, size in self.catalog.copies_to_check(REMOTE_CHECKS_PER_STEP):
+                self.check_copy(h, remote, url, size, remote_report)
+            return {"cache": report, "remotes": remote_report, "bytes": spent}
+        remote_report = {"depth": DEEP, "checked": 0, "bad": 0, "unreachable": 0, "bytes_read": 0}
+        self.remote_credit = min(self.remote_credit + remote_budget, remote_budget * REMOTE_CARRY_STEPS)
+        if self.remote_credit > 0:
+            clock = time.monotonic()
+            self._paused = {r: until for r, until in self._paused.items() if until > clock}
+            for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP, sorted(self._paused)):
+                if self.remote_credit <= 0 or self.stopped:
+                    break
+                if remote in self._paused:
+                    continue
+                unreachable = remote_report["unreachable"]
+                read = self.check_copy(h, remote, url, size, remote_report, DEEP)
+                if remote_report["unreachable"] > unreachable:
+                    self._paused[remote] = clock + UNREACHABLE_PAUSE
+                # a copy that could not be read costs its size all the same
+                self.remote_credit -= max(read, size, 1)
+                remote_report["bytes_read"] += read
         return {"cache": report, "remotes": remote_report, "bytes": spent}

@@ -15,10 +15,12 @@ def file_object(info: dict[str, Any]) -> dict[str, Any]:
     return {**info, "name": to_text(info["name"])}
 
 
-def build_status(*, state: str, node: str, started: float, problems: list[str], inbox_path: str,
+def build_status(*, state: str, node: str, started: float, findings: list[Any], inbox_path: str,
                  inbox_pending: int, rejected: int, cache_path: str, capacity: int, counts: dict[str, Any],
                  active: int, remotes: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
+    problems = [f.line for f in findings]  # health.Finding: a line and its level
+    levels = [f.level for f in findings]
     uploads = counts["uploads"]
     oldest = counts["oldest_below_min_added"]
     used = counts["cache_bytes"]
@@ -29,6 +31,9 @@ def build_status(*, state: str, node: str, started: float, problems: list[str], 
         "state": "degraded" if state == "running" and problems else state,
         "node": node,
         "problems": problems,
+        # the same problems with their levels, and the worst: `status --check` (Nagios) exits with it
+        "findings": [{"level": f.level, "line": f.line} for f in findings],
+        "level": "critical" if "critical" in levels else "warning" if levels else "ok",
         "inbox": {"path": inbox_path, "pending": inbox_pending, "rejected": rejected},
         "cache": {"path": cache_path, "capacity": capacity, "used": used,
                   "usage_ratio": used / capacity if capacity else 0.0, "files": counts["cache_files"]},
@@ -51,6 +56,24 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def human_duration(seconds: float) -> str:
+    """`3d 4h`, `2h`, `12m 3s`, `42s`: the largest unit and the next one, for people."""
+    seconds = max(0, int(seconds))
+    for i, (unit, size) in enumerate(UNITS):
+        if seconds >= size or unit == "s":
+            text = f"{seconds // size}{unit}"
+            if i + 1 < len(UNITS):
+                sub, subsize = UNITS[i + 1]
+                rest = seconds % size // subsize
+                if rest:
+                    text += f" {rest}{sub}"
+            return text
+    return f"{seconds}s"
 
 
 def summary_line(status: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from .config import UploadConfig
 from .errors import CloudManagerError
 from .events import Events
 from .fetch import TrailingHasher
+from .logs import COPY_BAD, FILE_AT_RISK, REMOTE_BACK, REMOTE_DOWN, fields
 from .remotes.base import FILE, REMOTE, Cancelled, Remote, RemoteError, SourceMismatch, Transfer
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,15 @@ class Uploader:
         self.now = now
         self.rng = rng or random.Random()
         self.unhealthy: dict[str, str] = {}
+        # A remote that comes back makes its pairs in backoff due at once, not after their backoff (up
+        # to retry.max). Failures that do not mark a remote unhealthy (a server down looks transient)
+        # put it in `_backing_off`, and the probe job probes it: failing, it is `_down` until a probe
+        # or a copy succeeds, and then woken. A probe that answers at once (the server came back
+        # before it looked, or the pair failed for a reason of its own) wakes it once, then not again
+        # until a copy to it succeeds: a pair that fails on a working remote keeps its backoff.
+        self._backing_off: set[str] = set()
+        self._down: set[str] = set()
+        self._woken_unseen: set[str] = set()
         # "work-queued" (pump now: a remote is healthy again, spares queued) and "copy-made" (room may
         # have appeared in the cache) go out through the node's one event mechanism
         self.events = events if events is not None else Events()
@@ -219,8 +229,20 @@ class Uploader:
             self.unhealthy.pop(name, None)
 
     def forget_health(self, name: str) -> None:
-        """A remote was rebuilt from a new config: its old failures say nothing of the new one."""
+        """A remote was rebuilt from a new config: its old failures say nothing of the new one, and
+        its pairs waiting out a backoff are tried now."""
         self.unhealthy.pop(name, None)
+        self._healthy_again(name)
+
+    def _healthy_again(self, name: str) -> None:
+        """A remote works again: its pairs waiting in backoff become due now ("remote-healthy")."""
+        self._backing_off.discard(name)
+        self._down.discard(name)
+        woken = self.catalog.wake_remote(name, self.now())
+        if woken:
+            log.info("remote %s works again: %d upload(s) waiting out a backoff are due now", name, woken)
+        self.events.emit("remote-healthy", name)
+        self.events.emit("work-queued")
 
     def targets(self) -> list[str]:
         """The remotes a new file goes to (ingest records them with the file, in one transaction)."""
@@ -284,6 +306,8 @@ class Uploader:
         return attempted
 
     def probe_unhealthy(self) -> None:
+        """The probe job (every 10 s): remotes marked unhealthy, and those with pairs put in backoff,
+        are probed; one that answers after failing is healthy again (`_healthy_again`)."""
         for name in list(self.unhealthy):
             remote = self.remotes.get(name)
             if remote is None:
@@ -294,9 +318,30 @@ class Uploader:
             except RemoteError as exc:
                 self.unhealthy[name] = str(exc)
                 continue
-            log.info("remote %s is reachable again", name)
+            log.info("remote %s is reachable again", name, extra=fields(remote=name, message_id=REMOTE_BACK))
             self.unhealthy.pop(name, None)
-            self.events.emit("work-queued")
+            self._healthy_again(name)
+        for name in list(self._backing_off - set(self.unhealthy)):
+            remote = self.remotes.get(name)
+            if remote is None:
+                self._backing_off.discard(name)
+                self._down.discard(name)
+                continue
+            try:
+                remote.probe()
+            except RemoteError as exc:
+                if name not in self._down:
+                    log.warning("remote %s does not answer its probe (%s): its uploads wait until it does", name, exc)
+                self._down.add(name)
+                continue
+            if name in self._down:
+                log.info("remote %s answers again", name)
+                self._healthy_again(name)
+            elif name not in self._woken_unseen:
+                self._woken_unseen.add(name)
+                self._healthy_again(name)
+            else:
+                self._backing_off.discard(name)
 
     def _transfer(self, claims: list[UploadClaim]) -> None:
         """One task of the pool: one pair, or a batch of pairs to one remote that has `put_many`."""
@@ -316,14 +361,15 @@ class Uploader:
             except Exception:
                 log.exception("upload of %s to remote=%s failed unexpectedly",
                               f"hash={claims[0].hash}" if len(claims) == 1 else f"{len(claims)} files",
-                              claims[0].remote)
+                              claims[0].remote, extra=fields(remote=claims[0].remote))
                 for claim in unsettled:
                     self._failed(claim, RemoteError("internal error (see the log)"))
         except DB_ERRORS as exc:
             # The pairs stay claimed in the catalog: `reclaim` queues them again once their lease has
             # expired, and the health check reports the catalog (issue 10: it used to stay "active").
             log.error("upload of hash=%s to remote=%s: the catalog could not record it (%s); it is queued "
-                      "again once its lease expires", claims[0].hash, claims[0].remote, exc)
+                      "again once its lease expires", claims[0].hash, claims[0].remote, exc,
+                      extra=fields(claims[0].hash, claims[0].remote))
         finally:
             with self._lock:
                 self._tasks -= 1
@@ -448,22 +494,28 @@ class Uploader:
 
     def _recorded(self, claim: UploadClaim, started: float) -> None:
         self.events.emit("copy-made", claim.hash)
+        self.events.emit("uploaded", claim.hash, claim.remote, claim.size, time.monotonic() - started)
+        self._woken_unseen.discard(claim.remote)
         if self.unhealthy.pop(claim.remote, None) is not None:
-            log.info("remote %s works again", claim.remote)
+            log.info("remote %s works again", claim.remote, extra=fields(remote=claim.remote, message_id=REMOTE_BACK))
+            self._healthy_again(claim.remote)
+        elif claim.remote in self._down:
+            self._healthy_again(claim.remote)
         log.info("uploaded hash=%s remote=%s size=%d seconds=%.3f", claim.hash, claim.remote, claim.size,
-                 time.monotonic() - started)
+                 time.monotonic() - started, extra=fields(claim.hash, claim.remote))
 
     def _source_mismatch(self, claim: UploadClaim, remote: Remote, url: str | None, exc: SourceMismatch,
                          seen: tuple[int, int]) -> None:
         """What was sent is not the file: record nothing, take back what the remote holds, and replace
         the cache object (fetched back from a good copy; kept and reported when it is the only one)."""
-        log.error("upload of hash=%s to remote=%s stopped: %s; nothing is recorded", claim.hash, claim.remote, exc)
+        log.error("upload of hash=%s to remote=%s stopped: %s; nothing is recorded", claim.hash, claim.remote, exc,
+                  extra=fields(claim.hash, claim.remote, message_id=COPY_BAD))
         if url is not None:
             try:
                 remote.delete(claim.hash, url)
             except RemoteError as error:
                 log.warning("remote %s: could not delete the copy of hash=%s just written with the wrong "
-                            "bytes: %s", claim.remote, claim.hash, error)
+                            "bytes: %s", claim.remote, claim.hash, error, extra=fields(claim.hash, claim.remote))
         now = self.now()
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc),
                                    now + backoff_delay(claim.attempts + 1, self.policy.retry.initial,
@@ -486,15 +538,19 @@ class Uploader:
         when = next_attempt(exc.kind, attempts, self.policy, now, self.rng)
         if exc.kind == REMOTE:
             if self.unhealthy.get(claim.remote) != str(exc):
-                log.error("remote %s: %s", claim.remote, exc)
+                log.error("remote %s: %s", claim.remote, exc, extra=fields(remote=claim.remote, message_id=REMOTE_DOWN))
             self.unhealthy[claim.remote] = str(exc)
         if when is None:
             log.error("gave up uploading hash=%s to remote=%s after %d attempt(s): %s "
-                      "(cloudmanagerctl retry %s)", claim.hash, claim.remote, attempts, exc, claim.hash[:12])
+                      "(cloudmanagerctl retry %s)", claim.hash, claim.remote, attempts, exc, claim.hash[:12],
+                      extra=fields(claim.hash, claim.remote, attempts, FILE_AT_RISK))
         else:
             log.warning("upload of hash=%s to remote=%s failed (attempt=%d, next in %.0fs): %s",
-                        claim.hash, claim.remote, attempts, when - now, exc)
+                        claim.hash, claim.remote, attempts, when - now, exc,
+                        extra=fields(claim.hash, claim.remote, attempts))
         self.catalog.upload_failed(claim.hash, claim.remote, str(exc), when, now)
+        if when is not None:
+            self._backing_off.add(claim.remote)
         self.top_up(claim.hash)
 
     def reclaim(self) -> int:
@@ -522,7 +578,7 @@ class Uploader:
             reason = stall_verdict(transfer, getattr(remote, "reports_progress", True), self.policy.stall,
                                    self.policy.min_rate, now)
             if reason:
-                log.warning("cancelling the upload of hash=%s to remote=%s: %s", h, name, reason)
+                log.warning("cancelling the upload of hash=%s to remote=%s: %s", h, name, reason, extra=fields(h, name))
                 transfer.cancel(reason)
 
     def heal(self) -> int:

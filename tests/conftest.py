@@ -344,3 +344,26 @@ class LineClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def one_reply_daemon(path: str, reply: bytes) -> Iterator[None]:
+    """A fake daemon at socket `path` that answers one request with `reply` (raw bytes, garbage
+    allowed): what a real daemon rarely or never says. Its thread is joined on leaving."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join(30)
+        server.close()

@@ -320,7 +320,7 @@ def test_verify_rm_and_bad_input(daemon_factory, workdir: Path) -> None:
     wait_for(lambda: settled_copies(d, {v1}), message="v1 with two good copies again")
 
     # rm: gone from the cache, both remotes and ls; then get says so
-    result = d.ctl("rm", v2)
+    result = d.ctl("rm", "--yes", v2)
     assert result.returncode == 0, result.stderr
     assert not (d.cache / v2[:2] / v2).exists()
     assert not remote_copy(d, "r0", v2).exists() and not remote_copy(d, "r1", v2).exists()

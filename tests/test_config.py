@@ -659,7 +659,7 @@ def test_sample_config_loads() -> None:
     assert config.cache.path == "/srv/cloudmanager/cache"
     assert config.cache.capacity == 20 * 2**30
     assert [(r.name, r.type, r.get("path")) for r in config.remotes] == [
-        ("nas", "directory", "/srv/cloudmanager/remotes/nas")]
+        ("nas", "directory", "/srv/cloudmanager/remotes/EXAMPLE-move-to-another-disk")]
     assert config.ingest.rejected == "/srv/cloudmanager/rejected"
 
 
@@ -677,7 +677,7 @@ def test_sample_config_comments_are_valid_and_truthful(tmp_path: Path) -> None:
     assert config.remotes[1].get("endpoint") == "http://127.0.0.1:8333"
     # The commented values are the defaults (where a default does not depend on the host).
     default = load_config(SAMPLE, environ={}, hostname="storage-1")
-    for name in ("cache", "state", "catalog", "ingest", "cluster", "log"):
+    for name in ("cache", "state", "catalog", "ingest", "cluster", "log", "scrub"):
         assert getattr(config, name) == getattr(default, name), name
     assert (config.control.socket, config.control.mode) == (default.control.socket, default.control.mode)
     assert dataclasses.replace(config.upload, redundancy=1, min_redundancy=1) == default.upload

@@ -447,7 +447,7 @@ def remote_entries(path: Path) -> tuple[dict[str, Path], list[str]]:
     """A folder remote's copies by name, and the names of its temp files."""
     copies, temps = {}, []
     for sub in path.iterdir():
-        if sub.is_dir():
+        if sub.is_dir() and len(sub.name) == 2:  # not the reserved catalog-snapshot folder
             for p in sub.iterdir():
                 if p.name.startswith("."):
                     temps.append(p.name)

@@ -149,14 +149,14 @@ def test_rm_forgets_a_file_everywhere_in_both_forms(daemon_factory) -> None:
     wait_for(lambda: sum(len(f["copies"]) == 2 for f in d.files()) == 2, message="both files copied twice")
 
     h = sha(one)
-    out = ok(d.ctl("rm", h[:8]))
+    out = ok(d.ctl("rm", "--yes", h[:8]))
     assert out.strip() == f"{h[:12]}: removed from the cache, every remote and the catalog"
     assert not cache_object(d, h).exists()
     assert not remote_object(d, 0, h).exists() and not remote_object(d, 1, h).exists()
     refused(ctl(d, "info", h))
 
     h2 = sha(two)
-    assert ok_json(ctl(d, "--json", "rm", h2)) == {"hash": h2, "removed": True}
+    assert ok_json(ctl(d, "--json", "rm", "-y", h2)) == {"hash": h2, "removed": True}
     assert not cache_object(d, h2).exists() and not remote_object(d, 1, h2).exists()
     s = d.status()
     assert s["catalog"] == {"files": 0, "bytes": 0}
@@ -173,11 +173,15 @@ def test_verify_in_both_forms_and_a_corrupt_object_is_repaired(pop: Daemon) -> N
     human = ok(pop.ctl("verify"))
     assert human.strip() == f"cache: {n} checked, 0 corrupt, 0 missing, 0 fetched again, 0 lost"
     human = ok(ctl(pop, "verify", "--remotes")).splitlines()
-    assert human[1] == f"remotes: {2 * n} copies checked, 0 bad (being replaced), 0 could not be checked"
+    assert human[1] == (f"remotes: {2 * n} copies checked, 0 bad (being replaced), 0 could not be checked "
+                        "(quick: exists with the right size)")
+    assert sorted(human[2:]) == [f"  {r} (quick): {n} checked, 0 bad, 0 could not be checked" for r in ("r0", "r1")]
 
     result = ok_json(ctl(pop, "--json", "verify", "--remotes"))
     assert result["cache"] == {"checked": n, "corrupt": 0, "missing": 0, "refetched": 0, "lost": 0}
-    assert result["remotes"] == {"checked": 2 * n, "bad": 0, "unreachable": 0}
+    per = {"depth": "quick", "checked": n, "bad": 0, "unreachable": 0}
+    assert result["remotes"] == {"depth": "quick", "checked": 2 * n, "bad": 0, "unreachable": 0, "bytes_read": 0,
+                                 "per_remote": {"r0": per, "r1": per}}
     assert "remotes" not in ok_json(ctl(pop, "verify", "--json"))
 
     # flip a byte of a cached object: verify finds it and fetches a good copy back
@@ -237,16 +241,16 @@ def test_retry_revives_given_up_uploads_in_both_forms(daemon_factory) -> None:
     failed = json.loads(ok(ctl(d, "ls", "--json", "--state", "failed")))
     assert sorted(f["hash"] for f in failed) == sorted([sha(x), sha(y)])
     assert all(f["failed"][0]["remote"] == "r1" and f["failed"][0]["attempts"] == 1 for f in failed)
-    assert "failed   r1 after 1 attempts" in ok(ctl(d, "info", sha(x)))
+    assert "failed   r1: 1 attempt(s), given up" in ok(ctl(d, "info", sha(x)))
 
     broken.unlink()
     broken.mkdir()
-    assert ok(d.ctl("retry", sha(x)[:8])).strip() == "1 upload(s) queued again"
+    assert ok(d.ctl("retry", sha(x)[:8])).strip() == "requeued 1 given-up and 0 waiting pairs"
     wait_for(lambda: len(info(d, sha(x))["copies"]) == 2, message="x copied to r1 after the retry")
     assert info(d, sha(y))["failed"], "retry of one hash revived only that one"
-    assert ok_json(ctl(d, "--json", "retry", "--all")) == {"requeued": 1}
+    assert ok_json(ctl(d, "--json", "retry", "--all")) == {"requeued": 1, "given_up": 1, "waiting": 0}
     wait_for(lambda: len(info(d, sha(y))["copies"]) == 2, message="y copied to r1 after retry --all")
-    assert ok(ctl(d, "retry", "--all")).strip() == "0 upload(s) queued again"
+    assert ok(ctl(d, "retry", "--all")).strip() == "requeued 0 given-up and 0 waiting pairs"
     assert d.status()["uploads"]["failed"] == 0
     usage_error(ctl(d, "retry"))
     refused(ctl(d, "retry", UNKNOWN))

@@ -596,7 +596,9 @@ def test_verify_remotes_finds_a_deleted_and_a_resized_copy_and_queues_new_ones(w
     world.remote_copy("r0", a).unlink()
     world.remote_copy("r1", b).write_bytes(b"other bytes, other size")
     report = world.scrubber.verify_remotes()
-    assert report == {"checked": 6, "bad": 2, "unreachable": 0}
+    assert report == {"depth": "quick", "checked": 6, "bad": 2, "unreachable": 0, "bytes_read": 0, "per_remote": {
+        "r0": {"depth": "quick", "checked": 3, "bad": 1, "unreachable": 0},
+        "r1": {"depth": "quick", "checked": 3, "bad": 1, "unreachable": 0}}}
     assert world.good_remotes(a) == ["r1"] and world.pending(a) == ["r0"]
     assert world.good_remotes(b) == ["r0"] and world.pending(b) == ["r1"]
     assert sorted(world.good_remotes(c)) == ["r0", "r1"] and world.pending(c) == []
@@ -610,7 +612,8 @@ def test_verify_remotes_does_not_blame_copies_on_an_unreachable_remote(world: Wo
     a = world.add("a", 300)
     world.remote_dirs["r1"].rename(world.root / "away")
     report = world.scrubber.verify_remotes()
-    assert report == {"checked": 2, "bad": 0, "unreachable": 1}
+    assert {k: report[k] for k in ("checked", "bad", "unreachable")} == {"checked": 2, "bad": 0, "unreachable": 1}
+    assert report["per_remote"]["r1"]["unreachable"] == 1
     assert sorted(world.good_remotes(a)) == ["r0", "r1"]
 
 
@@ -727,7 +730,7 @@ def running_worker(ingestor) -> Iterator:
     from cloudmanagerd.inbox import PendingQueue
     from cloudmanagerd.ingest import IngestWorker
     queue = PendingQueue(0.0, lambda rel: None)
-    worker = IngestWorker(ingestor, queue, lambda rel: None, lambda hashes: None)
+    worker = IngestWorker(ingestor, queue, lambda rel: None, lambda hashes, dropped: None)
     worker.start()
     try:
         yield worker, queue

@@ -3,13 +3,16 @@ and under systemd (JOURNAL_STREAM) the log goes to the journal, to stderr otherw
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
 from systemd.journal import JournalHandler
 
-from cloudmanagerd.logs import FieldsFilter, RepeatFilter, setup_logging
+from cloudmanagerd.logs import (COPY_BAD, FILE_AT_RISK, FILE_SAFE, REMOTE_BACK, REMOTE_DOWN, RepeatFilter, fields,
+                                setup_logging)
 
 H = "0123456789abcdef" * 4
 
@@ -90,25 +93,64 @@ def test_memory_stays_bounded_with_many_distinct_messages() -> None:
     assert len(f._seen) <= 100
 
 
-# -- FieldsFilter ------------------------------------------------------------------------------
+# -- per kind: messages about files --------------------------------------------------------------
 
-def test_fields_filter_lifts_hash_remote_and_attempt() -> None:
-    f = FieldsFilter()
-    rec = record("upload of hash=%s to remote=%s failed (attempt=%d, next in 30s): refused", H, "nas", 3,
-                 level=logging.WARNING)
+def about(msg: str, *args: object, h: str = H, remote: str | None = "nas", level: int = logging.WARNING):
+    rec = record(msg, *args, level=level)
+    for key, value in fields(h, remote).items():
+        setattr(rec, key, value)
+    return rec
+
+
+def test_a_dead_remote_writes_one_line_a_window_not_one_per_file() -> None:
+    clock = Clock()
+    f = RepeatFilter(window=60, clock=clock)
+    template = "upload of hash=%s to remote=%s failed (attempt=%d, next in 30s): refused"
+    hashes = [f"{i:064x}" for i in range(500)]
+    passed = [passes(f, about(template, h, "nas", 1, h=h)) for h in hashes]
+    assert passed.count(True) == 1
+    assert passes(f, about(template, H, "s3", 1, remote="s3"))  # another remote is another kind
+    clock.now += 61
+    rec = about(template, H, "nas", 2)
     assert passes(f, rec)
-    assert (rec.HASH, rec.REMOTE, rec.ATTEMPT) == (H, "nas", "3")
+    assert rec.getMessage().endswith("(499 more like it for other files in the last 60s)")
+    # messages without a file are limited per text, as before
+    assert passes(f, record("remote %s: connection refused", "nas"))
+    assert passes(f, record("remote %s: connection refused", "s3"))
 
-    rec = record("uploaded hash=%s remote=s3-eu, size=12", H, level=logging.INFO)
-    assert passes(f, rec)
-    assert rec.HASH == H and rec.REMOTE == "s3-eu" and not hasattr(rec, "ATTEMPT")
 
-    rec = record("cache full: 12 files waiting for uploads")
-    assert passes(f, rec)
-    assert not any(hasattr(rec, k) for k in ("HASH", "REMOTE", "ATTEMPT"))
+def test_per_kind_limiting_never_hides_a_file_at_risk_nor_a_different_failure() -> None:
+    f = RepeatFilter(window=60, clock=Clock())
+    # two files lost within a minute: each is an alert of its own (journalctl HASH=... must find both)
+    for h in (H, "f" * 64):
+        rec = about("hash=%s has no good copy left and is not cached here: the file is lost", h, h=h,
+                    remote=None, level=logging.ERROR)
+        rec.MESSAGE_ID = FILE_AT_RISK
+        assert passes(f, rec), h
+    for h in (H, "e" * 64):
+        rec = about("remote %s: %s; marked bad, a new copy will be made", "nas", f"copy of {h} is missing", h=h,
+                    level=logging.ERROR)
+        rec.MESSAGE_ID = COPY_BAD
+        assert passes(f, rec), h
+    # a remote that flaps: down, back, down with the same error within the minute; the last word must be "down"
+    down = record("remote %s: %s", "nas", "connection refused")
+    down.MESSAGE_ID, down.REMOTE = REMOTE_DOWN, "nas"
+    back = record("remote %s works again", "nas", level=logging.INFO)
+    again = record("remote %s: %s", "nas", "connection refused")
+    again.MESSAGE_ID, again.REMOTE = REMOTE_DOWN, "nas"
+    assert passes(f, down) and passes(f, back) and passes(f, again)
+    # the same kind of warning with another failure behind it is news; the same failure for another file is not
+    template = "upload of hash=%s to remote=%s failed (attempt=%d, next in 30s): %s"
+    assert passes(f, about(template, H, "nas", 1, OSError(f"copy of {H} is missing")))
+    assert not passes(f, about(template, "d" * 64, "nas", 1, OSError(f"copy of {'d' * 64} is missing"), h="d" * 64))
+    assert passes(f, about(template, "c" * 64, "nas", 1, OSError("No space left on device"), h="c" * 64))
 
-    rec = record("hash=%s is not a hash", H[:63])  # 63 digits: not a hash
-    assert passes(f, rec) and not hasattr(rec, "HASH")
+
+def test_fields_are_only_those_given() -> None:
+    assert fields(H, "nas", 3, FILE_SAFE) == {"HASH": H, "REMOTE": "nas", "ATTEMPT": "3", "MESSAGE_ID": FILE_SAFE}
+    assert fields(remote="nas") == {"REMOTE": "nas"}
+    ids = [FILE_SAFE, FILE_AT_RISK, REMOTE_DOWN, REMOTE_BACK, COPY_BAD]
+    assert len(set(ids)) == 5 and all(len(i) == 32 and int(i, 16) for i in ids)
 
 
 # -- setup_logging: journal under systemd, stderr otherwise -------------------------------------
@@ -131,7 +173,7 @@ def restore_logging() -> Iterator[None]:
 def test_under_systemd_the_log_goes_to_the_journal_with_fields(monkeypatch: pytest.MonkeyPatch,
                                                                 restore_logging: None) -> None:
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
-    setup_logging("info")
+    setup_logging("info", node="n7")
     root = logging.getLogger()
     assert len(root.handlers) == 1
     handler = root.handlers[0]
@@ -145,19 +187,20 @@ def test_under_systemd_the_log_goes_to_the_journal_with_fields(monkeypatch: pyte
 
     handler.send = fake_send
     log = logging.getLogger("cloudmanagerd.uploads")
-    log.info("uploaded hash=%s remote=%s size=%d", H, "nas", 3)
+    log.info("uploaded %s to %s, size %d", H[:12], "nas", 3, extra=fields(H, "nas"))  # fields, not words
     log.debug("not at info")
     for _ in range(3):
-        log.warning("upload of hash=%s to remote=%s failed (attempt=%d): refused", H, "nas", 1)
+        log.warning("upload of hash=%s to remote=%s failed (attempt=%d): refused", H, "nas", 1,
+                    extra=fields(H, "nas", 1))
     assert len(sent) == 2, sent  # debug dropped; the repeated warning only once
 
-    message, fields = sent[0]
-    assert message == f"uploaded hash={H} remote=nas size=3"  # the journal keeps its own timestamp
-    assert fields["HASH"] == H and fields["REMOTE"] == "nas"
-    assert fields["SYSLOG_IDENTIFIER"] == "cloudmanagerd"
-    assert fields["PRIORITY"] == "6"
-    message, fields = sent[1]
-    assert fields["ATTEMPT"] == "1" and fields["PRIORITY"] == "4"
+    message, sent_fields = sent[0]
+    assert message == f"uploaded {H[:12]} to nas, size 3"  # the journal keeps its own timestamp
+    assert sent_fields["HASH"] == H and sent_fields["REMOTE"] == "nas" and sent_fields["NODE"] == "n7"
+    assert sent_fields["SYSLOG_IDENTIFIER"] == "cloudmanagerd"
+    assert sent_fields["PRIORITY"] == "6"
+    message, sent_fields = sent[1]
+    assert sent_fields["ATTEMPT"] == "1" and sent_fields["PRIORITY"] == "4"
 
 
 def test_without_systemd_the_log_goes_to_stderr(monkeypatch: pytest.MonkeyPatch, restore_logging: None,
@@ -174,3 +217,92 @@ def test_without_systemd_the_log_goes_to_stderr(monkeypatch: pytest.MonkeyPatch,
     assert "hidden" not in err
     assert err.count("remote nas: access denied") == 1
     assert "ERROR cloudmanagerd.uploads: remote nas: access denied" in err
+    stamp = err.split(" ")[0]  # ISO 8601 with the zone's offset: 2026-11-29T20:37:18.123+00:00
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", stamp), err
+
+
+def test_json_lines_carry_time_with_offset_level_fields_and_node(monkeypatch: pytest.MonkeyPatch,
+                                                                  restore_logging: None,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # json goes to stderr even under systemd
+    setup_logging("info", "json", node="n7")
+    log = logging.getLogger("cloudmanagerd.uploads")
+    log.info("hash=%s is safe", H, extra=fields(H, message_id=FILE_SAFE))
+    log.warning("remote %s: %s", "nas", "refused \"x\"\nsecond line", extra=fields(remote="nas"))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("unexpected")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 3
+    first, second, third = lines
+    assert first["message"] == f"hash={H} is safe" and first["hash"] == H and first["message_id"] == FILE_SAFE
+    assert first["level"] == "info" and first["logger"] == "cloudmanagerd.uploads" and first["node"] == "n7"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", first["time"])
+    assert second["remote"] == "nas" and "hash" not in second and second["message"].endswith("second line")
+    assert "ValueError: boom" in third["exception"]
+
+
+# -- a real daemon ----------------------------------------------------------------------------------
+
+def test_a_real_daemon_logs_json_with_fields_and_message_ids(daemon_factory) -> None:
+    from pathlib import Path
+
+    from conftest import wait_for
+
+    d = daemon_factory(log={"level": "info", "format": "json"},
+                       upload={"redundancy": 2, "min_redundancy": 1, "retry": {"initial": "1s", "max": "1s"}})
+    r1 = Path(d.config["remotes"][1]["path"])
+    r1.rename(r1.with_name("away"))
+    data = b"journal fields" * 100
+    (d.inbox / "a").write_bytes(data)
+    h = __import__("hashlib").sha256(data).hexdigest()
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in d.log().splitlines() if line.strip()]
+
+    def with_id(message_id: str) -> list[dict]:
+        return [e for e in entries() if e.get("message_id") == message_id]
+
+    wait_for(lambda: with_id(REMOTE_DOWN) and with_id(FILE_SAFE), timeout=30, message="remote down and file safe")
+    r1.with_name("away").rename(r1)
+    wait_for(lambda: with_id(REMOTE_BACK), timeout=30, message="remote back")
+    assert d.stop() == 0
+
+    all_entries = entries()  # every line of the daemon's output is one JSON object
+    safe, = with_id(FILE_SAFE)
+    assert safe["hash"] == h and safe["node"] == d.config.get("node", safe["node"])
+    down = with_id(REMOTE_DOWN)[0]
+    assert down["remote"] == "r1" and down["level"] == "error"
+    assert with_id(REMOTE_BACK)[0]["remote"] == "r1"
+    registered = [e for e in all_entries if e["message"].startswith("registered")]
+    assert registered and registered[0]["hash"] == h
+    failed = [e for e in all_entries if e.get("attempt")]
+    assert failed and failed[0]["hash"] == h and failed[0]["remote"] == "r1"
+    assert all(re.search(r"[+-]\d\d:\d\d$", e["time"]) for e in all_entries)
+
+
+def test_every_file_made_safe_is_said_once_even_when_its_copies_land_together(daemon_factory) -> None:
+    """FILE_SAFE is the audit trail of "this file is safe": with min_redundancy 1 and two remotes
+    uploading at once, both copies are often recorded before either is announced; counting the
+    good copies afterwards saw 2 for both and said nothing (46 of 150 files unsaid)."""
+    import os
+
+    from conftest import wait_for
+
+    d = daemon_factory(log={"level": "info", "format": "json"}, upload={"redundancy": 2, "min_redundancy": 1})
+    for i in range(150):
+        (d.inbox / f"f{i}").write_bytes(os.urandom(100 + i))
+    wait_for(lambda: d.status()["uploads"]["copies"] == 300, timeout=60, message="300 copies")
+    assert d.stop() == 0
+    safe = [json.loads(line)["hash"] for line in d.log().splitlines() if FILE_SAFE in line]
+    assert len(safe) == len(set(safe)) == 150
+
+
+def test_damage_to_each_file_is_written_for_each_file_and_repeats_of_one_file_are_still_limited() -> None:
+    # two cache objects found rotten within a minute: the second must not hide behind the first
+    f = RepeatFilter(window=60, clock=Clock())
+    template = "cache object hash=%s holds other bytes; dropping it and fetching it again"
+    assert passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))
+    assert passes(f, about(template, "f" * 64, h="f" * 64, remote=None, level=logging.ERROR))
+    assert not passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))

@@ -18,6 +18,7 @@ Tables:
 from __future__ import annotations
 
 import collections
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -34,7 +35,7 @@ from .sqlite import SqliteDatabase
 # SQLite's migrations, named here for the tests and benches that build old catalogs
 MIGRATIONS, split_statements = _sqlite.MIGRATIONS, _sqlite.split_statements
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # What a catalog operation may raise when its database fails (a full disk, a damaged file, a server
 # gone): the faces (daemon jobs, control socket, Python API) catch these, log one line and go on;
@@ -663,29 +664,7 @@ class Catalog:
 
     def list_files(self, state: str | None = None, name_glob: str | None = None,
                    limit: int | None = None) -> list[dict[str, Any]]:
-        where, args = ["1=1"], []
-        if state == "cached":
-            where.append("EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
-            args.append(self.node)
-        elif state == "evicted":
-            where.append("NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
-            args.append(self.node)
-        elif state == "pending":
-            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
-                         "AND u.state IN ('queued', 'active', 'retrying'))")
-        elif state == "failed":
-            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
-        if name_glob is not None:
-            sql, arg = self.db.name_glob(name_glob)
-            where.append(sql)
-            args.append(arg)
-        sql = f"SELECT f.hash FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        with self.db.read() as conn:
-            hashes = [r[0] for r in conn.execute(sql, args).fetchall()]
-            return [self._file_object(conn, h) for h in hashes]
+        return self.list_page(state, name_glob, None, limit)[0]
 
     def file_info(self, h: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -856,3 +835,198 @@ class Catalog:
             conn.execute("INSERT INTO nodes(node, heartbeat, pid) VALUES (?, ?, ?) "
                          "ON CONFLICT(node) DO UPDATE SET heartbeat=excluded.heartbeat, pid=excluded.pid",
                          (self.node, now, pid))
+
+    # -- deep checks and waiting pairs (issue 14) ---------------------------------------------
+
+    def copies_to_prove(self, limit: int, skip_remotes: Sequence[str] = ()) -> list[tuple[str, str, str, int]]:
+        """(hash, remote, url, size) of good copies, the one proven by content longest ago first (a copy
+        never read back counts from its creation: its upload hashed what it sent), none on `skip_remotes`."""
+        skip = f"AND k.remote NOT IN ({','.join('?' * len(skip_remotes))}) " if skip_remotes else ""
+        return [tuple(r) for r in self.db.connection().execute(
+            "SELECT k.hash, k.remote, k.url, f.size FROM copies k JOIN files f ON f.hash=k.hash "
+            f"WHERE k.bad=0 AND f.removing=0 {skip}ORDER BY COALESCE(k.proven, k.created) LIMIT ?",
+            (*skip_remotes, limit))]
+
+    def mark_copy_proven(self, h: str, remote: str, now: float) -> None:
+        """The copy was read back and hashed to its name: proven, and so verified too."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE copies SET proven=?, verified=? WHERE hash=? AND remote=?", (now, now, h, remote))
+
+    def wake_remote(self, remote: str, now: float) -> int:
+        """A remote works again: its pairs waiting out a backoff are due now (their attempts still count
+        toward upload.retry.max_attempts)."""
+        with self.db.tx() as conn:
+            return conn.execute(
+                "UPDATE uploads SET next_attempt=?, updated=? "
+                "WHERE remote=? AND state='retrying' AND next_attempt > ?", (now, now, remote, now)).rowcount
+
+    def retry_waiting(self, hashes: Sequence[str] | None, now: float) -> int:
+        """`retry`: pairs waiting out a backoff are due now (all of them when `hashes` is None)."""
+        sql = ("UPDATE uploads SET state='queued', attempts=0, next_attempt=?, updated=? "
+               "WHERE state='retrying' AND next_attempt > ?")
+        with self.db.tx() as conn:
+            if hashes is None:
+                return conn.execute(sql, (now, now, now)).rowcount
+            return sum(conn.execute(sql + " AND hash=?", (now, now, now, h)).rowcount for h in hashes)
+
+    # -- for `status --check`, `info` and a paged `ls` (issue 15) ------------------------------
+
+    def at_risk(self, min_redundancy: int, added_before: float, cap: int = 1000) -> tuple[int, float | None]:
+        """(how many, oldest `added`) of the files below `min_redundancy` added before `added_before`
+        that this node answers for: with a good copy, or cached here. A file known only from another
+        node's export (no copy this node can read, no bytes here) is that node's to replicate, as in
+        `under_replicated`. Reads the old rows below min_redundancy in index order (files_good):
+        such foreign files are skipped one by one (about 1 s per million), so the daemon runs this
+        in a job, not in every status; the count stops past `cap`."""
+        count, oldest = 0, None
+        with self.db.read() as conn:
+            for good in range(max(min_redundancy, 0)):
+                rows = conn.execute(
+                    "SELECT f.added FROM files f WHERE f.good=? AND f.added<=? AND f.removing=0 "
+                    "AND (f.good>0 OR EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)) "
+                    "ORDER BY f.added LIMIT ?", (good, added_before, self.node, cap + 1 - count)).fetchall()
+                if rows:
+                    count += len(rows)
+                    oldest = rows[0][0] if oldest is None else min(oldest, rows[0][0])
+                if count > cap:
+                    break
+        return count, oldest
+
+    def upload_pairs(self, h: str) -> list[dict[str, Any]]:
+        """Every upload pair of a file not yet done: its state, stored attempts, next attempt and last error."""
+        rows = self.db.connection().execute(
+            "SELECT remote, state, attempts, next_attempt, last_error, updated FROM uploads "
+            "WHERE hash=? AND state != 'done' ORDER BY remote", (h,)).fetchall()
+        return [{"remote": r, "state": s, "attempts": a, "next_attempt": n if s in ("queued", "retrying") else None,
+                 "last_error": e, "updated": u} for r, s, a, n, e, u in rows]
+
+    def list_page(self, state: str | None, name_glob: str | None, after: tuple[float, str] | None,
+                  limit: int | None) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """One page of files (newest first) after the file `after` = (added, hash) of the previous
+        page, and the cursor of the next page (None at the end): a client pages through a million
+        files without anyone holding them all. A file removed while it is read is left out."""
+        where, args = ["1=1"], []
+        if state == "cached":
+            where.append("EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "evicted":
+            where.append("NOT EXISTS (SELECT 1 FROM cache_entries c WHERE c.hash=f.hash AND c.node=?)")
+            args.append(self.node)
+        elif state == "pending":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash "
+                         "AND u.state IN ('queued', 'active', 'retrying'))")
+        elif state == "failed":
+            where.append("EXISTS (SELECT 1 FROM uploads u WHERE u.hash=f.hash AND u.state='failed')")
+        if name_glob is not None:
+            sql, arg = self.db.name_glob(name_glob)
+            where.append(sql)
+            args.append(arg)
+        if after is not None:
+            # this form lets SQLite start at the cursor in index files_added (an OR around the
+            # equality made it scan from the newest file on every page: quadratic)
+            where.append("f.added <= ? AND (f.added < ? OR f.hash > ?)")
+            args += [after[0], after[0], after[1]]
+        sql = f"SELECT f.hash, f.added FROM files f WHERE {' AND '.join(where)} ORDER BY f.added DESC, f.hash"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self.db.read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+            found = [info for info in (self._file_object(conn, h) for h, _ in rows) if info is not None]
+        more = limit is not None and len(rows) == limit and limit > 0
+        return found, (rows[-1][1], rows[-1][0]) if more else None
+
+    def least_recently_checked(self) -> float | None:
+        """When the cache object the scrub checks next was last known good: for one never checked
+        since it came in (the scrub takes those first), when its file was added; else its last check.
+        None with an empty cache. Two index lookups (cache_verified): no scan of the cache."""
+        conn = self.db.connection()
+        row = conn.execute(
+            "SELECT f.added FROM cache_entries c JOIN files f ON f.hash=c.hash "
+            "WHERE c.node=? AND c.verified IS NULL AND c.evicting=0 LIMIT 1", (self.node,)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node=? AND evicting=0",
+                            (self.node,)).fetchone()[0]
+
+    def metrics_figures(self) -> dict[str, Any]:
+        """What the Prometheus metrics add to `counts`: upload pairs per remote and state (the pairs not
+        done, through the uploads_due index: about 0.5 us a pair, so the caller spaces its calls), and
+        how far the cache scrub got (the oldest re-hash time of this node's objects, and how many were
+        never re-hashed)."""
+        with self.db.read() as conn:
+            uploads = {(remote, state): n for remote, state, n in conn.execute(
+                "SELECT remote, state, COUNT(*) FROM uploads WHERE state IN ('queued', 'active', 'retrying', "
+                "'failed') GROUP BY remote, state")}
+            unverified = conn.execute("SELECT COUNT(*) FROM cache_entries WHERE node = ? AND verified IS NULL",
+                                      (self.node,)).fetchone()[0]
+            oldest = conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node = ? AND verified IS NOT NULL",
+                                  (self.node,)).fetchone()[0]
+        return {"uploads": uploads, "cache_unverified": unverified, "cache_oldest_verified": oldest}
+
+    def good_copy_times(self, h: str) -> list[tuple[str, float]]:
+        """(remote, when it was last proven: recorded or verified) of the file's good copies: which
+        copy made a file safe, even when several were recorded before anyone looked."""
+        with self.db.read() as conn:
+            return [(r, t) for r, t in conn.execute(
+                "SELECT remote, COALESCE(verified, created) FROM copies WHERE hash=? AND bad=0", (h,))]
+
+    # -- snapshots and restore after a lost disk (snapshots.py, restore.py; issue 14) ------------
+
+    def change_marker(self) -> tuple[int, ...] | None:
+        """Changes when anything was committed (the file's and its WAL's size and modification time:
+        every commit writes the WAL, a checkpoint the file); None when it cannot tell (no file)."""
+        path = getattr(self.db, "path", None)
+        if not path:
+            return None
+        marker: list[int] = []
+        for name in (path, path + "-wal"):
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                marker += [-1, -1]
+            else:
+                marker += [st.st_size, st.st_mtime_ns]
+        return tuple(marker)
+
+    def good_copies_on(self, remote: str) -> set[str]:
+        """The hashes of every good copy recorded on `remote`."""
+        return {h for (h,) in self.db.connection().execute(
+            "SELECT hash FROM copies WHERE remote=? AND bad=0", (remote,))}
+
+    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]], now: float) -> dict[str, int]:
+        """Objects (hash, size, url) found on `remote` that the catalog does not record there: an
+        unknown hash becomes a file named by its hash (its bytes are verified at its first fetch, as
+        every fetch's are), a known one gains the copy and its pending upload there is done. A size
+        that contradicts the file's is not recorded ("conflicts"). One transaction."""
+        counts = {"files": 0, "copies": 0, "conflicts": 0}
+        with self.db.tx() as conn:
+            for h, size, url in objects:
+                row = conn.execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
+                if row is None:
+                    conn.execute("INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?)",
+                                 (h, h.encode(), size, now))
+                    counts["files"] += 1
+                elif row[0] != size:
+                    counts["conflicts"] += 1
+                    continue
+                added = conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, ?, ?) "
+                                     "ON CONFLICT(hash, remote) DO NOTHING", (h, remote, url, now)).rowcount
+                if added:
+                    counts["copies"] += 1
+                    conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
+                                 "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
+        return counts
+
+    def mark_copies_missing(self, remote: str, hashes: Sequence[str], error: str, now: float) -> int:
+        """Recorded copies whose object is not on `remote`: bad (the self-heal copies their files again)."""
+        with self.db.tx() as conn:
+            changed = sum(conn.execute("UPDATE copies SET bad=1 WHERE hash=? AND remote=? AND bad=0",
+                                       (h, remote)).rowcount for h in hashes)
+            if changed:
+                conn.execute(
+                    "INSERT INTO remote_stats(remote, errors, last_error, last_error_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(remote) DO UPDATE SET errors=remote_stats.errors+excluded.errors, "
+                    "last_error=excluded.last_error, last_error_at=excluded.last_error_at",
+                    (remote, changed, error, now))
+        return changed

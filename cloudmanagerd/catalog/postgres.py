@@ -220,7 +220,14 @@ END $$;
 CREATE TRIGGER cache_count AFTER INSERT OR DELETE ON cache_entries FOR EACH ROW EXECUTE FUNCTION cm_cache();
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(5, SCHEMA_V5)]
+MIGRATIONS: list[tuple[int, str]] = [
+    (5, SCHEMA_V5),
+    # 6 (as SQLite's 6): when each remote copy was last proven by its content
+    (6, """
+    ALTER TABLE copies ADD COLUMN proven DOUBLE PRECISION;
+    CREATE INDEX copies_proven ON copies ((COALESCE(proven, created)))
+    """),
+]
 
 # Counter rows of connections that have ended, folded into shard 0 (under the schema lock).
 FOLD_COUNTERS = """

@@ -205,6 +205,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE files ADD COLUMN source TEXT;
     CREATE INDEX files_export ON files(confirmed, exported)
     """,
+    # 6: when each remote copy was last proven by its content (read back and hashed: an upload, a
+    # fetch, a deep verify or the scrub), apart from `verified` (a quick check: exists, size). The
+    # scrub reads the copies proven longest ago first; one never proven counts from its creation.
+    """
+    ALTER TABLE copies ADD COLUMN proven REAL;
+    CREATE INDEX copies_proven ON copies((COALESCE(proven, created)))
+    """,
 ]
 
 def split_statements(script: str) -> list[str]:

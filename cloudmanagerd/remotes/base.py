@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Protocol
@@ -15,6 +16,20 @@ TRANSIENT = "transient"
 REMOTE = "remote"
 FILE = "file"
 MISSING = "missing"
+
+
+# The reserved namespace of a remote: catalog snapshots live under it (snapshots.py). An object is
+# named by 64 hex digits (or a 2-digit folder of them), so no object can ever have this name.
+RESERVED = "cloudmanagerd-catalog"
+OBJECT_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def reserved_parts(rel: str) -> list[str]:
+    """The components of a name in the reserved namespace; ValueError for anything else (a bug)."""
+    parts = rel.split("/")
+    if parts[0] != RESERVED or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a name in the reserved namespace: {rel!r}")
+    return parts
 
 
 class RemoteError(CloudManagerError):
@@ -139,6 +154,17 @@ class Remote(Protocol):
     # begun (`Transfer.begin()`) as the batch reaches it. The answer holds, in the items' order, the
     # URL of each copy now complete and durable, or the RemoteError that stopped that one alone; an
     # error that stops the whole batch is raised. The uploader sends batches to remotes that have it.
+    #
+    # Optional, for catalog snapshots and `restore` (snapshots.py, restore.py); a backend that cannot
+    # list what it holds (plowshare lockers) has none of them and is skipped. `rel` is a "/"-separated
+    # name under RESERVED (see reserved_parts):
+    #   put_snapshot(rel, src_fd, size, transfer): store the bytes whole under `rel`, or nothing there
+    #     (a temp name and a rename, or one atomic PUT); `transfer.confirm_source()` before it is final.
+    #   list_snapshots(rel_dir) -> [(name, size)]: the files directly under `rel_dir` ([] when absent).
+    #   list_snapshot_folders(rel_dir) -> [name]: the folders directly under it (the nodes, for a hint).
+    #   get_snapshot(rel, dst_fd), delete_snapshot(rel): as get and delete.
+    #   list_objects() -> iterable of (hash, size): every object the remote holds.
+    #   object_url(h) -> str: the URL `put` would have returned for the object.
     #
     # Optional: `clean_leftovers(now, min_age) -> int` removes what killed uploads left behind
     # (temp files older than `min_age` seconds); the scrub calls it on backends that have it.

@@ -6,13 +6,14 @@ import contextlib
 import errno
 import os
 import re
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .. import fsutil
 from ..config import RemoteConfig
 from ..errors import explain_oserror
-from .base import MISSING, REMOTE, TRANSIENT, RemoteError, Transfer
+from .base import MISSING, OBJECT_NAME, REMOTE, TRANSIENT, RemoteError, Transfer, reserved_parts
 
 # ".<hash>.<8 hex>.tmp": an upload in progress, or left by one that was killed
 LEFTOVER = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{8}\.tmp")
@@ -52,7 +53,7 @@ class DirectoryRemote:
             raise self._error(exc, "write to") from None
         finally:
             os.close(root)
-        return os.path.join(self.path, h[:2], h)
+        return self.object_url(h)
 
     def _write(self, folder: int, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
         """Temp name, fsync, rename: a copy under its final name is always complete."""
@@ -174,19 +175,22 @@ class DirectoryRemote:
                 results[i] = error  # complete under its final name, but not known durable: not recorded
             return
         for h, i in renamed.items():
-            results[i] = os.path.join(self.path, h[:2], h)
+            results[i] = self.object_url(h)
 
     def get(self, h: str, url: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        self._read([h[:2]], h, dst_fd, transfer, f"copy of {h}")
+
+    def _read(self, folders: list[str], name: str, dst_fd: int, transfer: Transfer | None, what: str) -> None:
         root = self._root()
         try:
-            with fsutil.subdir(root, [h[:2].encode()]) as folder:
-                src = os.open(h, fsutil.O_READ_FILE, dir_fd=folder)
+            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
+                src = os.open(name, fsutil.O_READ_FILE, dir_fd=folder)
                 try:
                     fsutil.copy_fd(src, dst_fd, transfer.update if transfer else None)
                 finally:
                     os.close(src)
         except FileNotFoundError:
-            raise RemoteError(f"remote {self.name}: copy of {h} is missing", MISSING) from None
+            raise RemoteError(f"remote {self.name}: {what} is missing", MISSING) from None
         except OSError as exc:
             raise self._error(exc, "read from") from None
         finally:
@@ -205,10 +209,13 @@ class DirectoryRemote:
             os.close(root)
 
     def delete(self, h: str, url: str) -> None:
+        self._unlink([h[:2]], h)
+
+    def _unlink(self, folders: list[str], name: str) -> None:
         root = self._root()
         try:
-            with fsutil.subdir(root, [h[:2].encode()]) as folder:
-                os.unlink(h, dir_fd=folder)
+            with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
+                os.unlink(name, dir_fd=folder)
                 os.fsync(folder)
         except FileNotFoundError:
             pass
@@ -251,6 +258,92 @@ class DirectoryRemote:
         finally:
             os.close(root)
         return removed
+
+    # -- the reserved namespace: catalog snapshots, and the listing restore adopts from ------------
+
+    def put_snapshot(self, rel: str, src_fd: int, size: int, transfer: Transfer | None = None) -> None:
+        """Temp name, fsync, rename (as `put`): a killed upload leaves only a dot-temp file, never a
+        partial snapshot under its name. Folders made on the way are made durable too."""
+        *folders, name = reserved_parts(rel)
+        root = self._root()
+        try:
+            fds = [root]
+            try:
+                for part in folders:
+                    fds.append(fsutil.open_subdir(fds[-1], [part.encode()], create=True))
+                self._write(fds[-1], name, src_fd, size, transfer)
+                for fd in reversed(fds[:-1]):  # the new folders' entries in their parents
+                    os.fsync(fd)
+                self._clean_temp(fds[-1], name)
+            finally:
+                for fd in fds[1:]:
+                    os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "write to") from None
+        finally:
+            os.close(root)
+
+    @staticmethod
+    def _clean_temp(folder: int, keep: str, min_age: float = 3600.0) -> None:
+        """Temp files of snapshot uploads killed more than `min_age` ago (younger: one may be running)."""
+        now = time.time()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") and keep not in entry.name:
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
+                            os.unlink(entry.name, dir_fd=folder)
+
+    def list_snapshots(self, rel_dir: str) -> list[tuple[str, int]]:
+        return [(e.name, e.stat(follow_symlinks=False).st_size) for e in self._entries(rel_dir)
+                if e.is_file(follow_symlinks=False)]
+
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        return [e.name for e in self._entries(rel_dir) if e.is_dir(follow_symlinks=False)]
+
+    def _entries(self, rel_dir: str) -> list[os.DirEntry]:
+        parts = reserved_parts(rel_dir)
+        root = self._root()
+        try:
+            with fsutil.subdir(root, [p.encode() for p in parts]) as folder, os.scandir(folder) as entries:
+                found = [e for e in entries if not e.name.startswith(".")]
+                for e in found:
+                    e.stat(follow_symlinks=False)  # cached in the entry while the folder is open
+                return found
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._error(exc, "list") from None
+        finally:
+            os.close(root)
+
+    def get_snapshot(self, rel: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        *folders, name = reserved_parts(rel)
+        self._read(folders, name, dst_fd, transfer, rel)
+
+    def delete_snapshot(self, rel: str) -> None:
+        *folders, name = reserved_parts(rel)
+        self._unlink(folders, name)
+
+    def list_objects(self) -> Iterator[tuple[str, int]]:
+        """Every object under its final name (temp files and the reserved folder are not objects)."""
+        root = self._root()
+        try:
+            with os.scandir(root) as top:
+                folders = sorted(e.name for e in top if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
+            for prefix in folders:
+                with fsutil.subdir(root, [prefix.encode()]) as folder, os.scandir(folder) as names:
+                    found = [(n.name, n.stat(follow_symlinks=False).st_size) for n in names
+                             if OBJECT_NAME.fullmatch(n.name) and n.name[:2] == prefix
+                             and n.is_file(follow_symlinks=False)]
+                yield from found
+        except OSError as exc:
+            raise self._error(exc, "list") from None
+        finally:
+            os.close(root)
+
+    def object_url(self, h: str) -> str:
+        return os.path.join(self.path, h[:2], h)
 
     def close(self) -> None:
         pass

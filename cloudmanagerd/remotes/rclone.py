@@ -45,7 +45,7 @@ import os
 import re
 
 from ..config import RemoteConfig
-from .base import MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
+from .base import MISSING, OBJECT_NAME, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer, reserved_parts
 from .subprocesses import NotInstalled, Result, Timeout, environment, one_line, run
 
 BASE_FLAGS = ("--retries", "1", "--low-level-retries", "3", "--use-json-log", "--ask-password=false")
@@ -284,11 +284,7 @@ class RcloneRemote:
             if error.kind == MISSING:
                 return None
             raise error
-        try:
-            entry = json.loads(result.stdout)
-        except ValueError:
-            raise RemoteError("rclone lsjson printed no JSON: "
-                              + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
+        entry = _json(result)
         if not isinstance(entry, dict) or entry.get("IsDir"):
             return None
         return int(entry.get("Size", -1))
@@ -310,8 +306,70 @@ class RcloneRemote:
             error = self._error("probe", result)
             raise RemoteError(str(error), error.kind if error.kind != MISSING else REMOTE)
 
+    # -- the reserved namespace: catalog snapshots, and the listing restore adopts from ------------
+
+    def put_snapshot(self, rel: str, src_fd: int, size: int, transfer: Transfer | None = None) -> None:
+        """As `put`; what a killed rclone leaves is caught by the SHA-256 in the snapshot's name."""
+        target = join(self.remote, "/".join(reserved_parts(rel)))
+        result = self._run("copyto", f"/proc/self/fd/{src_fd}", target, "-L", *PROGRESS_FLAGS, transfer=transfer,
+                           timeout=None if transfer is not None else self.transfer_timeout,
+                           pass_fds=[src_fd], on_stderr_line=_progress(transfer))
+        if not result.ok:
+            raise self._error("put", result)
+        try:
+            if transfer is not None:
+                transfer.confirm_source()
+        except RemoteError:
+            self._discard(target)  # rclone cannot hold a copy back: a wrong source is deleted again
+            raise
+
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        return [e["Name"] for e in self._lsjson(join(self.remote, "/".join(reserved_parts(rel_dir))), "--dirs-only")]
+
+    def _lsjson(self, path: str, only: str = "--files-only") -> list[dict]:
+        result = self._run("lsjson", only, "--no-mimetype", "--no-modtime", path, timeout=self.op_timeout)
+        if not result.ok:
+            error = self._error("list", result)
+            if error.kind == MISSING or "directory not found" in error_detail(result):
+                return []
+            raise error
+        entries = _json(result)
+        return [e for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict) and isinstance(e.get("Name"), str)]
+
+    def list_snapshots(self, rel_dir: str) -> list[tuple[str, int]]:
+        return [(e["Name"], int(e.get("Size", -1)))
+                for e in self._lsjson(join(self.remote, "/".join(reserved_parts(rel_dir))))]
+
+    def get_snapshot(self, rel: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        result = self._run("cat", "--error-on-no-transfer", join(self.remote, "/".join(reserved_parts(rel))),
+                           timeout=self.transfer_timeout, stdout=dst_fd)
+        if not result.ok:
+            raise self._error("get", result)
+
+    def delete_snapshot(self, rel: str) -> None:
+        result = self._run("deletefile", join(self.remote, "/".join(reserved_parts(rel))), timeout=self.op_timeout)
+        if not result.ok and self._error("delete", result).kind != MISSING:
+            detail = error_detail(result)
+            if "doesn't exist" not in detail and "object not found" not in detail:
+                raise self._error("delete", result)
+
+    def list_objects(self) -> list[tuple[str, int]]:
+        return [(e["Name"], int(e.get("Size", -1))) for e in self._lsjson(self.remote)
+                if OBJECT_NAME.fullmatch(e["Name"])]
+
+    def object_url(self, h: str) -> str:
+        return join(public_remote(self.remote), h)
+
     def close(self) -> None:
         pass
+
+
+def _json(result: Result) -> object:
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        raise RemoteError("rclone lsjson printed no JSON: "
+                          + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
 
 
 def _progress(transfer: Transfer | None):

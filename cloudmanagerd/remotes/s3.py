@@ -55,7 +55,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
@@ -70,8 +70,9 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
+from .. import fsutil
 from ..config import RemoteConfig
-from .base import FILE, MISSING, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer
+from .base import FILE, MISSING, OBJECT_NAME, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer, reserved_parts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -386,7 +387,7 @@ class S3Remote:
         if checked:
             self._transfer_call(what, transfer, self._put_small, h, src_fd, size, transfer)
         else:
-            self._transfer_call(what, transfer, self._upload, h, src_fd, transfer)
+            self._transfer_call(what, transfer, self._upload, self.key(h), src_fd, transfer)
         if checked:
             # the server verified the SHA-256 of what it received against the object's own hash
             self._maybe_cleanup()
@@ -501,7 +502,7 @@ class S3Remote:
             {"Error": {"Code": code, "Message": found["Message"] or text[:200]},
              "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "PutObject")
 
-    def _upload(self, h: str, src_fd: int, transfer: Transfer | None) -> None:
+    def _upload(self, key: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
         subscribers = [ProgressCallbackInvoker(_Progress(transfer))]
         with contextlib.ExitStack() as stack:
@@ -511,7 +512,7 @@ class S3Remote:
             else:  # no /proc: a file object (s3transfer then holds up to ten parts in memory)
                 source = stack.enter_context(open(os.dup(src_fd), "rb"))
             manager = stack.enter_context(create_transfer_manager(self.client, self.transfer_config))
-            future = manager.upload(source, self.bucket, self.key(h), subscribers=subscribers)
+            future = manager.upload(source, self.bucket, key, subscribers=subscribers)
             future.result()  # raises Cancelled from the progress callback; the manager aborts
 
     def _head(self, h: str) -> int:
@@ -643,6 +644,94 @@ class S3Remote:
         self.client.close()
         if pools is None:
             gc.collect()
+
+    # -- the reserved namespace: catalog snapshots, and the listing restore adopts from ------------
+
+    def put_snapshot(self, rel: str, src_fd: int, size: int, transfer: Transfer | None = None) -> None:
+        """One PUT carrying the SHA-256 the transfer's check expects (snapshots.py names each snapshot
+        by it), or a managed transfer for a large one: either is invisible under its key until whole."""
+        key = self.prefix + "/".join(reserved_parts(rel))
+        what = f"upload to s3://{self.bucket}/{key}"
+        digest = getattr(getattr(transfer, "source", None), "h", None)
+        if size < SMALL_PUT and digest and self.request_checksum == "when_supported":
+            def send() -> None:
+                with _ProgressReader(os.dup(src_fd), transfer) as body:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                                           ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode())
+            self._transfer_call(what, transfer, send)
+        else:  # streamed from disk part by part, as an object's (see the module doc)
+            self._transfer_call(what, transfer, self._upload, key, src_fd, transfer)
+        try:
+            if transfer is not None:
+                transfer.confirm_source()
+        except RemoteError:
+            self.delete_snapshot(rel)  # the server has it already: a copy of a wrong source goes again
+            raise
+        stored = self._call(what, lambda: int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]))
+        if stored != size:
+            with contextlib.suppress(RemoteError):
+                self._call(what, self.client.delete_object, Bucket=self.bucket, Key=key)
+            raise RemoteError(f"{what}: the server holds {stored} bytes, expected {size}", TRANSIENT)
+
+    def list_snapshots(self, rel_dir: str) -> list[tuple[str, int]]:
+        prefix = self.prefix + "/".join(reserved_parts(rel_dir)) + "/"
+        found = []
+        for key, size in self._list(prefix, f"list of s3://{self.bucket}/{prefix}"):
+            name = key[len(prefix):]
+            if name and "/" not in name:
+                found.append((name, size))
+        return found
+
+    def list_snapshot_folders(self, rel_dir: str) -> list[str]:
+        prefix = self.prefix + "/".join(reserved_parts(rel_dir)) + "/"
+        pages = self._call(f"list of s3://{self.bucket}/{prefix}", lambda: list(
+            self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")))
+        return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+
+    def _list(self, prefix: str, what: str) -> Iterator[tuple[str, int]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=prefix))
+        while True:
+            page = self._call(what, next, pages, None)
+            if page is None:
+                return
+            for item in page.get("Contents", []):
+                yield item["Key"], int(item["Size"])
+
+    def get_snapshot(self, rel: str, dst_fd: int, transfer: Transfer | None = None) -> None:
+        key = self.prefix + "/".join(reserved_parts(rel))
+        what = f"download of s3://{self.bucket}/{key}"
+
+        def download() -> None:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                done = 0
+                while data := body.read(READ_CHUNK):
+                    fsutil.write_all(dst_fd, data)
+                    done += len(data)
+                    if transfer is not None:
+                        transfer.update(done)
+            finally:
+                body.close()
+        self._transfer_call(what, transfer, download)
+
+    def delete_snapshot(self, rel: str) -> None:
+        key = self.prefix + "/".join(reserved_parts(rel))
+        try:
+            self._call(f"delete of s3://{self.bucket}/{key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+        except RemoteError as error:
+            if error.kind != MISSING:
+                raise
+
+    def list_objects(self) -> Iterator[tuple[str, int]]:
+        """Every object under the prefix named by a hash (the reserved folder is no object)."""
+        for key, size in self._list(self.prefix, f"list of s3://{self.bucket}/{self.prefix}"):
+            name = key[len(self.prefix):]
+            if OBJECT_NAME.fullmatch(name):
+                yield name, size
+
+    def object_url(self, h: str) -> str:
+        return self.url(h)
 
     # -- leftovers of killed uploads -----------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, module_daemon, wait_for
+from conftest import Daemon, module_daemon, one_reply_daemon, wait_for
 
 SMALL = b"a small file, under one chunk\n" * 100
 LARGE = os.urandom(3 << 20)  # three 1 MiB chunks: some are written before the hash is known
@@ -193,26 +193,11 @@ def test_a_failed_get_removes_the_file_it_would_have_created(d: Daemon, workdir:
 def test_a_failed_backup_leaves_an_existing_file_untouched(workdir: Path) -> None:
     """A daemon that says no to the backup (a fake one: a real one rarely does)."""
     path = str(workdir / "fake.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-
-    def answer() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b'{"ok": false, "error": "backup failed: disk full"}\n')
-
-    t = threading.Thread(target=answer)
-    t.start()
     keep = workdir / "keep.sqlite3"
     keep.write_bytes(b"yesterday's backup")
-    try:
+    with one_reply_daemon(path, b'{"ok": false, "error": "backup failed: disk full"}\n'):
         result = subprocess.run([sys.executable, "-m", "cloudmanagerd.ctl", "-s", path, "backup", "-o", str(keep)],
                                 capture_output=True, timeout=60)
-    finally:
-        t.join(30)
-        server.close()
     assert result.returncode == 1
     assert "disk full" in one_error_line(result)
     assert keep.read_bytes() == b"yesterday's backup"

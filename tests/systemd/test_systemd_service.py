@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 UNIT = "cloudmanagerd"
 CONFIG = "/etc/cloudmanagerd/config.yaml"
+NAS = "/srv/cloudmanager/remotes/EXAMPLE-move-to-another-disk"  # the sample config's directory remote
 SRC = "/root/cloudmanagerd"
 EXPOSURE_MAX = 1.5
 WATCHDOG_SEC = 5
@@ -213,7 +214,7 @@ systemctl daemon-reload""")
                  message=f"{h[:12]} registered and cached")
         wait_for(lambda h=h: _copies(s.ctl("info", h)) == {"nas", "s3", "rcl"}, timeout=60,
                  message=f"{h[:12]} copied to nas, s3 and rcl")
-    assert s.sh(f"cat /srv/cloudmanager/remotes/nas/{hello[:2]}/{hello}") == "dropped by alice\n"
+    assert s.sh(f"cat {NAS}/{hello[:2]}/{hello}") == "dropped by alice\n"
     assert s.sh("ls -A /srv/cloudmanager/inbox/photos") == ""
     as_alice = s.ctl("info", hello[:12], user="alice")  # no -c: the default config finds the socket
     assert hello in as_alice and "hello.txt" in as_alice, as_alice
@@ -285,7 +286,7 @@ systemctl daemon-reload""")
             "/usr/local/lib/tmpfiles.d/cloudmanagerd.conf", "/usr/local/share/doc/cloudmanagerd",
             "/etc/systemd/system/multi-user.target.wants/cloudmanagerd.service"]
     kept = [CONFIG, "/var/lib/cloudmanagerd/catalog.sqlite3", f"/srv/cloudmanager/cache/{hello[:2]}/{hello}",
-            f"/srv/cloudmanager/remotes/nas/{hello[:2]}/{hello}"]
+            f"{NAS}/{hello[:2]}/{hello}"]
     present = s.sh(" ".join(f"test -e {p} && echo {p};" for p in gone + kept) + " true").split()
     assert present == kept, f"after make uninstall: present {present}"
     assert s.prop("LoadState") == "not-found"

@@ -108,11 +108,12 @@ def catalog(path: str, corrupt: str | None, hint: str, write_error: str | None, 
     that cannot be reached is waited out: a restart would not bring the server back."""
     if corrupt:
         return [Finding(f"catalog {path} is damaged ({corrupt}): {hint}", True)]
+    # nothing is taken in while the catalog cannot be written or reached: critical (ingest stalled),
+    # but not fatal (a restart would not bring the server back)
     if unreachable:
         return [Finding(f"catalog unreachable: {path} ({unreachable}); ingest and uploads wait, files stay "
                         "in the inbox", critical=True)]
     folder = folder or os.path.dirname(path) or "."
-    # nothing is taken in while the catalog cannot be written: critical (ingest stalled)
     if disk_full:
         room = f" has {_size(free)} free" if free is not None else " is full"
         return [Finding(f"catalog disk full: {folder}{room}; ingest and uploads wait until there is room "

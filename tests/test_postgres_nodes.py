@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Daemon, wait_for
+from conftest import wait_for
+from test_postgres_e2e import drop
 
 pytestmark = pytest.mark.e2e
 
 UPLOADED = re.compile(r"uploaded hash=([0-9a-f]{64}) remote=(\S+)")
-
-
-def drop(d: Daemon, files: dict[str, bytes]) -> dict[str, str]:
-    for name, data in files.items():
-        tmp = d.root / f".{name}.part"
-        tmp.write_bytes(data)
-        os.rename(tmp, d.inbox / name)
-    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
 def test_two_nodes_share_one_catalog_and_send_each_pair_once(daemon_factory, postgres_url: str,

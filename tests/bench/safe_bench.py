@@ -94,13 +94,14 @@ class Bench:
         stage = self.staging("s_daemon")
         remote = self.root / "remote"
         remote.mkdir()
-        d = InboxDaemon(self.root, f"d{rep}", remotes=[{"name": "nas", "type": "directory", "path": str(remote)}],
-                        log_level="info", upload={"redundancy": 1})
+        remotes = [] if self.args.no_remote else [{"name": "nas", "type": "directory", "path": str(remote)}]
+        d = InboxDaemon(self.root, f"d{rep}", remotes=remotes, log_level="info",
+                        **({} if self.args.no_remote else {"upload": {"redundancy": 1}}))
         self.daemons.append(d)
         d.start()
         if self.args.profile and rep == 0:
             out = Path(self.args.profile) / "daemon.txt"
-            d.start_profiler(out)
+            d.start_profiler(out, extra=self.args.profile_flags.split())
             if d.profiler is not None:
                 self.r.profiles["daemon"] = out
         n = len(self.names)
@@ -120,7 +121,7 @@ class Bench:
                 registered = now - t0
                 self.record("registered", registered)
                 say(f"  all {n} registered after {registered:.2f} s")
-            if st["uploads"]["copies"] >= n:
+            if st["uploads"]["copies"] >= n or (self.args.no_remote and registered is not None):
                 self.record("safe", now - t0)
                 say(f"  all {n} safe after {now - t0:.2f} s")
                 break
@@ -137,7 +138,7 @@ class Bench:
         d.stop_profiler()
         d.stop()
         copies = sum(1 for sub in remote.iterdir() for f in sub.iterdir() if not f.name.startswith("."))
-        if copies != n:
+        if copies != n and not self.args.no_remote:
             raise RuntimeError(f"the remote folder holds {copies} copies, not {n}")
         rmtree(d.dir)
         rmtree(stage)
@@ -172,12 +173,14 @@ def run(b: Bench) -> None:
     b.make_master()
     for rep in range(b.args.repeat):  # interleaved: a busy spell of the machine hits both sides
         say(f"round {rep + 1}/{b.args.repeat}")
-        b.phase_rclone(False)
-        os.sync()
-        b.phase_rclone(True)
-        os.sync()
-        b.phase_daemon(rep)
-        os.sync()
+        if "rclone" in b.args.only:
+            b.phase_rclone(False)
+            os.sync()
+            b.phase_rclone(True)
+            os.sync()
+        if "daemon" in b.args.only:
+            b.phase_daemon(rep)
+            os.sync()
 
 
 def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int]:
@@ -220,6 +223,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tmp", default="/tmp", help="where the temp data folder goes (default /tmp)")
     p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     p.add_argument("--profile", metavar="DIR", help="record the daemon with py-spy")
+    p.add_argument("--profile-flags", default="", metavar="FLAGS",
+                   help="more py-spy record flags, e.g. '--idle' or '--gil' (one string)")
+    p.add_argument("--only", default="rclone,daemon", type=lambda v: set(v.split(",")),
+                   help="the sides to run, of rclone,daemon (default both)")
+    p.add_argument("--no-remote", action="store_true",
+                   help="the daemon with no remote at all (registered only): what uploads cost ingest")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp data folder")
     add_json_arg(p)

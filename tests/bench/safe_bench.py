@@ -40,6 +40,7 @@ from benchlib import (
     human_bytes,
     parse_size,
     peer_env,
+    process_cpu_split,
     profile_sections,
     rmtree,
     run_bench,
@@ -56,6 +57,7 @@ RCLONE_FLAGS = ["--transfers", "4", "--checkers", "8", "-q"]  # rclone's default
 class Results:
     runs: dict[str, list[float]] = field(default_factory=dict)  # "registered", "safe", "rclone copy", ...
     rss: float | None = None
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # the daemon's (user, system) s, each run
     load: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     profiles: dict[str, Path] = field(default_factory=dict)
@@ -107,6 +109,8 @@ class Bench:
         n = len(self.names)
         say(f"daemon: renaming {n} files into the inbox (one folder remote, redundancy 1)")
         inbox, src = str(d.inbox), str(stage)
+        assert d.proc is not None
+        cpu0 = process_cpu_split(d.proc.pid)
         t0 = time.perf_counter()
         for name in self.names:
             os.rename(f"{src}/{name}", f"{inbox}/{name}")
@@ -123,7 +127,10 @@ class Bench:
                 say(f"  all {n} registered after {registered:.2f} s")
             if st["uploads"]["copies"] >= n or (self.args.no_remote and registered is not None):
                 self.record("safe", now - t0)
-                say(f"  all {n} safe after {now - t0:.2f} s")
+                cpu1 = process_cpu_split(d.proc.pid)
+                self.r.cpu.append((cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]))
+                say(f"  all {n} safe after {now - t0:.2f} s; daemon CPU user {self.r.cpu[-1][0]:.2f} s, "
+                    f"system {self.r.cpu[-1][1]:.2f} s")
                 break
             if time.monotonic() >= next_report:
                 say(f"  ... {st['catalog']['files']}/{n} registered, {st['uploads']['copies']} copies, "
@@ -207,6 +214,10 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     out += table(rows, ["ratio", "target >=1x", "figure", "cloudmanagerd", "peer", "peer is"], {0, 3, 4})
     out.append("")
     out += [f"runs, {key}: " + ", ".join(f"{v:.2f}" for v in vs) + " s" for key, vs in r.runs.items()]
+    if r.cpu:
+        out.append("daemon CPU until safe (user + system s), each run: "
+                   + ", ".join(f"{u:.2f} + {s:.2f}" for u, s in r.cpu)
+                   + " (less sensitive than seconds to other work on the machine)")
     out.append(f"daemon peak RSS: {r.rss:.1f} MB" if r.rss is not None else "daemon peak RSS: —")
     if r.problems:
         out.append(f"daemon problems at the end: {r.problems}")

@@ -616,6 +616,28 @@ class Catalog:
         not) and then only 'queued' (the spares that failures queued in the same round)."""
         if limit <= 0:
             return []
+        with self.db.tx() as conn:
+            return self._claim(conn, now, limit, lease, skip_remotes, due_by, states, owner, remote, max_size)
+
+    def claim_batches(self, now: float, limit: int, lease: float, batchable: Collection[str], batch_files: int,
+                      max_size: int, owner: str | None = None) -> list[list[UploadClaim]]:
+        """The uploader's pump in one transaction: up to `limit` due pairs, oldest first, each made the
+        head of a batch of up to `batch_files` pairs to its remote when that remote is `batchable` and
+        the file at most `max_size` bytes (claimed in a second transaction, the batch cost a third of
+        an upload's commits, and each waited for the write lock again)."""
+        if limit <= 0:
+            return []
+        with self.db.tx() as conn:
+            heads = self._claim(conn, now, limit, lease, owner=owner)
+            return [[head] + (self._claim(conn, now, batch_files - 1, lease, owner=owner, remote=head.remote,
+                                          max_size=max_size)
+                              if head.remote in batchable and head.size <= max_size and batch_files > 1 else [])
+                    for head in heads]
+
+    def _claim(self, conn, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = (),
+               due_by: float | None = None, states: Sequence[str] = ("queued", "retrying"),
+               owner: str | None = None, remote: str | None = None,
+               max_size: int | None = None) -> list[UploadClaim]:
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip})" if skip_remotes else ""
         only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
@@ -626,14 +648,13 @@ class Catalog:
                      "FROM uploads u JOIN files f ON f.hash=u.hash WHERE u.state=? AND u.next_attempt <= ? "
                      f"AND f.removing=0 {skip_sql} {only_sql}ORDER BY u.next_attempt LIMIT ?)")
         params = [(state, now if due_by is None else due_by, *skip_remotes, *only, limit) for state in states]
-        with self.db.tx() as conn:
-            rows = [row[:4] for row in conn.execute(
-                " UNION ALL ".join([one_state] * len(states)) + " ORDER BY 5 LIMIT ?",
-                (*(v for p in params for v in p), limit)).fetchall()]
-            conn.executemany(
-                "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
-                "WHERE hash=? AND remote=?",
-                [(owner or self.node, now + lease, now, h, r) for h, r, _, _ in rows])
+        rows = [row[:4] for row in conn.execute(
+            " UNION ALL ".join([one_state] * len(states)) + " ORDER BY 5 LIMIT ?",
+            (*(v for p in params for v in p), limit)).fetchall()]
+        conn.executemany(
+            "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
+            "WHERE hash=? AND remote=?",
+            [(owner or self.node, now + lease, now, h, r) for h, r, _, _ in rows])
         return [UploadClaim(h, r, a, s) for h, r, a, s in rows]
 
     def next_due_time(self) -> float | None:

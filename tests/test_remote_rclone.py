@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import wait_for
 from remote_contract import RemoteContract, fetch, make_object
 from seaweed import seaweed  # noqa: F401  (the session-scoped fixture)
@@ -542,3 +543,26 @@ def test_the_uploader_sends_rclone_batches_and_never_records_a_mismatching_objec
         assert all(world.copies(h) == ["rc"] for h in hashes if h != rotten)
     finally:
         world.close()
+
+
+def test_a_daemon_uploads_a_drop_of_small_files_to_an_rclone_remote(daemon_factory, workdir: Path) -> None:
+    (workdir / "rclone.conf").write_text("")
+    objects = workdir / "rclone-objects"
+    d = daemon_factory(remotes=0, start=False, upload={"redundancy": 1}, log={"level": "info"})
+    d.config["remotes"] = [{"name": "rc", "type": "rclone", "remote": f":local:{objects}",
+                            "config": str(workdir / "rclone.conf")}]
+    d.config_path.write_text(yaml.safe_dump(d.config))
+    d.start()
+    datas = [os.urandom(3000 + i) for i in range(40)]
+    staging = workdir / "staging"
+    staging.mkdir()
+    for i, data in enumerate(datas):
+        (staging / f"f{i:02d}").write_bytes(data)
+    for i in range(len(datas)):
+        os.rename(staging / f"f{i:02d}", d.inbox / f"f{i:02d}")
+    wait_for(lambda: d.status()["uploads"]["copies"] == len(datas), timeout=60,
+             message="every file copied to the rclone remote")
+    for data in datas:
+        assert (objects / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    uploads = d.status()["uploads"]
+    assert uploads["failed"] == uploads["retrying"] == 0

@@ -566,3 +566,18 @@ def test_a_daemon_uploads_a_drop_of_small_files_to_an_rclone_remote(daemon_facto
         assert (objects / hashlib.sha256(data).hexdigest()).read_bytes() == data
     uploads = d.status()["uploads"]
     assert uploads["failed"] == uploads["retrying"] == 0
+
+
+def test_put_many_without_a_usable_temp_folder_is_one_clear_error(tmp_path: Path, empty_config: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    items = batch_items(tmp_path, [b"one", b"two"])
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.put_many(items)
+    finally:
+        close_items(items)
+    assert info.value.kind == TRANSIENT and "no-such-folder" in str(info.value) and "TMPDIR" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -287,14 +287,9 @@ class RcloneRemote:
                 batch.add(h, i, fd, size, transfer)
         if not batch.index:
             return [r if r is not None else RemoteError("not sent", TRANSIENT) for r in results]
-        stage = tempfile.mkdtemp(prefix="cloudmanagerd-rclone-")
+        stage, listing = self._stage(batch)
         stopped: RemoteError | None = None
         try:
-            for h, fd in batch.fds.items():
-                os.symlink(f"/proc/self/fd/{fd}", os.path.join(stage, h))
-            listing = os.path.join(stage, ".files")  # not in itself, so never copied
-            with open(listing, "w", encoding="ascii") as f:
-                f.write("".join(h + "\n" for h in batch.index))
             result = self._run("copy", stage, self.remote, "--files-from-raw", listing, "-L", "--no-check-dest",
                                "--no-traverse", "-v", "--transfers", str(BATCH_TRANSFERS), "--checkers",
                                str(BATCH_TRANSFERS), *PROGRESS_FLAGS, transfer=batch,
@@ -324,6 +319,26 @@ class RcloneRemote:
                 results[i] = self._error("put", result) if result is not None and not result.ok else RemoteError(
                     "rclone copy exited without copying it (its source could not be read)", TRANSIENT)
         return [r if r is not None else RemoteError("not sent", TRANSIENT) for r in results]
+
+    @staticmethod
+    def _stage(batch: _Batch) -> tuple[str, str]:
+        """A private temp folder of links <h> -> /proc/self/fd/N, and the list of their names in it."""
+        try:
+            stage = tempfile.mkdtemp(prefix="cloudmanagerd-rclone-")
+        except OSError as exc:
+            raise RemoteError(f"rclone batch: cannot make a temp folder in {tempfile.gettempdir()}: "
+                              f"{exc.strerror or exc} (free space there, or set TMPDIR)", TRANSIENT) from None
+        try:
+            for h, fd in batch.fds.items():
+                os.symlink(f"/proc/self/fd/{fd}", os.path.join(stage, h))
+            listing = os.path.join(stage, ".files")  # not in itself, so never copied
+            with open(listing, "w", encoding="ascii") as f:
+                f.write("".join(h + "\n" for h in batch.index))
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RemoteError(f"rclone batch: cannot write its list in {stage}: {exc.strerror or exc} "
+                              "(free space there, or set TMPDIR)", TRANSIENT) from None
+        return stage, listing
 
     def _discard_many(self, hashes: Sequence[str]) -> None:
         """Delete what a killed batch may have left under the final names (best effort, briefly)."""

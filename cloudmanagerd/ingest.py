@@ -280,10 +280,18 @@ class Ingestor:
         for c in candidates:
             if c.hash in cached or c.hash in fresh:
                 duplicates.append(c)
-            elif self.reserve(c.st.st_size):
-                fresh[c.hash] = c
             else:
-                result.waiting.append((c.rel, "cache-full"))
+                fresh[c.hash] = c
+        # Room for the whole batch in one reservation (each one reads the catalog's account and the
+        # disk's free space: per file, that was 5 % of a batch); file by file only when it falls short.
+        if fresh and not self.reserve(sum(c.st.st_size for c in fresh.values())):
+            fitting: dict[str, Candidate] = {}
+            for h, c in fresh.items():
+                if self.reserve(c.st.st_size):
+                    fitting[h] = c
+                else:
+                    result.waiting.append((c.rel, "cache-full"))
+            fresh = fitting
         todo = list(fresh.values())
         if todo:
             self.catalog.begin_ingest([c.record for c in todo], self.now())
@@ -309,7 +317,9 @@ class Ingestor:
                     log.info("registered %s hash=%s size=%d", show(c.rel), c.hash, c.st.st_size, extra=fields(c.hash))
                 result.registered.extend(c.hash for c in done)
                 result.dropped.extend(c.st.st_ctime for c in done)
-            self.catalog.abandon_ingest([c.record for c in todo if not c.moved])
+            unmoved = [c.record for c in todo if not c.moved]
+            if unmoved:  # an empty write transaction still waits for the write lock
+                self.catalog.abandon_ingest(unmoved)
         for c in duplicates:
             if self._still_same(c):
                 try:

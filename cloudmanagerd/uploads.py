@@ -274,12 +274,9 @@ class Uploader:
                 free = self.policy.concurrency - self._tasks
             if free <= 0:
                 return
-            claims = self.catalog.claim_due(self.now(), free, self.lease, owner=self.claim_owner)
-            for claim in claims:
-                batch = [claim]
-                if claim.size <= BATCH_MAX_SIZE and hasattr(self.remotes.get(claim.remote), "put_many"):
-                    batch += self.catalog.claim_due(self.now(), BATCH_FILES - 1, self.lease, owner=self.claim_owner,
-                                                    remote=claim.remote, max_size=BATCH_MAX_SIZE)
+            batchable = [name for name, remote in list(self.remotes.items()) if hasattr(remote, "put_many")]
+            for batch in self.catalog.claim_batches(self.now(), free, self.lease, batchable, BATCH_FILES,
+                                                    BATCH_MAX_SIZE, owner=self.claim_owner):
                 with self._lock:
                     self._tasks += 1
                     for c in batch:

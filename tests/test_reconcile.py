@@ -378,3 +378,17 @@ def test_cache_objects_without_rows_are_adopted_or_rejected(tmp_path: Path) -> N
         rejector.close()
         cache.close()
         catalog.close()
+
+
+def test_a_batch_larger_than_the_room_left_takes_the_files_that_fit_and_leaves_the_rest(parts: Parts) -> None:
+    # room is reserved for a whole batch at once; when the batch does not fit, file by file
+    parts.cache.set_capacity(25_000)
+    datas = {f"f{i}.bin": os.urandom(10_000) for i in range(3)}
+    for name, data in datas.items():
+        (parts.inbox / name).write_bytes(data)
+    result = parts.ingestor.ingest([name.encode() for name in datas])
+    assert len(result.registered) == 2 and [reason for _, reason in result.waiting] == ["cache-full"]
+    (left, _), = result.waiting
+    assert (parts.inbox / os.fsdecode(left)).read_bytes() == datas[os.fsdecode(left)]
+    assert parts.cache.used == 20_000 and parts.cache.reserved == 0
+    assert sorted(parts.objects().values()) == sorted(d for n, d in datas.items() if n.encode() != left)

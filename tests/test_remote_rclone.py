@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import wait_for
 from remote_contract import RemoteContract, fetch, make_object
 from seaweed import seaweed  # noqa: F401  (the session-scoped fixture)
@@ -380,3 +381,203 @@ def test_from_config_builds_an_rclone_remote(tmp_path: Path) -> None:
     assert isinstance(remote, RcloneRemote)
     assert (remote.name, remote.kind, remote.remote, remote.config) == ("gd", "rclone", "gdrive:cm",
                                                                         str(tmp_path / "rclone.conf"))
+
+
+# -- put_many: the uploader's batches, one rclone copy each ------------------------------------------
+
+def batch_items(tmp_path: Path, blobs: list[bytes]) -> list[tuple]:
+    """(hash, fd, size, pending transfer) items for put_many; the caller closes the fds."""
+    items = []
+    for i, data in enumerate(blobs):
+        path = tmp_path / f"obj{i}"
+        path.write_bytes(data)
+        items.append((hashlib.sha256(data).hexdigest(), os.open(path, os.O_RDONLY), len(data),
+                      Transfer(len(data), pending=True)))
+    return items
+
+
+def close_items(items: list[tuple]) -> None:
+    for _, fd, _, _ in items:
+        os.close(fd)
+
+
+def put_batch(remote: RcloneRemote, tmp_path: Path, blobs: list[bytes]) -> tuple[list[tuple], list]:
+    """put_many of `blobs` from files under tmp_path: (the items, the results)."""
+    items = batch_items(tmp_path, blobs)
+    try:
+        return items, remote.put_many(items)
+    finally:
+        close_items(items)
+
+
+def stage_folders() -> set[str]:
+    import tempfile
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("cloudmanagerd-rclone-")}
+
+
+def check_batch_stored(remote: RcloneRemote, items: list[tuple], blobs: list[bytes], results: list) -> None:
+    assert results == [join(public_remote(remote.remote), h) for h, *_ in items]
+    for (h, _, size, transfer), data in zip(items, blobs):
+        assert transfer.done == size, "each object's progress reaches its size"
+        assert fetch(remote, h, results[0]) == data
+
+
+def test_put_many_copies_a_batch_in_one_rclone_run_each_object_at_its_hash(tmp_path: Path,
+                                                                           empty_config: str) -> None:
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    blobs = [os.urandom(100 + 997 * i) for i in range(30)] + [b""]
+    before = stage_folders()
+    items, results = put_batch(remote, tmp_path, blobs)
+    check_batch_stored(remote, items, blobs, results)
+    assert sorted(os.listdir(tmp_path / "objects")) == sorted(h for h, *_ in items)
+    assert stage_folders() == before, "the folder of links to the objects is removed"
+
+
+def test_put_many_fails_an_object_rclone_cannot_write_alone(tmp_path: Path, empty_config: str) -> None:
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    blobs = [b"first", b"second", b"third"]
+    items = batch_items(tmp_path, blobs)
+    (tmp_path / "objects" / items[1][0]).mkdir(parents=True)  # a folder where its copy would go
+    try:
+        results = remote.put_many(items)
+    finally:
+        close_items(items)
+    assert results[0] == join(public_remote(remote.remote), items[0][0])
+    assert results[2] == join(public_remote(remote.remote), items[2][0])
+    assert isinstance(results[1], RemoteError) and "rclone copy failed" in str(results[1]), results[1]
+    assert items[1][0] in str(results[1]) or "directory" in str(results[1])
+
+
+def test_put_many_with_a_source_rclone_cannot_read_fails_the_batch(tmp_path: Path, empty_config: str) -> None:
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    items = batch_items(tmp_path, [b"first", b"second"])
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # no file behind this descriptor
+    h, fd, size, transfer = items[1]
+    items[1] = (h, folder, size, transfer)
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.put_many(items)
+    finally:
+        close_items(items)
+        os.close(fd)
+    assert info.value.kind == TRANSIENT and "not a file" in str(info.value)
+
+
+def test_put_many_a_cancelled_object_stops_the_batch_and_leaves_nothing_partial(
+        tmp_path: Path, empty_config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RCLONE_BWLIMIT", "1M")
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    blobs = [os.urandom(4 << 20) for _ in range(3)]
+    items = batch_items(tmp_path, blobs)
+    items[0][3].cancel("stalled")  # cancelled before the batch began: never sent
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(remote.put_many(items)))
+    worker.start()
+    try:
+        wait_for(lambda: any(t.done > 0 for *_, t in items), timeout=20, message="rclone reporting bytes")
+        for *_, t in items[1:]:
+            t.cancel("stalled: test")
+        worker.join(30)
+    finally:
+        for *_, t in items:
+            t.cancel("test over")
+        worker.join(30)
+        close_items(items)
+    (results,) = outcome
+    assert all(isinstance(r, Cancelled) for r in results), results
+    assert "stalled" in str(results[0]) and "stalled: test" in str(results[1])
+    assert not (tmp_path / "objects").exists() or os.listdir(tmp_path / "objects") == []
+
+
+def test_put_many_to_a_bad_remote_path_is_a_remote_error(tmp_path: Path, empty_config: str) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    remote = RcloneRemote("rc", f":local:{tmp_path}/file/objects", config=empty_config)
+    _, results = put_batch(remote, tmp_path, [b"one", b"two"])
+    assert all(isinstance(r, RemoteError) and r.kind == REMOTE and "not a directory" in str(r) for r in results), \
+        results
+
+
+def test_put_many_to_s3_copies_every_object(seaweed, s3_bucket: str, tmp_path: Path,  # noqa: F811
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")  # removed for http endpoints
+    config = s3_config(tmp_path / "rclone.conf", seaweed)
+    remote = RcloneRemote("s3rc", f"weed:{s3_bucket}/{uuid.uuid4().hex[:8]}", config=config)
+    blobs = [os.urandom(5000 + i) for i in range(20)]
+    items, results = put_batch(remote, tmp_path, blobs)
+    check_batch_stored(remote, items, blobs, results)
+
+
+def test_put_many_to_s3_with_wrong_credentials_is_a_remote_error_for_each(seaweed, s3_bucket: str,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    config = s3_config(tmp_path / "rclone.conf", seaweed, secret="wrong" * 8)
+    remote = RcloneRemote("s3rc", f"weed:{s3_bucket}/{uuid.uuid4().hex[:8]}", config=config)
+    _, results = put_batch(remote, tmp_path, [b"one", b"two"])
+    assert all(isinstance(r, RemoteError) and r.kind == REMOTE for r in results), results
+
+
+def test_the_uploader_sends_rclone_batches_and_never_records_a_mismatching_object(tmp_path: Path,
+                                                                                  empty_config: str) -> None:
+    import random
+
+    from test_uploads import World, policy, step
+
+    from cloudmanagerd.uploads import Uploader
+    world = World(tmp_path)
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    calls: list[int] = []
+    put_many = remote.put_many
+    remote.put_many = lambda items: calls.append(len(items)) or put_many(items)  # type: ignore[method-assign]
+    bad: list[str] = []
+    up = Uploader(world.catalog, world.cache, {"rc": remote}, ["rc"], policy(redundancy=1, concurrency=1),
+                  lease=60.0, now=world.now, rng=random.Random(1), bad_object=lambda h, size, why, seen: bad.append(h))
+    world.uploaders.append(up)
+    try:
+        hashes = [world.add_file(f"rclone object {i:02d}".encode() * 40, ["rc"]) for i in range(12)]
+        rotten = hashes[5]
+        with open(world.cache.object_path(rotten), "r+b") as f:
+            f.write(b"X")  # same size, other bytes: sent, but the uploader's check refuses to record it
+        step(up)
+        assert calls == [12]
+        assert bad == [rotten] and world.copies(rotten) == []
+        assert remote.exists(rotten, "") is None, "the copy of the wrong bytes is deleted"
+        assert all(world.copies(h) == ["rc"] for h in hashes if h != rotten)
+    finally:
+        world.close()
+
+
+def test_a_daemon_uploads_a_drop_of_small_files_to_an_rclone_remote(daemon_factory, workdir: Path) -> None:
+    (workdir / "rclone.conf").write_text("")
+    objects = workdir / "rclone-objects"
+    d = daemon_factory(remotes=0, start=False, upload={"redundancy": 1}, log={"level": "info"})
+    d.config["remotes"] = [{"name": "rc", "type": "rclone", "remote": f":local:{objects}",
+                            "config": str(workdir / "rclone.conf")}]
+    d.config_path.write_text(yaml.safe_dump(d.config))
+    d.start()
+    datas = [os.urandom(3000 + i) for i in range(40)]
+    staging = workdir / "staging"
+    staging.mkdir()
+    for i, data in enumerate(datas):
+        (staging / f"f{i:02d}").write_bytes(data)
+    for i in range(len(datas)):
+        os.rename(staging / f"f{i:02d}", d.inbox / f"f{i:02d}")
+    wait_for(lambda: d.status()["uploads"]["copies"] == len(datas), timeout=60,
+             message="every file copied to the rclone remote")
+    for data in datas:
+        assert (objects / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    uploads = d.status()["uploads"]
+    assert uploads["failed"] == uploads["retrying"] == 0
+
+
+def test_put_many_without_a_usable_temp_folder_is_one_clear_error(tmp_path: Path, empty_config: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
+    items = batch_items(tmp_path, [b"one", b"two"])
+    try:
+        with pytest.raises(RemoteError) as info:
+            remote.put_many(items)
+    finally:
+        close_items(items)
+    assert info.value.kind == TRANSIENT and "no-such-folder" in str(info.value) and "TMPDIR" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -673,3 +673,24 @@ def test_a_batch_counts_as_one_transfer_slot_and_renews_the_lease_of_each_pair(w
     r0.gate.set()
     wait_for(lambda: up.active_count() == 0, timeout=10, message="the batches to end")
     assert all(world.copies(h) == ["r0"] for h in hashes)
+
+
+def test_a_pump_claims_its_batches_in_one_transaction(world: World) -> None:
+    r0, r1 = BatchRemote("r0"), BatchRemote("r1")
+    up = world.uploader([r0, r1], redundancy=2, concurrency=2)
+    hashes = [world.add_file(f"small {i}".encode(), up.targets()) for i in range(30)]
+    pump_thread = threading.current_thread()
+    writes: list[threading.Thread] = []
+    tx = world.catalog.db.tx
+
+    def counting_tx():
+        writes.append(threading.current_thread())
+        return tx()
+    world.catalog.db.tx = counting_tx  # type: ignore[method-assign]
+    try:
+        step(up)
+    finally:
+        world.catalog.db.tx = tx  # type: ignore[method-assign]
+    assert writes.count(pump_thread) == 1, "both batches claimed in the pump's one transaction"
+    assert sorted(r0.batches + r1.batches) == [30, 30]
+    assert all(world.copies(h) == ["r0", "r1"] for h in hashes)

@@ -470,6 +470,29 @@ class Catalog:
         not) and then only 'queued' (the spares that failures queued in the same round)."""
         if limit <= 0:
             return []
+        with self.db.tx() as conn:
+            return self._claim(conn, now, limit, lease, skip_remotes, due_by, states, owner, remote, max_size)
+
+    def claim_batches(self, now: float, limit: int, lease: float, batchable: Collection[str], batch_files: int,
+                      max_size: int, owner: str | None = None) -> list[list[UploadClaim]]:
+        """The uploader's pump in one transaction: up to `limit` due pairs, oldest first, each made the
+        head of a batch of up to `batch_files` pairs to its remote when that remote is `batchable` and
+        the file at most `max_size` bytes (claimed in a second transaction, the batch cost a third of
+        an upload's commits, and each waited for the write lock again)."""
+        if limit <= 0:
+            return []
+        with self.db.tx() as conn:
+            heads = self._claim(conn, now, limit, lease, owner=owner)
+            return [[head] + (self._claim(conn, now, batch_files - 1, lease, owner=owner, remote=head.remote,
+                                          max_size=max_size)
+                              if head.remote in batchable and head.size <= max_size and batch_files > 1 else [])
+                    for head in heads]
+
+    def _claim(self, conn, now: float, limit: int, lease: float, skip_remotes: Sequence[str] = (),
+               due_by: float | None = None, states: Sequence[str] = ("queued", "retrying"),
+               owner: str | None = None, remote: str | None = None,
+               max_size: int | None = None) -> list[UploadClaim]:
+        """claim_due's work inside the caller's transaction."""
         owner = owner or self.node
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip}) " if skip_remotes else ""
@@ -492,26 +515,25 @@ class Catalog:
                   (f"AND NOT {here} AND (f.good > 0 OR NOT EXISTS (SELECT 1 FROM cache_entries o "
                    "WHERE o.hash=u.hash AND o.node <> ?))", (self.node, self.node))]
         rows: list[tuple[str, str, int, int]] = []
-        with self.db.tx() as conn:
-            for pass_sql, pass_args in passes:
-                found: list[tuple[Any, ...]] = []
-                # one indexed walk in next_attempt order per branch, merged here: `state IN (...) ORDER BY`
-                # would read and sort every due pair (10,000 after a large drop) in each claim, holding
-                # the write lock (and PostgreSQL's FOR UPDATE does not go with UNION)
-                for cond, cond_args in branches:
-                    found += conn.execute(
-                        "SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
-                        f"FROM uploads u JOIN files f ON f.hash=u.hash WHERE {cond} AND f.removing=0 "
-                        f"{skip_sql}{only_sql}{pass_sql} ORDER BY u.next_attempt LIMIT ? {self.db.claim_lock}",
-                        (*cond_args, *skip_remotes, *only, *pass_args, limit - len(rows))).fetchall()
-                found.sort(key=lambda row: row[4])
-                rows += [tuple(row[:4]) for row in found[:limit - len(rows)]]
-                if len(rows) >= limit:
-                    break
-            conn.executemany(
-                "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
-                "WHERE hash=? AND remote=?",
-                [(owner, now + lease, now, h, r) for h, r, _, _ in rows])
+        for pass_sql, pass_args in passes:
+            found: list[tuple[Any, ...]] = []
+            # one indexed walk in next_attempt order per branch, merged here: `state IN (...) ORDER BY`
+            # would read and sort every due pair (10,000 after a large drop) in each claim, holding
+            # the write lock (and PostgreSQL's FOR UPDATE does not go with UNION)
+            for cond, cond_args in branches:
+                found += conn.execute(
+                    "SELECT u.hash, u.remote, u.attempts, f.size, u.next_attempt "
+                    f"FROM uploads u JOIN files f ON f.hash=u.hash WHERE {cond} AND f.removing=0 "
+                    f"{skip_sql}{only_sql}{pass_sql} ORDER BY u.next_attempt LIMIT ? {self.db.claim_lock}",
+                    (*cond_args, *skip_remotes, *only, *pass_args, limit - len(rows))).fetchall()
+            found.sort(key=lambda row: row[4])
+            rows += [tuple(row[:4]) for row in found[:limit - len(rows)]]
+            if len(rows) >= limit:
+                break
+        conn.executemany(
+            "UPDATE uploads SET state='active', claim_owner=?, lease_expiry=?, updated=? "
+            "WHERE hash=? AND remote=?",
+            [(owner, now + lease, now, h, r) for h, r, _, _ in rows])
         return [UploadClaim(h, r, a, s) for h, r, a, s in rows]
 
     def next_due_time(self) -> float | None:

@@ -72,7 +72,7 @@ class DirectoryRemote:
 
     def _write_tmp(self, folder: int, h: str, src_fd: int, size: int, transfer: Transfer | None) -> tuple[str, int]:
         """The object's bytes under a temp name, its source confirmed; (temp name, open descriptor)."""
-        tmp = f".{h}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f".{h}.{os.urandom(4).hex()}.tmp"  # not uuid4: a tenth of a batch's time went to it
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
             os.lseek(src_fd, 0, os.SEEK_SET)
@@ -103,7 +103,7 @@ class DirectoryRemote:
                         transfer.begin()
                     folder = folders.get(h[:2])
                     if folder is None:
-                        folder = folders[h[:2]] = fsutil.open_subdir(root, [h[:2].encode()], create=True)
+                        folder = folders[h[:2]] = self._folder(root, h[:2])
                     tmp, out = self._write_tmp(folder, h, src_fd, size, transfer)
                 except RemoteError as exc:
                     results[i] = exc
@@ -111,12 +111,14 @@ class DirectoryRemote:
                 except OSError as exc:
                     results[i] = self._error(exc, "write to")
                     continue
-                written.append((i, h, folder, tmp, out))
-                if len(written) >= SYNCFS_BATCH:  # one syncfs will do: no descriptor held for an fsync
-                    for *_, fd in written:
-                        if fd >= 0:
+                if len(written) + 1 >= SYNCFS_BATCH:  # one syncfs will do: no descriptor held for an fsync
+                    os.close(out)
+                    out = -1
+                    if len(written) + 1 == SYNCFS_BATCH:  # once, not for every later copy
+                        for *_, fd in written:
                             os.close(fd)
-                    written = [(i, h, f, t, -1) for i, h, f, t, _ in written]
+                        written = [(i, h, f, t, -1) for i, h, f, t, _ in written]
+                written.append((i, h, folder, tmp, out))
             renamed = self._durable_renames(root, written, results)
             self._sync_folders(root, [folders[h[:2]] for h in renamed], renamed, items, results)
         finally:
@@ -128,6 +130,17 @@ class DirectoryRemote:
                 os.close(fd)
             os.close(root)
         return [r if r is not None else RemoteError(f"remote {self.name}: not written") for r in results]
+
+    @staticmethod
+    def _folder(root: int, name: str) -> int:
+        """The open folder <root>/<name>, made if missing (opened first: it nearly always exists, and
+        a failing mkdir each time cost as much as the open)."""
+        try:
+            return os.open(name, fsutil.O_SUBDIR, dir_fd=root)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=root)
+            return os.open(name, fsutil.O_SUBDIR, dir_fd=root)
 
     def _durable_renames(self, root: int, written: list[tuple[int, str, int, str, int]],
                          results: list[str | RemoteError | None]) -> dict[str, int]:

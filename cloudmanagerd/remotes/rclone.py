@@ -11,6 +11,15 @@ logs on stderr, which give both the transfer's progress and its last error.
   verification of the copy. Progress: the `bytes` of the stats line rclone logs every second.
   rclone 1.60 writes some providers' objects (local, sftp...) in place, so a put that had
   to be killed deletes what it may have left under the final name.
+- put_many (the uploader's batches of small objects): one `rclone copy STAGE <remote>
+  --files-from-raw LIST -L --no-check-dest --transfers 8` for the whole batch, where STAGE is a
+  private temp folder of symlinks `<h> -> /proc/self/fd/N` to the inherited cache objects (rclone
+  reads the very files the uploader opened and checks, as put does, and names each copy <h>).
+  rclone's JSON log says which objects were copied ("Copied ...", each checked as put's are) and
+  which failed (an error line naming the object); its stats give each object's bytes, so every
+  object is begun (`Transfer.begin`) when rclone starts it and watched for stalls on its own. A
+  cancelled object (stalled, or the daemon stopping) stops the whole command: the objects already
+  copied keep their URLs, the others are Cancelled and what they may have left is deleted.
 - get: `rclone cat --error-on-no-transfer <remote>/<h>` straight into the destination fd
   (on S3 a missing object is an empty "folder" to cat, which only that flag turns into an
   error: exit 9).
@@ -43,6 +52,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
 
 from ..config import RemoteConfig
 from .base import MISSING, OBJECT_NAME, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer, reserved_parts
@@ -53,6 +66,7 @@ PROGRESS_FLAGS = ("--stats", "1s", "--stats-log-level", "NOTICE")
 OP_TIMEOUT = 120.0  # exists, delete, probe
 TRANSFER_TIMEOUT = 6 * 3600.0  # a put or get without a Transfer watching it
 CLEANUP_TIMEOUT = 5.0
+BATCH_TRANSFERS = 8  # small objects in flight at once in one batch (rclone's default is 4)
 
 EXIT_MEANINGS = {
     1: "error",
@@ -261,6 +275,84 @@ class RcloneRemote:
             raise self._error("put", result)
         return join(public_remote(self.remote), h)
 
+    def put_many(self, items: Sequence[tuple[str, int, int, Transfer | None]]) -> list[str | RemoteError]:
+        """Many small objects by one `rclone copy` (see the module doc); in the items' order, each
+        one's URL once rclone has copied and checked it, or the error of that object alone."""
+        results: list[str | RemoteError | None] = [None] * len(items)
+        batch = _Batch(self.op_timeout)
+        for i, (h, fd, size, transfer) in enumerate(items):
+            if transfer is not None and transfer.cancelled:
+                results[i] = Cancelled(transfer.reason or "cancelled")
+            elif h not in batch.index:
+                batch.add(h, i, fd, size, transfer)
+        if not batch.index:
+            return [r if r is not None else RemoteError("not sent", TRANSIENT) for r in results]
+        stage, listing = self._stage(batch)
+        stopped: RemoteError | None = None
+        try:
+            result = self._run("copy", stage, self.remote, "--files-from-raw", listing, "-L", "--no-check-dest",
+                               "--no-traverse", "-v", "--transfers", str(BATCH_TRANSFERS), "--checkers",
+                               str(BATCH_TRANSFERS), *PROGRESS_FLAGS, transfer=batch,
+                               timeout=self.transfer_timeout, pass_fds=sorted(set(batch.fds.values())),
+                               on_stderr_line=batch.on_line)
+        except (Cancelled, Timeout) as exc:
+            stopped, result = exc, None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        left = [h for h in batch.index if h not in batch.copied]
+        if stopped is not None and left:
+            self._discard_many(left)  # rclone 1.60 writes local (and sftp...) objects in place
+        if result is not None and not result.ok and not batch.copied and not batch.errors:
+            raise self._error("put", result)  # the whole command failed: no object was even tried
+        for h, i in batch.index.items():
+            if h in batch.copied:
+                results[i] = join(public_remote(self.remote), h)
+            elif stopped is not None:
+                results[i] = stopped if isinstance(stopped, Timeout) else Cancelled(str(stopped))
+            elif h in batch.errors:
+                code = result.code if result is not None and result.code > 0 else 1
+                detail = self._scrub(one_line(batch.errors[h]))
+                kind, meaning = classify("put", code, detail)
+                results[i] = RemoteError(f"rclone copy failed (exit {code}, {meaning}): {detail}",
+                                         TRANSIENT if kind == MISSING else kind)
+            else:
+                results[i] = self._error("put", result) if result is not None and not result.ok else RemoteError(
+                    "rclone copy exited without copying it (its source could not be read)", TRANSIENT)
+        return [r if r is not None else RemoteError("not sent", TRANSIENT) for r in results]
+
+    @staticmethod
+    def _stage(batch: _Batch) -> tuple[str, str]:
+        """A private temp folder of links <h> -> /proc/self/fd/N, and the list of their names in it."""
+        try:
+            stage = tempfile.mkdtemp(prefix="cloudmanagerd-rclone-")
+        except OSError as exc:
+            raise RemoteError(f"rclone batch: cannot make a temp folder in {tempfile.gettempdir()}: "
+                              f"{exc.strerror or exc} (free space there, or set TMPDIR)", TRANSIENT) from None
+        try:
+            for h, fd in batch.fds.items():
+                os.symlink(f"/proc/self/fd/{fd}", os.path.join(stage, h))
+            listing = os.path.join(stage, ".files")  # not in itself, so never copied
+            with open(listing, "w", encoding="ascii") as f:
+                f.write("".join(h + "\n" for h in batch.index))
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RemoteError(f"rclone batch: cannot write its list in {stage}: {exc.strerror or exc} "
+                              "(free space there, or set TMPDIR)", TRANSIENT) from None
+        return stage, listing
+
+    def _discard_many(self, hashes: Sequence[str]) -> None:
+        """Delete what a killed batch may have left under the final names (best effort, briefly)."""
+        fd, listing = tempfile.mkstemp(prefix="cloudmanagerd-rclone-", suffix=".files")
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write("".join(h + "\n" for h in hashes))
+            with contextlib.suppress(RemoteError):
+                run(self._argv("delete", self.remote, "--files-from-raw", listing), timeout=CLEANUP_TIMEOUT,
+                    env=self._env(), what="rclone delete")
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(listing)
+
     def _discard(self, target: str) -> None:
         """Delete what a killed put may have left under the final name (best effort, briefly)."""
         with contextlib.suppress(RemoteError):
@@ -370,6 +462,91 @@ def _json(result: Result) -> object:
     except ValueError:
         raise RemoteError("rclone lsjson printed no JSON: "
                           + one_line(result.stdout.decode("utf-8", "replace")), TRANSIENT) from None
+
+
+class _Batch(Transfer):
+    """What `run()` watches for a batch: it is cancelled when any object in flight is. Its stderr
+    handler feeds each object's Transfer from rclone's JSON log."""
+
+    def __init__(self, idle_limit: float) -> None:
+        super().__init__(0)
+        self.index: dict[str, int] = {}  # hash -> position in the batch
+        self.fds: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.transfers: dict[str, Transfer] = {}
+        self.copied: set[str] = set()
+        self.errors: dict[str, str] = {}
+        self.idle_limit = idle_limit  # no object started or moved this long: rclone is stuck
+        self.last_event = time.monotonic()
+
+    def add(self, h: str, i: int, fd: int, size: int, transfer: Transfer | None) -> None:
+        self.index[h], self.fds[h], self.sizes[h] = i, fd, size
+        if transfer is not None:
+            self.transfers[h] = transfer
+
+    @property
+    def cancelled(self) -> bool:  # type: ignore[override]
+        return self._event.is_set() or any(
+            t.cancelled for h, t in self.transfers.items() if h not in self.copied)
+
+    @property
+    def reason(self) -> str | None:  # type: ignore[override]
+        """Why the batch stops: that of the first object cancelled, else its own."""
+        for h, t in self.transfers.items():
+            if t.cancelled and h not in self.copied:
+                return t.reason or "cancelled"
+        return self._own_reason
+
+    @reason.setter
+    def reason(self, value: str | None) -> None:
+        self._own_reason = value
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled(self.reason or "cancelled")
+
+    def on_line(self, line: str) -> None:
+        if not line.startswith("{"):
+            return
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(entry, dict):
+            return
+        h = entry.get("object")
+        if h in self.index:
+            if entry.get("level") in ("error", "critical", "fatal"):
+                self.errors[h] = str(entry.get("msg", ""))
+            elif str(entry.get("msg", "")).startswith("Copied"):
+                self._moved(h, self.sizes[h])
+                self.copied.add(h)
+                transfer = self.transfers.get(h)
+                if transfer is not None:
+                    # copied: it only waits for its batch now, which is no stall of its own
+                    transfer.pending = True
+        stats = entry.get("stats")
+        if isinstance(stats, dict):
+            for item in stats.get("transferring") or ():
+                with contextlib.suppress(TypeError, ValueError, AttributeError):
+                    name = item.get("name")
+                    if name in self.index and name not in self.copied:
+                        self._moved(name, int(item.get("bytes", 0)))
+            if time.monotonic() - self.last_event > self.idle_limit:
+                self.cancel(f"stalled: rclone copy started or moved no object for {self.idle_limit:.0f}s")
+        self.check()
+
+    def _moved(self, h: str, done: int) -> None:
+        transfer = self.transfers.get(h)
+        if transfer is None:
+            self.last_event = time.monotonic()
+            return
+        if transfer.pending:
+            transfer.begin()  # rclone reached this object: its own stall clock starts
+            self.last_event = time.monotonic()
+        if done != transfer.done:
+            self.last_event = time.monotonic()
+        transfer.update(done)
 
 
 def _progress(transfer: Transfer | None):

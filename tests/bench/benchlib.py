@@ -346,6 +346,19 @@ def write_json(path: str | None, figures: Any) -> None:
     Path(path).write_text(json.dumps(figures, indent=1, default=str))
 
 
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds process `pid` has used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far."""
+    return sum(process_cpu_split(pid))
+
+
 def write_small_files(folder: Path, count: int, size: int) -> list[str]:
     """`count` files of `size` random bytes in a new folder; their names."""
     folder.mkdir()

@@ -40,6 +40,7 @@ from benchlib import (
     human_bytes,
     parse_size,
     peer_env,
+    process_cpu_split,
     profile_sections,
     rmtree,
     run_bench,
@@ -56,6 +57,7 @@ RCLONE_FLAGS = ["--transfers", "4", "--checkers", "8", "-q"]  # rclone's default
 class Results:
     runs: dict[str, list[float]] = field(default_factory=dict)  # "registered", "safe", "rclone copy", ...
     rss: float | None = None
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # the daemon's (user, system) s, each run
     load: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     profiles: dict[str, Path] = field(default_factory=dict)
@@ -94,18 +96,21 @@ class Bench:
         stage = self.staging("s_daemon")
         remote = self.root / "remote"
         remote.mkdir()
-        d = InboxDaemon(self.root, f"d{rep}", remotes=[{"name": "nas", "type": "directory", "path": str(remote)}],
-                        log_level="info", upload={"redundancy": 1})
+        remotes = [] if self.args.no_remote else [{"name": "nas", "type": "directory", "path": str(remote)}]
+        d = InboxDaemon(self.root, f"d{rep}", remotes=remotes, log_level="info",
+                        **({} if self.args.no_remote else {"upload": {"redundancy": 1}}))
         self.daemons.append(d)
         d.start()
         if self.args.profile and rep == 0:
             out = Path(self.args.profile) / "daemon.txt"
-            d.start_profiler(out)
+            d.start_profiler(out, extra=self.args.profile_flags.split())
             if d.profiler is not None:
                 self.r.profiles["daemon"] = out
         n = len(self.names)
         say(f"daemon: renaming {n} files into the inbox (one folder remote, redundancy 1)")
         inbox, src = str(d.inbox), str(stage)
+        assert d.proc is not None
+        cpu0 = process_cpu_split(d.proc.pid)
         t0 = time.perf_counter()
         for name in self.names:
             os.rename(f"{src}/{name}", f"{inbox}/{name}")
@@ -120,9 +125,12 @@ class Bench:
                 registered = now - t0
                 self.record("registered", registered)
                 say(f"  all {n} registered after {registered:.2f} s")
-            if st["uploads"]["copies"] >= n:
+            if st["uploads"]["copies"] >= n or (self.args.no_remote and registered is not None):
                 self.record("safe", now - t0)
-                say(f"  all {n} safe after {now - t0:.2f} s")
+                cpu1 = process_cpu_split(d.proc.pid)
+                self.r.cpu.append((cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]))
+                say(f"  all {n} safe after {now - t0:.2f} s; daemon CPU user {self.r.cpu[-1][0]:.2f} s, "
+                    f"system {self.r.cpu[-1][1]:.2f} s")
                 break
             if time.monotonic() >= next_report:
                 say(f"  ... {st['catalog']['files']}/{n} registered, {st['uploads']['copies']} copies, "
@@ -137,7 +145,7 @@ class Bench:
         d.stop_profiler()
         d.stop()
         copies = sum(1 for sub in remote.iterdir() for f in sub.iterdir() if not f.name.startswith("."))
-        if copies != n:
+        if copies != n and not self.args.no_remote:
             raise RuntimeError(f"the remote folder holds {copies} copies, not {n}")
         rmtree(d.dir)
         rmtree(stage)
@@ -172,12 +180,14 @@ def run(b: Bench) -> None:
     b.make_master()
     for rep in range(b.args.repeat):  # interleaved: a busy spell of the machine hits both sides
         say(f"round {rep + 1}/{b.args.repeat}")
-        b.phase_rclone(False)
-        os.sync()
-        b.phase_rclone(True)
-        os.sync()
-        b.phase_daemon(rep)
-        os.sync()
+        if "rclone" in b.args.only:
+            b.phase_rclone(False)
+            os.sync()
+            b.phase_rclone(True)
+            os.sync()
+        if "daemon" in b.args.only:
+            b.phase_daemon(rep)
+            os.sync()
 
 
 def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int]:
@@ -204,6 +214,10 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     out += table(rows, ["ratio", "target >=1x", "figure", "cloudmanagerd", "peer", "peer is"], {0, 3, 4})
     out.append("")
     out += [f"runs, {key}: " + ", ".join(f"{v:.2f}" for v in vs) + " s" for key, vs in r.runs.items()]
+    if r.cpu:
+        out.append("daemon CPU until safe (user + system s), each run: "
+                   + ", ".join(f"{u:.2f} + {s:.2f}" for u, s in r.cpu)
+                   + " (less sensitive than seconds to other work on the machine)")
     out.append(f"daemon peak RSS: {r.rss:.1f} MB" if r.rss is not None else "daemon peak RSS: —")
     if r.problems:
         out.append(f"daemon problems at the end: {r.problems}")
@@ -220,6 +234,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tmp", default="/tmp", help="where the temp data folder goes (default /tmp)")
     p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     p.add_argument("--profile", metavar="DIR", help="record the daemon with py-spy")
+    p.add_argument("--profile-flags", default="", metavar="FLAGS",
+                   help="more py-spy record flags, e.g. '--idle' or '--gil' (one string)")
+    p.add_argument("--only", default="rclone,daemon", type=lambda v: set(v.split(",")),
+                   help="the sides to run, of rclone,daemon (default both)")
+    p.add_argument("--no-remote", action="store_true",
+                   help="the daemon with no remote at all (registered only): what uploads cost ingest")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temp data folder")
     add_json_arg(p)

@@ -64,6 +64,7 @@ from benchlib import (
     human_bytes,
     parse_size,
     peer_env,
+    process_cpu,
     profile_sections,
     rmtree,
     run_bench,
@@ -98,12 +99,6 @@ def parse_ints(text: str) -> list[int]:
 def log_time(stamp: str) -> float:
     """The daemon's asctime ("2024-05-01 12:00:00,123", local time) as a Unix time."""
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu() -> float:

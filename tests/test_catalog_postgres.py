@@ -100,3 +100,12 @@ def test_glob_translation() -> None:
     import re
     rx = re.compile(glob_regex("a?[bc]*.txt"))
     assert rx.match("axb.txt") and rx.match("a\u00c3\u00a9czz.txt") and not rx.match("ab.txt")
+
+
+@pytest.mark.parametrize("url", ["postgresql://cm:hunter2@[::1:bad/cm", "postgresql://cm:hunter2@host:notaport/cm",
+                                 "postgresql://h/cm?password=hunter2&connect_timeout=x"])
+def test_an_unreadable_url_is_refused_without_showing_its_password(url: str) -> None:
+    # libpq quotes a URL it cannot parse whole: the message must not carry the password along
+    with pytest.raises(StartupError) as info:
+        Catalog.open(url, "node1")
+    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)

@@ -108,3 +108,24 @@ def test_postgresql_going_away_loses_nothing(daemon_factory, own_server: Postgre
     # the health check waited the outage out: no loop was taken for stuck, no watchdog ping withheld
     assert "no more watchdog pings" not in d.log() and "Traceback" not in d.log()
     assert d.stop() == 0
+
+
+def test_the_python_api_on_a_postgresql_catalog(postgres_url: str, workdir: Path) -> None:
+    from cloudmanagerd import CloudManager
+    remotes = []
+    for name in ("a", "b"):
+        (workdir / name).mkdir()
+        remotes.append({"name": name, "type": "directory", "path": str(workdir / name)})
+    (workdir / "f.txt").write_bytes(b"on postgres\n" * 50)
+    with CloudManager(postgres_url, str(workdir / "store"), 10_000, remotes=remotes) as cm:
+        h = cm.upload(str(workdir / "f.txt"))
+        assert h == hashlib.sha256(b"on postgres\n" * 50).hexdigest()
+        assert cm.upload_queue_info() == {"size": 600, "count": 1}
+        assert cm.cloud_sync() == 2
+        assert cm.upload_queue_info() == {"size": 0, "count": 0}
+        assert {u["host_name"] for u in cm.info(h)["uploads"]} == {"a", "b"}
+        assert cm.total_incoming() == 600 and cm.total_outgoing() == 1200
+    # another process's view (a second CloudManager, another cache): the file is known and fetched
+    with CloudManager(postgres_url, str(workdir / "store2"), 10_000, remotes=remotes) as other:
+        assert other.exists(h) and not other.on_cache(h)
+        assert Path(other.warm_up(h)).read_bytes() == b"on postgres\n" * 50

@@ -261,6 +261,16 @@ def safe_url(url: str) -> str:
         return url.split("://", 1)[0] + "://(unreadable URL)"
 
 
+_CREDENTIALS = re.compile(r"(://)[^@/\s\"']*@|(password\s*=\s*)(?:'[^']*'|[^\s&\"']*)", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """An error's first line with any user:password@ or password=... taken out (libpq quotes the
+    whole URL when it cannot parse it)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return _CREDENTIALS.sub(lambda m: m.group(1) or (m.group(2) + "***"), first)
+
+
 def _translate(sql: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (a deliberate memo)
     """The catalog's `?` placeholders in psycopg's `%s` style (a literal % doubled)."""
     out = cache.get(sql)
@@ -400,7 +410,9 @@ class PostgresDatabase:
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=POOL_SIZE, timeout=POOL_TIMEOUT, open=False, configure=self._configure,
             check=psycopg_pool.ConnectionPool.check_connection, kwargs={"connect_timeout": CONNECT_TIMEOUT},
-            name="catalog")
+            # the pool's own threads (one worker that opens connections, its scheduler) are the only
+            # ones a PostgreSQL catalog adds; close() ends them
+            num_workers=1, name="catalog")
         self.pool.open(wait=True, timeout=POOL_TIMEOUT)
 
     @staticmethod
@@ -441,9 +453,9 @@ class PostgresDatabase:
     def watch(self, exc: psycopg.Error) -> None:
         state = getattr(exc, "sqlstate", None)
         if isinstance(exc, psycopg_pool.PoolTimeout) or state is None or state.startswith(("08", "57P")):
-            self.unreachable = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.unreachable = scrub(str(exc)) or type(exc).__name__
         elif state in ("53100", "53200", "53300"):  # disk full, out of memory, too many connections
-            self.write_error, self.disk_full = str(exc).strip().splitlines()[0], state == "53100"
+            self.write_error, self.disk_full = scrub(str(exc)), state == "53100"
 
     def health(self):
         from . import CatalogHealth
@@ -454,7 +466,7 @@ class PostgresDatabase:
         return f"restore {self.where} from a pg_dump backup (README: Catalog)"
 
     def explain(self, exc: BaseException) -> str:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = scrub(str(exc)) or type(exc).__name__
         if isinstance(exc, psycopg.OperationalError):
             return (f"catalog {self.where}: cannot connect ({first}); check that PostgreSQL runs there and "
                     "that the URL's host, port, database, user and password are right")

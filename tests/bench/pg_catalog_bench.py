@@ -67,6 +67,42 @@ def _claimer(url: str, node: str, start: multiprocessing.Event, out) -> None:
         catalog.close()
 
 
+def round_trips(url: str, files: int, batch: int) -> tuple[float, float]:
+    """(statements, commits) per file registered by one writer in this process: statements counted at
+    the backend's session (an executemany counts once: psycopg pipelines it), commits by the server."""
+    import psycopg
+    from cloudmanagerd.catalog import postgres
+    counted = {"n": 0}
+    calls = {name: getattr(postgres._Session, name) for name in ("execute", "executemany")}
+
+    def counting(name):
+        def call(self, *args):
+            counted["n"] += 1
+            return calls[name](self, *args)
+        return call
+    catalog = Catalog.open(url, "counted")
+    try:
+        for name in calls:
+            setattr(postgres._Session, name, counting(name))
+        with psycopg.connect(url) as conn:
+            before = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname=current_database()"
+                                  ).fetchone()[0]
+        for i in range(0, files, batch):
+            records = [IngestRecord(os.urandom(32).hex(), b"f", 4096) for _ in range(min(batch, files - i))]
+            catalog.begin_ingest(records, time.time())
+            catalog.finish_ingest(records, ["r0", "r1"], time.time())
+        time.sleep(1.0)  # the server's statistics are sent at intervals
+        with psycopg.connect(url) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            after = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname=current_database()"
+                                 ).fetchone()[0]
+    finally:
+        for name, method in calls.items():
+            setattr(postgres._Session, name, method)
+        catalog.close()
+    return counted["n"] / files, (after - before - 2) / files
+
+
 def run(url: str, writers: int, files: int, batch: int) -> float:
     """Files registered per second, all writers together."""
     start, out = multiprocessing.Event(), multiprocessing.Queue()
@@ -122,6 +158,9 @@ def main() -> None:
                     cps, total = claims(url, 3)
                     print(f"postgresql  claims, 3 nodes at once: {cps:8.0f} pairs/s ({total} pairs, 8 per claim)",
                           flush=True)
+        statements, commits = round_trips(server.create_database(), 500, args.batch)
+        print(f"postgresql  per file: {statements:.1f} statements (round trips), {commits:.2f} commits "
+              f"(batch {args.batch})", flush=True)
         rate = run(f"sqlite:///{tmp}/catalog.sqlite3", 1, args.files, args.batch)
         print(f"sqlite      {'':20} writers=1  {rate:8.0f} files/s", flush=True)
     finally:

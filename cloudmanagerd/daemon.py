@@ -303,7 +303,7 @@ class Daemon:
 
     def problems(self, cluster: dict[str, Any] | None = None) -> list[str]:
         reload_error = [self.reload_error] if self.reload_error else []
-        cluster = self.cluster() if cluster is None else cluster
+        cluster = self._last_cluster if cluster is None else cluster  # status() passes fresh figures
         return (reload_error + self.health().lines() + self.worker.problems()
                 + self.uploader.problems() + self.scrubber.problems() + cluster_problems(cluster))
 
@@ -565,8 +565,8 @@ def redact_url(url: str) -> str:
     return safe_url(url)
 
 
-def cluster_problems(cluster: dict[str, Any]) -> list[str]:
-    if not cluster["at_risk"]:
+def cluster_problems(cluster: dict[str, Any] | None) -> list[str]:
+    if not cluster or not cluster["at_risk"]:
         return []
     return [f"{cluster['at_risk']} file(s) ({human_size(cluster['at_risk_bytes'])}) below min_redundancy are "
             f"cached only on node(s) not running: {', '.join(cluster['at_risk_nodes'])} (start them so that "

@@ -468,6 +468,11 @@ class Ingestor:
         removed = self.cache.clear_tmp()
         if removed:
             log.info("removed %d temp file(s) left in the cache by an interrupted copy", removed)
+        self.finish_interrupted()
+
+    def finish_interrupted(self) -> None:
+        """Register the files of this node's "ingesting" rows whose objects are whole in the cache;
+        forget the others (their files are still in the inbox, or were never moved)."""
         for record in self.catalog.pending_ingests():
             self._reconcile_one(record)
 
@@ -598,6 +603,7 @@ class IngestWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._error_logged: str | None = None
+        self._unfinished = False  # a catalog error may have left a batch in the cache, unregistered
         self._announced: set[bytes] = set()
         self._busy: dict[bytes, int] = {}  # file still open for writing -> attempts so far
         ingestor.tick = self._tick
@@ -645,6 +651,17 @@ class IngestWorker:
             if rels and self._wedge:
                 log.warning("CLOUDMANAGERD_FAULT=wedge-ingest: the ingest thread now hangs (test fault)")
                 self._stop.wait()
+            if self._unfinished and not self._stop.is_set():
+                # a catalog error may have come between a batch's move into the cache and its
+                # registration (a catalog server that went away): finish or undo that batch as soon
+                # as the catalog answers again, not at the next start
+                try:
+                    self.ingestor.finish_interrupted()
+                    self._unfinished = False
+                except (OSError, *DB_ERRORS) as exc:
+                    self._failed(rels, f"catalog: {exc}" if isinstance(exc, DB_ERRORS) else
+                                 explain_oserror(exc, "ingest", CACHE_HINTS))
+                    continue
             if not rels or self._stop.is_set():
                 for rel in rels:
                     self.queue.put_ready(rel)
@@ -655,6 +672,7 @@ class IngestWorker:
                 self._failed(rels, explain_oserror(exc, "ingest", CACHE_HINTS))
                 continue
             except DB_ERRORS as exc:
+                self._unfinished = True
                 self._failed(rels, f"catalog: {exc} (free some space on the state folder's disk)"
                              if "full" in str(exc) else f"catalog: {exc}")
                 continue

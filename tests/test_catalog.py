@@ -374,3 +374,31 @@ def test_eviction_candidates_walk_the_whole_lru_in_pages_without_repeats(catalog
     assert got == sorted(set(hashes) - {hashes[0], hashes[1]}) + [hashes[0]]  # hashes[1] has no copy
     # the least recently used entry is hashes[1], short of copies: a scan limit of 1 stops there
     assert [h for h, _ in catalog.eviction_candidates(1, scan_limit=1)] == []
+
+
+def test_two_nodes_registering_and_recording_the_same_files_in_opposite_orders_do_not_deadlock(
+        catalog: Catalog, open_catalog: Callable[[str], Catalog]) -> None:
+    other = open_catalog("node2")
+    errors: list[BaseException] = []
+    total = 0
+    for round_ in range(4):
+        records = [IngestRecord(fake_hash(f"{round_:x}{i:03x}dd"), b"same", 5) for i in range(40)]
+        total += len(records)
+
+        def node(c: Catalog, order: list[IngestRecord]) -> None:
+            try:
+                c.begin_ingest(order, T0)
+                c.finish_ingest(order, ["r0", "r1"], T0)
+                c.uploads_done([(r.hash, "r0", "u", 5) for r in order], 2, T0)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=node, args=(catalog, records)),
+                   threading.Thread(target=node, args=(other, records[::-1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+    counts = catalog.counts(1, 2)
+    assert (counts["files"], counts["copies"], counts["cache_files"]) == (total, total, total)
+    assert other.counts(1, 2)["cache_files"] == total

@@ -1,6 +1,8 @@
-"""The catalog: every SQL statement of cloudmanagerd lives in this module.
+"""The catalog: every SQL statement of cloudmanagerd lives in this package, written once here for
+both engines; sqlite.py and postgres.py hold what differs (connections, DDL and migrations, the
+dialect's few statements), chosen by the catalog URL's scheme.
 
-Tables (schema version 1):
+Tables:
 - files: one row per content hash (name as raw bytes, size, added, pin, export bookkeeping).
 - ingests: files in flight from the inbox to the cache, committed before the rename so
   that start-up can finish or undo whatever a crash interrupted.
@@ -188,26 +190,32 @@ class Catalog:
 
     def finish_ingest(self, records: Sequence[IngestRecord], remotes: Sequence[str], now: float) -> list[str]:
         """Register files whose objects are durably in the cache; returns the hashes that were new."""
-        new: list[str] = []
-        month = month_of(now)
+        # in hash order: two nodes registering the same content at once (the same files dropped on
+        # both) must lock the rows in one order, or each would wait on the other's (a deadlock)
+        records = sorted(records, key=lambda r: (r.hash, r.name))
+        hashes = sorted({r.hash for r in records})
+        # a statement per step for the whole batch, not per file: on a server each statement is a
+        # round trip (executemany pipelines its rows), and a batch of files cost 4 per file
         with self.db.tx() as conn:
-            for r in records:
-                inserted = conn.execute(
-                    "INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (r.hash, r.name, r.size, now)).rowcount
-                conn.execute(
-                    "INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(hash, node) DO UPDATE SET last_used=excluded.last_used",
-                    (r.hash, self.node, r.size, now))
-                if inserted:
-                    new.append(r.hash)
-                    conn.executemany(
-                        "INSERT INTO uploads(hash, remote, state, next_attempt, updated) "
-                        "VALUES (?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
-                        [(r.hash, remote, now, now) for remote in remotes])
-                conn.execute("DELETE FROM ingests WHERE node=? AND hash=? AND name=?", (self.node, r.hash, r.name))
-            incoming = sum(r.size for r in records)
-            self._add_transfer(conn, month, incoming=incoming)
+            known = {h for i in range(0, len(hashes), 500) for (h,) in conn.execute(
+                f"SELECT hash FROM files WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))})",
+                hashes[i:i + 500])}
+            first = {r.hash: r for r in reversed(records)}  # the first name of each new content
+            new = [h for h in hashes if h not in known]
+            # ON CONFLICT DO NOTHING: another node may have registered the same content meanwhile
+            conn.executemany("INSERT INTO files(hash, name, size, added) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                             [(h, first[h].name, first[h].size, now) for h in new])
+            conn.executemany(
+                "INSERT INTO cache_entries(hash, node, size, last_used) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(hash, node) DO UPDATE SET last_used=excluded.last_used",
+                [(h, self.node, first[h].size, now) for h in hashes])
+            conn.executemany(
+                "INSERT INTO uploads(hash, remote, state, next_attempt, updated) "
+                "VALUES (?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
+                [(h, remote, now, now) for h in new for remote in remotes])
+            conn.executemany("DELETE FROM ingests WHERE node=? AND hash=? AND name=?",
+                             [(self.node, r.hash, r.name) for r in records])
+            self._add_transfer(conn, month_of(now), incoming=sum(r.size for r in records))
         return new
 
     def abandon_ingest(self, records: Iterable[IngestRecord]) -> None:
@@ -516,6 +524,9 @@ class Catalog:
 
     def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int, now: float) -> None:
         """Record verified copies (hash, remote, url, size), all in one transaction (a batch's)."""
+        # in hash order: each copy's trigger updates its file's row, and two nodes recording copies of
+        # the same files in different orders would deadlock on those rows (PostgreSQL aborts one)
+        copies = sorted(copies)
         with self.db.tx() as conn:
             conn.executemany(
                 "INSERT INTO copies(hash, remote, url, created, verified) VALUES (?, ?, ?, ?, ?) "

@@ -257,24 +257,36 @@ def test_the_same_200_files_dropped_on_two_nodes_at_once_are_200_entries_with_on
     assert n1.stop() == 0 and n2.stop() == 0
 
 
+def hangs(locker: Path) -> list[tuple[int, int]]:
+    """The plowup stand-ins hanging now: (plowup's pid, its `sleep` child's pid) each."""
+    folder = locker / "hangs"
+    pairs = [tuple(map(int, f.read_text().split())) for f in folder.iterdir()] if folder.exists() else []
+    return [p for p in pairs if len(p) == 2]
+
+
+def locker_remotes(workdir: Path, locker: Path, hang: int, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """A folder remote r0 and a file locker (the plowshare stand-ins) whose first `hang` uploads hang."""
+    locker.mkdir()
+    (workdir / "nas").mkdir(exist_ok=True)
+    (locker / "control.json").write_text(json.dumps({"plowup": {"hang": True, "times": hang}}))
+    monkeypatch.setenv("FAKE_PLOWSHARE_STORE", str(locker))
+    return [{"name": "r0", "type": "directory", "path": str(workdir / "nas")},
+            {"name": "locker", "type": "plowshare", "host": "fakelocker", "bin_dir": FAKES}]
+
+
 def test_a_node_killed_in_the_middle_of_uploads_leaves_its_claims_to_the_others_after_the_lease(
         daemon_factory, workdir: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # a file locker (the plowshare stand-ins) whose first three uploads hang: n1 is caught sending
     locker = workdir / "locker"
-    locker.mkdir()
-    (locker / "control.json").write_text(json.dumps({"plowup": {"hang": True, "times": 3}}))
-    monkeypatch.setenv("FAKE_PLOWSHARE_STORE", str(locker))
+    remote_list = locker_remotes(workdir, locker, 3, monkeypatch)
     renames = Renames(workdir / "nas")
     try:
-        remote_list = [{"name": "r0", "type": "directory", "path": str(workdir / "nas")},
-                       {"name": "locker", "type": "plowshare", "host": "fakelocker", "bin_dir": FAKES}]
         cluster = Cluster(daemon_factory, workdir, postgres_url, remote_list)
         n1 = cluster.add(upload={"concurrency": 8})
         hashes = set(drop(n1, {f"k{i}.bin": os.urandom(100_000 + i) for i in range(3)}).values())
 
         def hanging() -> list[int]:
-            folder = locker / "hangs"
-            return [int(p) for f in folder.iterdir() for p in f.read_text().split()] if folder.exists() else []
+            return [pid for pair in hangs(locker) for pid in pair]
         wait_for(lambda: len(hanging()) == 6 and all_stored(n1, hashes, {"r0"}), timeout=60,
                  message="n1 sending its three files to the locker (hanging) after r0 took them")
         n2, n3 = cluster.add(), cluster.add()
@@ -394,3 +406,36 @@ def test_a_catalog_is_back_within_seconds_of_the_server_after_a_long_outage(own_
         assert catalog.health().unreachable is None
     finally:
         catalog.close()  # the replaced pools' threads are gone too (no_leaks)
+
+
+def test_a_node_frozen_past_its_lease_while_sending_leaves_the_pair_to_the_node_that_took_it(
+        daemon_factory, workdir: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # n1 is frozen (a VM paused, a cut network) in the middle of a send; once its lease has run out
+    # n2 takes the pair over and sends it. When n1 wakes up and its old send fails, that failure
+    # must not undo n2's copy or queue the pair again.
+    locker = workdir / "locker"
+    cluster = Cluster(daemon_factory, workdir, postgres_url, locker_remotes(workdir, locker, 1, monkeypatch))
+    n1, n2 = cluster.add(), cluster.add()
+    h = drop(n1, {"frozen.bin": os.urandom(50_000)})["frozen.bin"]
+    wait_for(lambda: hangs(locker) and all_stored(n2, {h}, {"r0"}), timeout=60,
+             message="n1 sending to the locker (hanging) after r0 took the file")
+    assert nodes_of(n2)["n1"]["claims"] == 1
+    os.kill(n1.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all_stored(n2, {h}, {"r0", "locker"}), timeout=60,
+                 message="n2 sending the pair once n1's lease ran out")
+    finally:
+        os.kill(n1.proc.pid, signal.SIGCONT)
+    (plowup, sleeper), = hangs(locker)
+    os.kill(sleeper, signal.SIGKILL)  # n1's old send now fails (the stand-in exits 1)
+    wait_for(lambda: "upload of hash=" in n1.log() and "remote=locker failed" in n1.log(), timeout=30,
+             message="n1 seeing its old send fail")
+    for d in (n1, n2):
+        assert copies_of(d)[h] == {"r0", "locker"}
+        uploads = d.status()["uploads"]
+        assert uploads["queued"] + uploads["retrying"] + uploads["active"] + uploads["failed"] == 0, uploads
+    assert [n["claims"] for n in nodes_of(n1).values()] == [0, 0]
+    assert len([p for p in (locker / "files" / "fakelocker").iterdir() if "." not in p.name]) == 1
+    assert n1.proc.poll() is None  # its name was never taken: it runs on
+    no_tracebacks(n1, n2)
+    assert n1.stop() == 0 and n2.stop() == 0

@@ -676,8 +676,8 @@ def redact_url(url: str) -> str:
     return safe_url(url)
 
 
-def cluster_problems(cluster: dict[str, Any]) -> list[str]:
-    if not cluster["at_risk"]:
+def cluster_problems(cluster: dict[str, Any] | None) -> list[str]:
+    if not cluster or not cluster["at_risk"]:
         return []
     return [f"{cluster['at_risk']} file(s) ({human_size(cluster['at_risk_bytes'])}) below min_redundancy are "
             f"cached only on node(s) not running: {', '.join(cluster['at_risk_nodes'])} (start them so that "

@@ -278,3 +278,23 @@ def test_eviction_and_cache_reads_on_one_node_leave_another_nodes_rows_alone(tmp
     finally:
         a.close()
         b.close()
+
+
+def test_two_nodes_starting_at_once_under_one_name_end_with_exactly_one_running(daemon_factory, workdir, backend):
+    a = first(daemon_factory, workdir, backend)
+    assert a.stop() == 0  # the catalog and its remote places exist; the name is free
+    twins = [twin(daemon_factory, workdir, a, "n1", dirname=f"twin{i}", start=False) for i in range(2)]
+    for d in twins:
+        d.start(wait=False)
+
+    def settled() -> bool:
+        exited = [d for d in twins if d.proc.poll() is not None]
+        return len(exited) == 1 and twins[twins.index(exited[0]) - 1].request({"cmd": "status"})["ok"]
+    wait_for(settled, timeout=30, message="one twin running, the other refused")
+    loser = next(d for d in twins if d.proc.poll() is not None)
+    winner = next(d for d in twins if d is not loser)
+    assert loser.proc.returncode == 1
+    loser._close_log()
+    assert "node n1 is already running on catalog" in loser.log()
+    assert nodes_of(winner)["n1"]["pid"] == winner.proc.pid
+    assert winner.stop() == 0

@@ -579,10 +579,11 @@ class Catalog:
         state = "failed" if next_attempt is None else "retrying"
         with self.db.tx() as conn:
             # a node whose lease ran out while it sent must not undo the claim another node has made
-            # since (this node's own claims are its daemon's or its API scripts', node/api/pid)
+            # since (this node's own claims are its daemon's or its API scripts', node/api/pid), nor
+            # the copy that node has recorded meanwhile ('done': queued again, it would be sent twice)
             conn.execute(
                 "UPDATE uploads SET state=?, attempts=attempts+1, next_attempt=?, last_error=?, "
-                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=? "
+                "claim_owner=NULL, lease_expiry=NULL, updated=? WHERE hash=? AND remote=? AND state <> 'done' "
                 "AND (state <> 'active' OR claim_owner IS NULL OR claim_owner=? OR substr(claim_owner, 1, ?)=?)",
                 (state, next_attempt if next_attempt is not None else now, error, now, h, remote,
                  self.node, len(self.node) + 1, self.node + "/"))

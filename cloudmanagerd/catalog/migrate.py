@@ -1,10 +1,12 @@
 """migrate-catalog: copy a single node's catalog (SQLite) into another one (PostgreSQL, for several nodes).
 
 Every table is copied in one transaction of the target, which therefore holds all of it or nothing.
-The status counters are not copied: the target's triggers keep them as the rows go in (and each
-file's count of good copies with them: files go in with none, their copies then add them), and once
-everything is in they are checked against counts made again from the rows, as is every table's row
-count against the source's. Any difference rolls the whole copy back.
+The status counters are not copied but made again from the rows: by the target's triggers as the
+rows go in where they are cheap (SQLite: files go in with no good copy counted, their copies then
+add them), else (PostgreSQL, whose triggers make a load quadratic) with the triggers off and counted
+from the rows once all are in. Then the counters are checked against counts made again from the
+rows, each file's good copies against its copies, and every table's row count against the source's.
+Any difference rolls the whole copy back.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def copy_catalog(source: Catalog, target: Catalog, replace: bool = False, lease:
         raise MigrationError(f"node(s) {', '.join(live)} run on the target catalog; stop them before replacing it")
     expected = _row_counts(source)
     with target.db.tx() as out:
+        off = target.db.triggers(out, TABLES, enabled=False)
         if held:
             for table in reversed(TABLES):
                 out.execute(f"DELETE FROM {table}")
@@ -63,6 +66,10 @@ def copy_catalog(source: Catalog, target: Catalog, replace: bool = False, lease:
                 "SELECT key, value FROM meta WHERE key <> 'schema_version'").fetchall():
             out.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+        if off:
+            out.execute("UPDATE files SET good=(SELECT COUNT(*) FROM copies k WHERE k.hash=files.hash AND k.bad=0)")
+            target.db.set_counters(out, _count(out))
+            target.db.triggers(out, TABLES, enabled=True)
         got = _row_counts(target, out)
         wrong = [f"{t}: {expected[t]} in the source, {got.get(t)} copied" for t in TABLES if got.get(t) != expected[t]]
         wrong += _counter_mismatches(target, out)
@@ -98,10 +105,24 @@ def _batches(source: Catalog, table: str) -> Iterator[tuple[list[str], list[tupl
 
 
 def _counter_mismatches(target: Catalog, conn: Any) -> list[str]:
-    """The target's trigger-kept counters against counts made again from its rows."""
+    """The target's counters against counts made again from its rows."""
     kept: dict[str, int] = collections.Counter()
     for name, value in conn.execute(target.db.counters_sql):
         kept[name] += int(value)
+    counted = _count(conn)
+    # each file's good copies, counted again (the kept column is what `good:` counted)
+    bad_good = int(conn.execute(
+        "SELECT COUNT(*) FROM files f WHERE f.good <> (SELECT COUNT(*) FROM copies k "
+        "WHERE k.hash=f.hash AND k.bad=0)").fetchone()[0])
+    wrong = [f"counter {name}: {kept.get(name, 0)} kept, {counted.get(name, 0)} counted"
+             for name in sorted(set(kept) | set(counted)) if kept.get(name, 0) != counted.get(name, 0)]
+    if bad_good:
+        wrong.append(f"{bad_good} file(s) with a wrong count of good copies")
+    return wrong
+
+
+def _count(conn: Any) -> dict[str, int]:
+    """Every status counter, counted from the rows (files.good taken as right: checked apart)."""
     counted: dict[str, int] = collections.Counter()
     one = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
     counted["files"], counted["bytes"] = int(one[0]), int(one[1])
@@ -120,12 +141,4 @@ def _counter_mismatches(target: Catalog, conn: Any) -> list[str]:
     counted["pending_bytes"] = int(conn.execute(
         "SELECT COALESCE(SUM(f.size), 0) FROM uploads u JOIN files f ON f.hash=u.hash "
         "WHERE u.state IN ('queued', 'active', 'retrying')").fetchone()[0])
-    # each file's good copies, counted again (the trigger-kept column is what `good:` counted)
-    bad_good = int(conn.execute(
-        "SELECT COUNT(*) FROM files f WHERE f.good <> (SELECT COUNT(*) FROM copies k "
-        "WHERE k.hash=f.hash AND k.bad=0)").fetchone()[0])
-    wrong = [f"counter {name}: {kept.get(name, 0)} kept, {counted.get(name, 0)} counted"
-             for name in sorted(set(kept) | set(counted)) if kept.get(name, 0) != counted.get(name, 0)]
-    if bad_good:
-        wrong.append(f"{bad_good} file(s) with a wrong count of good copies")
-    return wrong
+    return counted

@@ -565,3 +565,21 @@ class PostgresDatabase:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.pool.close()
+
+    # -- a bulk load (migrate-catalog) ------------------------------------------------------------
+
+    def triggers(self, conn: _Session, tables: Sequence[str], enabled: bool) -> bool:
+        """Switch the tables' own triggers off or on for the rest of the transaction (the caller then
+        sets the counters itself); True when switched. A bulk load needs it: every row's trigger
+        updates the same counter row, and PostgreSQL cannot prune the versions of a row that one
+        transaction updates again and again, so a load with them on takes quadratic time (12,000
+        files: 5 minutes). Needs the tables' owner; the change is transactional."""
+        for table in tables:
+            conn.execute(f"ALTER TABLE {table} {'ENABLE' if enabled else 'DISABLE'} TRIGGER USER")
+        return True
+
+    def set_counters(self, conn: _Session, counters: dict[str, int]) -> None:
+        """Replace every counter by the given values (in shard 0)."""
+        conn.execute("DELETE FROM counters")
+        conn.executemany("INSERT INTO counters(name, shard, value) VALUES (?, 0, ?)",
+                         [(name, value) for name, value in counters.items() if value])

@@ -192,7 +192,7 @@ def main() -> int:
              fmt(r["claim_statements"] / r["files"] if r.get("claim_statements") is not None else None, ".2f")]
             for r in results]
     print(f"\n{args.files} files of {human_bytes(args.size)} per node, one folder remote; "
-          f"load average before: {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs")
+          f"1-min load at the end: {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs")
     print("\n".join(table(rows, ["catalog", "nodes", "files", "ingest", "files/s", "safe", "files/s",
                                  "commits/file", "stmts/file", "claims+sends/s", "claim selects/file"],
                           right=set(range(1, 11)))))

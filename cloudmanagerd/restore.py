@@ -286,6 +286,9 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
     now = time.time()
     files = catalog.counts(config.upload.min_redundancy, config.upload.redundancy)["files"]
     say(f"the snapshot knows {files} file(s)")
+    # the snapshot was taken while its node ran: its row says "running, heartbeat a moment ago", and
+    # the restored node would wait out cluster.lease for a holder that died with the disk
+    catalog.end_running_nodes(now)
     kept, dropped = _reconcile_cache(catalog, config.cache.path)
     say(f"cache: {kept} object(s) still in {config.cache.path} and verified, {dropped} evicted (not there)")
     adopted = {"files": 0, "copies": 0, "conflicts": 0}

@@ -892,6 +892,11 @@ class Catalog:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
 
+    def end_running_nodes(self, now: float) -> int:
+        """`restore`: every node a snapshot shows running has stopped (the snapshot outlived them)."""
+        with self.db.tx() as conn:
+            return conn.execute("UPDATE nodes SET stopped=? WHERE stopped IS NULL", (now,)).rowcount
+
     def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
                             ) -> list[tuple[str, str, str, str]]:
         """Compare each remote's place (name -> place) with the one recorded for that name; record the

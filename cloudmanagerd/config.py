@@ -924,14 +924,28 @@ class _Parser:
                 first[name] = index
 
     def check_rate_limits(self, remotes: list[RemoteConfig | None], upload: UploadConfig | None) -> None:
-        # An upload slower than upload.min_rate is cancelled: a limit below it would cancel them all.
+        # An upload slower than upload.min_rate is cancelled: a limit that forces every upload below
+        # it would cancel them all. A folder or S3 remote's limit is shared by the uploads running at
+        # once (up to upload.concurrency); rclone's holds per process, so per upload.
         if upload is None or not upload.min_rate:
             return
         for index, remote in enumerate(remotes):
             limit = float(remote.get("rate_limit", 0.0)) if remote is not None else 0.0
-            if 0 < limit < upload.min_rate:
-                self.error(f"remotes[{index}].rate_limit", f"is below upload.min_rate ({upload.min_rate:.0f} bytes/s), "
-                           "so every upload to it would be cancelled as too slow; raise it or lower upload.min_rate")
+            if not limit:
+                continue
+            assert remote is not None
+            shared = upload.concurrency if remote.type in ("directory", "s3") else 1
+            if limit >= upload.min_rate * shared:
+                continue
+            if shared > 1:
+                self.error(f"remotes[{index}].rate_limit", f"is below upload.min_rate times upload.concurrency "
+                           f"({upload.min_rate * shared:.0f} bytes/s): the {shared} uploads that may share it would "
+                           "each run below upload.min_rate and be cancelled as too slow; raise it, or lower "
+                           "upload.min_rate or upload.concurrency")
+            else:
+                self.error(f"remotes[{index}].rate_limit", f"is below upload.min_rate ({upload.min_rate:.0f} "
+                           "bytes/s), so every upload to it would be cancelled as too slow; raise it or lower "
+                           "upload.min_rate")
 
     def check_remote_locations(self, remotes: list[RemoteConfig | None]) -> None:
         # Two remotes storing into one place would count one copy as two. Plowshare is

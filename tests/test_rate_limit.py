@@ -41,6 +41,8 @@ def test_rate_limit_is_read_per_remote() -> None:
     ("fast", "remotes[0].rate_limit: expected a rate like 64KiB/s"),
     ("10MiB", "(add /s or /h)"),
     (-5, "it cannot be negative"),
+    (True, "expected a rate like 64KiB/s"),
+    ([1], "expected a rate like 64KiB/s"),
     ("10B/s", "must be 0 (no limit) or at least 1KiB/s"),
 ])
 def test_a_bad_rate_limit_is_one_clear_line(value: object, said: str) -> None:
@@ -49,10 +51,22 @@ def test_a_bad_rate_limit_is_one_clear_line(value: object, said: str) -> None:
 
 
 def test_a_limit_below_min_rate_would_cancel_every_upload() -> None:
-    errors = errors_of(minimal(upload={"min_rate": "1MiB/s"},
+    errors = errors_of(minimal(upload={"min_rate": "1MiB/s", "concurrency": 1},
                                remotes=[{**directory("nas"), "rate_limit": "512KiB/s"}]))
     assert errors == ["remotes[0].rate_limit: is below upload.min_rate (1048576 bytes/s), so every upload to "
                       "it would be cancelled as too slow; raise it or lower upload.min_rate"]
+
+
+def test_a_shared_limit_must_leave_min_rate_to_each_concurrent_upload() -> None:
+    shared = {**directory("nas"), "rate_limit": "200KiB/s"}  # 4 uploads at once: 50 KiB/s each
+    errors = errors_of(minimal(remotes=[shared]))  # upload.min_rate 64KiB/s, concurrency 4 by default
+    assert len(errors) == 1 and errors[0].startswith(
+        "remotes[0].rate_limit: is below upload.min_rate times upload.concurrency (262144 bytes/s): the 4 "
+        "uploads that may share it"), errors
+    assert build(minimal(upload={"concurrency": 2}, remotes=[shared])).remotes[0].get("rate_limit") == 200 * 1024
+    # rclone's --bwlimit holds per rclone process: each upload gets the whole rate
+    rclone = {"name": "far", "type": "rclone", "remote": "far:bucket", "rate_limit": "200KiB/s"}
+    assert build(minimal(remotes=[rclone])).remotes[0].get("rate_limit") == 200 * 1024
 
 
 def test_plowshare_cannot_be_limited_and_says_so() -> None:

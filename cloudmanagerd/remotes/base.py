@@ -159,8 +159,8 @@ class RateLimit:
 
     @property
     def chunk(self) -> int:
-        """How many bytes a copy loop moves between two takes: BURST's worth, at least 64 KiB."""
-        return max(1 << 16, int(self.rate * self.BURST)) if self else 1 << 24
+        """How many bytes a copy loop moves between two takes: BURST's worth, 64 KiB to 16 MiB."""
+        return max(1 << 16, min(int(self.rate * self.BURST), 1 << 24)) if self else 1 << 24
 
     def progress(self, transfer: Transfer | None):
         """A progress callback for fsutil.copy_fd: reports to `transfer` and draws on the bucket."""

@@ -359,7 +359,7 @@ _DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*~")
 
 # option -> (kind of value, required); a kind names a _Parser method "_<kind>".
 _REMOTE_OPTIONS: dict[str, dict[str, tuple[str, bool]]] = {
-    "directory": {"path": ("path", True)},
+    "directory": {"path": ("path", True), "rate_limit": ("rate_limit", False)},
     "s3": {
         "bucket": ("bucket", True),
         "prefix": ("text", False),
@@ -369,9 +369,10 @@ _REMOTE_OPTIONS: dict[str, dict[str, tuple[str, bool]]] = {
         "secret_access_key": ("secret", False),
         "secret_access_key_file": ("path", False),
         "request_checksum": ("request_checksum", False),
+        "rate_limit": ("rate_limit", False),
     },
     "plowshare": {"host": ("word", True), "auth_file": ("path", False), "bin_dir": ("path", False)},
-    "rclone": {"remote": ("rclone_remote", True), "config": ("path", False)},
+    "rclone": {"remote": ("rclone_remote", True), "config": ("path", False), "rate_limit": ("rate_limit", False)},
 }
 _REMOTE_DEFAULTS: dict[str, dict[str, object]] = {
     "s3": {"prefix": "", "request_checksum": "when_supported"},
@@ -546,6 +547,15 @@ class _Parser:
         return parse_rate(value)
 
     @staticmethod
+    def _rate_limit(value: object) -> float:
+        if value is False or value == "off":  # "off" and "no" read as false in YAML 1.1
+            return 0.0
+        rate = parse_rate(value)
+        if 0 < rate < 1024:
+            raise ValueError(f"must be 0 (no limit) or at least 1KiB/s, got {_describe(value)}")
+        return rate
+
+    @staticmethod
     def _mode(value: object) -> int:
         expected = f"expected a mode like 0660 (octal, at most 0777), got {_describe(value)}"
         if isinstance(value, int) and not isinstance(value, bool):
@@ -650,6 +660,7 @@ class _Parser:
         ingest = self.parse_ingest(data, inbox)
         remotes = self.parse_remotes(data.get("remotes"))
         upload = self.parse_upload(data, None if remotes is None else len(remotes))
+        self.check_rate_limits(remotes or [], upload)
         lease = self.parse_lease(data)
         log = self.parse_log(data)
         scrub = self.parse_scrub(data)
@@ -859,6 +870,12 @@ class _Parser:
             return None  # the options allowed depend on the type
         schema = _REMOTE_OPTIONS[kind]
         options = {k: v for k, v in entry.items() if k not in ("name", "type")}
+        if kind == "plowshare" and "rate_limit" in options:
+            # plowup has no option to limit its speed, and a limit that holds for fetches alone
+            # would be a promise half kept
+            self.error(f"{where}.rate_limit", "plowshare remotes cannot be rate-limited (plowup has no "
+                       "such option); remove it, or limit the line with the host's traffic shaping")
+            options.pop("rate_limit")
         self.check_keys(options, f"{where}.", schema,
                         f"unknown key for {_ARTICLE[kind]} {kind} remote")
         values = dict(_REMOTE_DEFAULTS.get(kind, {}))
@@ -905,6 +922,30 @@ class _Parser:
                            f"{name!r} is already the name of remotes[{first[name]}]")
             else:
                 first[name] = index
+
+    def check_rate_limits(self, remotes: list[RemoteConfig | None], upload: UploadConfig | None) -> None:
+        # An upload slower than upload.min_rate is cancelled: a limit that forces every upload below
+        # it would cancel them all. A folder or S3 remote's limit is shared by the uploads running at
+        # once (up to upload.concurrency); rclone's holds per process, so per upload.
+        if upload is None or not upload.min_rate:
+            return
+        for index, remote in enumerate(remotes):
+            limit = float(remote.get("rate_limit", 0.0)) if remote is not None else 0.0
+            if not limit:
+                continue
+            assert remote is not None
+            shared = upload.concurrency if remote.type in ("directory", "s3") else 1
+            if limit >= upload.min_rate * shared:
+                continue
+            if shared > 1:
+                self.error(f"remotes[{index}].rate_limit", f"is below upload.min_rate times upload.concurrency "
+                           f"({upload.min_rate * shared:.0f} bytes/s): the {shared} uploads that may share it would "
+                           "each run below upload.min_rate and be cancelled as too slow; raise it, or lower "
+                           "upload.min_rate or upload.concurrency")
+            else:
+                self.error(f"remotes[{index}].rate_limit", f"is below upload.min_rate ({upload.min_rate:.0f} "
+                           "bytes/s), so every upload to it would be cancelled as too slow; raise it or lower "
+                           "upload.min_rate")
 
     def check_remote_locations(self, remotes: list[RemoteConfig | None]) -> None:
         # Two remotes storing into one place would count one copy as two. Plowshare is

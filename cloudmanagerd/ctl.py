@@ -306,8 +306,9 @@ def print_status(s: dict[str, Any]) -> None:
     print(f"cache    {cache['path']}: {human_size(cache['used'])} of {human_size(cache['capacity'])} "
           f"({cache['usage_ratio']:.1%}), {cache['files']} files")
     print(f"catalog  {s['catalog']['files']} files, {human_size(s['catalog']['bytes'])}")
-    print(f"uploads  {up['queued']} queued ({human_size(up['queued_bytes'])}), {up['active']} active, "
-          f"{up['retrying']} retrying, {up['failed']} failed; {up['copies']} copies")
+    # queued_bytes counts the queued, active and retrying pairs: said after them, not after "queued"
+    print(f"uploads  {up['queued']} queued, {up['active']} active, {up['retrying']} retrying "
+          f"({human_size(up['queued_bytes'])} to send), {up['failed']} failed; {up['copies']} copies")
     oldest = f", oldest {ago(safety['oldest_below_min'])}" if safety["oldest_below_min"] is not None else ""
     print(f"safety   {safety['below_min']} files below min_redundancy ({human_size(safety['below_min_bytes'])})"
           f"{oldest}, {safety['below_redundancy']} below redundancy")
@@ -525,9 +526,11 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     if not args.hashes and not args.all:
         raise Failed("retry: name one or more hashes, or pass --all", EXIT_USAGE)
-    result = client.call({"cmd": "retry", "hashes": args.hashes, "all": args.all})
+    result = client.call({"cmd": "retry", "hashes": args.hashes, "all": args.all, "dry_run": args.dry_run})
     if args.json:
         print_json(result)
+    elif args.dry_run:
+        print(f"would requeue {result['given_up']} given-up and {result['waiting']} waiting pairs")
     else:
         print(f"requeued {result['given_up']} given-up and {result['waiting']} waiting pairs")
     return EXIT_OK
@@ -733,6 +736,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("retry", "put given-up uploads, and those waiting out a backoff, back in the queue now")
     s.add_argument("hashes", nargs="*", metavar="HASH", help=HASH_HELP)
     s.add_argument("--all", action="store_true", help="every given-up or waiting upload")
+    s.add_argument("-n", "--dry-run", action="store_true", help="say how many would be requeued, requeue nothing")
     command("reload", "re-read the config, like systemctl reload", "Keys that need a restart are named in the log.")
     s = command("pin", "keep a file in the cache (fetched back if needed)")
     s.add_argument("hash", metavar="HASH", help=HASH_HELP)

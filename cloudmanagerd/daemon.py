@@ -279,6 +279,9 @@ class Daemon:
             log.info("inbox %s is watched again", self.config.inbox)
         self._inbox_problems = problems
         self._watcher_broken = bool(problems)
+        # files deleted from the inbox while they wait leave the pending count within seconds
+        self.queue.prune_gone()
+        self.worker.prune_gone(self.queue.stat_rel)
 
     def _lost_events(self, reason: str) -> None:
         log.warning("%s; rescanning the inbox now", SYSCTL_HINTS.get(reason, reason))

@@ -104,23 +104,24 @@ def syncfs(fd: int) -> None:
 STALL = 30.0  # seconds a write to someone else's descriptor may make no progress before it fails
 
 
-def copy_fd(src_fd: int, dst_fd: int, progress=None, stall: float = STALL) -> int:
+def copy_fd(src_fd: int, dst_fd: int, progress=None, stall: float = STALL, chunk: int = 1 << 24) -> int:
     """Copy src to dst from their current offsets, in the kernel when it can; returns bytes copied.
 
     A non-blocking dst that stays full for `stall` seconds fails with StalledWrite; a dst the
     kernel cannot splice into (a character device such as /dev/full) gets plain writes, so
-    that its own error (ENOSPC) is the one reported, not EINVAL.
+    that its own error (ENOSPC) is the one reported, not EINVAL. A rate-limited copy passes a
+    smaller `chunk`, so that its bytes flow evenly rather than 16 MiB at once and then a pause.
     """
     total = 0
     how = "range"
     while True:
         try:
             if how == "range":
-                n = os.copy_file_range(src_fd, dst_fd, 1 << 24)
+                n = os.copy_file_range(src_fd, dst_fd, chunk)
             elif how == "sendfile":
-                n = os.sendfile(dst_fd, src_fd, None, 1 << 24)
+                n = os.sendfile(dst_fd, src_fd, None, chunk)
             else:
-                data = os.read(src_fd, 1 << 20)
+                data = os.read(src_fd, min(chunk, 1 << 20))
                 write_all(dst_fd, data, stall)
                 n = len(data)
         except BlockingIOError:

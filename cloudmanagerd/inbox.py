@@ -595,6 +595,27 @@ class PendingQueue:
             heapq.heappush(self._heap, _Settling(now + delay, rel))
             self._cond.notify()
 
+    def prune_gone(self, ahead: float = 2.0) -> int:
+        """Forget delayed entries whose file is gone; how many. A file held open for writing is
+        looked at again only up to a minute later (put_later): deleted meanwhile, it would stay in
+        `status`'s pending count until then. Entries due within `ahead` seconds are left to the
+        settle check, which drops gone ones anyway, so that a large rescan's entries cost nothing here."""
+        now = self.monotonic()
+        with self._cond:
+            delayed = [rel for rel, (_, _, not_before) in self._settling.items() if not_before > now + ahead]
+        gone = []
+        for rel in delayed:
+            try:
+                if self.stat_rel(rel) is None:
+                    gone.append(rel)
+            except OSError:
+                continue  # not plainly gone: its settle check hands it to ingest, which says why
+        with self._cond:
+            for rel in gone:
+                if self._settling.pop(rel, None) is not None:
+                    self._since.pop(rel, None)  # its heap item finds nothing and is skipped
+        return len(gone)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -598,6 +598,7 @@ class IngestWorker:
 
     BATCH = 512
     BUSY_MAX_WAIT = 60.0  # a file a writer keeps open is looked at again at least this often
+    PRUNE_MOST = 5000  # waiting files stat'ed per prune_gone (every 2 s): a few ms
 
     def __init__(self, ingestor: Ingestor, queue, scan: Callable[[bytes], None],
                  on_registered: Callable[[list[str], list[float]], None],
@@ -616,6 +617,7 @@ class IngestWorker:
         # count of offers, so that room made during an attempt that found none is not missed
         self._waiting_lock = threading.Lock()
         self._offers = 0
+        self._prune_at = 0  # where the next prune_gone starts in the wait list
         self.last_progress = time.monotonic()
         self.registered = 0
         self._stop = threading.Event()
@@ -652,6 +654,33 @@ class IngestWorker:
                 del self.waiting[rel]
         for rel in offered:
             self.queue.put_ready(rel)
+
+    def prune_gone(self, stat_rel: Callable[[bytes], os.stat_result | None]) -> int:
+        """Forget waiting files that were deleted from (or moved out of) the inbox; how many. Nothing
+        offers them again while the cache stays full, so without this they would stay in `status`'s
+        pending count, and a too-large or stuck one in its problems, for good. At most PRUNE_MOST
+        are looked at a call, in turn, so that a long wait list costs a bounded number of stats."""
+        with self._waiting_lock:
+            rels = list(self.waiting)
+        if not rels:
+            return 0
+        start = self._prune_at % len(rels)
+        chosen = (rels[start:] + rels[:start])[:self.PRUNE_MOST]
+        self._prune_at = start + len(chosen)
+        gone = []
+        for rel in chosen:
+            try:
+                if stat_rel(rel) is None:
+                    gone.append(rel)
+            except OSError:
+                continue  # not plainly gone (a folder replaced by a symlink...): its next offer says why
+        with self._waiting_lock:
+            for rel in gone:
+                self.waiting.pop(rel, None)
+                self._waiting_since.pop(rel, None)
+        if gone:
+            log.info("%d file(s) waiting in the inbox are gone from it (deleted or moved away)", len(gone))
+        return len(gone)
 
     def oldest_waiting_age(self) -> float:
         """Seconds the longest-waiting file (for room, or stuck) has waited; 0 when none does."""

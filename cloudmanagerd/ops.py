@@ -150,8 +150,9 @@ def rm(node, h: Any) -> dict[str, Any]:
     return node.remover.remove(resolve(node, h))
 
 
-def retry(node, hashes: Any = None, everything: bool = False) -> dict[str, Any]:
-    """Uploads back in the queue, now: the given-up ones, and those waiting out a backoff."""
+def retry(node, hashes: Any = None, everything: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Uploads back in the queue, now: the given-up ones, and those waiting out a backoff. With
+    `dry_run`, the same counts, and nothing moves."""
     now = time.time()
     if everything:
         chosen = None
@@ -159,6 +160,10 @@ def retry(node, hashes: Any = None, everything: bool = False) -> dict[str, Any]:
         if not isinstance(hashes, list) or not hashes:
             raise CloudManagerError("retry: name one or more hashes, or pass --all")
         chosen = [resolve(node, h) for h in hashes]
+    if dry_run:
+        given_up, waiting = node.catalog.count_retryable(chosen, now)
+        return {"requeued": 0, "would_requeue": given_up + waiting, "given_up": given_up, "waiting": waiting,
+                "dry_run": True}
     given_up = node.catalog.retry_failed(chosen, now)
     waiting = node.catalog.retry_waiting(chosen, now)
     node.events.emit("work-queued")

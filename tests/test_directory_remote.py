@@ -186,7 +186,7 @@ class TestDirectoryRemote(RemoteBehaviour):
             "import os, signal, sys\n"
             "from cloudmanagerd import fsutil\n"
             "from cloudmanagerd.remotes.directory import DirectoryRemote\n"
-            "def half(src, dst, progress=None):\n"
+            "def half(src, dst, progress=None, **options):\n"
             "    os.write(dst, os.pread(src, 50_000, 0))\n"
             "    os.fsync(dst)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"

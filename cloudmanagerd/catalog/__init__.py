@@ -995,6 +995,21 @@ class Catalog:
                 return conn.execute(sql, (now, now, now)).rowcount
             return sum(conn.execute(sql + " AND hash=?", (now, now, now, h)).rowcount for h in hashes)
 
+    def count_retryable(self, hashes: Sequence[str] | None, now: float) -> tuple[int, int]:
+        """`retry --dry-run`: (given-up pairs, pairs waiting out a backoff) that retry would requeue."""
+        sql = ("SELECT COALESCE(SUM(CASE WHEN state='failed' THEN 1 ELSE 0 END), 0), "
+               "COALESCE(SUM(CASE WHEN state='retrying' THEN 1 ELSE 0 END), 0) FROM uploads "
+               "WHERE (state='failed' OR (state='retrying' AND next_attempt > ?))")
+        with self.db.read() as conn:
+            if hashes is None:
+                row = conn.execute(sql, (now,)).fetchone()
+                return int(row[0]), int(row[1])
+            given_up = waiting = 0
+            for h in dict.fromkeys(hashes):  # a hash named twice is requeued once
+                row = conn.execute(sql + " AND hash=?", (now, h)).fetchone()
+                given_up, waiting = given_up + int(row[0]), waiting + int(row[1])
+            return given_up, waiting
+
     # -- for `status --check`, `info` and a paged `ls` (issue 15) ------------------------------
 
     def at_risk(self, min_redundancy: int, added_before: float, cap: int = 1000) -> tuple[int, float | None]:

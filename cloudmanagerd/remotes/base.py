@@ -122,6 +122,61 @@ class Transfer:
         return self._event.wait(timeout)
 
 
+class RateLimit:
+    """A remote's `rate_limit`: a token bucket that every transfer to and from the remote draws on,
+    so that the limit holds for the remote as a whole, whatever the number of concurrent transfers.
+
+    `take(n, transfer)` is called after `n` bytes moved and sleeps until the remote's average is back
+    under the rate; a transfer cancelled meanwhile raises Cancelled at once (a stop is not delayed by
+    the sleep). The bucket holds BURST seconds of bytes, so a transfer is never more than that ahead.
+    """
+
+    BURST = 0.05  # seconds: 2.5% of a 2 s transfer, and few enough sleeps to cost nothing
+
+    def __init__(self, rate: float, monotonic=time.monotonic, sleep=time.sleep) -> None:
+        self.rate = float(rate)
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self._paid_until = monotonic()  # the moment by which every byte taken so far may have moved
+
+    def __bool__(self) -> bool:
+        return self.rate > 0
+
+    def take(self, n: int, transfer: Transfer | None = None) -> None:
+        if self.rate <= 0 or n <= 0:
+            return
+        with self._lock:
+            now = self.monotonic()
+            self._paid_until = max(self._paid_until, now - self.BURST) + n / self.rate
+            delay = self._paid_until - now
+        if delay <= 0:
+            return
+        if transfer is None:
+            self.sleep(delay)
+        elif transfer.wait(delay):
+            transfer.check()
+
+    @property
+    def chunk(self) -> int:
+        """How many bytes a copy loop moves between two takes: BURST's worth, 64 KiB to 16 MiB."""
+        return max(1 << 16, min(int(self.rate * self.BURST), 1 << 24)) if self else 1 << 24
+
+    def progress(self, transfer: Transfer | None):
+        """A progress callback for fsutil.copy_fd: reports to `transfer` and draws on the bucket."""
+        if not self:
+            return transfer.update if transfer is not None else None
+        last = [0]
+
+        def update(done: int) -> None:
+            self.take(done - last[0], transfer)
+            last[0] = done
+            if transfer is not None:
+                transfer.update(done)
+
+        return update
+
+
 class Remote(Protocol):
     """A place that holds at most one copy of each object, named by its hash."""
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from .. import fsutil
 from ..config import RemoteConfig
 from ..errors import explain_oserror
-from .base import MISSING, OBJECT_NAME, REMOTE, TRANSIENT, RemoteError, Transfer, reserved_parts
+from .base import MISSING, OBJECT_NAME, REMOTE, TRANSIENT, RateLimit, RemoteError, Transfer, reserved_parts
 
 # ".<hash>.<8 hex>.tmp": an upload in progress, or left by one that was killed
 LEFTOVER = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{8}\.tmp")
@@ -30,9 +30,10 @@ class DirectoryRemote:
     reports_progress = True
     sequential_get = True  # get() writes its destination front to back (fetch hashes behind it)
 
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(self, name: str, path: str, rate_limit: float = 0.0) -> None:
         self.name = name
         self.path = path
+        self.limit = RateLimit(rate_limit)
 
     def _error(self, exc: OSError, what: str) -> RemoteError:
         kind = REMOTE if exc.errno in REMOTE_ERRNOS else TRANSIENT
@@ -76,7 +77,7 @@ class DirectoryRemote:
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
             os.lseek(src_fd, 0, os.SEEK_SET)
-            written = fsutil.copy_fd(src_fd, out, transfer.update if transfer else None)
+            written = fsutil.copy_fd(src_fd, out, self.limit.progress(transfer), chunk=self.limit.chunk)
             if written != size:
                 raise RemoteError(f"remote {self.name}: read {written} bytes of {size}; the source changed")
             if transfer is not None:
@@ -199,7 +200,7 @@ class DirectoryRemote:
             with fsutil.subdir(root, [p.encode() for p in folders]) as folder:
                 src = os.open(name, fsutil.O_READ_FILE, dir_fd=folder)
                 try:
-                    fsutil.copy_fd(src, dst_fd, transfer.update if transfer else None)
+                    fsutil.copy_fd(src, dst_fd, self.limit.progress(transfer), chunk=self.limit.chunk)
                 finally:
                     os.close(src)
         except FileNotFoundError:
@@ -363,4 +364,4 @@ class DirectoryRemote:
 
 
 def from_config(rc: RemoteConfig) -> DirectoryRemote:
-    return DirectoryRemote(rc.name, str(rc.get("path")))
+    return DirectoryRemote(rc.name, str(rc.get("path")), float(rc.get("rate_limit", 0.0)))

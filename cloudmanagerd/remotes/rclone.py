@@ -177,10 +177,12 @@ class RcloneRemote:
     reports_progress = True
 
     def __init__(self, name: str, remote: str, config: str | None = None, binary: str = "rclone",
-                 op_timeout: float = OP_TIMEOUT, transfer_timeout: float = TRANSFER_TIMEOUT) -> None:
+                 op_timeout: float = OP_TIMEOUT, transfer_timeout: float = TRANSFER_TIMEOUT,
+                 rate_limit: float = 0.0) -> None:
         self.name = name
         self.remote = remote
         self.config = config
+        self.rate_limit = rate_limit
         self.binary = binary
         self.op_timeout = op_timeout
         self.transfer_timeout = transfer_timeout
@@ -191,6 +193,10 @@ class RcloneRemote:
         argv = [self.binary, *BASE_FLAGS]
         if self.config:
             argv += ["--config", self.config]
+        if self.rate_limit > 0:
+            # rclone's own limiter, in bytes ("B": a bare number would be KiB); it holds per rclone
+            # process, so concurrent transfers to this remote each get the whole rate (README)
+            argv += ["--bwlimit", f"{max(1, int(self.rate_limit))}B"]
         return argv + list(args)
 
     def _env(self) -> dict[str, str]:
@@ -569,7 +575,8 @@ def _progress(transfer: Transfer | None):
 
 def from_config(rc: RemoteConfig) -> RcloneRemote:
     config = rc.get("config")
-    return RcloneRemote(rc.name, str(rc.get("remote")), str(config) if config else None)
+    return RcloneRemote(rc.name, str(rc.get("remote")), str(config) if config else None,
+                        rate_limit=float(rc.get("rate_limit", 0.0)))
 
 
 __all__ = ["RcloneRemote", "classify", "error_detail", "from_config", "join"]

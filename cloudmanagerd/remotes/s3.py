@@ -72,7 +72,8 @@ from botocore.config import Config
 
 from .. import fsutil
 from ..config import RemoteConfig
-from .base import FILE, MISSING, OBJECT_NAME, REMOTE, TRANSIENT, Cancelled, RemoteError, Transfer, reserved_parts
+from .base import (FILE, MISSING, OBJECT_NAME, REMOTE, TRANSIENT, Cancelled, RateLimit, RemoteError, Transfer,
+                   reserved_parts)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,14 +150,19 @@ class _ProgressReader(io.FileIO):
     """The request body of a small PUT: reports bytes read to the Transfer, whose update()
     raises Cancelled once the uploader gave up on it (botocore then aborts the request)."""
 
-    def __init__(self, fd: int, transfer: Transfer | None) -> None:
+    def __init__(self, fd: int, transfer: Transfer | None, limit: RateLimit) -> None:
         super().__init__(fd, "rb", closefd=True)
         self.seek(0)
         self.transfer = transfer
+        self.limit = limit
         self.total = 0
 
     def read(self, size: int = -1) -> bytes:
+        if self.limit and size is not None and size > self.limit.chunk:
+            size = self.limit.chunk  # a short read, as raw files may give: the bytes flow evenly
+        # (a read of everything, size -1, stays whole: its caller means all of it)
         data = super().read(size)
+        self.limit.take(len(data), self.transfer)
         if self.transfer is not None:
             self.total = self.tell()
             self.transfer.update(self.total)
@@ -193,12 +199,15 @@ class _Progress:
     """A Callback for s3transfer: sums the byte counts its worker threads report and hands
     the total to the Transfer, whose update() raises Cancelled once the uploader cancelled."""
 
-    def __init__(self, transfer: Transfer | None) -> None:
+    def __init__(self, transfer: Transfer | None, limit: RateLimit) -> None:
         self.transfer = transfer
+        self.limit = limit
         self.total = 0
         self._lock = threading.Lock()
 
     def __call__(self, amount: int) -> None:
+        # s3transfer calls back from the thread that read the bytes: sleeping here paces that read
+        self.limit.take(amount, self.transfer)
         with self._lock:
             self.total += amount  # negative when a retried request rewinds
             total = self.total
@@ -228,8 +237,9 @@ class S3Remote:
                  secret_access_key: str | None = None, request_checksum: str = "when_supported",
                  connect_timeout: float = 10, read_timeout: float = 60,
                  multipart_threshold: int = 64 * MiB, multipart_chunksize: int = 64 * MiB,
-                 max_concurrency: int = 4) -> None:
+                 max_concurrency: int = 4, rate_limit: float = 0.0) -> None:
         self.name = name
+        self.limit = RateLimit(rate_limit)  # shared by every transfer to and from this remote
         self.bucket = bucket
         self.prefix = prefix or ""
         self.endpoint = endpoint
@@ -413,7 +423,7 @@ class S3Remote:
         if actual != size:  # the PUT would wait for bytes that never come
             raise RemoteError(f"upload to {self.url(h)}: the source holds {actual} bytes, expected {size}",
                               TRANSIENT)
-        with _ProgressReader(os.dup(src_fd), transfer) as body:
+        with _ProgressReader(os.dup(src_fd), transfer, self.limit) as body:
             self.client.put_object(Bucket=self.bucket, Key=self.key(h), Body=body, ContentLength=size,
                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(h)).decode())
 
@@ -458,7 +468,7 @@ class S3Remote:
         head, tail = self._batch_url()
         checksum = base64.b64encode(bytes.fromhex(h)).decode()
         for attempt in (1, 2):
-            with _ProgressReader(os.dup(src_fd), transfer) as body:
+            with _ProgressReader(os.dup(src_fd), transfer, self.limit) as body:
                 request = AWSRequest("PUT", head + h + tail, data=body, headers={
                     "Content-Length": str(size),
                     "x-amz-checksum-sha256": checksum,
@@ -504,7 +514,7 @@ class S3Remote:
 
     def _upload(self, key: str, src_fd: int, transfer: Transfer | None) -> None:
         os.lseek(src_fd, 0, os.SEEK_SET)  # a fd that cannot seek is no cache object: fail early
-        subscribers = [ProgressCallbackInvoker(_Progress(transfer))]
+        subscribers = [ProgressCallbackInvoker(_Progress(transfer, self.limit))]
         with contextlib.ExitStack() as stack:
             if os.path.isdir("/proc/self/fd"):
                 # By name, so that s3transfer streams each part from disk (see the module doc).
@@ -583,6 +593,7 @@ class S3Remote:
             offset = start
             while offset < end and not stop.is_set():
                 data = body.read(min(READ_CHUNK, end - offset))
+                self.limit.take(len(data), prefix.transfer)
                 if not data:
                     raise RemoteError(f"download of {self.url(h)}: the server sent {offset} bytes of {size}")
                 view = memoryview(data)
@@ -655,7 +666,7 @@ class S3Remote:
         digest = getattr(getattr(transfer, "source", None), "h", None)
         if size < SMALL_PUT and digest and self.request_checksum == "when_supported":
             def send() -> None:
-                with _ProgressReader(os.dup(src_fd), transfer) as body:
+                with _ProgressReader(os.dup(src_fd), transfer, self.limit) as body:
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
                                            ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode())
             self._transfer_call(what, transfer, send)
@@ -794,6 +805,7 @@ def from_config(rc: RemoteConfig) -> S3Remote:
         access_key_id=_opt(rc.get("access_key_id")),
         secret_access_key=_opt(secret),
         request_checksum=str(rc.get("request_checksum") or "when_supported"),
+        rate_limit=float(rc.get("rate_limit", 0.0)),
     )
 
 

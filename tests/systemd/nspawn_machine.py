@@ -37,7 +37,9 @@ CACHE_DIR = Path(os.environ.get("CLOUDMANAGERD_TEST_CACHE", "/var/cache/cloudman
 SUITE = "bookworm"
 VARIANT = "minbase"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-dev", "gcc", "make",
-            "pkg-config", "libsystemd-dev", "ca-certificates", "procps", "libc6-dev")
+            "pkg-config", "libsystemd-dev", "ca-certificates", "procps", "libc6-dev",
+            # the Makefile's APT_RUN: make install needs it, and the container has no network
+            "libpq5")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parents[2]
 # What a clean copy of the source tree leaves out (as a fresh clone would not have them).

@@ -15,6 +15,7 @@ installs them); without them the test is skipped, except under CI=true, where it
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -28,6 +29,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nspawn_machine as nm  # noqa: E402
 from conftest import CI, wait_for  # noqa: E402
+
+from cloudmanagerd.logs import FILE_SAFE  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -223,6 +226,23 @@ systemctl daemon-reload""")
     refused = m.run(f"cloudmanagerctl info {hello}", user="bob", check=False)
     assert refused.returncode == 3 and hello not in refused.stdout, refused
     s.step("drop as a group member, ctl")
+
+    # -- the journal's structured fields: "file safe" found by its MESSAGE_ID, with HASH= and NODE= --
+    def safe_entries() -> list[dict]:
+        out = s.sh(f"journalctl -u {UNIT} -o json --no-pager MESSAGE_ID={FILE_SAFE}", check=False)
+        return [e for e in map(json.loads, out.splitlines()) if e.get("HASH") == hello]
+
+    entry = wait_for(safe_entries, timeout=15, message="the journal's file-safe entry for hello.txt")[0]
+    assert entry["NODE"] and entry["MESSAGE_ID"] == FILE_SAFE and hello in entry["MESSAGE"], entry
+    assert entry.get("REMOTE") in ("nas", "s3", "rcl"), entry
+
+    # -- resource manners in effect: the unit's settings, and the running process's nice and ionice --
+    settings = s.sh(f"systemctl show -p KillMode,Nice,CPUWeight,IOWeight,IOSchedulingPriority {UNIT}")
+    assert sorted(settings.split()) == ["CPUWeight=20", "IOSchedulingPriority=7", "IOWeight=20", "KillMode=mixed",
+                                        "Nice=10"], settings
+    assert s.sh(f"ps -o ni= -p {pid}").strip() == "10"
+    assert s.sh(f"ionice -p {pid}").strip() == "best-effort: prio 7"
+    s.step("journal fields, resource settings")
 
     # -- systemctl reload: a good config is applied, a broken one refused visibly -----------------
     s.sh(f"sed -i 's/^  #level: info$/  level: debug/' {CONFIG}")

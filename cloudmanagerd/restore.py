@@ -248,7 +248,7 @@ def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:
                 os.fsync(out.fileno())
             try:
                 # SQLite's own check of every page, and the schema brought up to this version
-                Catalog.open(f"sqlite:///{tmp}", node).close()
+                Catalog.open(f"sqlite:///{tmp}", node, create=False).close()
             except StartupError as exc:
                 raise BadSnapshot(str(exc)) from None
             for suffix in ("-wal", "-shm"):

@@ -96,7 +96,9 @@ class Catalog:
         self.node = node
 
     @classmethod
-    def open(cls, url: str, node: str) -> Catalog:
+    def open(cls, url: str, node: str, create: bool = True) -> Catalog:
+        """`create=False`: an empty database is refused, not given a new schema (a snapshot to restore
+        must be a catalog: an empty one would install as a catalog that knows no file)."""
         if url.startswith("sqlite:///"):
             catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
         elif url.lower().startswith(POSTGRES_SCHEMES):
@@ -110,7 +112,7 @@ class Catalog:
             damage = catalog.db.check()
             if damage:
                 raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
-            catalog.migrate()
+            catalog.migrate(create)
         except DB_ERRORS as exc:
             catalog.close()
             raise StartupError(catalog.db.explain(exc)) from None
@@ -165,12 +167,14 @@ class Catalog:
             raise StartupError(f"catalog {where}: schema_version is {row[0]!r}, not a number; "
                                f"{set_it}, or {self.db.recovery_hint()}") from None
 
-    def migrate(self) -> None:
+    def migrate(self, create: bool = True) -> None:
         """Create or upgrade the schema, in one transaction that holds the backend's schema lock: nodes
         starting together on one server do not race (the second finds the work done)."""
         with self.db.tx() as conn:
             self.db.lock_schema(conn)
             version = self.schema_version()
+            if version == 0 and not create:
+                raise StartupError(f"catalog {self.db.where} is an empty database, not a cloudmanagerd catalog")
             if version > SCHEMA_VERSION:
                 raise StartupError(
                     f"catalog {self.db.where}: schema version {version} is newer than this cloudmanagerd "

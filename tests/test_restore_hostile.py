@@ -1,0 +1,92 @@
+"""`cloudmanagerd restore` against what a hostile or broken remote may hold (issue 14, review): snapshots
+planted under this node's name that are not catalogs, and listings whose sizes lie. Real folder remotes
+and a real SQLite catalog; restore runs in-process, as its command line does."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import yaml
+from conftest import default_config
+
+from cloudmanagerd import restore as restore_cmd
+from cloudmanagerd.catalog import Catalog, IngestRecord
+from cloudmanagerd.remotes.directory import DirectoryRemote
+from cloudmanagerd.snapshots import Snapshotter, listed, node_folder, snapshot_name
+
+
+def put_object(folder: Path, data: bytes) -> str:
+    h = hashlib.sha256(data).hexdigest()
+    (folder / h[:2]).mkdir(parents=True, exist_ok=True)
+    (folder / h[:2] / h).write_bytes(data)
+    return h
+
+
+def setup(workdir: Path, remotes: int = 1) -> tuple[Path, list[Path], dict[str, bytes]]:
+    """A node with two named files on r0 and a snapshot there; then its state is lost."""
+    config = default_config(workdir, remotes, node="n1")
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    folders = [Path(r["path"]) for r in config["remotes"]]
+    (workdir / "state").mkdir()
+    catalog = Catalog.open(f"sqlite:///{workdir / 'state' / 'catalog.sqlite3'}", "n1")
+    made = {}
+    try:
+        for i in range(2):
+            data = os.urandom(1000 + i)
+            h = put_object(folders[0], data)
+            made[h] = data
+            catalog.begin_ingest([IngestRecord(h, b"named-%d" % i, len(data))], time.time())
+            catalog.finish_ingest([IngestRecord(h, b"named-%d" % i, len(data))], [], time.time())
+            catalog.adopt_objects("r0", [(h, len(data), str(folders[0] / h[:2] / h))], time.time())
+        remote = DirectoryRemote("r0", str(folders[0]))
+        assert Snapshotter(catalog, {"r0": remote}, "n1", str(workdir / "state")).step() == ["r0"]
+    finally:
+        catalog.close()
+    for p in (workdir / "state").iterdir():
+        p.unlink()
+    return path, folders, made
+
+
+def plant(folder: Path, raw: bytes, when: float | None = None) -> str:
+    """A snapshot someone else put under this node's name: newer than the real one, hashing to its name."""
+    body = gzip.compress(raw)
+    name = snapshot_name(when or time.time() + 60, hashlib.sha256(body).hexdigest())
+    where = folder / node_folder("n1")
+    where.mkdir(parents=True, exist_ok=True)
+    (where / name).write_bytes(body)
+    return name
+
+
+def run(path: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    code = restore_cmd.main(["-c", str(path), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def names(workdir: Path) -> dict[str, bytes]:
+    with sqlite3.connect(workdir / "state" / "catalog.sqlite3") as conn:
+        return {h: bytes(n) for h, n in conn.execute("SELECT hash, name FROM files")}
+
+
+def test_a_planted_snapshot_that_is_not_a_catalog_is_passed_over(workdir: Path, capsys) -> None:
+    path, (r0,), made = setup(workdir)
+    (real,) = listed(DirectoryRemote("r0", str(r0)), "n1")
+    # a gzip of nothing (an empty database to SQLite), and a gzip of a database of another program
+    other = workdir / "other.sqlite3"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    empty = plant(r0, b"", time.time() + 60)
+    foreign = plant(r0, other.read_bytes(), time.time() + 120)
+    code, out, err = run(path, capsys)
+    assert code == 0, err
+    assert f"snapshot {empty} on remote r0 is not usable" in err, err
+    assert f"snapshot {foreign} on remote r0 is not usable" in err, err
+    assert f"restored 2 file(s) from snapshot {real.name}" in out, out
+    assert sorted(names(workdir).values()) == [b"named-0", b"named-1"], "the names came back"

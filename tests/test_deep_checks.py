@@ -366,6 +366,37 @@ def test_a_server_back_before_the_probe_looked_is_woken_once_and_a_pair_failing_
         p.up.close()
 
 
+def test_copies_of_other_files_do_not_undo_the_backoff_of_a_pair_that_fails_on_a_working_remote(
+        world: World) -> None:
+    """A retry storm: one object fails every time while other files reach the same remote. Each of their
+    copies must not re-arm the wake, or the failing pair goes again after every probe (every 10 s)
+    instead of its backoff (up to retry.max): with a large file, gigabytes sent again and again."""
+    a = world.add("a", 100, copies=("r1",))
+    p = Pipeline(world, PoisonRemote(world.dir_remotes["r0"].inner, a))
+    try:
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 1, message="the r0 upload failed")
+        p.up.probe_unhealthy()  # woken once: the server may have come back before the probe looked
+        assert len(p.seen) == 1
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 2, message="the second attempt failed too")
+        for attempt in (3, 4, 5):
+            b = world.add(f"b{attempt}", 100, copies=("r1",))
+            p.up.pump()
+            wait_for(lambda: "r0" in world.good_remotes(b), message="another file reached r0")
+            world.clock.tick()
+            world.catalog.db.connection().execute(  # its backoff ran out
+                "UPDATE uploads SET next_attempt=? WHERE hash=? AND remote='r0'", (world.clock(), a))
+            p.up.pump()
+            wait_for(lambda: states(world)[(a, "r0")][2] == attempt, message="it failed again")
+            due = states(world)[(a, "r0")][1]
+            p.up.probe_unhealthy()
+            assert states(world)[(a, "r0")][1] == due > world.clock(), f"attempt {attempt}: backoff undone"
+        assert len(p.seen) == 1
+    finally:
+        p.up.close()
+
+
 # -- configs that cannot keep a promise ---------------------------------------------------------------------
 
 def write_config(root: Path, remotes: list[dict], **extra) -> Path:

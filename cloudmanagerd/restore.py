@@ -38,6 +38,7 @@ from .errors import CloudManagerError, StartupError, explain_oserror
 from .hashing import sha256_fd
 from .node import build_remotes
 from .remotes.base import RESERVED, RemoteError
+from .scrub import read_back
 from .snapshots import Snapshot, listed, node_folder, supports
 
 ADOPT_CHUNK = 5000  # objects registered per transaction
@@ -310,7 +311,11 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
         counts = {"files": 0, "copies": 0, "conflicts": 0}
         for i in range(0, len(new), ADOPT_CHUNK):
             chunk = [(h, found[h], remote.object_url(h)) for h in new[i:i + ADOPT_CHUNK]]
-            for key, value in catalog.adopt_objects(name, chunk, now).items():
+            done, conflicted = catalog.adopt_objects(name, chunk, now)
+            settled = _settle(catalog, name, remote, conflicted, now)
+            done["conflicts"] -= settled
+            done["copies"] += settled
+            for key, value in done.items():
                 counts[key] += value
         for key, value in counts.items():
             adopted[key] += value
@@ -335,6 +340,26 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
     if unlisted:
         lines.append(f"not listed: {', '.join(unlisted)} (run restore --force again once reachable)")
     return lines
+
+
+def _settle(catalog: Catalog, name: str, remote: Any, conflicted: list[str], now: float) -> int:
+    """Objects listed with another size than the catalog's are read back: one that hashes to its name
+    is the truth (the catalog's size came from another remote's listing of a copy cut short), and is
+    recorded; the others stay unrecorded. Returns how many were recorded."""
+    settled = 0
+    for h in conflicted:
+        url = remote.object_url(h)
+        try:
+            digest, size = read_back(remote, h, url)
+        except RemoteError as exc:
+            say(f"remote {name}: cannot read {h[:12]}... back ({exc}); its copy is not recorded")
+            continue
+        if digest == h:
+            catalog.settle_size(h, size, name, url, now)
+            settled += 1
+            say(f"remote {name}: {h[:12]}... read back whole ({size} bytes): recorded; a copy of another size "
+                "on another remote is marked bad")
+    return settled
 
 
 def _reconcile_cache(catalog: Catalog, cache_path: str) -> tuple[int, int]:

@@ -90,3 +90,23 @@ def test_a_planted_snapshot_that_is_not_a_catalog_is_passed_over(workdir: Path, 
     assert f"snapshot {foreign} on remote r0 is not usable" in err, err
     assert f"restored 2 file(s) from snapshot {real.name}" in out, out
     assert sorted(names(workdir).values()) == [b"named-0", b"named-1"], "the names came back"
+
+
+def test_an_object_the_snapshot_does_not_know_takes_its_size_from_a_copy_that_hashes_right(
+        workdir: Path, capsys) -> None:
+    """A file added after the snapshot, whose copy on the first remote is cut short (a listing's size that
+    lies about the content): the whole copy on the second remote must be the one recorded, or the file
+    is lost though its bytes are there (the short copy fails every fetch; the whole one, a "conflict",
+    was never recorded, and nothing checks a copy that is not recorded)."""
+    path, (r0, r1), _ = setup(workdir, remotes=2)
+    data = os.urandom(5000)
+    h = put_object(r1, data)
+    put_object(r0, data)
+    (r0 / h[:2] / h).write_bytes(data[:1000])
+    code, out, err = run(path, capsys)
+    assert code == 0, err
+    with sqlite3.connect(workdir / "state" / "catalog.sqlite3") as conn:
+        (size,) = conn.execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
+        good = {r for (r,) in conn.execute("SELECT remote FROM copies WHERE hash=? AND bad=0", (h,))}
+    conn.close()
+    assert size == 5000 and good == {"r1"}, (size, good, err)

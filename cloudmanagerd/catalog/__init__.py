@@ -1118,12 +1118,15 @@ class Catalog:
         return {h for (h,) in self.db.connection().execute(
             "SELECT hash FROM copies WHERE remote=? AND bad=0", (remote,))}
 
-    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]], now: float) -> dict[str, int]:
+    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]],
+                      now: float) -> tuple[dict[str, int], list[str]]:
         """Objects (hash, size, url) found on `remote` that the catalog does not record there: an
         unknown hash becomes a file named by its hash (its bytes are verified at its first fetch, as
         every fetch's are), a known one gains the copy and its pending upload there is done. A size
-        that contradicts the file's is not recorded ("conflicts"). One transaction."""
+        that contradicts the file's is not recorded ("conflicts"; their hashes are returned too). One
+        transaction."""
         counts = {"files": 0, "copies": 0, "conflicts": 0}
+        conflicted: list[str] = []
         with self.db.tx() as conn:
             for h, size, url in objects:
                 row = conn.execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
@@ -1133,6 +1136,7 @@ class Catalog:
                     counts["files"] += 1
                 elif row[0] != size:
                     counts["conflicts"] += 1
+                    conflicted.append(h)
                     continue
                 added = conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, ?, ?) "
                                      "ON CONFLICT(hash, remote) DO NOTHING", (h, remote, url, now)).rowcount
@@ -1140,7 +1144,21 @@ class Catalog:
                     counts["copies"] += 1
                     conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
                                  "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
-        return counts
+        return counts, conflicted
+
+    def settle_size(self, h: str, size: int, remote: str, url: str, now: float) -> None:
+        """A copy on `remote` was read back and hashes to `h` with `size` bytes, which the file's row
+        contradicts: the row came from another remote's listing (restore adopts unknown objects by their
+        listed size), whose copy cannot hold these bytes. The size is corrected, the copies recorded
+        with the old one are bad (the self-heal copies the file again) and this one is recorded, proven."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE files SET size=? WHERE hash=?", (size, h))
+            conn.execute("UPDATE copies SET bad=1 WHERE hash=? AND remote<>?", (h, remote))
+            conn.execute("INSERT INTO copies(hash, remote, url, created, proven, verified) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT(hash, remote) DO UPDATE SET url=excluded.url, bad=0, proven=excluded.proven, "
+                         "verified=excluded.verified", (h, remote, url, now, now, now))
+            conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
+                         "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
 
     def mark_copies_missing(self, remote: str, hashes: Sequence[str], error: str, now: float) -> int:
         """Recorded copies whose object is not on `remote`: bad (the self-heal copies their files again)."""

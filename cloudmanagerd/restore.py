@@ -287,6 +287,7 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
     now = time.time()
     files = catalog.counts(config.upload.min_redundancy, config.upload.redundancy)["files"]
     say(f"the snapshot knows {files} file(s)")
+    catalog.release_node_name(now)
     kept, dropped = _reconcile_cache(catalog, config.cache.path)
     say(f"cache: {kept} object(s) still in {config.cache.path} and verified, {dropped} evicted (not there)")
     adopted = {"files": 0, "copies": 0, "conflicts": 0}

@@ -895,6 +895,14 @@ class Catalog:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
 
+    def release_node_name(self, now: float) -> int:
+        """`restore`: the process that held this node's name in a snapshot ran on the lost disk; the name
+        is free at once (a snapshot holds the name as taken, heartbeat fresh, and a daemon started on
+        the restored catalog waited out cluster.lease for a process that no longer exists)."""
+        with self.db.tx() as conn:
+            return conn.execute("UPDATE nodes SET stopped=? WHERE node=? AND stopped IS NULL",
+                                (now, self.node)).rowcount
+
     def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
                             ) -> list[tuple[str, str, str, str]]:
         """Compare each remote's place (name -> place) with the one recorded for that name; record the

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import fsutil
-from .catalog import Catalog
+from .catalog import SCHEMA_VERSION, Catalog, SchemaTooNew
 from .config import DEFAULT_CONFIG_PATH, Config, catalog_sqlite_path, load_or_report
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .hashing import sha256_fd
@@ -205,6 +205,10 @@ def _newest_good(remotes: dict[str, Any], node: str, folder: str) -> tuple[Snaps
     for snap, name in candidates:
         try:
             return snap, name, _fetch(remotes[name], node, snap, folder)
+        except SchemaTooNew as exc:
+            raise Refused(f"snapshot {snap.name} on remote {name} was made by a newer cloudmanagerd (catalog schema "
+                          f"{exc.version}, this one reads up to {SCHEMA_VERSION}): upgrade cloudmanagerd, then run "
+                          "restore again (an older snapshot would lose the names added since)") from None
         except BadSnapshot as exc:
             say(f"snapshot {snap.name} on remote {name} is not usable ({exc}); trying the next older")
         except RemoteError as exc:
@@ -250,6 +254,8 @@ def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:
             try:
                 # SQLite's own check of every page, and the schema brought up to this version
                 Catalog.open(f"sqlite:///{tmp}", node, create=False).close()
+            except SchemaTooNew:
+                raise  # a good snapshot this version cannot read: not a reason to take an older one
             except StartupError as exc:
                 raise BadSnapshot(str(exc)) from None
             for suffix in ("-wal", "-shm"):

@@ -126,3 +126,22 @@ def test_the_lost_daemons_hold_on_the_node_name_is_released(workdir: Path, capsy
         assert catalog.register_node("new-instance", "new-seat", 1, "new-host", time.time(), 60.0) is None
     finally:
         catalog.close()
+
+
+def test_a_snapshot_made_by_a_newer_cloudmanagerd_stops_the_restore_instead_of_an_older_one(
+        workdir: Path, capsys) -> None:
+    """The newest snapshot needs a newer cloudmanagerd (this machine was reinstalled with an older
+    package): falling back to an older snapshot would lose the names of everything added since, with
+    exit 0. Restore stops, says to upgrade, and installs nothing."""
+    path, (r0,), _ = setup(workdir)
+    newer = workdir / "newer.sqlite3"
+    Catalog.open(f"sqlite:///{newer}", "n1").close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    conn.close()
+    name = plant(r0, newer.read_bytes())
+    code, out, err = run(path, capsys)
+    assert code == 1 and out == "", out
+    assert name in err and "upgrade cloudmanagerd" in err, err
+    assert not (workdir / "state" / "catalog.sqlite3").exists()
+    assert not [p for p in (workdir / "state").iterdir() if p.name.startswith(".restore-")]

@@ -84,6 +84,15 @@ def month_of(now: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(now))
 
 
+class SchemaTooNew(StartupError):
+    """The catalog was written by a newer cloudmanagerd (`restore` must not pass over such a snapshot
+    for an older one: that would lose what it knows)."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class Catalog:
     """The catalog of one node; `node` names this node's rows in a shared database.
 
@@ -176,9 +185,9 @@ class Catalog:
             if version == 0 and not create:
                 raise StartupError(f"catalog {self.db.where} is an empty database, not a cloudmanagerd catalog")
             if version > SCHEMA_VERSION:
-                raise StartupError(
+                raise SchemaTooNew(
                     f"catalog {self.db.where}: schema version {version} is newer than this cloudmanagerd "
-                    f"understands ({SCHEMA_VERSION}); upgrade cloudmanagerd")
+                    f"understands ({SCHEMA_VERSION}); upgrade cloudmanagerd", version)
             self.db.upgrade(conn, version)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))

@@ -215,6 +215,39 @@ def test_without_a_remote_budget_the_scrub_checks_quickly_and_with_no_budget_at_
     assert report["cache"]["checked"] == 0 and report["remotes"]["checked"] == 0
 
 
+class OneUnreadable:
+    """A remote that answers, but one of its objects cannot be read (S3: an object a lifecycle rule moved
+    to an archive class fails its GET with InvalidObjectState; a folder: one file's permissions)."""
+
+    def __init__(self, inner, h: str) -> None:
+        self.inner = inner
+        self.h = h
+
+    def get(self, h, url, dst_fd, transfer=None):
+        if h == self.h:
+            raise RemoteError("InvalidObjectState: the object is archived", REMOTE)
+        return self.inner.get(h, url, dst_fd, transfer)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_one_unreadable_copy_does_not_keep_the_scrub_from_proving_the_rest_of_its_remote(world: World) -> None:
+    """The copy proven longest ago comes first: one that can never be read came first at every tick, paused
+    its remote, and no other copy there was ever proven (the README's period broken for all of them)."""
+    world.capacity = world.cache.capacity = 10_000
+    files = [world.add(f"f{i}", 100) for i in range(4)]
+    world.remotes["r1"] = OneUnreadable(world.remotes["r1"], files[0])
+    for _ in range(4):
+        world.clock.tick()
+        world.scrubber._paused.clear()  # the remote's pause (real time, 10 min) ran out
+        world.scrubber.step(0, 250)
+    done = {(h, r) for (h, r), v in proven(world).items() if v is not None}
+    assert {(h, "r1") for h in files[1:]} <= done, sorted(done)
+    assert (files[0], "r1") not in done and sorted(world.good_remotes(files[0])) == ["r0", "r1"], \
+        "a copy that could not be read is neither proven nor blamed"
+
+
 # -- pairs waiting out a backoff ---------------------------------------------------------------------------
 
 def backoff(w: World, h: str, remote: str, wait: float = 3600.0) -> None:

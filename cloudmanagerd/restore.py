@@ -275,7 +275,11 @@ def _install(tmp: str, path: str) -> str | None:
     folder = os.path.dirname(path) or "."
     kept = None
     if _exists(path):
-        kept = f"{path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        stamp = f"{path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        kept, n = stamp, 1
+        # a second restore within the second must not rename over the one the first kept
+        while _exists(kept) or os.path.lexists(kept + "-shm"):
+            kept, n = f"{stamp}.{n}", n + 1
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path + suffix, kept + suffix)

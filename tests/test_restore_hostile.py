@@ -145,3 +145,19 @@ def test_a_snapshot_made_by_a_newer_cloudmanagerd_stops_the_restore_instead_of_a
     assert name in err and "upgrade cloudmanagerd" in err, err
     assert not (workdir / "state" / "catalog.sqlite3").exists()
     assert not [p for p in (workdir / "state").iterdir() if p.name.startswith(".restore-")]
+
+
+def test_restore_force_twice_in_one_second_keeps_the_catalog_it_replaced(workdir: Path, capsys) -> None:
+    """`--force` keeps the catalog it replaces as <catalog>.before-restore-<time, to the second>; a second
+    `--force` within that second (the summary says to run it again once a remote answers) renamed the
+    first restore's catalog over it: the catalog there before either was gone."""
+    path, _, _ = setup(workdir)
+    catalog = workdir / "state" / "catalog.sqlite3"
+    Catalog.open(f"sqlite:///{catalog}", "n1").close()
+    before = catalog.read_bytes()
+    for _ in range(2):
+        code, _, err = run(path, capsys, "--force")
+        assert code == 0, err
+    kept = [p.read_bytes() for p in catalog.parent.iterdir()
+            if p.name.startswith("catalog.sqlite3.before-restore-") and not p.name.endswith(("-wal", "-shm"))]
+    assert before in kept and len(kept) == 2

@@ -42,6 +42,7 @@ from .scrub import read_back
 from .snapshots import Snapshot, listed, node_folder, supports
 
 ADOPT_CHUNK = 5000  # objects registered per transaction
+SQLITE_MAGIC = b"SQLite format 3\x00"  # how every SQLite database file begins
 
 
 class Refused(Exception):
@@ -213,6 +214,12 @@ def _newest_good(remotes: dict[str, Any], node: str, folder: str) -> tuple[Snaps
             say(f"snapshot {snap.name} on remote {name} is not usable ({exc}); trying the next older")
         except RemoteError as exc:
             say(f"snapshot {snap.name} on remote {name} could not be read ({exc}); trying the next older")
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise Refused(f"snapshot {snap.name} on remote {name} ({snap.size} bytes compressed) does not fit in "
+                          f"{folder} once decompressed: free room there, then run restore again (a snapshot "
+                          "cloudmanagerd did not make can be deleted from the remote)") from None
     others = sorted(_other_nodes(remotes, node))
     if others:
         raise Refused(f"no usable catalog snapshot of node {node!r} on any remote; there are snapshots of "
@@ -246,6 +253,12 @@ def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:
             with open(fd, "wb") as out:
                 try:
                     with gzip.GzipFile(fileobj=gz, mode="rb") as src:
+                        # its first bytes say whether it is a database at all: a planted gzip of
+                        # something else (a bomb of zeros) must not fill the disk before it is judged
+                        head = src.read(len(SQLITE_MAGIC))
+                        if head != SQLITE_MAGIC:
+                            raise BadSnapshot("it is not a SQLite database")
+                        out.write(head)
                         shutil.copyfileobj(src, out, 1 << 20)
                 except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
                     raise BadSnapshot(f"it does not decompress: {exc}") from None

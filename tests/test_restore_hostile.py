@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -161,3 +162,25 @@ def test_restore_force_twice_in_one_second_keeps_the_catalog_it_replaced(workdir
     kept = [p.read_bytes() for p in catalog.parent.iterdir()
             if p.name.startswith("catalog.sqlite3.before-restore-") and not p.name.endswith(("-wal", "-shm"))]
     assert before in kept and len(kept) == 2
+
+
+def test_a_planted_gzip_bomb_is_passed_over_and_one_that_does_not_fit_is_named(workdir: Path, capsys) -> None:
+    """A snapshot that decompresses to far more than it is (64 MiB of zeros in 64 KiB) on a state disk
+    of 4 MiB: not a SQLite file, it is passed over as soon as its first bytes are read, not after filling
+    the disk (which failed the whole restore with a bare "No space left on device"). One that is a SQLite
+    file but does not fit stops the restore with a line that names it."""
+    path, (r0,), _ = setup(workdir)
+    state = workdir / "state"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
+    try:
+        bomb = plant(r0, bytes(64 << 20), time.time() + 60)
+        code, out, err = run(path, capsys)
+        assert code == 0, err
+        assert f"snapshot {bomb} on remote r0 is not usable (it is not a SQLite database" in err, err
+        assert "restored 2 file(s)" in out
+        huge = plant(r0, b"SQLite format 3\x00" + bytes(64 << 20), time.time() + 120)
+        code, out, err = run(path, capsys, "--force")
+        assert code == 1 and huge in err and "does not fit" in err and len(err.splitlines()) == 2, err
+        assert not [p for p in state.iterdir() if p.name.startswith(".restore-")]
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)

@@ -32,15 +32,17 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import fsutil
-from .catalog import Catalog
+from .catalog import SCHEMA_VERSION, Catalog, SchemaTooNew
 from .config import DEFAULT_CONFIG_PATH, Config, catalog_sqlite_path, load_or_report
 from .errors import CloudManagerError, StartupError, explain_oserror
 from .hashing import sha256_fd
 from .node import build_remotes
 from .remotes.base import RESERVED, RemoteError
+from .scrub import read_back
 from .snapshots import Snapshot, listed, node_folder, supports
 
 ADOPT_CHUNK = 5000  # objects registered per transaction
+SQLITE_MAGIC = b"SQLite format 3\x00"  # how every SQLite database file begins
 
 
 class Refused(Exception):
@@ -204,10 +206,20 @@ def _newest_good(remotes: dict[str, Any], node: str, folder: str) -> tuple[Snaps
     for snap, name in candidates:
         try:
             return snap, name, _fetch(remotes[name], node, snap, folder)
+        except SchemaTooNew as exc:
+            raise Refused(f"snapshot {snap.name} on remote {name} was made by a newer cloudmanagerd (catalog schema "
+                          f"{exc.version}, this one reads up to {SCHEMA_VERSION}): upgrade cloudmanagerd, then run "
+                          "restore again (an older snapshot would lose the names added since)") from None
         except BadSnapshot as exc:
             say(f"snapshot {snap.name} on remote {name} is not usable ({exc}); trying the next older")
         except RemoteError as exc:
             say(f"snapshot {snap.name} on remote {name} could not be read ({exc}); trying the next older")
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise Refused(f"snapshot {snap.name} on remote {name} ({snap.size} bytes compressed) does not fit in "
+                          f"{folder} once decompressed: free room there, then run restore again (a snapshot "
+                          "cloudmanagerd did not make can be deleted from the remote)") from None
     others = sorted(_other_nodes(remotes, node))
     if others:
         raise Refused(f"no usable catalog snapshot of node {node!r} on any remote; there are snapshots of "
@@ -241,6 +253,12 @@ def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:
             with open(fd, "wb") as out:
                 try:
                     with gzip.GzipFile(fileobj=gz, mode="rb") as src:
+                        # its first bytes say whether it is a database at all: a planted gzip of
+                        # something else (a bomb of zeros) must not fill the disk before it is judged
+                        head = src.read(len(SQLITE_MAGIC))
+                        if head != SQLITE_MAGIC:
+                            raise BadSnapshot("it is not a SQLite database")
+                        out.write(head)
                         shutil.copyfileobj(src, out, 1 << 20)
                 except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
                     raise BadSnapshot(f"it does not decompress: {exc}") from None
@@ -248,7 +266,9 @@ def _fetch(remote: Any, node: str, snap: Snapshot, folder: str) -> str:
                 os.fsync(out.fileno())
             try:
                 # SQLite's own check of every page, and the schema brought up to this version
-                Catalog.open(f"sqlite:///{tmp}", node).close()
+                Catalog.open(f"sqlite:///{tmp}", node, create=False).close()
+            except SchemaTooNew:
+                raise  # a good snapshot this version cannot read: not a reason to take an older one
             except StartupError as exc:
                 raise BadSnapshot(str(exc)) from None
             for suffix in ("-wal", "-shm"):
@@ -268,7 +288,11 @@ def _install(tmp: str, path: str) -> str | None:
     folder = os.path.dirname(path) or "."
     kept = None
     if _exists(path):
-        kept = f"{path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        stamp = f"{path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        kept, n = stamp, 1
+        # a second restore within the second must not rename over the one the first kept
+        while _exists(kept) or os.path.lexists(kept + "-shm"):
+            kept, n = f"{stamp}.{n}", n + 1
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path + suffix, kept + suffix)
@@ -286,9 +310,7 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
     now = time.time()
     files = catalog.counts(config.upload.min_redundancy, config.upload.redundancy)["files"]
     say(f"the snapshot knows {files} file(s)")
-    # the snapshot was taken while its node ran: its row says "running, heartbeat a moment ago", and
-    # the restored node would wait out cluster.lease for a holder that died with the disk
-    catalog.end_running_nodes(now)
+    catalog.release_node_name(now)
     kept, dropped = _reconcile_cache(catalog, config.cache.path)
     say(f"cache: {kept} object(s) still in {config.cache.path} and verified, {dropped} evicted (not there)")
     adopted = {"files": 0, "copies": 0, "conflicts": 0}
@@ -313,7 +335,11 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
         counts = {"files": 0, "copies": 0, "conflicts": 0}
         for i in range(0, len(new), ADOPT_CHUNK):
             chunk = [(h, found[h], remote.object_url(h)) for h in new[i:i + ADOPT_CHUNK]]
-            for key, value in catalog.adopt_objects(name, chunk, now).items():
+            done, conflicted = catalog.adopt_objects(name, chunk, now)
+            settled = _settle(catalog, name, remote, conflicted, now)
+            done["conflicts"] -= settled
+            done["copies"] += settled
+            for key, value in done.items():
                 counts[key] += value
         for key, value in counts.items():
             adopted[key] += value
@@ -338,6 +364,26 @@ def _rebuild(catalog: Catalog, config: Config, remotes: dict[str, Any], snap: Sn
     if unlisted:
         lines.append(f"not listed: {', '.join(unlisted)} (run restore --force again once reachable)")
     return lines
+
+
+def _settle(catalog: Catalog, name: str, remote: Any, conflicted: list[str], now: float) -> int:
+    """Objects listed with another size than the catalog's are read back: one that hashes to its name
+    is the truth (the catalog's size came from another remote's listing of a copy cut short), and is
+    recorded; the others stay unrecorded. Returns how many were recorded."""
+    settled = 0
+    for h in conflicted:
+        url = remote.object_url(h)
+        try:
+            digest, size = read_back(remote, h, url)
+        except RemoteError as exc:
+            say(f"remote {name}: cannot read {h[:12]}... back ({exc}); its copy is not recorded")
+            continue
+        if digest == h:
+            catalog.settle_size(h, size, name, url, now)
+            settled += 1
+            say(f"remote {name}: {h[:12]}... read back whole ({size} bytes): recorded; a copy of another size "
+                "on another remote is marked bad")
+    return settled
 
 
 def _reconcile_cache(catalog: Catalog, cache_path: str) -> tuple[int, int]:

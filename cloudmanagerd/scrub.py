@@ -72,6 +72,9 @@ class Scrubber:
         self.now = now
         self.remote_credit = 0.0  # bytes the background scrub may still read from remotes (see step)
         self._paused: dict[str, float] = {}  # remote -> monotonic time until which the scrub skips it
+        # (hash, remote) -> the same, for a copy that could not be read while its remote answers (an
+        # archived S3 object): the one proven longest ago, it would come first at every tick
+        self._unreadable: dict[tuple[str, str], float] = {}
         # deep reads in progress, cancelled by stop(): a daemon stopping never waits for a large copy
         self._reads: set[Transfer] = set()
         self._reads_lock = threading.Lock()
@@ -221,6 +224,15 @@ class Scrubber:
             counts["bad"] += 1
         self.fetcher.bad_copy(h, remote_name, f"copy of {h[:12]} {why}")
 
+    def _answers(self, name: str) -> bool:
+        remote = self.remotes.get(name)
+        try:
+            if remote is not None:
+                remote.probe()
+        except RemoteError:
+            return False
+        return remote is not None
+
     def verify_remotes(self, progress: ProgressFn | None = None, deep: bool = False) -> dict[str, Any]:
         """Every good copy checked; the report says the depth, in all and per remote."""
         depth = DEEP if deep else QUICK
@@ -263,15 +275,20 @@ class Scrubber:
         if self.remote_credit > 0:
             clock = time.monotonic()
             self._paused = {r: until for r, until in self._paused.items() if until > clock}
-            for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP, sorted(self._paused)):
+            self._unreadable = {k: until for k, until in self._unreadable.items() if until > clock}
+            for h, remote, url, size in self.catalog.copies_to_prove(REMOTE_CHECKS_PER_STEP + len(self._unreadable),
+                                                                     sorted(self._paused)):
                 if self.remote_credit <= 0 or self.stopped:
                     break
-                if remote in self._paused:
+                if remote in self._paused or (h, remote) in self._unreadable:
                     continue
                 unreachable = remote_report["unreachable"]
                 read = self.check_copy(h, remote, url, size, remote_report, DEEP)
                 if remote_report["unreachable"] > unreachable:
-                    self._paused[remote] = clock + UNREACHABLE_PAUSE
+                    if self._answers(remote):
+                        self._unreadable[(h, remote)] = clock + UNREACHABLE_PAUSE
+                    else:
+                        self._paused[remote] = clock + UNREACHABLE_PAUSE
                 # a copy that could not be read costs its size all the same
                 self.remote_credit -= max(read, size, 1)
                 remote_report["bytes_read"] += read

@@ -46,6 +46,7 @@ from .uploads import SendCheck
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 4
+STOP_GRACE = 5.0  # seconds a call may run past the stop's budget before it is left behind
 KEEP_DAYS = 7
 # the time to the millisecond: two snapshots in one second (a scheduled one, then the stop's) must
 # still sort by age
@@ -202,7 +203,32 @@ class Snapshotter:
     def step(self, budget: float | None = None) -> list[str]:
         """A snapshot to every capable remote whose last one predates a change of the catalog (or
         failed); returns the remotes that took it. With `budget` (seconds), uploads still
-        running after it are cancelled (the stop's snapshot must end before systemd's stop timeout)."""
+        running after it are cancelled (the stop's snapshot must end before systemd's stop timeout),
+        and a remote whose call does not return even so is left behind STOP_GRACE seconds later: a
+        server that takes the bytes and never answers holds a call until the client's read timeout
+        (S3: 60 s), one remote after the other, which no cancel reaches."""
+        if budget is None:
+            return self._step(None)
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["done"] = self._step(budget)
+            except BaseException as exc:  # raised in the caller's thread below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, name="catalog-snapshot-stop", daemon=True)
+        thread.start()
+        thread.join(budget + STOP_GRACE)
+        if thread.is_alive():
+            log.warning("catalog snapshot: a remote still had not answered %.0f s after its time ran out; "
+                        "going on without it", STOP_GRACE)
+            return []
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["done"]
+
+    def _step(self, budget: float | None) -> list[str]:
         with self._lock:
             self._deadline = time.monotonic() + budget if budget is not None else None
             marker = self.catalog.change_marker()

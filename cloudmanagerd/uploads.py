@@ -195,7 +195,7 @@ class Uploader:
         # put it in `_backing_off`, and the probe job probes it: failing, it is `_down` until a probe
         # or a copy succeeds, and then woken. A probe that answers at once (the server came back
         # before it looked, or the pair failed for a reason of its own) wakes it once, then not again
-        # until a copy to it succeeds: a pair that fails on a working remote keeps its backoff.
+        # until a pair that had failed goes through: a pair that fails on a working remote keeps its backoff.
         self._backing_off: set[str] = set()
         self._down: set[str] = set()
         self._woken_unseen: set[str] = set()
@@ -492,7 +492,11 @@ class Uploader:
     def _recorded(self, claim: UploadClaim, started: float) -> None:
         self.events.emit("copy-made", claim.hash)
         self.events.emit("uploaded", claim.hash, claim.remote, claim.size, time.monotonic() - started)
-        self._woken_unseen.discard(claim.remote)
+        if claim.attempts:
+            # a pair that had failed went through: the remote's failures were an outage, so the next
+            # ones may be too (woken again). A first attempt's copy says nothing of them: re-arming on
+            # it woke a pair failing on its own at every probe while other files went (a retry storm).
+            self._woken_unseen.discard(claim.remote)
         if self.unhealthy.pop(claim.remote, None) is not None:
             log.info("remote %s works again", claim.remote, extra=fields(remote=claim.remote, message_id=REMOTE_BACK))
             self._healthy_again(claim.remote)

@@ -215,6 +215,39 @@ def test_without_a_remote_budget_the_scrub_checks_quickly_and_with_no_budget_at_
     assert report["cache"]["checked"] == 0 and report["remotes"]["checked"] == 0
 
 
+class OneUnreadable:
+    """A remote that answers, but one of its objects cannot be read (S3: an object a lifecycle rule moved
+    to an archive class fails its GET with InvalidObjectState; a folder: one file's permissions)."""
+
+    def __init__(self, inner, h: str) -> None:
+        self.inner = inner
+        self.h = h
+
+    def get(self, h, url, dst_fd, transfer=None):
+        if h == self.h:
+            raise RemoteError("InvalidObjectState: the object is archived", REMOTE)
+        return self.inner.get(h, url, dst_fd, transfer)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_one_unreadable_copy_does_not_keep_the_scrub_from_proving_the_rest_of_its_remote(world: World) -> None:
+    """The copy proven longest ago comes first: one that can never be read came first at every tick, paused
+    its remote, and no other copy there was ever proven (the README's period broken for all of them)."""
+    world.capacity = world.cache.capacity = 10_000
+    files = [world.add(f"f{i}", 100) for i in range(4)]
+    world.remotes["r1"] = OneUnreadable(world.remotes["r1"], files[0])
+    for _ in range(4):
+        world.clock.tick()
+        world.scrubber._paused.clear()  # the remote's pause (real time, 10 min) ran out
+        world.scrubber.step(0, 250)
+    done = {(h, r) for (h, r), v in proven(world).items() if v is not None}
+    assert {(h, "r1") for h in files[1:]} <= done, sorted(done)
+    assert (files[0], "r1") not in done and sorted(world.good_remotes(files[0])) == ["r0", "r1"], \
+        "a copy that could not be read is neither proven nor blamed"
+
+
 # -- pairs waiting out a backoff ---------------------------------------------------------------------------
 
 def backoff(w: World, h: str, remote: str, wait: float = 3600.0) -> None:
@@ -362,6 +395,37 @@ def test_a_server_back_before_the_probe_looked_is_woken_once_and_a_pair_failing_
         for _ in range(3):
             p.up.probe_unhealthy()
         assert states(world)[(a, "r0")][1] == due and len(p.seen) == 1
+    finally:
+        p.up.close()
+
+
+def test_copies_of_other_files_do_not_undo_the_backoff_of_a_pair_that_fails_on_a_working_remote(
+        world: World) -> None:
+    """A retry storm: one object fails every time while other files reach the same remote. Each of their
+    copies must not re-arm the wake, or the failing pair goes again after every probe (every 10 s)
+    instead of its backoff (up to retry.max): with a large file, gigabytes sent again and again."""
+    a = world.add("a", 100, copies=("r1",))
+    p = Pipeline(world, PoisonRemote(world.dir_remotes["r0"].inner, a))
+    try:
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 1, message="the r0 upload failed")
+        p.up.probe_unhealthy()  # woken once: the server may have come back before the probe looked
+        assert len(p.seen) == 1
+        p.up.pump()
+        wait_for(lambda: states(world)[(a, "r0")][2] == 2, message="the second attempt failed too")
+        for attempt in (3, 4, 5):
+            b = world.add(f"b{attempt}", 100, copies=("r1",))
+            p.up.pump()
+            wait_for(lambda: "r0" in world.good_remotes(b), message="another file reached r0")
+            world.clock.tick()
+            world.catalog.db.connection().execute(  # its backoff ran out
+                "UPDATE uploads SET next_attempt=? WHERE hash=? AND remote='r0'", (world.clock(), a))
+            p.up.pump()
+            wait_for(lambda: states(world)[(a, "r0")][2] == attempt, message="it failed again")
+            due = states(world)[(a, "r0")][1]
+            p.up.probe_unhealthy()
+            assert states(world)[(a, "r0")][1] == due > world.clock(), f"attempt {attempt}: backoff undone"
+        assert len(p.seen) == 1
     finally:
         p.up.close()
 

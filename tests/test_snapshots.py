@@ -8,8 +8,10 @@ import gc
 import gzip
 import hashlib
 import os
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -366,6 +368,57 @@ def test_a_snapshot_out_of_time_is_cancelled_and_leaves_nothing(workdir: Path) -
         assert snapper.step(budget=60) == ["a"]  # in time: taken, and the problem is gone
         assert snapper.problems() == []
     finally:
+        catalog.close()
+
+
+class _Silent:
+    """A server that accepts connections, reads what it is sent and never answers (a hung S3 endpoint)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.conns: list[socket.socket] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="silent-server")
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.1)
+        while not self.done.is_set():
+            try:
+                self.conns.append(self.server.accept()[0])
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        for c in self.conns:
+            c.close()
+        self.server.close()
+
+
+def test_the_stops_snapshot_ends_in_its_time_though_remotes_hang(workdir: Path) -> None:
+    """S3 remotes that take the bytes and never answer: the cancel at the budget's end cannot reach a call
+    waiting for the answer (botocore's read timeout, 60 s). The stop's 45 s budget became 105 s, past
+    systemd's 90 s TimeoutStopSec (measured here: a 3 s budget took 61 s)."""
+    (workdir / "state").mkdir()
+    catalog = _catalog(workdir)
+    silent = _Silent()
+    endpoint = f"http://127.0.0.1:{silent.server.getsockname()[1]}"
+    remotes = {n: S3Remote(n, "bucket", endpoint=endpoint, region="us-east-1", access_key_id="k",
+                           secret_access_key="s") for n in ("s1", "s2")}
+    snapper = Snapshotter(catalog, remotes, "n1", str(workdir / "state"))
+    try:
+        started = time.monotonic()
+        # 3 s: past botocore's 1 s wait for "100 Continue", the bytes are sent before the budget ends
+        assert snapper.step(budget=3.0) == []
+        assert time.monotonic() - started < 3.0 + 5.0 + 2.0
+    finally:
+        silent.close()  # the calls left behind fail now
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name == "catalog-snapshot-stop"],
+                 message="the snapshot left behind ends once the server is gone")
+        for r in remotes.values():
+            r.close()
         catalog.close()
 
 

@@ -84,6 +84,15 @@ def month_of(now: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(now))
 
 
+class SchemaTooNew(StartupError):
+    """The catalog was written by a newer cloudmanagerd (`restore` must not pass over such a snapshot
+    for an older one: that would lose what it knows)."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class Catalog:
     """The catalog of one node; `node` names this node's rows in a shared database.
 
@@ -96,7 +105,9 @@ class Catalog:
         self.node = node
 
     @classmethod
-    def open(cls, url: str, node: str) -> Catalog:
+    def open(cls, url: str, node: str, create: bool = True) -> Catalog:
+        """`create=False`: an empty database is refused, not given a new schema (a snapshot to restore
+        must be a catalog: an empty one would install as a catalog that knows no file)."""
         if url.startswith("sqlite:///"):
             catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
         elif url.lower().startswith(POSTGRES_SCHEMES):
@@ -110,7 +121,7 @@ class Catalog:
             damage = catalog.db.check()
             if damage:
                 raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
-            catalog.migrate()
+            catalog.migrate(create)
         except DB_ERRORS as exc:
             catalog.close()
             raise StartupError(catalog.db.explain(exc)) from None
@@ -165,16 +176,18 @@ class Catalog:
             raise StartupError(f"catalog {where}: schema_version is {row[0]!r}, not a number; "
                                f"{set_it}, or {self.db.recovery_hint()}") from None
 
-    def migrate(self) -> None:
+    def migrate(self, create: bool = True) -> None:
         """Create or upgrade the schema, in one transaction that holds the backend's schema lock: nodes
         starting together on one server do not race (the second finds the work done)."""
         with self.db.tx() as conn:
             self.db.lock_schema(conn)
             version = self.schema_version()
+            if version == 0 and not create:
+                raise StartupError(f"catalog {self.db.where} is an empty database, not a cloudmanagerd catalog")
             if version > SCHEMA_VERSION:
-                raise StartupError(
+                raise SchemaTooNew(
                     f"catalog {self.db.where}: schema version {version} is newer than this cloudmanagerd "
-                    f"understands ({SCHEMA_VERSION}); upgrade cloudmanagerd")
+                    f"understands ({SCHEMA_VERSION}); upgrade cloudmanagerd", version)
             self.db.upgrade(conn, version)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
@@ -892,10 +905,13 @@ class Catalog:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
 
-    def end_running_nodes(self, now: float) -> int:
-        """`restore`: every node a snapshot shows running has stopped (the snapshot outlived them)."""
+    def release_node_name(self, now: float) -> int:
+        """`restore`: the process that held this node's name in a snapshot ran on the lost disk; the name
+        is free at once (a snapshot holds the name as taken, heartbeat fresh, and a daemon started on
+        the restored catalog waited out cluster.lease for a process that no longer exists)."""
         with self.db.tx() as conn:
-            return conn.execute("UPDATE nodes SET stopped=? WHERE stopped IS NULL", (now,)).rowcount
+            return conn.execute("UPDATE nodes SET stopped=? WHERE node=? AND stopped IS NULL",
+                                (now, self.node)).rowcount
 
     def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
                             ) -> list[tuple[str, str, str, str]]:
@@ -1135,12 +1151,15 @@ class Catalog:
         return {h for (h,) in self.db.connection().execute(
             "SELECT hash FROM copies WHERE remote=? AND bad=0", (remote,))}
 
-    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]], now: float) -> dict[str, int]:
+    def adopt_objects(self, remote: str, objects: Sequence[tuple[str, int, str]],
+                      now: float) -> tuple[dict[str, int], list[str]]:
         """Objects (hash, size, url) found on `remote` that the catalog does not record there: an
         unknown hash becomes a file named by its hash (its bytes are verified at its first fetch, as
         every fetch's are), a known one gains the copy and its pending upload there is done. A size
-        that contradicts the file's is not recorded ("conflicts"). One transaction."""
+        that contradicts the file's is not recorded ("conflicts"; their hashes are returned too). One
+        transaction."""
         counts = {"files": 0, "copies": 0, "conflicts": 0}
+        conflicted: list[str] = []
         with self.db.tx() as conn:
             for h, size, url in objects:
                 row = conn.execute("SELECT size FROM files WHERE hash=?", (h,)).fetchone()
@@ -1150,6 +1169,7 @@ class Catalog:
                     counts["files"] += 1
                 elif row[0] != size:
                     counts["conflicts"] += 1
+                    conflicted.append(h)
                     continue
                 added = conn.execute("INSERT INTO copies(hash, remote, url, created) VALUES (?, ?, ?, ?) "
                                      "ON CONFLICT(hash, remote) DO NOTHING", (h, remote, url, now)).rowcount
@@ -1157,7 +1177,21 @@ class Catalog:
                     counts["copies"] += 1
                     conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
                                  "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
-        return counts
+        return counts, conflicted
+
+    def settle_size(self, h: str, size: int, remote: str, url: str, now: float) -> None:
+        """A copy on `remote` was read back and hashes to `h` with `size` bytes, which the file's row
+        contradicts: the row came from another remote's listing (restore adopts unknown objects by their
+        listed size), whose copy cannot hold these bytes. The size is corrected, the copies recorded
+        with the old one are bad (the self-heal copies the file again) and this one is recorded, proven."""
+        with self.db.tx() as conn:
+            conn.execute("UPDATE files SET size=? WHERE hash=?", (size, h))
+            conn.execute("UPDATE copies SET bad=1 WHERE hash=? AND remote<>?", (h, remote))
+            conn.execute("INSERT INTO copies(hash, remote, url, created, proven, verified) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT(hash, remote) DO UPDATE SET url=excluded.url, bad=0, proven=excluded.proven, "
+                         "verified=excluded.verified", (h, remote, url, now, now, now))
+            conn.execute("UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, "
+                         "lease_expiry=NULL, updated=? WHERE hash=? AND remote=?", (now, h, remote))
 
     def mark_copies_missing(self, remote: str, hashes: Sequence[str], error: str, now: float) -> int:
         """Recorded copies whose object is not on `remote`: bad (the self-heal copies their files again)."""

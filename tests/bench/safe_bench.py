@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudmanagerd.remotes.base import RESERVED
+
 from benchlib import (
     InboxDaemon,
     add_json_arg,
@@ -144,7 +146,9 @@ class Bench:
         self.r.problems = st["problems"]
         d.stop_profiler()
         d.stop()
-        copies = sum(1 for sub in remote.iterdir() for f in sub.iterdir() if not f.name.startswith("."))
+        # the hash folders only: the reserved folder holds the daemon's catalog snapshots
+        copies = sum(1 for sub in remote.iterdir() if sub.name != RESERVED
+                     for f in sub.iterdir() if not f.name.startswith("."))
         if copies != n and not self.args.no_remote:
             raise RuntimeError(f"the remote folder holds {copies} copies, not {n}")
         rmtree(d.dir)

@@ -81,8 +81,8 @@ from seaweed import SeaweedFS, SeaweedStartError, weed_binary
 
 PREFIX = "bench/"
 WEED_GRACE = 3.0  # weed does not exit within 10 s of SIGTERM: SIGKILL after this
-UPLOADED = re.compile(r"^(\S+ \S+) INFO \S+: uploaded hash=(\w+) remote=\S+ size=(\d+) seconds=([\d.]+)")
-REGISTERED = re.compile(r"^(\S+ \S+) INFO cloudmanagerd\.ingest: registered .* hash=(\w+) size=\d+$")
+UPLOADED = re.compile(r"^(\S+) INFO \S+: uploaded hash=(\w+) remote=\S+ size=(\d+) seconds=([\d.]+)")
+REGISTERED = re.compile(r"^(\S+) INFO cloudmanagerd\.ingest: registered .* hash=(\w+) size=\d+$")
 MB = 1e6
 
 
@@ -97,8 +97,8 @@ def parse_ints(text: str) -> list[int]:
 
 
 def log_time(stamp: str) -> float:
-    """The daemon's asctime ("2024-05-01 12:00:00,123", local time) as a Unix time."""
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    """The daemon's ISO 8601 time with its zone ("2026-11-29T22:01:21.429+00:00") as a Unix time."""
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 def children_cpu() -> float:

@@ -79,6 +79,8 @@ from benchlib import (
 sys.path.insert(0, str(REPO / "tests"))  # the SeaweedFS server of the tests
 from seaweed import SeaweedFS, SeaweedStartError, weed_binary
 
+from cloudmanagerd.remotes.base import RESERVED
+
 PREFIX = "bench/"
 WEED_GRACE = 3.0  # weed does not exit within 10 s of SIGTERM: SIGKILL after this
 UPLOADED = re.compile(r"^(\S+) INFO \S+: uploaded hash=(\w+) remote=\S+ size=(\d+) seconds=([\d.]+)")
@@ -240,8 +242,9 @@ class Bench:
         """The bucket holds exactly `count` objects of `size` bytes under PREFIX."""
         assert self.server is not None
         with self.server.client() as s3:
+            # the objects only: the reserved folder holds the daemon's catalog snapshots (taken at its stop)
             sizes = [o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX)
-                     for o in page.get("Contents", [])]
+                     for o in page.get("Contents", []) if not o["Key"].startswith(f"{PREFIX}{RESERVED}/")]
         if len(sizes) != count or any(s != size for s in sizes):
             wrong = sum(1 for s in sizes if s != size)
             raise RuntimeError(f"bucket {bucket}: {len(sizes)} objects under {PREFIX} ({wrong} of the wrong size), "

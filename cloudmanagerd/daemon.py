@@ -38,6 +38,7 @@ from .rejects import Rejector
 from .remotes import build_remote
 from .snapshots import Snapshotter
 from .status import build_status, human_size, summary_line
+from .urls import safe_url, scrub
 
 log = logging.getLogger("cloudmanagerd")
 
@@ -672,7 +673,6 @@ def redact_url(url: str) -> str:
     """A catalog URL fit for a message: a PostgreSQL URL without its user and password."""
     if url.startswith("sqlite:"):
         return url
-    from .catalog.postgres import safe_url  # only a PostgreSQL catalog needs psycopg's pool
     return safe_url(url)
 
 
@@ -800,7 +800,7 @@ def migrate_catalog(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
         except DB_ERRORS as exc:
-            print(f"cloudmanagerd: migrate-catalog: catalog: {str(exc).strip().splitlines()[0]}; nothing was "
+            print(f"cloudmanagerd: migrate-catalog: catalog: {scrub(str(exc))}; nothing was "
                   "copied", file=sys.stderr)
             return 1
     print(f"cloudmanagerd: copied {', '.join(f'{n} {t}' for t, n in counts.items() if n) or 'an empty catalog'} "

@@ -29,6 +29,11 @@ def test_messages_never_show_the_password() -> None:
     assert safe_url("postgresql://cm:s3cret@db.example:5433/cm?sslmode=require&password=s3cret") == \
         "postgresql://db.example:5433/cm?sslmode=require"
     assert safe_url("postgres://db/cm") == "postgres://db/cm"
+    # libpq takes a password up to the first '@' or '/': '?', '#' or '@' in it must not show either
+    for password in ("hun?ter2", "hun#ter2", "hun@ter2", "hun/ter2"):
+        assert safe_url(f"postgresql://cm:{password}@db:5433/cm?sslmode=require") == \
+            "postgresql://db:5433/cm?sslmode=require"
+    assert safe_url("postgresql:///cm?host=/run/pg&password=x") == "postgresql:///cm?host=%2Frun%2Fpg"
 
 
 def test_a_server_that_is_not_there_is_one_clear_start_up_error(postgres_server: PostgresServer) -> None:
@@ -103,9 +108,11 @@ def test_glob_translation() -> None:
 
 
 @pytest.mark.parametrize("url", ["postgresql://cm:hunter2@[::1:bad/cm", "postgresql://cm:hunter2@host:notaport/cm",
-                                 "postgresql://h/cm?password=hunter2&connect_timeout=x"])
+                                 "postgresql://h/cm?password=hunter2&connect_timeout=x",
+                                 "postgresql://cm:hun/ter2@[::1/cm", "postgresql://cm:hun?ter2@h:x/cm",
+                                 "mysql://cm:hunter2@h/cm", "host=h password=hunter2"])
 def test_an_unreadable_url_is_refused_without_showing_its_password(url: str) -> None:
     # libpq quotes a URL it cannot parse whole: the message must not carry the password along
     with pytest.raises(StartupError) as info:
         Catalog.open(url, "node1")
-    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
+    assert "hunter2" not in str(info.value) and "ter2" not in str(info.value) and "\n" not in str(info.value)

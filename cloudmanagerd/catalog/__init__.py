@@ -29,6 +29,7 @@ import psycopg
 
 from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
 from ..exchange import Entry, Location
+from ..urls import scrub
 from . import sqlite as _sqlite
 from .sqlite import SqliteDatabase
 
@@ -103,7 +104,7 @@ class Catalog:
             from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
             catalog = cls(PostgresDatabase(url), node)
         else:
-            raise StartupError(f"catalog {url.split('@')[-1]}: not a sqlite:/// or postgresql:// URL")
+            raise StartupError(f"catalog {scrub(url)}: not a sqlite:/// or postgresql:// URL")
         try:
             # A damaged file must stop the start, not be run on: it would fail `ls` and every
             # ingest for ever while saying "running" (issue 10).

@@ -13,7 +13,6 @@ import contextlib
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import psycopg.adapt
 import psycopg_pool
 
 from ..errors import CloudManagerError, StartupError
+from ..urls import safe_url, scrub
 
 # How long a thread waits for a connection before the catalog counts as unreachable, and how long
 # the first connection at start-up may take.
@@ -254,28 +254,6 @@ WITH dead AS (
 INSERT INTO counters(name, shard, value) SELECT name, 0, SUM(value) FROM dead GROUP BY name
 ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
 """
-
-
-def safe_url(url: str) -> str:
-    """The URL without its user, password or password parameter: what messages and logs may show."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-        query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-                 if k.lower() not in ("password", "user", "passfile", "sslpassword")]
-        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, urllib.parse.urlencode(query), ""))
-    except ValueError:
-        return url.split("://", 1)[0] + "://(unreadable URL)"
-
-
-_CREDENTIALS = re.compile(r"(://)[^@/\s\"']*@|(password\s*=\s*)(?:'[^']*'|[^\s&\"']*)", re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """An error's first line with any user:password@ or password=... taken out (libpq quotes the
-    whole URL when it cannot parse it)."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return _CREDENTIALS.sub(lambda m: m.group(1) or (m.group(2) + "***"), first)
 
 
 def _translate(sql: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (a deliberate memo)

@@ -208,7 +208,8 @@ class Daemon:
     def _check_remote_places(self, config: Config) -> None:
         """A remote's name must mean the same place on every node: a copy recorded on remote "nas" is
         looked for on this node's "nas". A first-seen name is recorded; a different place is refused."""
-        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time())
+        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time(),
+                                                 exclusive_places(config))
         if wrong:
             raise StartupError("; ".join(remote_place_problem(config, *w) for w in wrong))
 
@@ -684,9 +685,21 @@ def cluster_problems(cluster: dict[str, Any]) -> list[str]:
             "the files get their copies; until then no node can fetch them)"]
 
 
-def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str) -> str:
-    """One line for a remote whose name means another place in the catalog than in this config."""
+def exclusive_places(config: Config) -> list[str]:
+    """The remotes whose place no other name may have in the catalog (plowshare's is its host: two
+    accounts on one host are two places, as in the config's own check)."""
+    return [rc.name for rc in config.remotes if rc.type != "plowshare"]
+
+
+def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str, other: str = "") -> str:
+    """One line for a remote whose name means another place in the catalog than in this config, or
+    whose place the catalog knows under `other` name."""
     source = config.source or DEFAULT_CONFIG
+    if other:
+        return (f"remotes.{name}: this config puts it at {mine}, which the catalog knows as remote {other} "
+                f"(recorded by node {by}); one place must have one name on every node, or its copies would "
+                f"count twice: name it {other} here; if every node renames it, accept the new name with: "
+                f"cloudmanagerd accept-remote -c {source} {name}")
     return (f"remotes.{name}: this config puts it at {mine}, but the catalog knows remote {name} as {recorded} "
             f"(recorded by node {by}); one name must mean one place on every node: if it is another place, "
             f"give it another name, else fix its config; if the copies really moved there, accept the change "
@@ -741,7 +754,8 @@ def accept_remote(argv: list[str]) -> int:
         return 1
     try:
         before = catalog.remote_places()
-        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time())
+        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time(),
+                                    exclusive_places(config))
     finally:
         catalog.close()
     for name in args.names:

@@ -892,18 +892,28 @@ class Catalog:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
 
-    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
-                            ) -> list[tuple[str, str, str, str]]:
+    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float,
+                            exclusive: Collection[str] = ()) -> list[tuple[str, ...]]:
         """Compare each remote's place (name -> place) with the one recorded for that name; record the
         names seen for the first time, and those in `accept` (a change made on purpose). Returns the
         others that differ, as (name, recorded place, node that recorded it, this node's place); when
-        any differ nothing is recorded."""
+        any differ nothing is recorded.
+
+        A name in `exclusive` whose place is recorded under another name (a remote renamed on one node)
+        differs too, as (name, place, node, place, other name): its copies and the other name's would be
+        one object counted as two copies. Accepting it drops the other name's record."""
         with self.db.tx() as conn:
             recorded = {name: (place, node) for name, place, node in conn.execute(
                 "SELECT name, place, node FROM remote_places").fetchall()}
-            wrong = [(name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
-                     if name in recorded and recorded[name][0] != place and name not in accept]
+            wrong: list[tuple[str, ...]] = [
+                (name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
+                if name in recorded and recorded[name][0] != place and name not in accept]
+            aliases = [(name, other) for name, place in places.items() if name in exclusive
+                       for other, (there, _) in recorded.items() if other != name and there == place]
+            wrong += [(name, places[name], recorded[other][1], places[name], other)
+                      for name, other in aliases if name not in accept]
             if not wrong:
+                conn.executemany("DELETE FROM remote_places WHERE name=?", [(other,) for _, other in aliases])
                 conn.executemany(
                     "INSERT INTO remote_places(name, place, node, recorded) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET place=excluded.place, node=excluded.node, "

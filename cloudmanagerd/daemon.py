@@ -195,11 +195,11 @@ class Daemon:
                 first = holder
                 log.warning("node %s: pid %s on host %s held this name %.0f s ago; waiting up to cluster.lease "
                             "(%g s) to see whether it still runs", c.node, holder["pid"], holder["host"],
-                            max(0.0, now - holder["heartbeat"]), c.cluster.lease)
+                            max(0.0, now + self.catalog.clock_offset - holder["heartbeat"]), c.cluster.lease)
             elif (holder["heartbeat"], holder["instance"]) != (first["heartbeat"], first["instance"]):
                 raise StartupError(
                     f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
-                    f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
+                    f"{max(0.0, now + self.catalog.clock_offset - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
                     f"{holder['host']}); set `node:` in the config to a unique name (cloned machines share "
                     "hostnames), or stop that process")
             if self.stop_requested.wait(0.2):
@@ -609,7 +609,8 @@ class Daemon:
     def nodes(self) -> list[dict[str, Any]]:
         """`nodes`: every node sharing the catalog, with the age of its last heartbeat."""
         now = time.time()
-        return [{**n, "age": round(max(0.0, now - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
+        # heartbeats are on the catalog server's clock
+        return [{**n, "age": round(max(0.0, now + self.catalog.clock_offset - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
                 for n in self.catalog.nodes(now, self.config.cluster.lease)]
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:

@@ -116,3 +116,33 @@ def test_an_unreadable_url_is_refused_without_showing_its_password(url: str) -> 
     with pytest.raises(StartupError) as info:
         Catalog.open(url, "node1")
     assert "hunter2" not in str(info.value) and "ter2" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("skew", [180.0, -180.0])
+def test_a_node_whose_clock_is_off_neither_takes_a_live_claim_nor_sees_a_live_node_down(
+        postgres_url: str, skew: float) -> None:
+    # two machines, one with broken time sync: leases and heartbeats written by one clock and read
+    # by another would hand a transfer in flight to a second sender, and show a live node down
+    import time
+    lease = 60.0
+    good = Catalog.open(postgres_url, "n1")
+    off = Catalog.open(postgres_url, "n2", clock=lambda: time.time() + skew)
+    try:
+        assert abs(off.clock_offset + skew) < 1.0 and good.clock_offset == 0.0
+        h1, h2 = fake_hash("a1"), fake_hash("b2")
+        # each file has one copy already, so that either node may send its second
+        for catalog, h, now in ((good, h1, time.time()), (off, h2, off.clock())):
+            register(catalog, h, now=now, remotes=("r0", "r1"))
+            assert {(c.hash, c.remote) for c in catalog.claim_due(now, 2, lease)} == {(h, "r0"), (h, "r1")}
+            catalog.upload_done(h, "r0", f"r0/{h}", 10, 2, now)
+        # neither claim in flight is up for grabs on the other node
+        assert off.claim_due(off.clock(), 10, lease) == [] and good.claim_due(time.time(), 10, lease) == []
+        assert good.refresh_claims(time.time(), lease, {(h1, "r1")}) == 0
+        assert off.refresh_claims(off.clock(), lease, {(h2, "r1")}) == 0
+        assert good.register_node("i1", "s1", 1, "h1", time.time(), lease) is None
+        assert off.register_node("i2", "s2", 2, "h2", off.clock(), lease) is None
+        for catalog, now in ((good, time.time()), (off, off.clock())):
+            assert {n["node"]: n["state"] for n in catalog.nodes(now, lease)} == {"n1": "up", "n2": "up"}
+    finally:
+        good.close()
+        off.close()

@@ -44,6 +44,9 @@ SCHEMA_VERSION = 7
 DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, psycopg.Error)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# A node's clock further than this from the catalog server's is corrected in leases and heartbeats
+# (below it, the error is smaller than a lease's slack and a test's made-up times stay exact).
+CLOCK_TOLERANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,17 +95,22 @@ class Catalog:
     qualified columns in DO UPDATE); what must differ is the backend's (`db`): its connections and
     transactions, DDL and migrations, name matching, the counters' read and the claim of due pairs."""
 
-    def __init__(self, db: Any, node: str) -> None:
+    def __init__(self, db: Any, node: str, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.node = node
+        self.clock = clock
+        # The catalog server's clock minus this node's: leases and heartbeats are written and compared
+        # on the server's time, so that nodes whose clocks disagree (time sync broken on one machine)
+        # neither take each other's live claims nor see each other down. 0 for SQLite (one machine).
+        self.clock_offset = 0.0
 
     @classmethod
-    def open(cls, url: str, node: str) -> Catalog:
+    def open(cls, url: str, node: str, clock: Callable[[], float] = time.time) -> Catalog:
         if url.startswith("sqlite:///"):
-            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
+            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node, clock)
         elif url.lower().startswith(POSTGRES_SCHEMES):
             from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
-            catalog = cls(PostgresDatabase(url), node)
+            catalog = cls(PostgresDatabase(url), node, clock)
         else:
             raise StartupError(f"catalog {scrub(url)}: not a sqlite:/// or postgresql:// URL")
         try:
@@ -112,6 +120,7 @@ class Catalog:
             if damage:
                 raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
             catalog.migrate()
+            catalog.sync_clock()
         except DB_ERRORS as exc:
             catalog.close()
             raise StartupError(catalog.db.explain(exc)) from None
@@ -179,6 +188,17 @@ class Catalog:
             self.db.upgrade(conn, version)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
+
+    def sync_clock(self) -> float:
+        """Measure this node's clock against the catalog server's (at open and each heartbeat); the
+        offset found (0 for a catalog without a clock of its own)."""
+        before = self.clock()
+        server = self.db.server_time(self.db.connection())
+        if server is None:
+            return 0.0
+        offset = server - (before + self.clock()) / 2
+        self.clock_offset = offset if abs(offset) >= CLOCK_TOLERANCE else 0.0
+        return offset
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -438,6 +458,7 @@ class Catalog:
         """Renew the leases of the pairs this node is sending (`in_flight`), and queue again every other
         pair it holds as active whose lease expired, or lies further ahead than a lease can (the clock
         was set back). A pair in flight is never released: it would be sent twice at once."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             conn.executemany(
                 "UPDATE uploads SET lease_expiry=? WHERE hash=? AND remote=? AND state='active' AND claim_owner=?",
@@ -495,11 +516,12 @@ class Catalog:
                max_size: int | None = None) -> list[UploadClaim]:
         """claim_due's work inside the caller's transaction."""
         owner = owner or self.node
+        due = now if due_by is None else due_by
+        now += self.clock_offset  # leases are on the server's clock (next_attempt stays on this node's)
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip}) " if skip_remotes else ""
         only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
         only = [v for v in (remote, max_size) if v is not None]
-        due = now if due_by is None else due_by
         # Which pairs: due ones in `states`, and pairs another node claimed whose lease ran out (it died
         # or was cut off: its claims go to whoever can send them). This node's own stale claims are
         # refresh_claims' (it alone knows what this node still has in flight).
@@ -864,6 +886,7 @@ class Catalog:
 
         One conditional upsert, so that two processes starting at once under one name cannot both
         win (SQLite serialises the write; PostgreSQL locks the conflicting row)."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             taken = conn.execute(
                 "INSERT INTO nodes(node, heartbeat, pid, host, instance, seat, started, stopped) "
@@ -882,12 +905,15 @@ class Catalog:
     def heartbeat(self, instance: str, now: float) -> bool:
         """Renew this node's heartbeat; False when the name is no longer this process's (another
         process took it over after this one stayed silent longer than the lease)."""
+        self.sync_clock()
+        now += self.clock_offset
         with self.db.tx() as conn:
             return conn.execute("UPDATE nodes SET heartbeat=? WHERE node=? AND instance=? AND stopped IS NULL",
                                 (now, self.node, instance)).rowcount == 1
 
     def node_stopped(self, instance: str, now: float) -> None:
         """A clean stop: the name is free at once, and `nodes` shows the node as stopped, not down."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
@@ -928,7 +954,8 @@ class Catalog:
     def nodes(self, now: float, lease: float) -> list[dict[str, Any]]:
         """Every node that ever ran on this catalog: its last heartbeat, state (up; down: silent longer
         than the lease; stopped: stopped cleanly), cache files and bytes, and the pending uploads it holds
-        claims on (its API scripts' claims included)."""
+        claims on (its API scripts' claims included). Heartbeats are on the server's clock."""
+        now += self.clock_offset
         with self.db.read() as conn:
             rows = conn.execute("SELECT node, heartbeat, pid, host, started, stopped FROM nodes "
                                 "ORDER BY node").fetchall()

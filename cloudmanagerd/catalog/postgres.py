@@ -434,6 +434,9 @@ class PostgresDatabase:
     def name_glob(self, pattern: str) -> tuple[str, Any]:
         return "convert_from(f.name, 'LATIN1') ~ ?", glob_regex(pattern)
 
+    def server_time(self, conn: _Session) -> float:
+        return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
     def tables(self, conn: _Session) -> set[str]:
         return {name for (name,) in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}

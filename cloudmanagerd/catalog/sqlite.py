@@ -330,7 +330,7 @@ class SqliteDatabase:
     def where(self) -> str:
         return self.path
 
-    def server_time(self, conn: Any) -> float | None:
+    def server_time(self, conn: sqlite3.Connection) -> float | None:
         """None: a file has no clock of its own (the nodes sharing one run on one machine)."""
         return None
 

@@ -146,3 +146,12 @@ def test_a_node_whose_clock_is_off_neither_takes_a_live_claim_nor_sees_a_live_no
     finally:
         good.close()
         off.close()
+
+
+def test_a_statement_timeout_too_short_is_named_not_taken_for_a_connection_failure(postgres_url: str) -> None:
+    # a DBA's statement_timeout (here in the URL's options) cancels the schema's creation: the
+    # server was reached, so the message must not send the operator to check host and password
+    with pytest.raises(StartupError) as info:
+        Catalog.open(postgres_url + "?options=-c%20statement_timeout%3D1", "node1")
+    message = str(info.value)
+    assert "statement_timeout is too short" in message and "cannot connect" not in message and "\n" not in message

@@ -480,6 +480,10 @@ class PostgresDatabase:
 
     def explain(self, exc: BaseException) -> str:
         first = scrub(str(exc)) or type(exc).__name__
+        state = getattr(exc, "sqlstate", None)
+        if state == "57014":  # psycopg counts a cancelled statement as "operational": the server was reached
+            return (f"catalog {self.where}: a statement was cancelled ({first}): the server's statement_timeout "
+                    "is too short for cloudmanagerd; unset it or raise it (ALTER ROLE ... SET statement_timeout)")
         if isinstance(exc, psycopg.OperationalError):
             return (f"catalog {self.where}: cannot connect ({first}); check that PostgreSQL runs there and "
                     "that the URL's host, port, database, user and password are right")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cloudmanagerd.errors import CloudManagerError
+from cloudmanagerd.urls import scrub
 
 DEFAULT_CONFIG_PATH = "/etc/cloudmanagerd/config.yaml"
 DEFAULT_STATE_DIR = "/var/lib/cloudmanagerd"
@@ -574,7 +575,8 @@ class _Parser:
     def _catalog(self, value: object) -> str:
         expected = (
             f"expected a URL starting with {', '.join(CATALOG_SCHEMES)} (sqlite:////absolute/path, "
-            f"or sqlite:///path relative to the config file), got {_describe(value)}"
+            # a mistyped URL or a libpq "host=... password=..." string: its password stays out of the message
+            f"or sqlite:///path relative to the config file), got {_describe(scrub(value) if isinstance(value, str) else value)}"
         )
         if not isinstance(value, str):
             raise ValueError(expected)

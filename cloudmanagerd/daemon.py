@@ -38,6 +38,7 @@ from .rejects import Rejector
 from .remotes import build_remote
 from .snapshots import Snapshotter
 from .status import build_status, human_size, summary_line
+from .urls import safe_url, scrub
 
 log = logging.getLogger("cloudmanagerd")
 
@@ -194,11 +195,11 @@ class Daemon:
                 first = holder
                 log.warning("node %s: pid %s on host %s held this name %.0f s ago; waiting up to cluster.lease "
                             "(%g s) to see whether it still runs", c.node, holder["pid"], holder["host"],
-                            max(0.0, now - holder["heartbeat"]), c.cluster.lease)
+                            max(0.0, now + self.catalog.clock_offset - holder["heartbeat"]), c.cluster.lease)
             elif (holder["heartbeat"], holder["instance"]) != (first["heartbeat"], first["instance"]):
                 raise StartupError(
                     f"node {c.node} is already running on catalog {redact_url(c.catalog)}, last heartbeat "
-                    f"{max(0.0, now - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
+                    f"{max(0.0, now + self.catalog.clock_offset - holder['heartbeat']):.0f} s ago (pid {holder['pid']} on host "
                     f"{holder['host']}); set `node:` in the config to a unique name (cloned machines share "
                     "hostnames), or stop that process")
             if self.stop_requested.wait(0.2):
@@ -207,7 +208,8 @@ class Daemon:
     def _check_remote_places(self, config: Config) -> None:
         """A remote's name must mean the same place on every node: a copy recorded on remote "nas" is
         looked for on this node's "nas". A first-seen name is recorded; a different place is refused."""
-        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time())
+        wrong = self.catalog.check_remote_places({rc.name: rc.place for rc in config.remotes}, (), time.time(),
+                                                 exclusive_places(config))
         if wrong:
             raise StartupError("; ".join(remote_place_problem(config, *w) for w in wrong))
 
@@ -610,7 +612,8 @@ class Daemon:
     def nodes(self) -> list[dict[str, Any]]:
         """`nodes`: every node sharing the catalog, with the age of its last heartbeat."""
         now = time.time()
-        return [{**n, "age": round(max(0.0, now - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
+        # heartbeats are on the catalog server's clock
+        return [{**n, "age": round(max(0.0, now + self.catalog.clock_offset - n["heartbeat"]), 3), "this": n["node"] == self.config.node}
                 for n in self.catalog.nodes(now, self.config.cluster.lease)]
 
     def _cmd_reload(self, req: dict[str, Any], fds: list[int], progress: Any) -> dict[str, Any]:
@@ -675,7 +678,6 @@ def redact_url(url: str) -> str:
     """A catalog URL fit for a message: a PostgreSQL URL without its user and password."""
     if url.startswith("sqlite:"):
         return url
-    from .catalog.postgres import safe_url  # only a PostgreSQL catalog needs psycopg's pool
     return safe_url(url)
 
 
@@ -687,9 +689,21 @@ def cluster_problems(cluster: dict[str, Any] | None) -> list[str]:
             "the files get their copies; until then no node can fetch them)"]
 
 
-def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str) -> str:
-    """One line for a remote whose name means another place in the catalog than in this config."""
+def exclusive_places(config: Config) -> list[str]:
+    """The remotes whose place no other name may have in the catalog (plowshare's is its host: two
+    accounts on one host are two places, as in the config's own check)."""
+    return [rc.name for rc in config.remotes if rc.type != "plowshare"]
+
+
+def remote_place_problem(config: Config, name: str, recorded: str, by: str, mine: str, other: str = "") -> str:
+    """One line for a remote whose name means another place in the catalog than in this config, or
+    whose place the catalog knows under `other` name."""
     source = config.source or DEFAULT_CONFIG
+    if other:
+        return (f"remotes.{name}: this config puts it at {mine}, which the catalog knows as remote {other} "
+                f"(recorded by node {by}); one place must have one name on every node, or its copies would "
+                f"count twice: name it {other} here; if every node renames it, accept the new name with: "
+                f"cloudmanagerd accept-remote -c {source} {name}")
     return (f"remotes.{name}: this config puts it at {mine}, but the catalog knows remote {name} as {recorded} "
             f"(recorded by node {by}); one name must mean one place on every node: if it is another place, "
             f"give it another name, else fix its config; if the copies really moved there, accept the change "
@@ -744,7 +758,8 @@ def accept_remote(argv: list[str]) -> int:
         return 1
     try:
         before = catalog.remote_places()
-        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time())
+        catalog.check_remote_places({name: places[name] for name in args.names}, args.names, time.time(),
+                                    exclusive_places(config))
     finally:
         catalog.close()
     for name in args.names:
@@ -803,7 +818,7 @@ def migrate_catalog(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
         except DB_ERRORS as exc:
-            print(f"cloudmanagerd: migrate-catalog: catalog: {str(exc).strip().splitlines()[0]}; nothing was "
+            print(f"cloudmanagerd: migrate-catalog: catalog: {scrub(str(exc))}; nothing was "
                   "copied", file=sys.stderr)
             return 1
     print(f"cloudmanagerd: copied {', '.join(f'{n} {t}' for t, n in counts.items() if n) or 'an empty catalog'} "

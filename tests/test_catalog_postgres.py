@@ -29,6 +29,11 @@ def test_messages_never_show_the_password() -> None:
     assert safe_url("postgresql://cm:s3cret@db.example:5433/cm?sslmode=require&password=s3cret") == \
         "postgresql://db.example:5433/cm?sslmode=require"
     assert safe_url("postgres://db/cm") == "postgres://db/cm"
+    # libpq takes a password up to the first '@' or '/': '?', '#' or '@' in it must not show either
+    for password in ("hun?ter2", "hun#ter2", "hun@ter2", "hun/ter2"):
+        assert safe_url(f"postgresql://cm:{password}@db:5433/cm?sslmode=require") == \
+            "postgresql://db:5433/cm?sslmode=require"
+    assert safe_url("postgresql:///cm?host=/run/pg&password=x") == "postgresql:///cm?host=%2Frun%2Fpg"
 
 
 def test_a_server_that_is_not_there_is_one_clear_start_up_error(postgres_server: PostgresServer) -> None:
@@ -103,9 +108,50 @@ def test_glob_translation() -> None:
 
 
 @pytest.mark.parametrize("url", ["postgresql://cm:hunter2@[::1:bad/cm", "postgresql://cm:hunter2@host:notaport/cm",
-                                 "postgresql://h/cm?password=hunter2&connect_timeout=x"])
+                                 "postgresql://h/cm?password=hunter2&connect_timeout=x",
+                                 "postgresql://cm:hun/ter2@[::1/cm", "postgresql://cm:hun?ter2@h:x/cm",
+                                 "mysql://cm:hunter2@h/cm", "host=h password=hunter2"])
 def test_an_unreadable_url_is_refused_without_showing_its_password(url: str) -> None:
     # libpq quotes a URL it cannot parse whole: the message must not carry the password along
     with pytest.raises(StartupError) as info:
         Catalog.open(url, "node1")
-    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
+    assert "hunter2" not in str(info.value) and "ter2" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("skew", [180.0, -180.0])
+def test_a_node_whose_clock_is_off_neither_takes_a_live_claim_nor_sees_a_live_node_down(
+        postgres_url: str, skew: float) -> None:
+    # two machines, one with broken time sync: leases and heartbeats written by one clock and read
+    # by another would hand a transfer in flight to a second sender, and show a live node down
+    import time
+    lease = 60.0
+    good = Catalog.open(postgres_url, "n1")
+    off = Catalog.open(postgres_url, "n2", clock=lambda: time.time() + skew)
+    try:
+        assert abs(off.clock_offset + skew) < 1.0 and good.clock_offset == 0.0
+        h1, h2 = fake_hash("a1"), fake_hash("b2")
+        # each file has one copy already, so that either node may send its second
+        for catalog, h, now in ((good, h1, time.time()), (off, h2, off.clock())):
+            register(catalog, h, now=now, remotes=("r0", "r1"))
+            assert {(c.hash, c.remote) for c in catalog.claim_due(now, 2, lease)} == {(h, "r0"), (h, "r1")}
+            catalog.upload_done(h, "r0", f"r0/{h}", 10, 2, now)
+        # neither claim in flight is up for grabs on the other node
+        assert off.claim_due(off.clock(), 10, lease) == [] and good.claim_due(time.time(), 10, lease) == []
+        assert good.refresh_claims(time.time(), lease, {(h1, "r1")}) == 0
+        assert off.refresh_claims(off.clock(), lease, {(h2, "r1")}) == 0
+        assert good.register_node("i1", "s1", 1, "h1", time.time(), lease) is None
+        assert off.register_node("i2", "s2", 2, "h2", off.clock(), lease) is None
+        for catalog, now in ((good, time.time()), (off, off.clock())):
+            assert {n["node"]: n["state"] for n in catalog.nodes(now, lease)} == {"n1": "up", "n2": "up"}
+    finally:
+        good.close()
+        off.close()
+
+
+def test_a_statement_timeout_too_short_is_named_not_taken_for_a_connection_failure(postgres_url: str) -> None:
+    # a DBA's statement_timeout (here in the URL's options) cancels the schema's creation: the
+    # server was reached, so the message must not send the operator to check host and password
+    with pytest.raises(StartupError) as info:
+        Catalog.open(postgres_url + "?options=-c%20statement_timeout%3D1", "node1")
+    message = str(info.value)
+    assert "statement_timeout is too short" in message and "cannot connect" not in message and "\n" not in message

@@ -204,6 +204,30 @@ def test_a_remote_name_that_points_elsewhere_is_refused_until_accepted(daemon_fa
     assert b.stop() == 0 and a.stop() == 0
 
 
+def test_a_remote_renamed_on_one_node_is_refused_until_every_node_takes_the_new_name(daemon_factory, workdir,
+                                                                                     backend):
+    # n2 calls n1's remote r0 "nas": each node would upload its own copy under its own name, and one
+    # object would count as two copies (a file evicted from every cache with a single copy)
+    a = first(daemon_factory, workdir, backend)
+    r0 = a.config["remotes"][0]
+    renamed = [{**r0, "name": "nas"}]
+    b = twin(daemon_factory, workdir, a, "n2", start=False, remotes=renamed)
+    log = refused(b)
+    assert (f"remotes.nas: this config puts it at directory {r0['path']}, which the catalog knows as remote r0 "
+            "(recorded by node n1)") in log
+    assert f"cloudmanagerd accept-remote -c {b.config_path} nas" in log
+    assert "Traceback" not in log
+
+    out = subprocess.run([sys.executable, "-m", "cloudmanagerd", "accept-remote", "-c", str(b.config_path), "nas"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    b.start()
+    # now n1's old name is the odd one out
+    reply = a.request({"cmd": "reload"})
+    assert not reply["ok"] and "which the catalog knows as remote nas" in reply["error"]
+    assert b.stop() == 0 and a.stop() == 0
+
+
 def test_nodes_lists_every_node_and_one_killed_shows_down_after_the_lease(daemon_factory, workdir, backend):
     a = first(daemon_factory, workdir, backend)
     b = twin(daemon_factory, workdir, a, "n2")

@@ -300,6 +300,12 @@ def test_catalog_rejects_other_schemes(url: Any) -> None:
     assert repr(url) in line
 
 
+@pytest.mark.parametrize("url", ["postgresq://cm:hunter2@db/cm", "host=db user=cm password=hunter2 dbname=cm",
+                                 "mysql://cm:hunter2@db/cm"])
+def test_a_refused_catalog_url_does_not_show_its_password(url: str) -> None:
+    line = only_error(minimal(catalog=url), "catalog")
+    assert "hunter2" not in line and "db" in line
+
 # --- each error message ------------------------------------------------------------------
 
 

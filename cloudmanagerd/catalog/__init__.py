@@ -29,6 +29,7 @@ import psycopg
 
 from ..errors import Ambiguous, CloudManagerError, NotFound, StartupError
 from ..exchange import Entry, Location
+from ..urls import scrub
 from . import sqlite as _sqlite
 from .sqlite import SqliteDatabase
 
@@ -43,6 +44,9 @@ SCHEMA_VERSION = 7
 DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, psycopg.Error)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# A node's clock further than this from the catalog server's is corrected in leases and heartbeats
+# (below it, the error is smaller than a lease's slack and a test's made-up times stay exact).
+CLOCK_TOLERANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,21 +104,26 @@ class Catalog:
     qualified columns in DO UPDATE); what must differ is the backend's (`db`): its connections and
     transactions, DDL and migrations, name matching, the counters' read and the claim of due pairs."""
 
-    def __init__(self, db: Any, node: str) -> None:
+    def __init__(self, db: Any, node: str, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.node = node
+        self.clock = clock
+        # The catalog server's clock minus this node's: leases and heartbeats are written and compared
+        # on the server's time, so that nodes whose clocks disagree (time sync broken on one machine)
+        # neither take each other's live claims nor see each other down. 0 for SQLite (one machine).
+        self.clock_offset = 0.0
 
     @classmethod
-    def open(cls, url: str, node: str, create: bool = True) -> Catalog:
+    def open(cls, url: str, node: str, create: bool = True, clock: Callable[[], float] = time.time) -> Catalog:
         """`create=False`: an empty database is refused, not given a new schema (a snapshot to restore
         must be a catalog: an empty one would install as a catalog that knows no file)."""
         if url.startswith("sqlite:///"):
-            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node)
+            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node, clock)
         elif url.lower().startswith(POSTGRES_SCHEMES):
             from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
-            catalog = cls(PostgresDatabase(url), node)
+            catalog = cls(PostgresDatabase(url), node, clock)
         else:
-            raise StartupError(f"catalog {url.split('@')[-1]}: not a sqlite:/// or postgresql:// URL")
+            raise StartupError(f"catalog {scrub(url)}: not a sqlite:/// or postgresql:// URL")
         try:
             # A damaged file must stop the start, not be run on: it would fail `ls` and every
             # ingest for ever while saying "running" (issue 10).
@@ -122,6 +131,7 @@ class Catalog:
             if damage:
                 raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
             catalog.migrate(create)
+            catalog.sync_clock()
         except DB_ERRORS as exc:
             catalog.close()
             raise StartupError(catalog.db.explain(exc)) from None
@@ -191,6 +201,17 @@ class Catalog:
             self.db.upgrade(conn, version)
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
+
+    def sync_clock(self) -> float:
+        """Measure this node's clock against the catalog server's (at open and each heartbeat); the
+        offset found (0 for a catalog without a clock of its own)."""
+        before = self.clock()
+        server = self.db.server_time(self.db.connection())
+        if server is None:
+            return 0.0
+        offset = server - (before + self.clock()) / 2
+        self.clock_offset = offset if abs(offset) >= CLOCK_TOLERANCE else 0.0
+        return offset
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -450,6 +471,7 @@ class Catalog:
         """Renew the leases of the pairs this node is sending (`in_flight`), and queue again every other
         pair it holds as active whose lease expired, or lies further ahead than a lease can (the clock
         was set back). A pair in flight is never released: it would be sent twice at once."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             conn.executemany(
                 "UPDATE uploads SET lease_expiry=? WHERE hash=? AND remote=? AND state='active' AND claim_owner=?",
@@ -507,11 +529,12 @@ class Catalog:
                max_size: int | None = None) -> list[UploadClaim]:
         """claim_due's work inside the caller's transaction."""
         owner = owner or self.node
+        due = now if due_by is None else due_by
+        now += self.clock_offset  # leases are on the server's clock (next_attempt stays on this node's)
         skip = ",".join("?" * len(skip_remotes))
         skip_sql = f"AND u.remote NOT IN ({skip}) " if skip_remotes else ""
         only_sql = ("" if remote is None else "AND u.remote=? ") + ("" if max_size is None else "AND f.size<=? ")
         only = [v for v in (remote, max_size) if v is not None]
-        due = now if due_by is None else due_by
         # Which pairs: due ones in `states`, and pairs another node claimed whose lease ran out (it died
         # or was cut off: its claims go to whoever can send them). This node's own stale claims are
         # refresh_claims' (it alone knows what this node still has in flight).
@@ -877,6 +900,7 @@ class Catalog:
 
         One conditional upsert, so that two processes starting at once under one name cannot both
         win (SQLite serialises the write; PostgreSQL locks the conflicting row)."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             taken = conn.execute(
                 "INSERT INTO nodes(node, heartbeat, pid, host, instance, seat, started, stopped) "
@@ -895,12 +919,15 @@ class Catalog:
     def heartbeat(self, instance: str, now: float) -> bool:
         """Renew this node's heartbeat; False when the name is no longer this process's (another
         process took it over after this one stayed silent longer than the lease)."""
+        self.sync_clock()
+        now += self.clock_offset
         with self.db.tx() as conn:
             return conn.execute("UPDATE nodes SET heartbeat=? WHERE node=? AND instance=? AND stopped IS NULL",
                                 (now, self.node, instance)).rowcount == 1
 
     def node_stopped(self, instance: str, now: float) -> None:
         """A clean stop: the name is free at once, and `nodes` shows the node as stopped, not down."""
+        now += self.clock_offset
         with self.db.tx() as conn:
             conn.execute("UPDATE nodes SET stopped=?, heartbeat=? WHERE node=? AND instance=?",
                          (now, now, self.node, instance))
@@ -913,18 +940,28 @@ class Catalog:
             return conn.execute("UPDATE nodes SET stopped=? WHERE node=? AND stopped IS NULL",
                                 (now, self.node)).rowcount
 
-    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float
-                            ) -> list[tuple[str, str, str, str]]:
+    def check_remote_places(self, places: Mapping[str, str], accept: Collection[str], now: float,
+                            exclusive: Collection[str] = ()) -> list[tuple[str, ...]]:
         """Compare each remote's place (name -> place) with the one recorded for that name; record the
         names seen for the first time, and those in `accept` (a change made on purpose). Returns the
         others that differ, as (name, recorded place, node that recorded it, this node's place); when
-        any differ nothing is recorded."""
+        any differ nothing is recorded.
+
+        A name in `exclusive` whose place is recorded under another name (a remote renamed on one node)
+        differs too, as (name, place, node, place, other name): its copies and the other name's would be
+        one object counted as two copies. Accepting it drops the other name's record."""
         with self.db.tx() as conn:
             recorded = {name: (place, node) for name, place, node in conn.execute(
                 "SELECT name, place, node FROM remote_places").fetchall()}
-            wrong = [(name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
-                     if name in recorded and recorded[name][0] != place and name not in accept]
+            wrong: list[tuple[str, ...]] = [
+                (name, recorded[name][0], recorded[name][1], place) for name, place in places.items()
+                if name in recorded and recorded[name][0] != place and name not in accept]
+            aliases = [(name, other) for name, place in places.items() if name in exclusive
+                       for other, (there, _) in recorded.items() if other != name and there == place]
+            wrong += [(name, places[name], recorded[other][1], places[name], other)
+                      for name, other in aliases if name not in accept]
             if not wrong:
+                conn.executemany("DELETE FROM remote_places WHERE name=?", [(other,) for _, other in aliases])
                 conn.executemany(
                     "INSERT INTO remote_places(name, place, node, recorded) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET place=excluded.place, node=excluded.node, "
@@ -939,7 +976,8 @@ class Catalog:
     def nodes(self, now: float, lease: float) -> list[dict[str, Any]]:
         """Every node that ever ran on this catalog: its last heartbeat, state (up; down: silent longer
         than the lease; stopped: stopped cleanly), cache files and bytes, and the pending uploads it holds
-        claims on (its API scripts' claims included)."""
+        claims on (its API scripts' claims included). Heartbeats are on the server's clock."""
+        now += self.clock_offset
         with self.db.read() as conn:
             rows = conn.execute("SELECT node, heartbeat, pid, host, started, stopped FROM nodes "
                                 "ORDER BY node").fetchall()

@@ -13,7 +13,6 @@ import contextlib
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import psycopg.adapt
 import psycopg_pool
 
 from ..errors import CloudManagerError, StartupError
+from ..urls import safe_url, scrub
 
 # How long a thread waits for a connection before the catalog counts as unreachable, and how long
 # the first connection at start-up may take.
@@ -256,28 +256,6 @@ ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
 """
 
 
-def safe_url(url: str) -> str:
-    """The URL without its user, password or password parameter: what messages and logs may show."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-        query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-                 if k.lower() not in ("password", "user", "passfile", "sslpassword")]
-        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, urllib.parse.urlencode(query), ""))
-    except ValueError:
-        return url.split("://", 1)[0] + "://(unreadable URL)"
-
-
-_CREDENTIALS = re.compile(r"(://)[^@/\s\"']*@|(password\s*=\s*)(?:'[^']*'|[^\s&\"']*)", re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """An error's first line with any user:password@ or password=... taken out (libpq quotes the
-    whole URL when it cannot parse it)."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return _CREDENTIALS.sub(lambda m: m.group(1) or (m.group(2) + "***"), first)
-
-
 def _translate(sql: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (a deliberate memo)
     """The catalog's `?` placeholders in psycopg's `%s` style (a literal % doubled)."""
     out = cache.get(sql)
@@ -456,6 +434,9 @@ class PostgresDatabase:
     def name_glob(self, pattern: str) -> tuple[str, Any]:
         return "convert_from(f.name, 'LATIN1') ~ ?", glob_regex(pattern)
 
+    def server_time(self, conn: _Session) -> float:
+        return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
     def tables(self, conn: _Session) -> set[str]:
         return {name for (name,) in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
@@ -499,6 +480,10 @@ class PostgresDatabase:
 
     def explain(self, exc: BaseException) -> str:
         first = scrub(str(exc)) or type(exc).__name__
+        state = getattr(exc, "sqlstate", None)
+        if state == "57014":  # psycopg counts a cancelled statement as "operational": the server was reached
+            return (f"catalog {self.where}: a statement was cancelled ({first}): the server's statement_timeout "
+                    "is too short for cloudmanagerd; unset it or raise it (ALTER ROLE ... SET statement_timeout)")
         if isinstance(exc, psycopg.OperationalError):
             return (f"catalog {self.where}: cannot connect ({first}); check that PostgreSQL runs there and "
                     "that the URL's host, port, database, user and password are right")

@@ -330,6 +330,10 @@ class SqliteDatabase:
     def where(self) -> str:
         return self.path
 
+    def server_time(self, conn: sqlite3.Connection) -> float | None:
+        """None: a file has no clock of its own (the nodes sharing one run on one machine)."""
+        return None
+
     def tables(self, conn: sqlite3.Connection) -> set[str]:
         return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 

@@ -148,6 +148,20 @@ def test_a_node_whose_clock_is_off_neither_takes_a_live_claim_nor_sees_a_live_no
         off.close()
 
 
+def test_a_slow_answer_is_never_taken_for_a_clock_offset(postgres_url: str) -> None:
+    # under load, the server's answer came 2.5 s after the question: the midpoint put this node's
+    # clock 1.25 s behind the server's, and the "correction" let another node take a lease in flight
+    import time
+    ticks = iter([0.0, 2.5])  # the clock as sync_clock reads it: before the query, after it
+    catalog = Catalog.open(postgres_url, "n1")
+    try:
+        catalog.clock = lambda: time.time() + next(ticks, 2.5)
+        catalog.sync_clock()
+        assert catalog.clock_offset == 0.0
+    finally:
+        catalog.close()
+
+
 def test_a_statement_timeout_too_short_is_named_not_taken_for_a_connection_failure(postgres_url: str) -> None:
     # a DBA's statement_timeout (here in the URL's options) cancels the schema's creation: the
     # server was reached, so the message must not send the operator to check host and password

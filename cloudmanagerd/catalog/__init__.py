@@ -205,11 +205,18 @@ class Catalog:
     def sync_clock(self) -> float:
         """Measure this node's clock against the catalog server's (at open and each heartbeat); the
         offset found (0 for a catalog without a clock of its own)."""
+        conn = self.db.connection()  # before the clock starts: waiting for a pooled connection is no offset
         before = self.clock()
-        server = self.db.server_time(self.db.connection())
+        server = self.db.server_time(conn)
+        after = self.clock()
         if server is None:
             return 0.0
-        offset = server - (before + self.clock()) / 2
+        if after - before > CLOCK_TOLERANCE / 2:
+            # a slow answer (a loaded machine or server) cannot tell an offset this small: the midpoint
+            # could be off by more than the tolerance, and a wrong correction hands leases in flight
+            # to other nodes; keep the last measure
+            return self.clock_offset
+        offset = server - (before + after) / 2
         self.clock_offset = offset if abs(offset) >= CLOCK_TOLERANCE else 0.0
         return offset
 

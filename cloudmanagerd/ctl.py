@@ -14,7 +14,7 @@ import stat
 import sys
 import textwrap
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from .names import show
 from .protocol import (EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, HEARTBEAT, LineReader, ProtocolError,
@@ -251,9 +251,9 @@ def ago(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s ago"
 
 
-def print_json(value: Any) -> None:
-    """Every --json output has this one style."""
-    print(json.dumps(value, indent=2))
+def print_json(value: Any, file: TextIO | None = None) -> None:
+    """Every --json output has this one style (`file`: stderr when stdout carries a file's bytes)."""
+    print(json.dumps(value, indent=2), file=file or sys.stdout)
 
 
 class Progress:
@@ -517,7 +517,7 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
     with Progress("get") as progress:
         result = _call_writing(client, {"cmd": "get", "hash": args.hash}, args.output, 0o666, progress)
     if args.json:
-        print(json.dumps(result, indent=2), file=sys.stdout if to_file else sys.stderr)
+        print_json(result, sys.stdout if to_file else sys.stderr)
     elif to_file:
         print(f"{result['hash'][:12]}: {human_size(result['size'])} written to {args.output}")
     return EXIT_OK
@@ -620,7 +620,7 @@ def cmd_export(client: Client, args: argparse.Namespace) -> int:
     result = _call_writing(client, {"cmd": "export", "limit": args.limit}, args.output, 0o644)
     report = sys.stdout if to_file else sys.stderr  # stdout carries the text itself
     if args.json:
-        print(json.dumps(result, indent=2), file=report)
+        print_json(result, report)
     else:
         print(f"{result['files']} file(s) exported" + (f" to {args.output}" if to_file else ""), file=report)
     return EXIT_OK
@@ -655,7 +655,7 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
     nodes = client.call({"cmd": "nodes"})
     if args.json:
-        print(json.dumps(nodes, indent=2))
+        print_json(nodes)
     else:
         print_nodes(nodes)
     return EXIT_OK
@@ -673,7 +673,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     text = client.call({"cmd": "metrics"})["text"]
     if args.json:
-        print(json.dumps({"text": text}))
+        print_json({"text": text})
     else:
         sys.stdout.write(text)
     return EXIT_OK

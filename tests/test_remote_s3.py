@@ -578,3 +578,119 @@ def test_the_uploader_sends_s3_batches_and_never_records_a_mismatching_object(se
     finally:
         world.close()
         s3.close()
+
+
+# -- the batch PUTs' own signer and connections --------------------------------------------------
+
+def test_the_batch_signer_signs_as_botocore_does_with_temporary_credentials(monkeypatch) -> None:
+    """Temporary credentials (a session token) and a key that needs URI-encoding: the batch PUT's
+    Authorization is the one botocore's own S3 signer gives the same request at the same moment."""
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import ReadOnlyCredentials
+
+    from cloudmanagerd.remotes.s3 import _SigV4
+
+    h = hashlib.sha256(b"object").hexdigest()
+    moment = datetime.datetime(2026, 11, 29, 23, 59, 58)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: moment)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "a-session-token")
+    path = "/bucket/a%20b/%C3%BC%2Bx/" + h
+    extra = {"x-amz-checksum-sha256": "c2hhMjU2"}
+
+    class NamedPayload(botocore.auth.S3SigV4Auth):
+        def payload(self, request):
+            return h
+    request = AWSRequest("PUT", "http://s3.example:8333" + path, headers=dict(extra))
+    NamedPayload(credentials, "s3", "eu-west-3").add_auth(request)
+    ours = _SigV4("eu-west-3").headers(credentials, "s3.example:8333", path, h, extra,
+                                       now=moment.replace(tzinfo=datetime.timezone.utc).timestamp())
+    assert ours["Authorization"] == request.headers["Authorization"]
+    assert ours["x-amz-security-token"] == "a-session-token"
+
+
+def test_put_many_under_a_prefix_that_needs_encoding_lands_under_each_key(seaweed, bucket,  # noqa: F811
+                                                                            tmp_path) -> None:
+    r = make_remote(seaweed, bucket, prefix=f"with space/ü+x={uuid.uuid4().hex[:6]}/")
+    blobs = [os.urandom(3000) for _ in range(5)]
+    items = batch_items(tmp_path, blobs)
+    try:
+        assert r.put_many(items) == [r.url(h) for h, *_ in items]
+        assert sorted(name for name, _ in r.list_objects()) == sorted(h for h, *_ in items)
+        assert fetch(r, items[0][0], r.url(items[0][0])) == blobs[0]
+    finally:
+        close_items(items)
+        r.close()
+
+
+def test_put_many_sends_again_over_a_connection_closed_while_idle(remote, tmp_path) -> None:
+    """Kept-alive connections the server dropped between two batches cost nothing but a resend."""
+    first = batch_items(tmp_path, [os.urandom(2000) for _ in range(4)])
+    try:
+        assert remote.put_many(first) == [remote.url(h) for h, *_ in first]
+    finally:
+        close_items(first)
+    assert remote._direct is not None and remote._direct._idle
+    for conn in remote._direct._idle:
+        conn.sock.shutdown(socket.SHUT_RDWR)  # as a server closing them: the next send fails
+    second = batch_items(tmp_path, [os.urandom(2000) for _ in range(4)])  # the first batch's files, rewritten
+    try:
+        assert remote.put_many(second) == [remote.url(h) for h, *_ in second]
+    finally:
+        close_items(second)
+
+
+def test_put_many_to_a_server_that_is_down_is_a_transient_error_for_each(bucket, tmp_path) -> None:
+    [port] = free_ports(1)  # nothing listens there
+    r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s",
+                 connect_timeout=1, read_timeout=5)
+    items = batch_items(tmp_path, [b"one", b"two", b"three"])
+    try:
+        results = r.put_many(items)
+    finally:
+        close_items(items)
+        r.close()
+    for result in results:
+        assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
+        assert f"cannot connect to http://127.0.0.1:{port} (is the server up? check endpoint)" in str(result)
+
+
+def test_put_many_to_a_server_that_never_answers_fails_at_the_read_timeout(bucket, tmp_path) -> None:
+    """A server that takes the bytes and says nothing: each PUT ends as a transient error once
+    read_timeout has passed, and no connection is left open."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{hung.getsockname()[1]}", access_key_id="k",
+                     secret_access_key="s", connect_timeout=2, read_timeout=1)
+        items = batch_items(tmp_path, [os.urandom(10_000), os.urandom(20_000)])
+        try:
+            results = r.put_many(items)
+        finally:
+            close_items(items)
+            r.close()
+    for result in results:
+        assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
+        assert "did not answer in time" in str(result)
+
+
+def test_put_many_through_botocores_session_when_not_sent_directly(seaweed, bucket, tmp_path,  # noqa: F811
+                                                                    monkeypatch) -> None:
+    """https or a proxy on the way: the batch PUTs go through botocore's session (its TLS and proxy
+    settings), signed and checked the same way."""
+    import cloudmanagerd.remotes.s3 as s3
+    monkeypatch.setattr(s3, "_direct_connections", lambda *args: None)
+    r = make_remote(seaweed, bucket)
+    blobs = [os.urandom(4000) for _ in range(3)]
+    names = [hashlib.sha256(b).hexdigest() for b in blobs]
+    names[1] = hashlib.sha256(b"other bytes").hexdigest()  # refused by the server's check
+    items = batch_items(tmp_path, blobs, names)
+    try:
+        results = r.put_many(items)
+    finally:
+        close_items(items)
+        r.close()
+    assert results[0] == r.url(names[0]) and results[2] == r.url(names[2])
+    assert isinstance(results[1], RemoteError) and results[1].kind == TRANSIENT

@@ -642,16 +642,21 @@ def test_put_many_sends_again_over_a_connection_closed_while_idle(remote, tmp_pa
         close_items(second)
 
 
-def test_put_many_to_a_server_that_is_down_is_a_transient_error_for_each(bucket, tmp_path) -> None:
-    [port] = free_ports(1)  # nothing listens there
+def put_many_at(port: int, bucket: str, tmp_path: Path, blobs: list[bytes], read_timeout: float) -> list:
+    """put_many of `blobs` to whatever listens on 127.0.0.1:`port` (if anything): its results."""
     r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s",
-                 connect_timeout=1, read_timeout=5)
-    items = batch_items(tmp_path, [b"one", b"two", b"three"])
+                 connect_timeout=2, read_timeout=read_timeout)
+    items = batch_items(tmp_path, blobs)
     try:
-        results = r.put_many(items)
+        return r.put_many(items)
     finally:
         close_items(items)
         r.close()
+
+
+def test_put_many_to_a_server_that_is_down_is_a_transient_error_for_each(bucket, tmp_path) -> None:
+    [port] = free_ports(1)  # nothing listens there
+    results = put_many_at(port, bucket, tmp_path, [b"one", b"two", b"three"], read_timeout=5)
     for result in results:
         assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
         assert f"cannot connect to http://127.0.0.1:{port} (is the server up? check endpoint)" in str(result)
@@ -663,14 +668,8 @@ def test_put_many_to_a_server_that_never_answers_fails_at_the_read_timeout(bucke
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)
-        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{hung.getsockname()[1]}", access_key_id="k",
-                     secret_access_key="s", connect_timeout=2, read_timeout=1)
-        items = batch_items(tmp_path, [os.urandom(10_000), os.urandom(20_000)])
-        try:
-            results = r.put_many(items)
-        finally:
-            close_items(items)
-            r.close()
+        results = put_many_at(hung.getsockname()[1], bucket, tmp_path, [os.urandom(10_000), os.urandom(20_000)],
+                              read_timeout=1)
     for result in results:
         assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
         assert "did not answer in time" in str(result)

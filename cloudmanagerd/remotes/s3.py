@@ -26,8 +26,8 @@ What a reader of a bucket can see:
   so that a server that hangs does not delay an upload before it starts). (An AWS lifecycle rule
   "AbortIncompleteMultipartUpload" does the same on the server side.)
 
-Many small objects (`put_many`, the uploader's batches): each is one checksummed PUT as in `put`,
-BATCH_CONCURRENCY of them in flight at once from a thread pool of the remote. These PUTs skip
+A small object (below SMALL_PUT) is one checksummed PUT; many (`put_many`, the uploader's batches)
+are BATCH_CONCURRENCY such PUTs in flight at once from a thread pool of the remote. These PUTs skip
 boto3's client pipeline (its event hooks, parameter checks and response parsing cost ~1.5 ms of
 CPU per object here, more than the server's work). `_SigV4` signs each with the object's SHA-256
 (its name) as the signed payload hash (the server checks the body against it), and the same hash
@@ -484,7 +484,7 @@ class S3Remote:
         what = f"upload to {self.url(h)}"
         checked = size < SMALL_PUT and self.request_checksum == "when_supported"
         if checked:
-            self._transfer_call(what, transfer, self._put_small, h, src_fd, size, transfer)
+            self._transfer_call(what, transfer, self._put_signed, h, src_fd, size, transfer)
         else:
             self._transfer_call(what, transfer, self._upload, self.key(h), src_fd, transfer)
         if checked:
@@ -501,20 +501,6 @@ class S3Remote:
             raise RemoteError(f"{what}: the server holds {stored} bytes, expected {size}", TRANSIENT)
         self._maybe_cleanup()  # now that the server has shown it answers
         return self.url(h)
-
-    def _put_small(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
-        """One PUT carrying the object's SHA-256 (its name) as the checksum the server must match.
-
-        Small files cost most of their upload in CPU: a transfer manager per file and a HEAD
-        afterwards doubled it. The server's checksum check is also stronger than a size check.
-        """
-        actual = os.fstat(src_fd).st_size
-        if actual != size:  # the PUT would wait for bytes that never come
-            raise RemoteError(f"upload to {self.url(h)}: the source holds {actual} bytes, expected {size}",
-                              TRANSIENT)
-        with _ProgressReader(os.dup(src_fd), transfer, self.limit) as body:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(h), Body=body, ContentLength=size,
-                                   ChecksumSHA256=base64.b64encode(bytes.fromhex(h)).decode())
 
     def put_many(self, items: Sequence[tuple[str, int, int, Transfer | None]]) -> list[str | RemoteError]:
         """Many objects, BATCH_CONCURRENCY PUTs in flight at once (see the module doc). Each transfer
@@ -548,10 +534,12 @@ class S3Remote:
         return self.url(h)
 
     def _put_signed(self, h: str, src_fd: int, size: int, transfer: Transfer | None) -> None:
-        """One PUT as `_put_small` makes it, signed by `_SigV4` and sent without the client's pipeline:
-        over `_Connections` to a plain-http endpoint with no proxy, else through botocore's HTTP session
-        (the client's pool, TLS and proxy settings). A request on a kept-alive connection the server
-        had closed is sent once more."""
+        """One PUT carrying the object's SHA-256 (its name) as the checksum the server must match (small
+        files cost most of their upload in CPU: a transfer manager per file and a HEAD afterwards doubled
+        it, and the server's check is stronger than a size check), signed by `_SigV4` and sent without
+        the client's pipeline: over `_Connections` to a plain-http endpoint with no proxy, else through
+        botocore's HTTP session (the client's pool, TLS and proxy settings). A request on a kept-alive
+        connection the server had closed is sent once more."""
         actual = os.fstat(src_fd).st_size
         if actual != size:  # the PUT would wait for bytes that never come
             raise RemoteError(f"upload to {self.url(h)}: the source holds {actual} bytes, expected {size}",

@@ -693,3 +693,30 @@ def test_put_many_through_botocores_session_when_not_sent_directly(seaweed, buck
         r.close()
     assert results[0] == r.url(names[0]) and results[2] == r.url(names[2])
     assert isinstance(results[1], RemoteError) and results[1].kind == TRANSIENT
+
+
+def test_put_many_reads_the_answer_of_a_server_that_refuses_before_the_body(bucket, tmp_path) -> None:
+    """A server that answers "access denied" as soon as it has read the headers, and closes the
+    connection on the body it did not read: the object fails for that reason (the remote is
+    misconfigured), not as a connection reset taken for a passing outage."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def refuse() -> None:
+            conn, _ = server.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                answer = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (len(answer), answer))
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        try:
+            [result] = put_many_at(server.getsockname()[1], bucket, tmp_path, [os.urandom(4 * MiB)], read_timeout=5)
+        finally:
+            thread.join()
+    assert isinstance(result, RemoteError) and result.kind == REMOTE, result
+    assert "access denied" in str(result)

@@ -589,14 +589,20 @@ class S3Remote:
                 if name != "host":
                     conn.putheader(name, value)
             data = body.read(min(PUT_CHUNK, size))
-            conn.endheaders(data)  # the headers and the first bytes in one segment
-            sent = len(data)
-            while sent < size:
-                data = body.read(min(PUT_CHUNK, size - sent))
-                if not data:
-                    raise RemoteError(f"{what}: the source ended after {sent} bytes of {size}", TRANSIENT)
-                conn.send(data)
-                sent += len(data)
+            sent = 0
+            try:
+                conn.endheaders(data)  # the headers and the first bytes in one segment
+                sent = len(data)
+                while sent < size:
+                    data = body.read(min(PUT_CHUNK, size - sent))
+                    if not data:
+                        raise RemoteError(f"{what}: the source ended after {sent} bytes of {size}", TRANSIENT)
+                    conn.send(data)
+                    sent += len(data)
+            except ConnectionError:
+                # A server may answer before it has read the body (access denied) and close: its
+                # answer says why, where the reset alone would be taken for a connection problem.
+                pass
             response = conn.getresponse()
             content = response.read()
             keep = not response.will_close

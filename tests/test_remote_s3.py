@@ -582,35 +582,6 @@ def test_the_uploader_sends_s3_batches_and_never_records_a_mismatching_object(se
 
 # -- the batch PUTs' own signer and connections --------------------------------------------------
 
-def test_the_batch_signer_signs_as_botocore_does_with_temporary_credentials(monkeypatch) -> None:
-    """Temporary credentials (a session token) and a key that needs URI-encoding: the batch PUT's
-    Authorization is the one botocore's own S3 signer gives the same request at the same moment."""
-    import datetime
-
-    import botocore.auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import ReadOnlyCredentials
-
-    from cloudmanagerd.remotes.s3 import _SigV4
-
-    h = hashlib.sha256(b"object").hexdigest()
-    moment = datetime.datetime(2026, 11, 29, 23, 59, 58)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: moment)
-    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "a-session-token")
-    path = "/bucket/a%20b/%C3%BC%2Bx/" + h
-    extra = {"x-amz-checksum-sha256": "c2hhMjU2"}
-
-    class NamedPayload(botocore.auth.S3SigV4Auth):
-        def payload(self, request):
-            return h
-    request = AWSRequest("PUT", "http://s3.example:8333" + path, headers=dict(extra))
-    NamedPayload(credentials, "s3", "eu-west-3").add_auth(request)
-    ours = _SigV4("eu-west-3").headers(credentials, "s3.example:8333", path, h, extra,
-                                       now=moment.replace(tzinfo=datetime.timezone.utc).timestamp())
-    assert ours["Authorization"] == request.headers["Authorization"]
-    assert ours["x-amz-security-token"] == "a-session-token"
-
-
 def test_put_many_under_a_prefix_that_needs_encoding_lands_under_each_key(seaweed, bucket,  # noqa: F811
                                                                             tmp_path) -> None:
     r = make_remote(seaweed, bucket, prefix=f"with space/ü+x={uuid.uuid4().hex[:6]}/")

@@ -467,7 +467,7 @@ def report(b: Bench, args: argparse.Namespace, elapsed: float) -> tuple[str, int
     out.append(f"server: {tool_version([weed, 'version'])}; peer: {tool_version(['rclone', 'version'])} "
                "(provider Other, force_path_style, no AWS_CA_BUNDLE)")
     out.append("daemon: fresh `python -m cloudmanagerd` per run, one s3 remote, upload.redundancy 1, log.level info; "
-               "s3 remote: small files in batches (put_many: 16 checksummed PUTs in flight, SigV4-signed by the "
+               "s3 remote: small files in batches (put_many: 16 checksummed PUTs in flight, SigV4-signed by botocore's signer in the "
                "remote, over kept-alive http.client connections on a plain-http endpoint), big ones by boto3's managed transfer (multipart above 64 MiB, 64 MiB parts, 4 at once)")
     out.append(f"best of {args.repeat} interleaved run(s) per row for the small files, {args.big_repeat} for the big "
                "file; each run into a fresh bucket; MB = 10^6 bytes")

@@ -332,6 +332,10 @@ class ControlServer:
         self._idle.pop(client, None)
         self._selector.unregister(client.conn)
         thread = None
+        # a heartbeat is owed HEARTBEAT seconds after this request, not after the last reply: an empty
+        # progress line must never come before the answer of a client that was idle a while
+        client.progress = {}
+        client.last_sent = time.monotonic()
         with self._lock:
             limit = MAX_BUSY + (STATUS_RESERVE if _is_status(client.reader) else 0)
             refused = len(self._busy) >= limit

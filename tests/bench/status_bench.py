@@ -310,10 +310,21 @@ def run(args: argparse.Namespace) -> int:
                 say("py-spy not found; no profile")
         for _ in range(5):
             client.request({"cmd": "status"})
+        quiet = None
+        if args.feed_rate <= 0:
+            # an idle daemon: its CPU over a window as long as the timed one, without calls, is taken
+            # off the calls' CPU, leaving status's own cost per call
+            say(f"measuring the idle daemon's CPU over {args.calls * args.interval / 1000:g} s without calls")
+            quiet = process_cpu(pid)
+            time.sleep(args.calls * args.interval / 1000)  # a measured window, not a synchronisation
+            quiet = process_cpu(pid) - quiet
         say(f"timing {args.calls} status calls on one connection while ingesting")
         load_before = os.getloadavg()[0]
         lat = []
-        during_start = client.request({"cmd": "status"})["result"]
+        during_start = client.request({"cmd": "status"})
+        if not during_start.get("ok"):
+            raise RuntimeError(f"status failed: {during_start}")
+        during_start = during_start["result"]
         cpu = process_cpu(pid)
         window = time.monotonic()
         for i in range(args.calls):
@@ -356,6 +367,9 @@ def run(args: argparse.Namespace) -> int:
             # less sensitive to the machine's load than the latencies; with --feed-rate 0, the status calls' own cost
             ("daemon CPU during the timed calls", f"{cpu:.2f} s", "", ""),
             ("  the same per status call", f"{1000 * cpu / args.calls:.2f} ms", "", ""),
+            *([("daemon CPU over as long without calls", f"{quiet:.2f} s", "", ""),
+               ("  status's own CPU per call (the difference)", f"{1000 * (cpu - quiet) / args.calls:.2f} ms", "", "")]
+              if quiet is not None else []),
             ("cloudmanagerctl -c CONFIG status wall, median", f"{statistics.median(ctl_ms):.0f} ms", "", ""),
             ("cloudmanagerctl -c CONFIG status wall, min..max", f"{min(ctl_ms):.0f}..{max(ctl_ms):.0f} ms", "", ""),
             ("cloudmanagerctl -s SOCKET status wall, median", f"{statistics.median(ctl_s_ms):.0f} ms", "", ""),
@@ -384,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"files": files_before, "calls": args.calls, "p50_ms": p50, "p90_ms": p90,
                                "p99_ms": p99, "max_ms": lat[-1], "ctl_median_ms": statistics.median(ctl_ms),
                                "rss_mb": rss, "hwm_mb": hwm, "startup_s": startup, "ingested": ingested,
-                               "daemon_cpu_s": cpu,
+                               "daemon_cpu_s": cpu, "daemon_idle_cpu_s": quiet,
                                "copies": copies})
         misses = sum(r[3] == "MISS" for r in rows)
         return 1 if misses and args.strict else 0

@@ -59,6 +59,7 @@ from benchlib import (
     nearest_rank,
     proc_status_mb,
     process_cpu,
+    process_cpu_split,
     read_profile,
     short_path,
     table,
@@ -325,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
         if not during_start.get("ok"):
             raise RuntimeError(f"status failed: {during_start}")
         during_start = during_start["result"]
-        cpu = process_cpu(pid)
+        split = process_cpu_split(pid)
+        cpu = sum(split)
         window = time.monotonic()
         for i in range(args.calls):
             started = time.perf_counter()
@@ -338,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
             if pause > 0:
                 time.sleep(pause)
         window = time.monotonic() - window
+        split = tuple(b - a for a, b in zip(split, process_cpu_split(pid)))
         cpu = process_cpu(pid) - cpu
         during_end = reply["result"]
         d.stop_profiler()
@@ -366,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
             ("status max", f"{lat[-1]:.2f} ms", "", ""),
             # less sensitive to the machine's load than the latencies; with --feed-rate 0, the status calls' own cost
             ("daemon CPU during the timed calls", f"{cpu:.2f} s", "", ""),
+            ("  of which user, system", f"{split[0]:.2f} s, {split[1]:.2f} s", "", ""),
             ("  the same per status call", f"{1000 * cpu / args.calls:.2f} ms", "", ""),
             *([("daemon CPU over as long without calls", f"{quiet:.2f} s", "", ""),
                ("  status's own CPU per call (the difference)", f"{1000 * (cpu - quiet) / args.calls:.2f} ms", "", "")]

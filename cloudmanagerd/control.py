@@ -337,8 +337,9 @@ class ControlServer:
         client.progress = {}
         client.last_sent = time.monotonic()
         with self._lock:
-            limit = MAX_BUSY + (STATUS_RESERVE if _is_status(client.reader) else 0)
-            refused = len(self._busy) >= limit
+            # the request is decoded here only when the slots are full (a second decode per request)
+            refused = len(self._busy) >= MAX_BUSY and (len(self._busy) >= MAX_BUSY + STATUS_RESERVE
+                                                        or not _is_status(client.reader))
             if not refused:
                 self._busy.add(client)
                 if self._waiting > len(self._queue):  # a kept thread is free: it takes the client

@@ -2,8 +2,10 @@
 
 One thread (the selector) accepts connections and reads requests from all of them at once,
 never blocking on any: an idle connection costs a descriptor and a buffer, not a thread. A
-complete request line is handed to a thread of its own, which answers it (and any request
-queued behind it) and gives the connection back. The limits a client meets:
+complete request line is handed to a request thread, which answers it (and any request queued
+behind it) and gives the connection back. Up to KEEP_WORKERS request threads then wait for the
+next request instead of ending: a new thread and its new catalog connection (the schema read
+again) cost more than a `status` itself. The limits a client meets:
 
 - FIRST_REQUEST seconds to send its first request, IDLE seconds between later ones;
 - at most MAX_IDLE idle connections: beyond that the one idle longest is closed, so that
@@ -50,6 +52,10 @@ MAX_BUSY = 64
 STATUS_RESERVE = 8
 STREAM_CHUNK = 256  # items of a streamed reply per write
 TICK = 0.25  # the selector's longest sleep: deadlines and heartbeats are checked this often
+# request threads kept waiting for the next request, each with its catalog connection (two descriptors);
+# a kept one ends after WORKER_IDLE seconds without a request, and more than these end at once
+KEEP_WORKERS = 2
+WORKER_IDLE = IDLE
 
 Progress = Callable[[int, int], None]
 Command = Callable[[dict[str, Any], list[int], Progress], Any]
@@ -163,7 +169,7 @@ class ControlServer:
                  on_client_done: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.commands = commands
-        # called in a request's thread as it ends (the daemon closes that thread's catalog connection)
+        # called in a request thread as it ends (the daemon closes that thread's catalog connection)
         self.on_client_done = on_client_done
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         prepare_socket_path(path)
@@ -187,7 +193,11 @@ class ControlServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._lock = threading.Lock()
-        self._busy: dict[Client, threading.Thread] = {}
+        self._work = threading.Condition(self._lock)  # a kept request thread waits here for a client
+        self._busy: set[Client] = set()  # requests being answered, or queued for a kept thread
+        self._queue: collections.deque[Client] = collections.deque()
+        self._waiting = 0  # kept request threads waiting on _work: at least len(_queue)
+        self._workers: set[threading.Thread] = set()
         self._returned: collections.deque[Client] = collections.deque()
         self._idle: dict[Client, None] = {}  # insertion order: the one idle longest comes first
         self._selector = selectors.DefaultSelector()
@@ -203,12 +213,13 @@ class ControlServer:
             for client in self._busy:
                 with contextlib.suppress(OSError):
                     client.conn.shutdown(socket.SHUT_RDWR)
+            self._work.notify_all()  # kept request threads end
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.ident is not None:  # never started when an earlier start-up step failed
             self._thread.join(timeout)
-        with self._lock:
-            threads = list(self._busy.values())
+        with self._lock:  # the selector has stopped: no request thread starts any more
+            threads = list(self._workers)
         for t in threads:
             t.join(timeout)
         for client in list(self._idle) + list(self._returned):
@@ -320,21 +331,64 @@ class ControlServer:
         """A request is in: answer it in a thread of its own, if a slot is free."""
         self._idle.pop(client, None)
         self._selector.unregister(client.conn)
+        thread = None
+        # a heartbeat is owed HEARTBEAT seconds after this request, not after the last reply: an empty
+        # progress line must never come before the answer of a client that was idle a while
+        client.progress = {}
+        client.last_sent = time.monotonic()
         with self._lock:
-            limit = MAX_BUSY + (STATUS_RESERVE if _is_status(client.reader) else 0)
-            if len(self._busy) >= limit:
-                thread = None
-            else:
-                thread = threading.Thread(target=self._serve, args=(client,), name="control-client", daemon=True)
-                self._busy[client] = thread
-        if thread is None:
+            # the request is decoded here only when the slots are full (a second decode per request)
+            refused = len(self._busy) >= MAX_BUSY and (len(self._busy) >= MAX_BUSY + STATUS_RESERVE
+                                                        or not _is_status(client.reader))
+            if not refused:
+                self._busy.add(client)
+                if self._waiting > len(self._queue):  # a kept thread is free: it takes the client
+                    self._queue.append(client)
+                    self._work.notify()
+                else:
+                    thread = threading.Thread(target=self._request_thread, args=(client,), name="control-client",
+                                              daemon=True)
+                    self._workers.add(thread)
+        if refused:
             with contextlib.suppress(OSError):  # best effort: this client is not worth a wait
                 client.conn.send(encode({"ok": False, "error": "too many requests at once; try again"}))
             client.close()
             return
-        thread.start()
+        if thread is not None:
+            thread.start()
 
-    # -- a request's thread -------------------------------------------------------------------------
+    # -- a request thread ---------------------------------------------------------------------------
+
+    def _request_thread(self, first: Client) -> None:
+        """Answer `first`, then the clients handed over while this thread is kept (_next_client)."""
+        client: Client | None = first
+        try:
+            while client is not None:
+                self._serve(client)
+                client = self._next_client()
+        finally:
+            try:
+                self.on_client_done()
+            except Exception:
+                log.exception("control: cleaning up after a request thread failed")
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+
+    def _next_client(self) -> Client | None:
+        """The next client for this thread; None: end it (stopping, enough threads kept already, or
+        none came for WORKER_IDLE seconds). A client queued for a kept thread is always taken."""
+        with self._lock:
+            deadline = time.monotonic() + WORKER_IDLE
+            while not self._queue:
+                remaining = deadline - time.monotonic()
+                if self._stop.is_set() or self._waiting >= KEEP_WORKERS or remaining <= 0:
+                    return None
+                self._waiting += 1
+                try:
+                    self._work.wait(remaining)
+                finally:
+                    self._waiting -= 1
+            return self._queue.popleft()
 
     def _serve(self, client: Client) -> None:
         keep = False
@@ -360,12 +414,8 @@ class ControlServer:
         except OSError:
             pass  # the client went away or stopped reading: nothing to answer
         finally:
-            try:
-                self.on_client_done()
-            except Exception:
-                log.exception("control: cleaning up after a client failed")
             with self._lock:
-                self._busy.pop(client, None)
+                self._busy.discard(client)
                 keep = keep and not self._stop.is_set()
                 if keep:
                     self._returned.append(client)

@@ -78,6 +78,10 @@ class Daemon:
         self._registered_node = False
         self.name_lost: str | None = None  # set when another process took the node name over
         self._at_risk_cache: tuple[Any, float, tuple[int, int]] | None = None
+        # what status reads from the system (the catalog disk's space, descriptors open): each read is a
+        # system call that lets a busy thread take the GIL, so status takes the run loop's last reading
+        self._catalog_space = health.Recent(self._read_catalog_space, SYSTEM_FRESH)
+        self._descriptors = health.Recent(health.open_descriptors, SYSTEM_FRESH)
 
     # -- build and start ------------------------------------------------------------------
 
@@ -160,8 +164,10 @@ class Daemon:
         self.worker.start()
         self.scheduler.start()
         self.request_scan(b"")
-        self.control.start()
+        # every stage runs: the first status a client can ask for says so (set after the socket's start,
+        # a quick first answer said "starting")
         self.state = "running"
+        self.control.start()
         self.notifier.ready()
         self._refresh_status()
         log.info("cloudmanagerd %s running: inbox=%s cache=%s node=%s remotes=%s", __version__, c.inbox,
@@ -336,15 +342,27 @@ class Daemon:
         with contextlib.suppress(Exception):
             self.scheduler.modify_job("pump", next_run_time=_now())
 
-    def health(self) -> health.Health:
-        """Every health check, in one verdict: problem lines, and what only a restart can cure."""
-        cat = self.catalog.health()
-        catalog_free = catalog_total = cache_free = None
-        if cat.folder is not None:  # a file catalog: its disk is watched too (a server's is its own)
+    def _read_catalog_space(self) -> tuple[int | None, int | None]:
+        """(free, total) bytes of a file catalog's filesystem; (None, None) for a server's (its own) or
+        when the filesystem cannot tell."""
+        folder = self.catalog.health().folder
+        if folder is not None:
             with contextlib.suppress(OSError):
-                catalog_free, catalog_total = health.fs_space(cat.folder)
-        with contextlib.suppress(OSError):
-            cache_free = health.fs_space(self.cache.root_fd)[0]
+                return health.fs_space(folder)
+        return None, None
+
+    def health(self, fresh: bool = True) -> health.Health:
+        """Every health check, in one verdict: problem lines, and what only a restart can cure.
+        `fresh=False` (status) takes the system's readings from the last second (SYSTEM_FRESH)."""
+        cat = self.catalog.health()
+        (catalog_free, catalog_total), open_fds = (
+            (self._catalog_space.refresh(), self._descriptors.refresh()) if fresh
+            else (self._catalog_space.get(), self._descriptors.get()))
+        cache_free = disk_limit = None
+        if self.cache.hit_disk_limit:  # only then is the cache's disk a finding: read it only then
+            with contextlib.suppress(OSError):
+                cache_free = health.fs_space(self.cache.root_fd)[0]
+            disk_limit = self.cache.disk_limit()
         stale = max(3.0, 2 * (self.notifier.watchdog_interval or 15.0))
         return health.assess(
             health.loops(time.monotonic(), stale, self.worker.is_alive(), self.worker.last_progress,
@@ -353,8 +371,8 @@ class Daemon:
                            health.catalog_disk_full(catalog_free, catalog_total, cat.disk_full), catalog_free,
                            cat.folder, cat.unreachable),
             [health.cache_disk(self.config.cache.path, self.cache.hit_disk_limit, cache_free,
-                               self.cache.disk_limit(), self.cache.capacity, self.cache.used)],
-            [health.descriptors(health.open_descriptors(), health.descriptor_limit())],
+                               disk_limit, self.cache.capacity, self.cache.used)],
+            [health.descriptors(open_fds, health.descriptor_limit())],
             # the inbox's own findings (InboxRoot.check(), InboxWatcher.check(): alive, watching the
             # folder the config names), from the last periodic check
             # (critical for `status --check` either way: nothing dropped is taken in)
@@ -373,7 +391,8 @@ class Daemon:
         c = self.config
         now = time.time()
         at_risk, oldest = self._at_risk
-        return ([health.Finding(self.reload_error)] if self.reload_error else []) + self.health().ordered() + [
+        system = self.health(fresh=False).ordered()
+        return ([health.Finding(self.reload_error)] if self.reload_error else []) + system + [
             *(health.Finding(line) for line in self.worker.problems()),
             *(health.Finding(line) for line in self.uploader.problems()),
             # a damaged object that is a file's only copy: its right bytes are nowhere
@@ -396,11 +415,11 @@ class Daemon:
     def cluster(self) -> dict[str, Any]:
         """The nodes sharing this catalog, counted by state, and the files at risk: below min_redundancy
         and cached only on nodes that are not running (nobody can fetch them, nor upload them)."""
-        nodes = self.catalog.nodes(time.time(), self.config.cluster.lease)
-        absent = [n["node"] for n in nodes if n["state"] != "up"]
+        nodes = self.catalog.node_states(time.time(), self.config.cluster.lease)
+        states = [state for _, state in nodes]
+        absent = [node for node, state in nodes if state != "up"]
         files, size = self._cached_only_on(absent)
-        return {"nodes": len(nodes), **{state: sum(n["state"] == state for n in nodes)
-                                        for state in ("up", "down", "stopped")},
+        return {"nodes": len(states), **{state: states.count(state) for state in ("up", "down", "stopped")},
                 "at_risk": files, "at_risk_bytes": size,
                 "at_risk_nodes": absent if files else []}
 
@@ -624,6 +643,7 @@ class Daemon:
 
 
 AT_RISK_EVERY = 30.0  # seconds between two counts of the files at risk while the same nodes are absent
+SYSTEM_FRESH = 2.0  # seconds: how old status's readings of the system (disk space, descriptors) may be
 
 # Keys a running daemon cannot change: they name the folders, database and socket it holds open.
 RESTART_KEYS = ("inbox", "cache.path", "state", "catalog", "node", "control.socket", "control.mode",

@@ -21,8 +21,10 @@ from __future__ import annotations
 import errno
 import os
 import resource
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from .status import human_duration, human_size
 
@@ -202,6 +204,34 @@ def catalog_disk_full(free: int | None, total: int | None, write_error_code_full
 
 
 # -- the edges that read the system -------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class Recent(Generic[T]):
+    """A reading of the system kept for up to `max_age` seconds. Each read is a system call, and each
+    system call lets a busy thread take the GIL for up to the switch interval: `status` takes the
+    reading from memory (`get`), while the daemon's run loop takes it anew every second (`refresh`),
+    so that what status shows is never older than `max_age`."""
+
+    def __init__(self, read: Callable[[], T], max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.read = read
+        self.max_age = max_age
+        self.clock = clock
+        self._taken: tuple[float, T] | None = None
+
+    def get(self) -> T:
+        taken = self._taken  # one reference: another thread may replace it meanwhile
+        if taken is None or self.clock() - taken[0] > self.max_age:
+            return self.refresh()
+        return taken[1]
+
+    def refresh(self) -> T:
+        when = self.clock()
+        value = self.read()
+        self._taken = (when, value)
+        return value
+
 
 def fs_space(path_or_fd: str | int) -> tuple[int, int]:
     """(free bytes an unprivileged writer may use, total bytes) of a filesystem."""

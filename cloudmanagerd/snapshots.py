@@ -316,11 +316,14 @@ class Snapshotter:
         line; one that never held a snapshot is not judged (its first is due one interval after start)."""
         if interval <= 0:
             return []
-        now, marker, late = self.now(), self.catalog.change_marker(), []
+        now, late = self.now(), []
+        marker: tuple[int, ...] | None | bool = False  # read only for a late remote: two stat() calls per status
         for name in sorted(self.capable()):
             newest = self.newest.get(name)
             if name in skip or name in self.errors or newest is None or now - newest <= 3 * interval + 3600:
                 continue
+            if marker is False:
+                marker = self.catalog.change_marker()
             if marker is not None and self._taken.get(name) == marker:
                 continue  # nothing changed since the snapshot it holds: it is current
             late.append(f"remote {name}: newest catalog snapshot is {human_duration(now - newest)} old, with "

@@ -26,6 +26,7 @@ import pytest
 from conftest import Daemon, LineClient, module_daemon, wait_for
 
 from cloudmanagerd.control import MAX_BUSY, MAX_IDLE
+from cloudmanagerd.protocol import HEARTBEAT
 
 DATA = b"a file the abuse must not harm\n" * 64
 FD_SLACK = 4       # a lazily opened cache folder descriptor is no leak
@@ -299,6 +300,22 @@ def test_many_requests_on_one_connection_are_answered_in_order(daemon: Daemon, s
                 assert reply["ok"] is False, (i, reply)
             else:
                 assert reply["ok"] and len(reply["result"]) == min(request["limit"], 1), (i, reply)
+    finally:
+        c.close()
+
+
+def test_a_connection_idle_past_the_heartbeat_gets_its_answer_first(daemon: Daemon) -> None:
+    """The progress heartbeat is owed from a request's arrival, not from the connection's last reply: a
+    request on a connection idle for a while is answered with its result, never an empty progress line
+    first (a client that reads one line per request would take that line for the answer)."""
+    c = Conn(daemon.socket_path)
+    try:
+        for _ in range(3):
+            assert c.ask({"cmd": "status"})["ok"]
+            time.sleep(HEARTBEAT + 0.2)  # the condition under test (an idle connection), not a synchronisation
+            for request in ({"cmd": "status"}, {"cmd": "info", "hash": "0" * 64}):
+                reply = c.ask(request)
+                assert "progress" not in reply and "ok" in reply, (request, reply)
     finally:
         c.close()
 

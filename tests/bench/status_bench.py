@@ -58,6 +58,8 @@ from benchlib import (
     add_json_arg,
     nearest_rank,
     proc_status_mb,
+    process_cpu,
+    process_cpu_split,
     read_profile,
     short_path,
     table,
@@ -309,9 +311,23 @@ def run(args: argparse.Namespace) -> int:
                 say("py-spy not found; no profile")
         for _ in range(5):
             client.request({"cmd": "status"})
+        quiet = None
+        if args.feed_rate <= 0:
+            # an idle daemon: its CPU over a window as long as the timed one, without calls, is taken
+            # off the calls' CPU, leaving status's own cost per call
+            say(f"measuring the idle daemon's CPU over {args.calls * args.interval / 1000:g} s without calls")
+            quiet = process_cpu(pid)
+            time.sleep(args.calls * args.interval / 1000)  # a measured window, not a synchronisation
+            quiet = process_cpu(pid) - quiet
         say(f"timing {args.calls} status calls on one connection while ingesting")
+        load_before = os.getloadavg()[0]
         lat = []
-        during_start = client.request({"cmd": "status"})["result"]
+        during_start = client.request({"cmd": "status"})
+        if not during_start.get("ok"):
+            raise RuntimeError(f"status failed: {during_start}")
+        during_start = during_start["result"]
+        split = process_cpu_split(pid)
+        cpu = sum(split)
         window = time.monotonic()
         for i in range(args.calls):
             started = time.perf_counter()
@@ -324,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
             if pause > 0:
                 time.sleep(pause)
         window = time.monotonic() - window
+        split = tuple(b - a for a, b in zip(split, process_cpu_split(pid)))
+        cpu = process_cpu(pid) - cpu
         during_end = reply["result"]
         d.stop_profiler()
         ingested = during_end["catalog"]["files"] - during_start["catalog"]["files"]
@@ -349,6 +367,13 @@ def run(args: argparse.Namespace) -> int:
             ("status p90", f"{p90:.2f} ms", "", ""),
             ("status p99", f"{p99:.2f} ms", f"<= {P99_TARGET_MS:g} ms", "PASS" if p99 <= P99_TARGET_MS else "MISS"),
             ("status max", f"{lat[-1]:.2f} ms", "", ""),
+            # less sensitive to the machine's load than the latencies; with --feed-rate 0, the status calls' own cost
+            ("daemon CPU during the timed calls", f"{cpu:.2f} s", "", ""),
+            ("  of which user, system", f"{split[0]:.2f} s, {split[1]:.2f} s", "", ""),
+            ("  the same per status call", f"{1000 * cpu / args.calls:.2f} ms", "", ""),
+            *([("daemon CPU over as long without calls", f"{quiet:.2f} s", "", ""),
+               ("  status's own CPU per call (the difference)", f"{1000 * (cpu - quiet) / args.calls:.2f} ms", "", "")]
+              if quiet is not None else []),
             ("cloudmanagerctl -c CONFIG status wall, median", f"{statistics.median(ctl_ms):.0f} ms", "", ""),
             ("cloudmanagerctl -c CONFIG status wall, min..max", f"{min(ctl_ms):.0f}..{max(ctl_ms):.0f} ms", "", ""),
             ("cloudmanagerctl -s SOCKET status wall, median", f"{statistics.median(ctl_s_ms):.0f} ms", "", ""),
@@ -361,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         out = [f"cloudmanagerd status benchmark (issue 6): {files_before:,} files in the catalog "
                f"({2 * args.files:,} copies, all evicted), {os.cpu_count()} CPUs, "
-               f"1-min load {os.getloadavg()[0]:.1f}",
+               f"1-min load {load_before:.1f} before the timed calls, {os.getloadavg()[0]:.1f} at the end",
                f"{args.calls} status calls, one every {args.interval:g} ms, over {window:.1f} s on one connection "
                f"while the feeder dropped {args.feed_rate:g} files/s of 4 KiB: {ingested} files ingested and "
                f"{copies} copies made meanwhile",
@@ -377,6 +402,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"files": files_before, "calls": args.calls, "p50_ms": p50, "p90_ms": p90,
                                "p99_ms": p99, "max_ms": lat[-1], "ctl_median_ms": statistics.median(ctl_ms),
                                "rss_mb": rss, "hwm_mb": hwm, "startup_s": startup, "ingested": ingested,
+                               "daemon_cpu_s": cpu, "daemon_idle_cpu_s": quiet,
                                "copies": copies})
         misses = sum(r[3] == "MISS" for r in rows)
         return 1 if misses and args.strict else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cloudmanagerd.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, IngestRec
 from cloudmanagerd.catalog.sqlite import BUSY_TIMEOUT_MS
 from cloudmanagerd.errors import NotFound
 
+from conftest import wait_for
 from test_catalog import T0, fake_hash, register
 
 
@@ -157,3 +159,60 @@ def test_a_reader_is_not_blocked_by_a_writer(catalog: Catalog, db_path: Path) ->
             assert other.execute("SELECT COUNT(*) FROM meta WHERE key='w'").fetchone()[0] == 0
 
 
+
+
+def test_a_foreground_writer_goes_before_waiting_upload_writers(catalog: Catalog) -> None:
+    """Upload threads (relaxed durability) committing back to back must not hold up ingest's commits:
+    SQLite's own busy handler sleeps up to 100 ms between tries, which made single drops wait 60-150 ms."""
+    gate = catalog.db._gate
+    order: list[str] = []
+    release = threading.Event()
+
+    def write(name: str, background: bool, hold: threading.Event | None = None) -> None:
+        if background:
+            catalog.relax_durability()
+        with catalog.db.tx() as conn:
+            order.append(name)
+            conn.execute("INSERT INTO meta(key, value) VALUES (?, 'x')", (name,))
+            if hold is not None:
+                hold.wait(10)
+        catalog.db.release()
+
+    first = threading.Thread(target=write, args=("upload-1", True, release))
+    first.start()
+    wait_for(lambda: order == ["upload-1"], timeout=10)
+    second = threading.Thread(target=write, args=("upload-2", True))
+    second.start()
+    wait_for(lambda: gate.waiting[True] == 1, timeout=10)
+    ingest = threading.Thread(target=write, args=("ingest", False))
+    ingest.start()
+    wait_for(lambda: gate.waiting[False] == 1, timeout=10)
+    release.set()
+    for t in (first, second, ingest):
+        t.join(10)
+    assert order == ["upload-1", "ingest", "upload-2"]
+    assert {k for (k,) in catalog.db.connection().execute("SELECT key FROM meta WHERE value='x'")} == \
+        {"upload-1", "upload-2", "ingest"}
+
+
+def test_a_thread_that_cannot_get_the_write_lock_gets_the_busy_error(catalog: Catalog) -> None:
+    catalog.db._gate.timeout = 0.2
+    release = threading.Event()
+
+    def hold() -> None:
+        with catalog.db.tx():
+            release.wait(10)
+        catalog.db.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        wait_for(lambda: catalog.db._gate._owner is not None, timeout=10)
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            with catalog.db.tx():
+                pass
+    finally:
+        release.set()
+        holder.join(10)
+    with catalog.db.tx() as conn:  # free again: the failed attempt left nothing held
+        conn.execute("INSERT INTO meta(key, value) VALUES ('after', 'y')")

@@ -13,6 +13,9 @@ from collections.abc import Iterator, Sequence
 from .. import fsutil
 
 BUSY_TIMEOUT_MS = 30_000
+# Rows written (conn.total_changes) between two checkpoints of the WAL, run by an upload thread after its
+# write transaction; four times as many before the ingest or a command runs one itself (see tx()).
+CHECKPOINT_ROWS = 4000
 
 # Primary result codes (the low byte of an extended one) that say the file itself is damaged:
 # no retry or restart can help, and running on would only spread the damage.
@@ -346,6 +349,7 @@ class SqliteDatabase:
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._gate = _WriteGate()
+        self._unchecked = 0  # rows written since the last checkpoint (counted under the gate)
         # Set by whichever thread meets the error; read by the daemon's health check.
         self.corrupt: str | None = None  # the first "malformed"/"not a database" error, for good
         self.write_error: str | None = None  # the last failed write, until a write succeeds
@@ -412,6 +416,9 @@ class SqliteDatabase:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # SQLite checkpoints inside the COMMIT that crosses 1,000 pages, which would hold the write
+            # gate (below) through the checkpoint's writes and fsyncs (76 ms seen): tx() runs them after
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
@@ -507,8 +514,22 @@ class SqliteDatabase:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE, commit, or roll back on any error."""
         conn = self.connection()
-        with self._gate.hold(background=getattr(self._local, "relaxed", False)):
+        background = getattr(self._local, "relaxed", False)
+        with self._gate.hold(background):
+            before = conn.total_changes
             yield from self._tx(conn)
+            self._unchecked += conn.total_changes - before
+        if self._unchecked >= CHECKPOINT_ROWS * (1 if background else 4):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's pages into the database, outside the write gate: PASSIVE neither waits for nor
+        holds SQLite's write lock, so writers go on meanwhile (as with SQLite's own autocheckpoint,
+        which this replaces). An upload thread runs it, unless the ingest goes on alone; a failure
+        (a full disk) is reported to the health check, and the next one tries again."""
+        self._unchecked = 0
+        with contextlib.suppress(sqlite3.Error):
+            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:

@@ -305,7 +305,10 @@ class _WriteGate:
 
     def __init__(self, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.timeout = timeout
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # one queue each, and one waiter woken per release: waking every waiter made them all contend
+        # for the GIL with the thread that had just taken the gate
+        self._turn = {background: threading.Condition(self._lock) for background in (True, False)}
         self._owner: int | None = None
         self.waiting = {True: 0, False: 0}  # background, foreground
 
@@ -315,22 +318,30 @@ class _WriteGate:
         if self._owner == me:  # tx() within tx() on one thread: SQLite itself refuses it, as before
             yield
             return
-        with self._cond:
+        with self._lock:
             self.waiting[background] += 1
             try:
                 # as long as SQLite's busy timeout, and the same error after it
-                if not self._cond.wait_for(lambda: self._owner is None and not (background and self.waiting[False]),
-                                           self.timeout):
-                    raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+                free = self._turn[background].wait_for(
+                    lambda: self._owner is None and not (background and self.waiting[False]), self.timeout)
             finally:
                 self.waiting[background] -= 1
+            if not free:
+                self._wake()  # a wake-up that came with the timeout goes to the next waiter
+                raise sqlite3.OperationalError("database is locked (by another thread of this process)")
             self._owner = me
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._owner = None
-                self._cond.notify_all()
+                self._wake()
+
+    def _wake(self) -> None:
+        for background in (False, True):
+            if self.waiting[background]:
+                self._turn[background].notify()
+                return
 
 
 class SqliteDatabase:

@@ -236,3 +236,27 @@ def test_the_wal_stays_small_while_writers_commit(catalog: Catalog, db_path: Pat
     assert Path(f"{db_path}-wal").stat().st_size < written / 8
     with raw(db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0] == 60000
+
+
+def test_a_transaction_that_fails_in_one_thread_leaves_the_write_lock_free_for_the_others(catalog: Catalog) -> None:
+    catalog.db._gate.timeout = 2.0  # a gate left held would fail the second thread, not hang it
+    failed: list[BaseException] = []
+
+    def fail() -> None:
+        try:
+            with catalog.db.tx() as conn:
+                conn.execute("INSERT INTO meta(key, value) VALUES ('lost', 'x')")
+                raise KeyboardInterrupt  # not even an Exception
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            catalog.db.release()
+
+    t = threading.Thread(target=fail)
+    t.start()
+    t.join(10)
+    assert len(failed) == 1 and isinstance(failed[0], KeyboardInterrupt)
+    with catalog.db.tx() as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('kept', 'y')")
+    keys = {k for (k,) in catalog.db.connection().execute("SELECT key FROM meta")}
+    assert "kept" in keys and "lost" not in keys

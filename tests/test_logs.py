@@ -3,16 +3,20 @@ and under systemd (JOURNAL_STREAM) the log goes to the journal, to stderr otherw
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from systemd.journal import JournalHandler
 
 from cloudmanagerd.logs import (COPY_BAD, FILE_AT_RISK, FILE_SAFE, REMOTE_BACK, REMOTE_DOWN, RepeatFilter, fields,
-                                setup_logging)
+                                record_details, setup_logging, timestamp)
 
 H = "0123456789abcdef" * 4
 
@@ -166,6 +170,7 @@ def restore_logging() -> Iterator[None]:
             h.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    record_details(True)  # the text and JSON handlers turn the caller's file and line off
     for name, lvl in others.items():
         logging.getLogger(name).setLevel(lvl)
 
@@ -306,3 +311,57 @@ def test_damage_to_each_file_is_written_for_each_file_and_repeats_of_one_file_ar
     assert passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))
     assert passes(f, about(template, "f" * 64, h="f" * 64, remote=None, level=logging.ERROR))
     assert not passes(f, about(template, H, h=H, remote=None, level=logging.ERROR))
+
+
+def test_lines_written_by_many_threads_at_once_are_whole_and_none_is_lost(
+        monkeypatch: pytest.MonkeyPatch, restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # each upload thread writes a line per file: the handler formats outside its lock, writes under it
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    for log_format in ("text", "json"):
+        setup_logging("info", log_format, node="n1")
+
+        def work(n: int) -> None:
+            log = logging.getLogger(f"cloudmanagerd.t{n}")
+            for i in range(500):
+                log.info("uploaded hash=%s remote=%s n=%d i=%d", H, "nas", n, i, extra=fields(H, "nas"))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 3000
+        if log_format == "json":
+            said = [json.loads(line)["message"] for line in lines]
+        else:
+            assert all(re.fullmatch(r"\S+ INFO cloudmanagerd\.t\d: uploaded .*", line) for line in lines), lines[:3]
+            said = [line.split(": ", 1)[1] for line in lines]
+        assert sorted(said) == sorted(f"uploaded hash={H} remote=nas n={n} i={i}" for n in range(6) for i in range(500))
+
+
+def test_timestamps_are_the_local_time_with_its_offset_across_a_dst_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the date, time and offset are worked out once a second: a second across a DST change must not
+    # keep the old offset, and the milliseconds round as datetime rounds them
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        change = 1711846800  # 2024-03-31 01:00 UTC: 02:00 +01:00 became 03:00 +02:00
+        for t in (change - 1.0, change - 0.0004, change - 0.0005, change, change + 0.9995, change + 0.0996,
+                  change + 3600.123, 1730595600.5, 0.25, time.time()):
+            assert timestamp(t) == datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+        assert timestamp(change - 0.5).endswith("+01:00") and timestamp(change + 0.5).endswith("+02:00")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert os.environ.get("TZ") is None
+
+
+def test_json_lines_escape_a_name_that_is_not_utf8(monkeypatch: pytest.MonkeyPatch, restore_logging: None,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("info", "json")
+    logging.getLogger("cloudmanagerd.ingest").info("registered %s", os.fsdecode(b"caf\xe9 \xc3\xa9t\xc3\xa9"))
+    line = capsys.readouterr().err.strip()
+    assert "caf\\udce9 \u00e9t\u00e9" in line  # the byte escaped, the UTF-8 kept as it is
+    assert json.loads(line)["message"] == "registered caf\udce9 \u00e9t\u00e9"

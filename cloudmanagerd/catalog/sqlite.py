@@ -15,6 +15,10 @@ from .. import fsutil
 
 BUSY_TIMEOUT_MS = 30_000
 IDENTITY_EVERY = 1.0  # seconds between two looks at the catalog's path (damage()): how late a replaced file is seen
+# Rows written (conn.total_changes) between two checkpoints of the WAL, run by an upload thread after its
+# write transaction; four times as many before the ingest or a command runs one itself (see tx()).
+CHECKPOINT_ROWS = 4000
+>>>>>>> perf-ingest
 
 # Primary result codes (the low byte of an extended one) that say the file itself is damaged:
 # no retry or restart can help, and running on would only spread the damage.
@@ -292,6 +296,57 @@ class _Connection(sqlite3.Connection):
         return self.cursor().executemany(sql, parameters)
 
 
+class _WriteGate:
+    """The write lock among this process's threads, taken before SQLite's.
+
+    Without it, threads meet at SQLite's lock, whose busy handler sleeps 1, 2, 5 ... 100 ms between
+    tries without waking when the lock is freed: with four upload threads committing back to back,
+    the ingest thread's BEGIN IMMEDIATE waited 60-150 ms (a single drop's latency, at p99). Here a
+    waiter wakes the moment the lock is released, and background writers (threads that relaxed their
+    durability: the uploads) let a waiting foreground writer (ingest, a command) go first. Other
+    processes on the same file (nodes, API scripts) still meet at SQLite's lock."""
+
+    def __init__(self, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        # one queue each, and one waiter woken per release: waking every waiter made them all contend
+        # for the GIL with the thread that had just taken the gate
+        self._turn = {background: threading.Condition(self._lock) for background in (True, False)}
+        self._owner: int | None = None
+        self.waiting = {True: 0, False: 0}  # background, foreground
+
+    @contextlib.contextmanager
+    def hold(self, background: bool) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:  # tx() within tx() on one thread: SQLite itself refuses it, as before
+            yield
+            return
+        with self._lock:
+            self.waiting[background] += 1
+            try:
+                # as long as SQLite's busy timeout, and the same error after it
+                free = self._turn[background].wait_for(
+                    lambda: self._owner is None and not (background and self.waiting[False]), self.timeout)
+            finally:
+                self.waiting[background] -= 1
+            if not free:
+                self._wake()  # a wake-up that came with the timeout goes to the next waiter
+                raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+            self._owner = me
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._owner = None
+                self._wake()
+
+    def _wake(self) -> None:
+        for background in (False, True):
+            if self.waiting[background]:
+                self._turn[background].notify()
+                return
+
+
 class SqliteDatabase:
     """Hands each thread its own connection; writes go through `tx()` (BEGIN IMMEDIATE).
 
@@ -307,6 +362,8 @@ class SqliteDatabase:
         self._local = threading.local()
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
+        self._gate = _WriteGate()
+        self._unchecked = 0  # rows written since the last checkpoint (counted under the gate)
         # Set by whichever thread meets the error; read by the daemon's health check.
         self.corrupt: str | None = None  # the first "malformed"/"not a database" error, for good
         self.write_error: str | None = None  # the last failed write, until a write succeeds
@@ -374,6 +431,9 @@ class SqliteDatabase:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # SQLite checkpoints inside the COMMIT that crosses 1,000 pages, which would hold the write
+            # gate (below) through the checkpoint's writes and fsyncs (76 ms seen): tx() runs them after
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
@@ -481,6 +541,24 @@ class SqliteDatabase:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE, commit, or roll back on any error."""
         conn = self.connection()
+        background = getattr(self._local, "relaxed", False)
+        with self._gate.hold(background):
+            before = conn.total_changes
+            yield from self._tx(conn)
+            self._unchecked += conn.total_changes - before
+        if self._unchecked >= CHECKPOINT_ROWS * (1 if background else 4):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's pages into the database, outside the write gate: PASSIVE neither waits for nor
+        holds SQLite's write lock, so writers go on meanwhile (as with SQLite's own autocheckpoint,
+        which this replaces). An upload thread runs it, unless the ingest goes on alone; a failure
+        (a full disk) is reported to the health check, and the next one tries again."""
+        self._unchecked = 0
+        with contextlib.suppress(sqlite3.Error):
+            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
             # left open by a COMMIT that failed (SQLite keeps the transaction after SQLITE_FULL
             # or an I/O error): without this, every later BEGIN on this thread would fail for good

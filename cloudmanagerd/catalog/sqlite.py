@@ -18,7 +18,6 @@ IDENTITY_EVERY = 1.0  # seconds between two looks at the catalog's path (damage(
 # Rows written (conn.total_changes) between two checkpoints of the WAL, run by an upload thread after its
 # write transaction; four times as many before the ingest or a command runs one itself (see tx()).
 CHECKPOINT_ROWS = 4000
->>>>>>> perf-ingest
 
 # Primary result codes (the low byte of an extended one) that say the file itself is damaged:
 # no retry or restart can help, and running on would only spread the damage.

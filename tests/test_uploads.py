@@ -21,8 +21,8 @@ import pytest
 from cloudmanagerd.cache import Cache
 from cloudmanagerd.catalog import Catalog, IngestRecord
 from cloudmanagerd.config import RetryConfig, UploadConfig
-from cloudmanagerd.remotes.base import FILE, MISSING, REMOTE, TRANSIENT, RemoteError
-from cloudmanagerd.uploads import Uploader, backoff_delay, next_attempt
+from cloudmanagerd.remotes.base import FILE, MISSING, REMOTE, TRANSIENT, RemoteError, SourceMismatch
+from cloudmanagerd.uploads import SendCheck, Uploader, backoff_delay, next_attempt
 from conftest import wait_for
 
 T0 = 1_700_000_000.0
@@ -694,3 +694,20 @@ def test_a_pump_claims_its_batches_in_one_transaction(world: World) -> None:
     assert writes.count(pump_thread) == 1, "both batches claimed in the pump's one transaction"
     assert sorted(r0.batches + r1.batches) == [30, 30]
     assert all(world.copies(h) == ["r0", "r1"] for h in hashes)
+
+
+def test_a_check_given_the_bytes_sent_hashes_them_not_the_source(tmp_path: Path) -> None:
+    """A backend that sent a small object from memory hands those bytes to the check: bytes that are
+    not the file are refused even when the cache object itself is sound."""
+    data = os.urandom(5000)
+    h = hashlib.sha256(data).hexdigest()
+    fd = os.open(tmp_path, os.O_RDWR | os.O_TMPFILE, 0o600)
+    try:
+        os.write(fd, data)
+        SendCheck(h, fd, len(data), True).confirm(data)  # the same bytes: fine
+        with pytest.raises(SourceMismatch):
+            SendCheck(h, fd, len(data), True).confirm(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(SourceMismatch, match="shorter"):
+            SendCheck(h, fd, len(data), True).confirm(data[:-1])
+    finally:
+        os.close(fd)

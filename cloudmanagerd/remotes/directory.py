@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import time
 import uuid
@@ -74,7 +75,9 @@ class DirectoryRemote:
 
     def _write_tmp(self, folder: int, h: str, src_fd: int, size: int, transfer: Transfer | None) -> tuple[str, int]:
         """The object's bytes under a temp name, its source confirmed; (temp name, open descriptor)."""
-        tmp = f".{h}.{os.urandom(4).hex()}.tmp"  # not uuid4: a tenth of a batch's time went to it
+        # not uuid4 (a tenth of a batch's time went to it), nor os.urandom (a syscall a copy): `random`
+        # is seeded from the kernel and again in a forked child, and O_EXCL refuses a name in use
+        tmp = f".{h}.{random.getrandbits(32):08x}.tmp"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
             if size <= SMALL and not self.limit:

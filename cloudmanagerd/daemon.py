@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -302,20 +303,21 @@ class Daemon:
         """A new copy may let a cached file go: files waiting for room get another chance."""
         self._room_freed()
 
-    def _uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
+    def _uploaded(self, h: str, remote: str, size: int, seconds: float, times: Sequence[float]) -> None:
         """A file that becomes safe is said so once, with its MESSAGE_ID (FILE_SAFE), for alerting and
-        audit. Copies recorded at once by several upload threads may all be in the catalog before the
-        first of their handlers looks, so "the count equals min_redundancy" can be true for none of
-        them or for two: the first handler that finds min_redundancy good copies says it, unless
-        min_redundancy of them are older than SAFE_WINDOW (the file was safe before: a late extra
-        copy); the others find the file in `_said_safe`. A file made safe again after a bad copy
+        audit. `times`: when each good copy of the file was last proven, read by the commit that
+        recorded this copy (no read of its own: it cost as much as the recording), so the commit that
+        brought the file to min_redundancy is the one that sees it (commits that record copies of one
+        file are serialized: SQLite's write lock, PostgreSQL's lock on the file's row). The first
+        handler that finds min_redundancy good copies says it, unless min_redundancy of them are older
+        than SAFE_WINDOW (the file was safe before: a late extra copy); a later one finds the file in
+        `_said_safe`. A file made safe again after a bad copy
         (min_redundancy recent-enough copies) is said again."""
         min_redundancy = self.config.upload.min_redundancy
         now = time.time()
-        with contextlib.suppress(*DB_ERRORS), self._safe_lock:  # a busy catalog must not fail the upload
+        with self._safe_lock:
             while self._said_safe and next(iter(self._said_safe.values())) < now - SAFE_WINDOW:
                 del self._said_safe[next(iter(self._said_safe))]
-            times = [t for _, t in self.catalog.good_copy_times(h)]
             if h in self._said_safe or len(times) < min_redundancy \
                     or sum(t < now - SAFE_WINDOW for t in times) >= min_redundancy:
                 return

@@ -11,8 +11,9 @@ The events:
 - "room-freed" (): a pin was lifted or the capacity raised; files waiting for room may come in.
 - "work-queued" (): uploads are due now (new pairs, a remote healthy again, a retry).
 - "remote-healthy" (name): a remote that failed works again.
-- "uploaded" (hash, remote, size, seconds): a copy was sent and recorded (a batch's pairs each carry
-  the batch's time); the metrics' transfer histograms, and the file-safe line.
+- "uploaded" (hash, remote, size, seconds, proven): a copy was sent and recorded (a batch's pairs each
+  carry the batch's time); `proven`: when each good copy of the file was last proven, as the commit that
+  recorded this one left them. The metrics' transfer histograms, and the file-safe line.
 """
 
 from __future__ import annotations

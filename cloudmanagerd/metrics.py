@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -296,7 +296,7 @@ class Metrics:
         for when in dropped:
             self.ingest_latency.observe(max(now - when, 0.0))
 
-    def uploaded(self, h: str, remote: str, size: int, seconds: float) -> None:
+    def uploaded(self, h: str, remote: str, size: int, seconds: float, proven: Sequence[float] = ()) -> None:
         self.upload_seconds.labels(remote).observe(seconds)
         self.upload_size.labels(remote).observe(size)
         self.last_success[remote] = self.now()

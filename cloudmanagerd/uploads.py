@@ -134,9 +134,14 @@ class SendCheck:
     def read_all(self) -> bool:
         return self._read >= self.size
 
-    def confirm(self) -> None:
+    def confirm(self, data: bytes | None = None) -> None:
+        """`data`: the whole object as the backend sent it from memory (a small one): those very bytes are
+        hashed, not the source read again."""
         if self._verdict is None:
-            digest = self._hasher.finish(self.size) if self._hasher is not None else self._hash_inline()
+            if data is not None and self._hasher is None:
+                digest = hashlib.sha256(data).hexdigest() if len(data) == self.size else None
+            else:
+                digest = self._hasher.finish(self.size) if self._hasher is not None else self._hash_inline()
             self._verdict = "ok" if digest == self.h else (
                 f"the cache object holds other bytes (sha256 {digest[:12]})" if digest
                 else "the cache object is shorter than the file")
@@ -445,8 +450,9 @@ class Uploader:
         finally:
             job.release()
         assert url is not None
-        self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy, self.now())
-        self._recorded(claim, started)
+        proven = self.catalog.upload_done(claim.hash, claim.remote, url, claim.size, self.policy.redundancy,
+                                          self.now())
+        self._recorded(claim, started, proven)
 
     def _send_batch(self, claims: list[UploadClaim], unsettled: list[UploadClaim]) -> None:
         """Pairs to one remote with `put_many`: sent and made durable together, then every copy it made
@@ -483,15 +489,15 @@ class Uploader:
                 job.release()
         if not done:
             return
-        self.catalog.uploads_done([(j.claim.hash, j.claim.remote, url, j.claim.size) for j, url in done],
-                                  self.policy.redundancy, self.now())
+        proven = self.catalog.uploads_done([(j.claim.hash, j.claim.remote, url, j.claim.size) for j, url in done],
+                                           self.policy.redundancy, self.now())
         for job, _ in done:
             unsettled.remove(job.claim)
-            self._recorded(job.claim, started)
+            self._recorded(job.claim, started, proven[job.claim.hash])
 
-    def _recorded(self, claim: UploadClaim, started: float) -> None:
+    def _recorded(self, claim: UploadClaim, started: float, proven: list[float]) -> None:
         self.events.emit("copy-made", claim.hash)
-        self.events.emit("uploaded", claim.hash, claim.remote, claim.size, time.monotonic() - started)
+        self.events.emit("uploaded", claim.hash, claim.remote, claim.size, time.monotonic() - started, proven)
         if claim.attempts:
             # a pair that had failed went through: the remote's failures were an outage, so the next
             # ones may be too (woken again). A first attempt's copy says nothing of them: re-arming on

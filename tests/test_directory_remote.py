@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudmanagerd.remotes import directory
 from cloudmanagerd.remotes.base import MISSING, REMOTE, RemoteError, Transfer
 from cloudmanagerd.remotes.directory import DirectoryRemote
 
@@ -175,10 +176,12 @@ class TestDirectoryRemote(RemoteBehaviour):
         assert (root / h[:2] / h).read_bytes() == data
         assert self.names(root) == [f"{h[:2]}/{h}"]  # and no temp file, no probe file
 
+    # a small object is read whole and written in one call; a bigger one is copied in the kernel
+    @pytest.mark.parametrize("size", [200_000, directory.SMALL + 200_000])
     def test_a_put_killed_mid_copy_leaves_no_complete_looking_object(self, remote, root: Path,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path, size: int) -> None:
         # a real SIGKILL in the middle of the copy, in a child process using the real code
-        data = os.urandom(200_000)
+        data = os.urandom(size)
         h = hashlib.sha256(data).hexdigest()
         src = tmp_path / "src"
         src.write_bytes(data)
@@ -187,10 +190,13 @@ class TestDirectoryRemote(RemoteBehaviour):
             "from cloudmanagerd import fsutil\n"
             "from cloudmanagerd.remotes.directory import DirectoryRemote\n"
             "def half(src, dst, progress=None, **options):\n"
-            "    os.write(dst, os.pread(src, 50_000, 0))\n"
+            "    die(dst, os.pread(src, 50_000, 0))\n"
+            "def die(dst, data, *args):\n"
+            "    os.write(dst, data[:50_000])\n"
             "    os.fsync(dst)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "fsutil.copy_fd = half\n"
+            "fsutil.write_all = die\n"
             "fd = os.open(sys.argv[2], os.O_RDONLY)\n"
             "DirectoryRemote('nas', sys.argv[1]).put(sys.argv[3], fd, int(sys.argv[4]))\n"
         )
@@ -298,19 +304,53 @@ def test_put_many_stores_every_object_under_its_final_name_and_leaves_no_temp_fi
         assert not transfer.pending and transfer.done == len(data)
 
 
-def test_put_many_fails_one_object_alone_and_keeps_no_temp_file_of_it(tmp_path: Path) -> None:
+# the source holds fewer bytes than the file's size, or more (it grew): that object fails alone
+@pytest.mark.parametrize("delta, message", [(5, "read 100 bytes of 105"), (-1, "read 100 bytes of 99")])
+def test_put_many_fails_one_object_alone_and_keeps_no_temp_file_of_it(tmp_path: Path, delta: int,
+                                                                      message: str) -> None:
     remote = DirectoryRemote("nas", str(tmp_path))
     items = batch_items([b"a" * 100, b"b" * 100, b"c" * 100] * 1)
     h, fd, size, t = items[1]
-    items[1] = (h, fd, size + 5, t)  # the source holds fewer bytes than the file's size
+    items[1] = (h, fd, size + delta, t)
     try:
         results = remote.put_many(items)
     finally:
         for _, fd, _, _ in items:
             os.close(fd)
-    assert isinstance(results[1], RemoteError) and "read 100 bytes of 105" in str(results[1])
+    assert isinstance(results[1], RemoteError) and message in str(results[1])
     assert isinstance(results[0], str) and isinstance(results[2], str)
     assert remote_names(tmp_path) == {items[0][0], items[2][0]}
+
+
+class Recorder:
+    """A source check that keeps what the backend says it sent, and refuses it (a copy never made final)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | None] = []
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def confirm(self, data: bytes | None = None) -> None:
+        self.sent.append(data)
+        raise RemoteError("refused by the test")
+
+
+@pytest.mark.parametrize("size", [4096, directory.SMALL + 1])
+def test_the_check_of_a_small_object_gets_the_very_bytes_written(tmp_path: Path, size: int) -> None:
+    """A small object is read into memory once and written from it: the check hashes those bytes (what
+    the copy holds), not the source read again; a big one is copied in the kernel, its source checked."""
+    remote = DirectoryRemote("nas", str(tmp_path))
+    data = os.urandom(size)
+    check = Recorder()
+    fd = source(data)
+    try:
+        with pytest.raises(RemoteError, match="refused by the test"):
+            remote.put(hashlib.sha256(data).hexdigest(), fd, size, Transfer(size, source=check))
+    finally:
+        os.close(fd)
+    assert check.sent == [data if size <= directory.SMALL else None]
+    assert remote_names(tmp_path) == set()  # refused: no final name, and no temp file left
 
 
 def test_put_many_on_a_missing_folder_fails_the_whole_batch(tmp_path: Path) -> None:

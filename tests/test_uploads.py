@@ -21,8 +21,8 @@ import pytest
 from cloudmanagerd.cache import Cache
 from cloudmanagerd.catalog import Catalog, IngestRecord
 from cloudmanagerd.config import RetryConfig, UploadConfig
-from cloudmanagerd.remotes.base import FILE, MISSING, REMOTE, TRANSIENT, RemoteError
-from cloudmanagerd.uploads import Uploader, backoff_delay, next_attempt
+from cloudmanagerd.remotes.base import FILE, MISSING, REMOTE, TRANSIENT, RemoteError, SourceMismatch
+from cloudmanagerd.uploads import SendCheck, Uploader, backoff_delay, next_attempt
 from conftest import wait_for
 
 T0 = 1_700_000_000.0
@@ -694,3 +694,40 @@ def test_a_pump_claims_its_batches_in_one_transaction(world: World) -> None:
     assert writes.count(pump_thread) == 1, "both batches claimed in the pump's one transaction"
     assert sorted(r0.batches + r1.batches) == [30, 30]
     assert all(world.copies(h) == ["r0", "r1"] for h in hashes)
+
+
+def test_a_check_given_the_bytes_sent_hashes_them_not_the_source(tmp_path: Path) -> None:
+    """A backend that sent a small object from memory hands those bytes to the check: bytes that are
+    not the file are refused even when the cache object itself is sound."""
+    data = os.urandom(5000)
+    h = hashlib.sha256(data).hexdigest()
+    fd = os.open(tmp_path, os.O_RDWR | os.O_TMPFILE, 0o600)
+    try:
+        os.write(fd, data)
+        SendCheck(h, fd, len(data), True).confirm(data)  # the same bytes: fine
+        with pytest.raises(SourceMismatch):
+            SendCheck(h, fd, len(data), True).confirm(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(SourceMismatch, match="shorter"):
+            SendCheck(h, fd, len(data), True).confirm(data[:-1])
+    finally:
+        os.close(fd)
+
+
+def test_each_recorded_copy_says_when_the_files_good_copies_were_proven(world: World) -> None:
+    """The "uploaded" event carries the file's good copies as the commit that recorded it left them (the
+    file-safe line counts them without a read per copy): one, then two, as the copies land one by one."""
+    from cloudmanagerd.events import Events
+    events = Events()
+    seen: list[tuple[str, str, list[float]]] = []
+    events.on("uploaded", lambda h, remote, size, seconds, proven: seen.append((h, remote, sorted(proven))))
+    r0, r1 = BatchRemote("r0"), BatchRemote("r1")
+    up = Uploader(world.catalog, world.cache, {"r0": r0, "r1": r1}, ["r0", "r1"], policy(redundancy=2, concurrency=1),
+                  lease=60.0, now=world.now, rng=random.Random(1), events=events)
+    world.uploaders.append(up)
+    hashes = [world.add_file(f"two copies {i}".encode(), up.targets()) for i in range(3)]
+    step(up)  # r0's batch (the oldest pairs first: all to one remote)
+    world.clock += 5
+    step(up)
+    assert sorted((h, remote) for h, remote, _ in seen) == sorted((h, r) for h in hashes for r in ("r0", "r1"))
+    first, second = {h: p for h, r, p in seen[:3]}, {h: p for h, r, p in seen[3:]}
+    assert all(first[h] == [T0] and second[h] == [T0, T0 + 5] for h in hashes), seen

@@ -589,12 +589,17 @@ class Catalog:
             "SELECT MIN(next_attempt) FROM uploads WHERE state IN ('queued', 'retrying')").fetchone()
         return row[0]
 
-    def upload_done(self, h: str, remote: str, url: str, size: int, redundancy: int, now: float) -> None:
-        """Record a verified copy; once the file has its copies, cancel its other pending pairs."""
-        self.uploads_done([(h, remote, url, size)], redundancy, now)
+    def upload_done(self, h: str, remote: str, url: str, size: int, redundancy: int, now: float) -> list[float]:
+        """Record a verified copy; once the file has its copies, cancel its other pending pairs. Returns
+        when each good copy of the file was last proven, as this commit left them (see uploads_done)."""
+        return self.uploads_done([(h, remote, url, size)], redundancy, now)[h]
 
-    def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int, now: float) -> None:
-        """Record verified copies (hash, remote, url, size), all in one transaction (a batch's)."""
+    def uploads_done(self, copies: Sequence[tuple[str, str, str, int]], redundancy: int,
+                     now: float) -> dict[str, list[float]]:
+        """Record verified copies (hash, remote, url, size), all in one transaction (a batch's). Returns,
+        for each file, when each of its good copies was last proven (recorded or verified), read in
+        the same transaction: the file-safe line needs them, and a read per copy afterwards cost as
+        much as recording it (and could see copies other threads recorded since)."""
         # in hash order: each copy's trigger updates its file's row, and two nodes recording copies of
         # the same files in different orders would deadlock on those rows (PostgreSQL aborts one)
         copies = sorted(copies)
@@ -607,18 +612,22 @@ class Catalog:
                 "UPDATE uploads SET state='done', last_error=NULL, claim_owner=NULL, lease_expiry=NULL, "
                 "updated=? WHERE hash=? AND remote=?", [(now, h, remote) for h, remote, _, _ in copies])
             hashes = sorted({h for h, *_ in copies})
-            complete = [row for i in range(0, len(hashes), 500) for row in conn.execute(
-                f"SELECT hash FROM copies WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))}) AND bad=0 "
-                "GROUP BY hash HAVING COUNT(*) >= ?", (*hashes[i:i + 500], redundancy))]
+            proven: dict[str, list[float]] = {h: [] for h in hashes}
+            for i in range(0, len(hashes), 500):
+                for h, when in conn.execute(
+                        "SELECT hash, COALESCE(verified, created) FROM copies "
+                        f"WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))}) AND bad=0", hashes[i:i + 500]):
+                    proven[h].append(when)
             # given-up pairs go too once a file has its copies: `retry` must not over-copy
             conn.executemany("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')",
-                             complete)
+                             [(h,) for h, times in proven.items() if len(times) >= redundancy])
             for remote, count in collections.Counter(remote for _, remote, _, _ in copies).items():
                 conn.execute(
                     "INSERT INTO remote_stats(remote, successes) VALUES (?, ?) "
                     "ON CONFLICT(remote) DO UPDATE SET successes=remote_stats.successes+excluded.successes",
                     (remote, count))
             self._add_transfer(conn, month_of(now), outgoing=sum(size for *_, size in copies))
+        return proven
 
     def upload_failed(self, h: str, remote: str, error: str, next_attempt: float | None, now: float,
                       charge: bool = True) -> None:
@@ -1177,13 +1186,6 @@ class Catalog:
             oldest = conn.execute("SELECT MIN(verified) FROM cache_entries WHERE node = ? AND verified IS NOT NULL",
                                   (self.node,)).fetchone()[0]
         return {"uploads": uploads, "cache_unverified": unverified, "cache_oldest_verified": oldest}
-
-    def good_copy_times(self, h: str) -> list[tuple[str, float]]:
-        """(remote, when it was last proven: recorded or verified) of the file's good copies: which
-        copy made a file safe, even when several were recorded before anyone looked."""
-        with self.db.read() as conn:
-            return [(r, t) for r, t in conn.execute(
-                "SELECT remote, COALESCE(verified, created) FROM copies WHERE hash=? AND bad=0", (h,))]
 
     # -- snapshots and restore after a lost disk (snapshots.py, restore.py; issue 14) ------------
 

@@ -61,8 +61,9 @@ class SourceCheck(Protocol):
     def advance(self, done: int) -> None:
         """`done` bytes of the source have been read by the backend."""
 
-    def confirm(self) -> None:
-        """Raise SourceMismatch unless the whole source hashed to the object's name."""
+    def confirm(self, data: bytes | None = None) -> None:
+        """Raise SourceMismatch unless the whole source hashed to the object's name. `data`: the whole
+        object as the backend read and sent it, when it held it in memory: hashed instead of the source."""
 
 
 class Transfer:
@@ -101,9 +102,10 @@ class Transfer:
                 self.source.advance(done)
         self.check()
 
-    def confirm_source(self) -> None:
+    def confirm_source(self, data: bytes | None = None) -> None:
+        """`data`: the whole object, when the backend read it into memory and sent those very bytes."""
         if self.source is not None:
-            self.source.confirm()
+            self.source.confirm(data)
 
     def check(self) -> None:
         if self._event.is_set():

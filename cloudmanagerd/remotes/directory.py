@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import time
 import uuid
@@ -20,6 +21,7 @@ LEFTOVER = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{8}\.tmp")
 
 # errnos that no retry can fix until someone changes the remote itself
 SYNCFS_BATCH = 16  # from this many copies on, one syncfs is cheaper than an fsync each (as ingest)
+SMALL = 1 << 20  # an object up to this size is read into memory and written in one call
 
 REMOTE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                  errno.EDQUOT, errno.ELOOP}
@@ -73,15 +75,28 @@ class DirectoryRemote:
 
     def _write_tmp(self, folder: int, h: str, src_fd: int, size: int, transfer: Transfer | None) -> tuple[str, int]:
         """The object's bytes under a temp name, its source confirmed; (temp name, open descriptor)."""
-        tmp = f".{h}.{os.urandom(4).hex()}.tmp"  # not uuid4: a tenth of a batch's time went to it
+        # not uuid4 (a tenth of a batch's time went to it), nor os.urandom (a syscall a copy): `random`
+        # is seeded from the kernel and again in a forked child, and O_EXCL refuses a name in use
+        tmp = f".{h}.{random.getrandbits(32):08x}.tmp"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
-            os.lseek(src_fd, 0, os.SEEK_SET)
-            written = fsutil.copy_fd(src_fd, out, self.limit.progress(transfer), chunk=self.limit.chunk)
+            if size <= SMALL and not self.limit:
+                # one read and one write, and the check hashes the very bytes written: a copy in the
+                # kernel cost two copy_file_range, a seek, and a read back for the check
+                data = os.pread(src_fd, size + 1, 0)  # one byte more: a source that grew is seen
+                written = len(data)
+                if written == size:
+                    fsutil.write_all(out, data)
+                    if transfer is not None:
+                        transfer.update(size)
+            else:
+                os.lseek(src_fd, 0, os.SEEK_SET)
+                data = None
+                written = fsutil.copy_fd(src_fd, out, self.limit.progress(transfer), chunk=self.limit.chunk)
             if written != size:
                 raise RemoteError(f"remote {self.name}: read {written} bytes of {size}; the source changed")
             if transfer is not None:
-                transfer.confirm_source()  # a copy of the wrong bytes never gets its final name
+                transfer.confirm_source(data)  # a copy of the wrong bytes never gets its final name
         except BaseException:
             os.close(out)
             with contextlib.suppress(OSError):
@@ -148,7 +163,7 @@ class DirectoryRemote:
         """Make the temp files' bytes durable, then give them their final names; {hash: item} renamed."""
         try:
             if len(written) >= SYNCFS_BATCH:
-                for fd in {os.fstat(folder).st_dev: folder for _, _, folder, _, _ in written}.values():
+                for fd in {os.fstat(folder).st_dev: folder for folder in {f for _, _, f, _, _ in written}}.values():
                     fsutil.syncfs(fd)
             else:
                 for *_, fd in written:
@@ -178,10 +193,10 @@ class DirectoryRemote:
         """Make the renames durable (each folder once); then, and only then, the copies have URLs."""
         try:
             if len(renamed) >= SYNCFS_BATCH:
-                for fd in {os.fstat(fd).st_dev: fd for fd in folders}.values():
+                for fd in {os.fstat(fd).st_dev: fd for fd in set(folders)}.values():
                     fsutil.syncfs(fd)
             else:
-                for fd in {os.fstat(fd)[1:3]: fd for fd in folders}.values():  # (inode, device)
+                for fd in set(folders):  # one descriptor per folder (put_many opens each once)
                     os.fsync(fd)
         except OSError as exc:
             error = self._error(exc, "write to")

@@ -3,6 +3,7 @@ misconfiguration and outage, the config path, and the daemon end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -691,3 +692,74 @@ def test_put_many_reads_the_answer_of_a_server_that_refuses_before_the_body(buck
             thread.join()
     assert isinstance(result, RemoteError) and result.kind == REMOTE, result
     assert "access denied" in str(result)
+
+
+# -- the batch PUTs against servers that misbehave on demand (a hostile review) ----------------
+
+class FakeS3:
+    """A server on loopback that runs `handle(conn, request_head)` for each connection it accepts, one
+    thread each; everything is closed and joined on exit."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(32)
+        self.port = self.server.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+        self.acceptor = threading.Thread(target=self._accept)
+
+    def __enter__(self) -> FakeS3:
+        self.acceptor.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,))
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            self.handle(conn, head)
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.acceptor.join()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def answer(status: str, body: bytes = b"", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_put_many_never_takes_a_success_answered_before_the_body_was_sent_for_stored(bucket, tmp_path) -> None:
+    """A server (or a middlebox) that says 200 as soon as it has the headers and drops the connection
+    on the body: the object cannot have been checked, so it is no copy (a transient error)."""
+    def early_ok(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(answer("200 OK", extra="Connection: close\r\n"))
+        conn.close()  # the unread body makes it a reset
+
+    with FakeS3(early_ok) as fake:
+        [result] = put_many_at(fake.port, bucket, tmp_path, [os.urandom(4 * MiB)], read_timeout=5)
+    assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
+

@@ -763,3 +763,51 @@ def test_put_many_never_takes_a_success_answered_before_the_body_was_sent_for_st
         [result] = put_many_at(fake.port, bucket, tmp_path, [os.urandom(4 * MiB)], read_timeout=5)
     assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
 
+
+def slow_loris(conn: socket.socket, head: bytes) -> None:
+    """Takes the whole body, then answers one byte of its status line every 0.2 s: no read times out."""
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    got = len(head.split(b"\r\n\r\n", 1)[1])
+    while got < length:
+        data = conn.recv(65536)
+        if not data:
+            return
+        got += len(data)
+    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60000:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_a_cancel_or_a_stop_ends_a_batch_put_held_by_a_slow_loris(bucket, tmp_path, how) -> None:
+    """A server that dribbles its answer, a byte at a time, never lets the read time out: the uploader's
+    cancel (upload.stall, the daemon stopping) and closing the remote still end the PUT, with no
+    connection left open."""
+    fds = len(os.listdir("/proc/self/fd"))
+    results: list = []
+    items = batch_items(tmp_path, [os.urandom(100_000)])
+    transfer = items[0][3]
+    try:
+        with FakeS3(slow_loris) as fake:  # on the way out, whatever happened, it drops every connection
+            r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                         secret_access_key="s", connect_timeout=2, read_timeout=30)
+            batch = threading.Thread(target=lambda: results.extend(r.put_many(items)))
+            batch.start()
+            wait_for(lambda: transfer.done == 100_000, message="the body sent")
+            if how == "cancel":
+                transfer.cancel("stalled: no progress (upload.stall)")
+                wait_for(lambda: not batch.is_alive(), timeout=10, message="the batch ended")
+            else:
+                closing = threading.Thread(target=r.close)
+                closing.start()
+                wait_for(lambda: not batch.is_alive() and not closing.is_alive(), timeout=10,
+                         message="the batch ended and the remote closed")
+                closing.join()
+    finally:
+        batch.join()
+        r.close()
+        close_items(items)
+    assert isinstance(results[0], RemoteError), results
+    if how == "cancel":
+        assert isinstance(results[0], Cancelled) and "stalled" in str(results[0])
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
 
@@ -92,6 +92,7 @@ GET_STREAMS = 4
 READ_CHUNK = MiB
 SMALL_PUT = 8 * MiB  # below this, one checksummed PUT instead of a managed transfer and a HEAD
 BATCH_CONCURRENCY = 16  # PUTs of one remote's batches in flight at once (put_many)
+CANCEL_CHECK = 0.5  # seconds between two looks of put_many for cancelled transfers to abort
 PUT_CHUNK = 256 * 1024  # a batch PUT's body is read and sent in pieces of this size (progress, rate limit)
 _TEMPLATE_HASH = "0" * 64  # stands for the hash in the URL template of the batch PUTs
 
@@ -245,15 +246,25 @@ class _Connections:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[http.client.HTTPConnection] = []
+        # the connections of PUTs in flight: their socket (http.client lets go of it once an answer
+        # says "close") and their transfer, for `abort_cancelled` and `close`
+        self._busy: dict[http.client.HTTPConnection, tuple[socket.socket, Transfer | None]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def take(self, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+    def take(self, transfer: Transfer | None, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
         """An idle connection (True: it has been used, the server may have closed it since) or, `fresh`
-        or none idle, a new one (a server that drops its idle connections drops them all at once)."""
+        or none idle, a new one (a server that drops its idle connections drops them all at once).
+        Each goes back by `give`."""
         with self._lock:
+            if self._closed:
+                raise RemoteError(f"{self.endpoint}: the remote is closed (the daemon is stopping or "
+                                  "reloading)", TRANSIENT)
             if self._idle and not fresh:
-                return self._idle.pop(), True
+                conn = self._idle.pop()
+                assert conn.sock is not None
+                self._busy[conn] = (conn.sock, transfer)
+                return conn, True
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             conn.connect()
@@ -265,14 +276,34 @@ class _Connections:
             raise botocore.exceptions.EndpointConnectionError(endpoint_url=self.endpoint, error=exc) from None
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
+        with self._lock:
+            self._busy[conn] = (conn.sock, transfer)
+            closed = self._closed
+        if closed:  # closed while connecting: `close` did not see this one
+            self.give(conn, keep=False)
+            raise RemoteError(f"{self.endpoint}: the remote is closed (the daemon is stopping or reloading)",
+                              TRANSIENT)
         return conn, False
 
-    def give(self, conn: http.client.HTTPConnection) -> None:
+    def give(self, conn: http.client.HTTPConnection, keep: bool) -> None:
+        """A connection back from its PUT: kept for the next one, or closed (its owner closes it, never
+        `abort_cancelled`, so that no one shuts a descriptor number that was reused meanwhile)."""
         with self._lock:
-            if not self._closed:
+            del self._busy[conn]
+            if keep and not self._closed:
                 self._idle.append(conn)
                 return
         conn.close()
+
+    def abort_cancelled(self, every: bool = False) -> None:
+        """Shut the connections of cancelled transfers (`every`: all in flight) down: a PUT blocked on a
+        server that reads nothing or dribbles its answer a byte at a time (no read times out) ends now,
+        its thread seeing a dead connection."""
+        with self._lock:
+            for sock, transfer in self._busy.values():
+                if every or (transfer is not None and transfer.cancelled):
+                    with contextlib.suppress(OSError):  # already closed by its owner's http.client
+                        sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
@@ -280,6 +311,7 @@ class _Connections:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        self.abort_cancelled(every=True)
 
 
 class S3Remote:
@@ -478,6 +510,11 @@ class S3Remote:
             return []
         pool = self._pool()
         futures = [pool.submit(self._put_item, h, fd, size, transfer) for h, fd, size, transfer in items]
+        waiting = set(futures)
+        while waiting:  # a cancelled transfer may sit in a read no timeout ends: its connection is shut
+            waiting = wait(waiting, timeout=CANCEL_CHECK).not_done
+            if waiting and self._direct is not None:
+                self._direct.abort_cancelled()
         results = [f.result() for f in futures]
         if any(isinstance(r, str) for r in results):
             self._maybe_cleanup()  # now that the server has shown it answers
@@ -529,7 +566,7 @@ class S3Remote:
             with _ProgressReader(os.dup(src_fd), transfer, self.limit) as body:
                 if self._direct is not None and parts.netloc == self._direct.netloc:
                     answer = self._send_direct(self._direct, f"upload to {self.url(h)}", parts.path, headers,
-                                               body, size, attempt == 2, last)
+                                               body, size, transfer, attempt == 2, last)
                     if answer is None:
                         continue
                     status, content = answer
@@ -548,10 +585,10 @@ class S3Remote:
 
     @staticmethod
     def _send_direct(direct: _Connections, what: str, path: str, headers: dict[str, str], body: _ProgressReader,
-                     size: int, fresh: bool, last: bool) -> tuple[int, bytes] | None:
+                     size: int, transfer: Transfer | None, fresh: bool, last: bool) -> tuple[int, bytes] | None:
         """One PUT over a kept-alive connection (a new one if `fresh`): (status, body of the answer), or
         None when a reused connection turned out closed by the server and `last` is false (send again)."""
-        conn, reused = direct.take(fresh)
+        conn, reused = direct.take(transfer, fresh)
         keep = False
         try:
             conn.putrequest("PUT", path, skip_host=True, skip_accept_encoding=True)
@@ -588,10 +625,7 @@ class S3Remote:
                 return None  # most likely closed by the server while idle
             raise botocore.exceptions.ConnectionClosedError(endpoint_url=direct.endpoint) from exc
         finally:
-            if keep:
-                direct.give(conn)
-            else:
-                conn.close()  # half a request, an answer unread, or the server's "close"
+            direct.give(conn, keep)  # not kept: half a request, an answer unread, or the server's "close"
 
     def _batch_url(self) -> tuple[str, str]:
         """The URL of an object as the client addresses it (path or virtual host style, the
@@ -742,10 +776,10 @@ class S3Remote:
     def close(self) -> None:
         with self._batch_lock:
             pool, self._batch_pool = self._batch_pool, None
+        if self._direct is not None:
+            self._direct.close()  # first: PUTs in flight end now, and those queued fail at once
         if pool is not None:
             pool.shutdown(wait=True)
-        if self._direct is not None:
-            self._direct.close()
         # client.close() only drops urllib3's connection pools, and urllib3 2 closes a pool's
         # connections when the pool object is freed; a failed transfer leaves exceptions in
         # reference cycles (s3transfer's futures, botocore's frames) that still point at it,

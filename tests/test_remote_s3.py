@@ -811,3 +811,20 @@ def test_a_cancel_or_a_stop_ends_a_batch_put_held_by_a_slow_loris(bucket, tmp_pa
     if how == "cancel":
         assert isinstance(results[0], Cancelled) and "stalled" in str(results[0])
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore's session"])
+def test_put_many_to_an_endpoint_spelled_in_capitals_is_signed_for_the_host_it_names(seaweed, bucket,  # noqa: F811
+                                                                                     tmp_path, path,
+                                                                                     monkeypatch) -> None:
+    """Host names are case-blind: the PUT's Host header is the one its signature was made for."""
+    if path != "direct":
+        import cloudmanagerd.remotes.s3 as s3
+        monkeypatch.setattr(s3, "_direct_connections", lambda *args: None)
+    r = make_remote(seaweed, bucket, endpoint=seaweed.endpoint.replace("127.0.0.1", "LocalHost"))
+    items = batch_items(tmp_path, [os.urandom(3000) for _ in range(3)])
+    try:
+        assert r.put_many(items) == [r.url(h) for h, *_ in items]
+    finally:
+        close_items(items)
+        r.close()

@@ -559,7 +559,9 @@ class S3Remote:
             "x-amz-checksum-sha256": base64.b64encode(bytes.fromhex(h)).decode()})
         signed.context["payload_sha256"] = h
         _NamedPayloadAuth(credentials.get_frozen_credentials(), "s3", self.region).add_auth(signed)
-        headers = {"host": parts.netloc, **signed.headers}
+        # no Host of ours: http.client and urllib3 send the one the signer signed (the host in lower
+        # case, no default port), where the URL's own spelling may differ and fail the signature
+        headers = dict(signed.headers)
         headers["Content-Length"] = str(size)
         for attempt in (1, 2):
             last = attempt == 2 or (transfer is not None and transfer.cancelled)
@@ -591,11 +593,9 @@ class S3Remote:
         conn, reused = direct.take(transfer, fresh)
         keep = False
         try:
-            conn.putrequest("PUT", path, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", headers["host"])
+            conn.putrequest("PUT", path, skip_accept_encoding=True)
             for name, value in headers.items():
-                if name != "host":
-                    conn.putheader(name, value)
+                conn.putheader(name, value)
             data = body.read(min(PUT_CHUNK, size))
             sent = 0
             try:

@@ -828,3 +828,65 @@ def test_put_many_to_an_endpoint_spelled_in_capitals_is_signed_for_the_host_it_n
     finally:
         close_items(items)
         r.close()
+
+
+def drain_and_answer(reply: bytes):
+    """A handler that reads each request's body whole and gives `reply`, on a connection kept alive."""
+    def handle(conn: socket.socket, head: bytes) -> None:
+        while head:
+            top, _, rest = head.partition(b"\r\n\r\n")
+            length = int(next((line.split(b":")[1] for line in top.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0))  # 0: a GET
+            while len(rest) < length:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                rest += data
+            conn.sendall(reply)
+            head = rest[length:]
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+    return handle
+
+
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+
+@pytest.mark.parametrize("reply, kind, says", [
+    (answer("503 Slow Down", SLOW_DOWN), TRANSIENT, "SlowDown"),
+    (answer("500 Internal Server Error"), TRANSIENT, "500"),
+    (answer("403 Forbidden"), REMOTE, "access denied"),
+    (answer("301 Moved Permanently", b"<Error><Code>PermanentRedirect</Code></Error>"), REMOTE, "another region"),
+    (answer("307 Temporary Redirect", extra="Location: http://127.0.0.1:1/\r\n"), TRANSIENT, "307"),
+    (answer("503 Slow Down", SLOW_DOWN + b" " * (64 * MiB)), TRANSIENT, "SlowDown"),
+    (b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SLOW_DOWN), SLOW_DOWN),
+     TRANSIENT, "SlowDown"),
+    (b"garbage\r\n\r\n", TRANSIENT, "closed the connection"),
+], ids=["503 SlowDown", "500 bare", "403", "301", "307", "huge error body", "chunked", "garbage"])
+def test_put_many_names_each_answer_of_a_server_as_the_client_would(bucket, tmp_path, reply, kind, says) -> None:
+    with FakeS3(drain_and_answer(reply)) as fake:
+        results = put_many_at(fake.port, bucket, tmp_path, [os.urandom(5000), os.urandom(300_000)], read_timeout=5)
+    for result in results:
+        assert isinstance(result, RemoteError) and result.kind == kind, result
+        assert says in str(result) and "\n" not in str(result) and len(str(result)) < 400, result
+
+
+def test_put_many_succeeds_through_answers_that_close_or_come_chunked(bucket, tmp_path) -> None:
+    for reply in (answer("200 OK", extra="Connection: close\r\n"),
+                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"):
+        with FakeS3(drain_and_answer(reply)) as fake:
+            blobs = [os.urandom(1000 * i) for i in range(20)]
+            results = put_many_at(fake.port, bucket, tmp_path, blobs, read_timeout=5)
+        assert all(isinstance(result, str) for result in results), results
+
+
+def test_put_many_reads_no_more_of_an_error_answer_than_it_names(bucket, tmp_path) -> None:
+    """An error answer that announces 10 GiB (a hostile or broken server): its first bytes name the
+    error, and the rest is never read into memory (here it never comes: the error is still named)."""
+    reply = b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (10 << 30, SLOW_DOWN + b" " * MiB)
+    with FakeS3(drain_and_answer(reply)) as fake:
+        [result] = put_many_at(fake.port, bucket, tmp_path, [os.urandom(5000)], read_timeout=5)
+    assert isinstance(result, RemoteError) and result.kind == TRANSIENT and "SlowDown" in str(result), result

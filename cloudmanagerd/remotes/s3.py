@@ -93,7 +93,8 @@ READ_CHUNK = MiB
 SMALL_PUT = 8 * MiB  # below this, one checksummed PUT instead of a managed transfer and a HEAD
 BATCH_CONCURRENCY = 16  # PUTs of one remote's batches in flight at once (put_many)
 CANCEL_CHECK = 0.5  # seconds between two looks of put_many for cancelled transfers to abort
-PUT_CHUNK = 256 * 1024  # a batch PUT's body is read and sent in pieces of this size (progress, rate limit)
+PUT_CHUNK = 256 * 1024
+ANSWER_LIMIT = 64 * 1024  # the most of a batch PUT's answer read: a larger one (an error page) is cut  # a batch PUT's body is read and sent in pieces of this size (progress, rate limit)
 _TEMPLATE_HASH = "0" * 64  # stands for the hash in the URL template of the batch PUTs
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
@@ -612,11 +613,11 @@ class S3Remote:
                 # answer says why, where the reset alone would be taken for a connection problem.
                 pass
             response = conn.getresponse()
-            content = response.read()
+            content = response.read(ANSWER_LIMIT)  # an answer's first bytes name its error: no more in memory
             if sent < size and 200 <= response.status < 300:
                 # a success for bytes the server never had: no check of the hash can stand behind it
                 raise botocore.exceptions.ConnectionClosedError(endpoint_url=direct.endpoint)
-            keep = not response.will_close
+            keep = response.isclosed() and not response.will_close  # isclosed: the answer was read whole
             return response.status, content
         except socket.timeout as exc:
             raise botocore.exceptions.ReadTimeoutError(endpoint_url=direct.endpoint, error=exc) from None

@@ -964,3 +964,31 @@ def test_put_many_signs_with_temporary_credentials_and_the_remotes_region(bucket
     put = next(head for head in heads if head.startswith(b"PUT "))
     assert b"x-amz-security-token: the-session-token\r\n" in put.lower()
     assert b"/eu-west-3/s3/aws4_request" in put
+
+
+def test_a_cancel_ends_a_lone_small_put_held_by_a_slow_loris(bucket, tmp_path) -> None:
+    """The uploader sends a lone small file by put, over the same connections as a batch: its cancel
+    (upload.stall, the daemon stopping) ends it as well."""
+    [(h, fd, size, _)] = items = batch_items(tmp_path, [os.urandom(100_000)])
+    transfer = Transfer(size)
+    errors: list = []
+
+    def put() -> None:
+        try:
+            r.put(h, fd, size, transfer)
+        except RemoteError as error:
+            errors.append(error)
+    try:
+        with FakeS3(slow_loris) as fake:  # on the way out, whatever happened, it drops every connection
+            r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                         secret_access_key="s", connect_timeout=2, read_timeout=30)
+            lone = threading.Thread(target=put)
+            lone.start()
+            wait_for(lambda: transfer.done == size, message="the body sent")
+            transfer.cancel("stalled: no progress (upload.stall)")
+            wait_for(lambda: not lone.is_alive(), timeout=10, message="the put ended")
+    finally:
+        lone.join()
+        r.close()
+        close_items(items)
+    assert isinstance(errors[0], Cancelled) and "stalled" in str(errors[0]), errors

@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
 
@@ -363,6 +363,7 @@ class S3Remote:
         self._next_cleanup = 0.0
         self._batch_lock = threading.Lock()
         self._batch_pool: ThreadPoolExecutor | None = None
+        self._closed = False
         self._put_url: tuple[str, str] | None = None  # the batch PUTs' URL, split around the hash
         self.region = self.client.meta.region_name or "us-east-1"
         self._direct = _direct_connections(endpoint, config, connect_timeout, read_timeout)
@@ -485,13 +486,14 @@ class S3Remote:
         what = f"upload to {self.url(h)}"
         checked = size < SMALL_PUT and self.request_checksum == "when_supported"
         if checked:
-            self._transfer_call(what, transfer, self._put_signed, h, src_fd, size, transfer)
-        else:
-            self._transfer_call(what, transfer, self._upload, self.key(h), src_fd, transfer)
-        if checked:
+            # by the batch PUTs' pool, whose watch ends a cancelled PUT that no read timeout would end
+            [result] = self._watched([self._pool().submit(self._put_item, h, src_fd, size, transfer)])
+            if isinstance(result, RemoteError):
+                raise result
             # the server verified the SHA-256 of what it received against the object's own hash
             self._maybe_cleanup()
-            return self.url(h)
+            return result
+        self._transfer_call(what, transfer, self._upload, self.key(h), src_fd, transfer)
         stored = self._stored_size(h, what)
         if stored != size:
             # Something changed the object or the source on the way; leave nothing that
@@ -510,19 +512,26 @@ class S3Remote:
         if not items:
             return []
         pool = self._pool()
-        futures = [pool.submit(self._put_item, h, fd, size, transfer) for h, fd, size, transfer in items]
-        waiting = set(futures)
-        while waiting:  # a cancelled transfer may sit in a read no timeout ends: its connection is shut
-            waiting = wait(waiting, timeout=CANCEL_CHECK).not_done
-            if waiting and self._direct is not None:
-                self._direct.abort_cancelled()
-        results = [f.result() for f in futures]
+        results = self._watched([pool.submit(self._put_item, h, fd, size, transfer) for h, fd, size, transfer in items])
         if any(isinstance(r, str) for r in results):
             self._maybe_cleanup()  # now that the server has shown it answers
         return results
 
+    def _watched(self, futures: list[Future[str | RemoteError]]) -> list[str | RemoteError]:
+        """The results of `_put_item`s in the pool, awaited by a thread that meanwhile shuts the
+        connection of any whose transfer was cancelled: a PUT may sit in a read that no timeout ends
+        (a server dribbling its answer a byte at a time)."""
+        waiting = set(futures)
+        while waiting:
+            waiting = wait(waiting, timeout=CANCEL_CHECK).not_done
+            if waiting and self._direct is not None:
+                self._direct.abort_cancelled()
+        return [f.result() for f in futures]
+
     def _pool(self) -> ThreadPoolExecutor:
         with self._batch_lock:
+            if self._closed:  # a pool made now would never be shut down: its threads would outlive us
+                raise RemoteError(f"remote {self.name} is closed (the daemon is stopping or reloading)", TRANSIENT)
             if self._batch_pool is None:
                 self._batch_pool = ThreadPoolExecutor(max_workers=BATCH_CONCURRENCY,
                                                       thread_name_prefix=f"s3-{self.name}")
@@ -776,6 +785,7 @@ class S3Remote:
 
     def close(self) -> None:
         with self._batch_lock:
+            self._closed = True
             pool, self._batch_pool = self._batch_pool, None
         if self._direct is not None:
             self._direct.close()  # first: PUTs in flight end now, and those queued fail at once

@@ -35,7 +35,9 @@ body against it), and the same hash goes as x-amz-checksum-sha256. To a plain-ht
 proxy (a server on the LAN, where CPU per PUT is what limits small files) they go over kept-alive
 http.client connections of the remote (`_Connections`); otherwise through botocore's HTTP session
 (the client's pool, TLS and proxy settings). Errors go through the same classification as the
-client's. Measured on 1,000 x 64 KiB to SeaweedFS, 16 in flight, CPU of the process: put_object
+client's. On our connections the thread awaiting the PUTs (`_watched`) shuts down the connection of
+a cancelled transfer, so that a server dribbling its answer (no read times out) cannot hold the
+uploader's stall cancel or the daemon's stop; a 2xx is believed only for a body sent whole. Measured on 1,000 x 64 KiB to SeaweedFS, 16 in flight, CPU of the process: put_object
 1.3-1.6 s, botocore's signer + its session 0.76-0.92 s, botocore's signer + http.client 0.39-0.58 s.
 The server itself spent 1.2-1.7 s. (A SigV4 of our own that kept the day's signing key saved another
 ~0.1 ms per PUT: not worth hand-writing what botocore does.)

@@ -830,10 +830,11 @@ def test_put_many_to_an_endpoint_spelled_in_capitals_is_signed_for_the_host_it_n
         r.close()
 
 
-def drain_and_answer(reply: bytes):
-    """A handler that reads each request's body whole and gives `reply`, on a connection kept alive."""
+def drain_and_answer(reply: bytes, requests: int = 1 << 30):
+    """A handler that reads each request's body whole and gives `reply`, on a connection kept alive
+    for that many `requests` (then closed without a word, as a server whose idle timeout passed)."""
     def handle(conn: socket.socket, head: bytes) -> None:
-        while head:
+        for number in range(requests):
             top, _, rest = head.partition(b"\r\n\r\n")
             length = int(next((line.split(b":")[1] for line in top.split(b"\r\n")
                                if line.lower().startswith(b"content-length")), 0))  # 0: a GET
@@ -844,6 +845,9 @@ def drain_and_answer(reply: bytes):
                 rest += data
             conn.sendall(reply)
             head = rest[length:]
+            if number == requests - 1:
+                conn.shutdown(socket.SHUT_RDWR)
+                return
             while b"\r\n\r\n" not in head:
                 data = conn.recv(65536)
                 if not data:
@@ -992,3 +996,20 @@ def test_a_cancel_ends_a_lone_small_put_held_by_a_slow_loris(bucket, tmp_path) -
         r.close()
         close_items(items)
     assert isinstance(errors[0], Cancelled) and "stalled" in str(errors[0]), errors
+
+
+def test_put_many_sends_again_when_the_server_dropped_its_idle_connections(bucket, tmp_path) -> None:
+    """A server that closes each connection after one answer without saying "close" (as one whose idle
+    timeout passed between two batches): each PUT that meets a dead kept-alive connection goes again."""
+    with FakeS3(drain_and_answer(answer("200 OK"), requests=1)) as fake:
+        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                     secret_access_key="s", connect_timeout=2, read_timeout=5)
+        try:
+            for _ in range(3):
+                items = batch_items(tmp_path, [os.urandom(2000 + i) for i in range(8)])
+                try:
+                    assert r.put_many(items) == [r.url(h) for h, *_ in items]
+                finally:
+                    close_items(items)
+        finally:
+            r.close()

@@ -3,6 +3,7 @@ misconfiguration and outage, the config path, and the daemon end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -691,3 +692,324 @@ def test_put_many_reads_the_answer_of_a_server_that_refuses_before_the_body(buck
             thread.join()
     assert isinstance(result, RemoteError) and result.kind == REMOTE, result
     assert "access denied" in str(result)
+
+
+# -- the batch PUTs against servers that misbehave on demand (a hostile review) ----------------
+
+class FakeS3:
+    """A server on loopback that runs `handle(conn, request_head)` for each connection it accepts, one
+    thread each; everything is closed and joined on exit."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(32)
+        self.port = self.server.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+        self.acceptor = threading.Thread(target=self._accept)
+
+    def __enter__(self) -> FakeS3:
+        self.acceptor.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,))
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            self.handle(conn, head)
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.acceptor.join()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def answer(status: str, body: bytes = b"", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_put_many_never_takes_a_success_answered_before_the_body_was_sent_for_stored(bucket, tmp_path) -> None:
+    """A server (or a middlebox) that says 200 as soon as it has the headers and drops the connection
+    on the body: the object cannot have been checked, so it is no copy (a transient error)."""
+    def early_ok(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(answer("200 OK", extra="Connection: close\r\n"))
+        conn.close()  # the unread body makes it a reset
+
+    with FakeS3(early_ok) as fake:
+        [result] = put_many_at(fake.port, bucket, tmp_path, [os.urandom(4 * MiB)], read_timeout=5)
+    assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
+
+
+def slow_loris(conn: socket.socket, head: bytes) -> None:
+    """Takes the whole body, then answers one byte of its status line every 0.2 s: no read times out."""
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    got = len(head.split(b"\r\n\r\n", 1)[1])
+    while got < length:
+        data = conn.recv(65536)
+        if not data:
+            return
+        got += len(data)
+    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60000:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_a_cancel_or_a_stop_ends_a_batch_put_held_by_a_slow_loris(bucket, tmp_path, how) -> None:
+    """A server that dribbles its answer, a byte at a time, never lets the read time out: the uploader's
+    cancel (upload.stall, the daemon stopping) and closing the remote still end the PUT, with no
+    connection left open."""
+    fds = len(os.listdir("/proc/self/fd"))
+    results: list = []
+    items = batch_items(tmp_path, [os.urandom(100_000)])
+    transfer = items[0][3]
+    try:
+        with FakeS3(slow_loris) as fake:  # on the way out, whatever happened, it drops every connection
+            r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                         secret_access_key="s", connect_timeout=2, read_timeout=30)
+            batch = threading.Thread(target=lambda: results.extend(r.put_many(items)))
+            batch.start()
+            wait_for(lambda: transfer.done == 100_000, message="the body sent")
+            if how == "cancel":
+                transfer.cancel("stalled: no progress (upload.stall)")
+                wait_for(lambda: not batch.is_alive(), timeout=10, message="the batch ended")
+            else:
+                closing = threading.Thread(target=r.close)
+                closing.start()
+                wait_for(lambda: not batch.is_alive() and not closing.is_alive(), timeout=10,
+                         message="the batch ended and the remote closed")
+                closing.join()
+    finally:
+        batch.join()
+        r.close()
+        close_items(items)
+    assert isinstance(results[0], RemoteError), results
+    if how == "cancel":
+        assert isinstance(results[0], Cancelled) and "stalled" in str(results[0])
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore's session"])
+def test_put_many_to_an_endpoint_spelled_in_capitals_is_signed_for_the_host_it_names(seaweed, bucket,  # noqa: F811
+                                                                                     tmp_path, path,
+                                                                                     monkeypatch) -> None:
+    """Host names are case-blind: the PUT's Host header is the one its signature was made for."""
+    if path != "direct":
+        import cloudmanagerd.remotes.s3 as s3
+        monkeypatch.setattr(s3, "_direct_connections", lambda *args: None)
+    r = make_remote(seaweed, bucket, endpoint=seaweed.endpoint.replace("127.0.0.1", "LocalHost"))
+    items = batch_items(tmp_path, [os.urandom(3000) for _ in range(3)])
+    try:
+        assert r.put_many(items) == [r.url(h) for h, *_ in items]
+    finally:
+        close_items(items)
+        r.close()
+
+
+def drain_and_answer(reply: bytes, requests: int = 1 << 30):
+    """A handler that reads each request's body whole and gives `reply`, on a connection kept alive
+    for that many `requests` (then closed without a word, as a server whose idle timeout passed)."""
+    def handle(conn: socket.socket, head: bytes) -> None:
+        for number in range(requests):
+            top, _, rest = head.partition(b"\r\n\r\n")
+            length = int(next((line.split(b":")[1] for line in top.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0))  # 0: a GET
+            while len(rest) < length:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                rest += data
+            conn.sendall(reply)
+            head = rest[length:]
+            if number == requests - 1:
+                conn.shutdown(socket.SHUT_RDWR)
+                return
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+    return handle
+
+
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+
+@pytest.mark.parametrize("reply, kind, says", [
+    (answer("503 Slow Down", SLOW_DOWN), TRANSIENT, "SlowDown"),
+    (answer("500 Internal Server Error"), TRANSIENT, "500"),
+    (answer("403 Forbidden"), REMOTE, "access denied"),
+    (answer("301 Moved Permanently", b"<Error><Code>PermanentRedirect</Code></Error>"), REMOTE, "another region"),
+    (answer("307 Temporary Redirect", extra="Location: http://127.0.0.1:1/\r\n"), TRANSIENT, "307"),
+    (answer("503 Slow Down", SLOW_DOWN + b" " * (64 * MiB)), TRANSIENT, "SlowDown"),
+    (b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SLOW_DOWN), SLOW_DOWN),
+     TRANSIENT, "SlowDown"),
+    (b"garbage\r\n\r\n", TRANSIENT, "closed the connection"),
+], ids=["503 SlowDown", "500 bare", "403", "301", "307", "huge error body", "chunked", "garbage"])
+def test_put_many_names_each_answer_of_a_server_as_the_client_would(bucket, tmp_path, reply, kind, says) -> None:
+    with FakeS3(drain_and_answer(reply)) as fake:
+        results = put_many_at(fake.port, bucket, tmp_path, [os.urandom(5000), os.urandom(300_000)], read_timeout=5)
+    for result in results:
+        assert isinstance(result, RemoteError) and result.kind == kind, result
+        assert says in str(result) and "\n" not in str(result) and len(str(result)) < 400, result
+
+
+def test_put_many_succeeds_through_answers_that_close_come_chunked_or_continue(bucket, tmp_path) -> None:
+    for reply in (answer("200 OK", extra="Connection: close\r\n"),
+                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                  b"HTTP/1.1 100 Continue\r\n\r\n" + answer("200 OK")):  # a 100 nobody asked for
+        with FakeS3(drain_and_answer(reply)) as fake:
+            blobs = [os.urandom(1000 * i) for i in range(20)]
+            results = put_many_at(fake.port, bucket, tmp_path, blobs, read_timeout=5)
+        assert all(isinstance(result, str) for result in results), results
+
+
+def test_put_many_reads_no_more_of_an_error_answer_than_it_names(bucket, tmp_path) -> None:
+    """An error answer that announces 10 GiB (a hostile or broken server): its first bytes name the
+    error, and the rest is never read into memory (here it never comes: the error is still named)."""
+    reply = b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (10 << 30, SLOW_DOWN + b" " * MiB)
+    with FakeS3(drain_and_answer(reply)) as fake:
+        [result] = put_many_at(fake.port, bucket, tmp_path, [os.urandom(5000)], read_timeout=5)
+    assert isinstance(result, RemoteError) and result.kind == TRANSIENT and "SlowDown" in str(result), result
+
+
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
+def test_put_many_goes_through_the_http_proxy_of_the_environment_unless_no_proxy_says_not(
+        bucket, tmp_path, monkeypatch, no_proxy) -> None:
+    """HTTP_PROXY and NO_PROXY mean for the batch PUTs what they mean for every other request."""
+    heads: list[bytes] = []
+
+    def proxy(conn: socket.socket, head: bytes) -> None:
+        heads.append(head)
+        drain_and_answer(answer("503 Slow Down", SLOW_DOWN))(conn, head)
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    [port] = free_ports(1)  # the endpoint: nothing listens there
+    with FakeS3(proxy) as fake:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{fake.port}")
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        [result] = put_many_at(port, bucket, tmp_path, [os.urandom(3000)], read_timeout=5)
+    assert isinstance(result, RemoteError) and result.kind == TRANSIENT, result
+    if no_proxy:
+        assert "cannot connect" in str(result) and not heads
+    else:
+        assert "SlowDown" in str(result)
+        assert heads[0].startswith(f"PUT http://127.0.0.1:{port}/{bucket}/".encode())
+
+
+def test_put_many_over_5000_puts_leaves_no_descriptor_behind(seaweed, bucket, tmp_path) -> None:  # noqa: F811
+    """Kept-alive connections are reused, not piled up: as many descriptors open after 5,000 PUTs as
+    after the first batch, and after close as before the remote."""
+    fds = len(os.listdir("/proc/self/fd"))
+    r = make_remote(seaweed, bucket)
+    try:
+        warm = None
+        for _ in range(20):
+            items = batch_items(tmp_path, [os.urandom(1000) for _ in range(250)])
+            try:
+                assert all(isinstance(result, str) for result in r.put_many(items))
+            finally:
+                close_items(items)
+            warm = warm or len(os.listdir("/proc/self/fd"))
+            assert len(os.listdir("/proc/self/fd")) <= warm
+    finally:
+        r.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds  # (fewer: a socket of an earlier test collected meanwhile)
+
+
+def test_put_many_signs_with_temporary_credentials_and_the_remotes_region(bucket, tmp_path, monkeypatch) -> None:
+    """Credentials of the standard chain (here the environment) with a session token, and a region other
+    than us-east-1: each batch PUT carries the token and is signed for that region."""
+    heads: list[bytes] = []
+
+    def server(conn: socket.socket, head: bytes) -> None:
+        heads.append(head)
+        drain_and_answer(answer("200 OK"))(conn, head)
+
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATEMP")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "the-session-token")
+    with FakeS3(server) as fake:
+        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", region="eu-west-3",
+                     connect_timeout=2, read_timeout=5)
+        items = batch_items(tmp_path, [os.urandom(3000)])
+        try:
+            assert r.put_many(items) == [r.url(items[0][0])]
+        finally:
+            close_items(items)
+            r.close()
+    put = next(head for head in heads if head.startswith(b"PUT "))
+    assert b"x-amz-security-token: the-session-token\r\n" in put.lower()
+    assert b"/eu-west-3/s3/aws4_request" in put
+
+
+def test_a_cancel_ends_a_lone_small_put_held_by_a_slow_loris(bucket, tmp_path) -> None:
+    """The uploader sends a lone small file by put, over the same connections as a batch: its cancel
+    (upload.stall, the daemon stopping) ends it as well."""
+    [(h, fd, size, _)] = items = batch_items(tmp_path, [os.urandom(100_000)])
+    transfer = Transfer(size)
+    errors: list = []
+
+    def put() -> None:
+        try:
+            r.put(h, fd, size, transfer)
+        except RemoteError as error:
+            errors.append(error)
+    try:
+        with FakeS3(slow_loris) as fake:  # on the way out, whatever happened, it drops every connection
+            r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                         secret_access_key="s", connect_timeout=2, read_timeout=30)
+            lone = threading.Thread(target=put)
+            lone.start()
+            wait_for(lambda: transfer.done == size, message="the body sent")
+            transfer.cancel("stalled: no progress (upload.stall)")
+            wait_for(lambda: not lone.is_alive(), timeout=10, message="the put ended")
+    finally:
+        lone.join()
+        r.close()
+        close_items(items)
+    assert isinstance(errors[0], Cancelled) and "stalled" in str(errors[0]), errors
+
+
+def test_put_many_sends_again_when_the_server_dropped_its_idle_connections(bucket, tmp_path) -> None:
+    """A server that closes each connection after one answer without saying "close" (as one whose idle
+    timeout passed between two batches): each PUT that meets a dead kept-alive connection goes again."""
+    with FakeS3(drain_and_answer(answer("200 OK"), requests=1)) as fake:
+        r = S3Remote("s3", bucket, endpoint=f"http://127.0.0.1:{fake.port}", access_key_id="k",
+                     secret_access_key="s", connect_timeout=2, read_timeout=5)
+        try:
+            for _ in range(3):
+                items = batch_items(tmp_path, [os.urandom(2000 + i) for i in range(8)])
+                try:
+                    assert r.put_many(items) == [r.url(h) for h, *_ in items]
+                finally:
+                    close_items(items)
+        finally:
+            r.close()

@@ -431,7 +431,7 @@ def _sequential(world: World) -> None:
 
 def test_a_get_of_an_evicted_file_writes_the_output_as_it_is_fetched(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -446,7 +446,7 @@ def test_a_get_of_an_evicted_file_writes_the_output_as_it_is_fetched(world: Worl
 
 def test_a_get_whose_first_copy_is_corrupt_writes_only_the_good_copy(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -461,7 +461,7 @@ def test_a_get_whose_first_copy_is_corrupt_writes_only_the_good_copy(world: Worl
 
 def test_a_get_with_every_copy_bad_leaves_the_output_as_it_was(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -482,7 +482,7 @@ def test_a_get_whose_output_fails_midway_still_fetches_the_file_and_leaves_no_th
     cache, and no thread is left waiting for a buffer or a piece."""
     import cloudmanagerd.fetch as fetch_module
     from cloudmanagerd.errors import OutputError
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)  # 15 pieces of 64 bytes, more than TrailingHasher.POOL buffers
     world.evict(a)

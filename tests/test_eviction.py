@@ -431,7 +431,7 @@ def _sequential(world: World) -> None:
 
 def test_a_get_of_an_evicted_file_writes_the_output_as_it_is_fetched(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -446,7 +446,7 @@ def test_a_get_of_an_evicted_file_writes_the_output_as_it_is_fetched(world: Worl
 
 def test_a_get_whose_first_copy_is_corrupt_writes_only_the_good_copy(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -461,7 +461,7 @@ def test_a_get_whose_first_copy_is_corrupt_writes_only_the_good_copy(world: Worl
 
 def test_a_get_with_every_copy_bad_leaves_the_output_as_it_was(world: World, tmp_path, monkeypatch) -> None:
     import cloudmanagerd.fetch as fetch_module
-    monkeypatch.setattr(fetch_module, "HASH_CHUNK", 64)
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
     _sequential(world)
     a = world.add("a", 900)
     world.evict(a)
@@ -473,6 +473,38 @@ def test_a_get_with_every_copy_bad_leaves_the_output_as_it_was(world: World, tmp
         with pytest.raises(CloudManagerError, match="could not fetch"):
             world.fetcher.send(a, f.fileno())
     assert out.read_bytes() == b"before\n", "no byte of a bad copy is left in the output"
+
+
+def test_a_get_whose_output_fails_midway_still_fetches_the_file_and_leaves_no_thread(world: World, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """The output is written by a thread of its own while the fetch goes on: a full output disk fails the
+    get with the reason, the fetch (more pieces than the hasher's buffers) still ends verified in the
+    cache, and no thread is left waiting for a buffer or a piece."""
+    import cloudmanagerd.fetch as fetch_module
+    from cloudmanagerd.errors import OutputError
+    monkeypatch.setattr(fetch_module, "FETCH_PIECE", 64)
+    _sequential(world)
+    a = world.add("a", 900)  # 15 pieces of 64 bytes, more than TrailingHasher.POOL buffers
+    world.evict(a)
+    real_write, calls = fetch_module._write_output, []
+
+    def full_after_two(dst, data, stall):
+        calls.append(len(data))
+        if len(calls) > 2:
+            raise OutputError("writing the output failed: No space left on device", 28)
+        real_write(dst, data, stall)
+
+    monkeypatch.setattr(fetch_module, "_write_output", full_after_two)
+    before = threading.active_count()
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        with pytest.raises(OutputError, match="No space left on device"):
+            world.fetcher.send(a, f.fileno())
+    assert threading.active_count() == before, "a hasher or output thread was left behind"
+    assert len(calls) == 3, "the output stopped at its first error"
+    assert world.cached(a) and world.object_bytes(a) == world.data[a]
+    assert out.read_bytes() == world.data[a][:128], "only bytes of the file, in order"
+    assert world.tmp_files() == []
 
 
 def _blocked_in_gate(thread: threading.Thread) -> bool:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import PY_SPY, REPO, Client, DaemonProcess, parse_size, peer_env, say, start_py_spy, stop_py_spy, table
-from benchlib import add_json_arg, write_json
+from benchlib import add_json_arg, process_cpu, write_json
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -230,7 +230,7 @@ def fetch_phase(kind: str, args: argparse.Namespace, work: Path, res: Results, s
         say(f"{kind}: dropping a {human(size)} file and waiting for its copy")
         h = d.drop("big.bin", size)
         d.wait(lambda: d.info(h)["copies"], 1800, "the big file's copy")
-        repeats = []
+        repeats, cpu = [], []
         for i in range(args.repeat):
             say(f"{kind}: evicting it with a {human(FILLER)} filler")
             filler = d.drop(f"filler-{i}.bin", FILLER)
@@ -238,7 +238,9 @@ def fetch_phase(kind: str, args: argparse.Namespace, work: Path, res: Results, s
             out = root / "out.bin"
             drop_caches(not args.warm)
             profiler = Profiler(d.proc.pid, args.profile / f"get-{kind}.txt" if args.profile else None)
+            before = process_cpu(d.proc.pid)
             seconds = timed(d.ctl("get", h, "-o", str(out)))
+            cpu.append(process_cpu(d.proc.pid) - before)
             profiler.stop()
             repeats.append(seconds)
             say(f"{kind}: get of the evicted file took {seconds:.2f} s; checking the bytes")
@@ -246,6 +248,9 @@ def fetch_phase(kind: str, args: argparse.Namespace, work: Path, res: Results, s
                 raise RuntimeError("get wrote other bytes than the file's")
             out.unlink()
         res.add(kind, "cloudmanagerctl get (evicted: fetch, verify, write)", statistics.median(repeats), size)
+        res.notes.append(f"{kind}: evicted get, each run: " + ", ".join(f"{s:.2f} s" for s in repeats)
+                         + "; daemon CPU (user + system): " + ", ".join(f"{c:.2f} s" for c in cpu)
+                         + f" (less sensitive than seconds to other work on the machine; 1-min load {os.getloadavg()[0]:.1f})")
         drop_caches(not args.warm)
         seconds = timed(d.ctl("get", h, "-o", str(root / "out.bin")))
         (root / "out.bin").unlink()

@@ -257,7 +257,8 @@ def test_the_daemon_cleans_leftovers_at_start(daemon_factory) -> None:
     os.utime(left, (hour_ago, hour_ago))
     d.start()
     wait_for(lambda: not left.exists(), message="the leftover removed at start")
-    assert "removed 1 temp file(s) left by killed uploads" in d.log()
+    # the line comes just after the removal: read the log once it is there, not at the same instant
+    wait_for(lambda: "removed 1 temp file(s) left by killed uploads" in d.log(), message="the removal logged")
 
 
 def test_a_second_finder_of_a_rotten_object_does_not_drop_the_good_one_fetched_back(tmp_path: Path) -> None:

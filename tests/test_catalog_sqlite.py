@@ -384,3 +384,17 @@ def test_a_writer_interrupted_while_it_waits_at_the_gate_leaves_it_to_the_others
     t.start()
     t.join(10)
     assert done == [True]
+
+
+def test_a_transaction_opened_within_another_on_one_thread_is_refused_and_commits_nothing(catalog: Catalog) -> None:
+    """tx() within tx() (a catalog method called inside another's transaction) must not roll the outer
+    one back and commit the inner alone: half of a change on disk. It is refused; the whole is rolled back."""
+    with pytest.raises(RuntimeError, match="within another"):
+        with catalog.db.tx() as conn:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('outer', 'x')")
+            with catalog.db.tx() as inner:
+                inner.execute("INSERT INTO meta(key, value) VALUES ('inner', 'x')")
+    assert catalog.db.connection().execute(
+        "SELECT COUNT(*) FROM meta WHERE key IN ('outer', 'inner')").fetchone()[0] == 0
+    with catalog.db.tx() as conn:  # and the gate is free again
+        conn.execute("INSERT INTO meta(key, value) VALUES ('after', 'x')")

@@ -327,9 +327,10 @@ class _WriteGate:
     @contextlib.contextmanager
     def hold(self, background: bool) -> Iterator[None]:
         me = threading.get_ident()
-        if self._owner == me:  # tx() within tx() on one thread: SQLite itself refuses it, as before
-            yield
-            return
+        if self._owner == me:
+            # tx() within tx() on one thread: the inner BEGIN would find the outer transaction open, roll
+            # it back (as one a failed COMMIT left) and commit the inner change alone: half of a change
+            raise RuntimeError("a write transaction opened within another on the same thread")
         with self._lock:
             if self._owner is None:  # free means nobody waits: a release hands it to the next waiter
                 self._owner = me

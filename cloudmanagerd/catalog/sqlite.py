@@ -395,6 +395,7 @@ class SqliteDatabase:
         self._lock = threading.Lock()
         self._gate = _WriteGate()
         self._unchecked = 0  # rows written since the last checkpoint (counted under the gate)
+        self._behind = False  # the last checkpoint left pages in the WAL (a reader held them)
         # Set by whichever thread meets the error; read by the daemon's health check.
         self.corrupt: str | None = None  # the first "malformed"/"not a database" error, for good
         self.write_error: str | None = None  # the last failed write, until a write succeeds
@@ -577,7 +578,9 @@ class SqliteDatabase:
             before = conn.total_changes
             yield from self._tx(conn)
             self._unchecked += conn.total_changes - before
-        if self._unchecked >= CHECKPOINT_ROWS * (1 if background else 4):
+        # a checkpoint a reader held back is tried again after a few rows, as SQLite's own autocheckpoint
+        # tried at every commit: waiting for the full count again let the WAL grow by it each time
+        if self._unchecked >= (CHECKPOINT_ROWS // 16 if self._behind else CHECKPOINT_ROWS * (1 if background else 4)):
             self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -587,7 +590,8 @@ class SqliteDatabase:
         (a full disk) is reported to the health check, and the next one tries again."""
         self._unchecked = 0
         with contextlib.suppress(sqlite3.Error):
-            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            busy, log, done = self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._behind = done < log  # a reader still uses pages it would have overwritten
 
     def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:

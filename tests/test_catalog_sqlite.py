@@ -425,3 +425,25 @@ def test_a_checkpoint_held_back_by_a_reader_is_tried_again_soon_after(catalog: C
     held = wal.stat().st_size
     write(1400)  # less than a full count of rows: the checkpoint tried again finishes, the WAL is reused
     assert wal.stat().st_size < held * 1.2  # (the WAL had grown by the 1,400 rows: 2.9 -> 5.6 MB)
+
+
+def test_a_process_that_writes_a_little_and_closes_leaves_no_wal_to_grow(catalog: Catalog, db_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API script (or `cloudmanagerd restore`, a second node) writing fewer rows than a checkpoint's
+    count beside a daemon that writes nothing (no remotes): each run's rows stayed in the WAL, which
+    grew with every run, since SQLite's autocheckpoint is off and the closing connection is not the last."""
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_ROWS", 400)
+    wal = Path(f"{db_path}-wal")
+    catalog.db.connection()  # the daemon's connection stays open throughout
+    sizes = []
+    for run in range(5):
+        script = Catalog.open(f"sqlite:///{db_path}", "node1")
+        try:
+            for i in range(30):
+                with script.db.tx() as conn:
+                    conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                     [(f"r{run}-{i}-{j}", "x" * 300) for j in range(40)])  # 1,200 rows a run
+        finally:
+            script.close()
+        sizes.append(wal.stat().st_size)
+    assert sizes[-1] < 2 * sizes[0], sizes

@@ -583,14 +583,14 @@ class SqliteDatabase:
         if self._unchecked >= (CHECKPOINT_ROWS // 16 if self._behind else CHECKPOINT_ROWS * (1 if background else 4)):
             self.checkpoint()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, conn: sqlite3.Connection | None = None) -> None:
         """Copy the WAL's pages into the database, outside the write gate: PASSIVE neither waits for nor
         holds SQLite's write lock, so writers go on meanwhile (as with SQLite's own autocheckpoint,
         which this replaces). An upload thread runs it, unless the ingest goes on alone; a failure
         (a full disk) is reported to the health check, and the next one tries again."""
         self._unchecked = 0
         with contextlib.suppress(sqlite3.Error):
-            busy, log, done = self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, log, done = (conn or self.connection()).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             self._behind = done < log  # a reader still uses pages it would have overwritten
 
     def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
@@ -639,6 +639,12 @@ class SqliteDatabase:
                 return fsutil.copy_fd(src.fileno(), fd)
 
     def close(self) -> None:
+        # the rows this process wrote since its last checkpoint go into the database now: another
+        # process keeps the file open (the daemon beside an API script or a restore), so closing is no
+        # checkpoint, and a script writing less than CHECKPOINT_ROWS a run grew the WAL run after run
+        conn = getattr(self._local, "conn", None) or next((c for _t, c in self._all), None)
+        if conn is not None and (self._unchecked or self._behind):
+            self.checkpoint(conn)
         with self._lock:
             for _thread, conn in self._all:
                 with contextlib.suppress(sqlite3.Error):

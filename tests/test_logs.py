@@ -410,3 +410,20 @@ def test_a_name_with_a_line_break_or_control_characters_cannot_forge_a_log_line(
         assert "registered x\\n2026-01-01T00:00:00.000+00:00 ERROR" in lines[0]
         assert lines[4].endswith("registered v\\udcff\\n2026-01-01T00:00:00.000+00:00 ERROR cloudmanagerd.uploads: "
                                  "remote nas down")
+
+
+def test_timestamps_stay_right_across_midnight_and_a_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the per-second cache is keyed by the record's own second: a clock stepped back an hour (or a
+    # day), then forward again, and a record of a second before one already stamped, all come out right
+    monkeypatch.setenv("TZ", "Asia/Kathmandu")  # +05:45: the offset's minutes must be kept
+    time.tzset()
+    try:
+        midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5, minutes=45)))
+        m = midnight.timestamp()
+        for t in (m - 0.001, m, m - 0.0004, m + 0.999, m - 3600.25, m - 86400.5, m + 0.5, m - 1e-7, m + 1 - 1e-7):
+            assert timestamp(t) == datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+        assert timestamp(m - 0.001) == "2026-02-28T23:59:59.999+05:45"
+        assert timestamp(m) == "2026-03-01T00:00:00.000+05:45"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,9 @@ class RepeatFilter(logging.Filter):
         self.clock = clock
         self.remember = remember
         self._seen: collections.OrderedDict[tuple[Any, ...], list[float]] = collections.OrderedDict()
+        # threads log at once and no handler lock is held here (LineHandler formats outside it): one
+        # thread's eviction could remove the kind another has just stored and is moving to the end
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         # an event with a MESSAGE_ID is an alert, and its source already says it once (a remote down once
@@ -99,6 +103,10 @@ class RepeatFilter(logging.Filter):
                                     failures, h if record.levelno >= logging.ERROR else None)
         else:
             key = (record.levelno, record.getMessage())
+        with self._lock:
+            return self._count(record, key, per_kind)
+
+    def _count(self, record: logging.LogRecord, key: tuple[Any, ...], per_kind: bool) -> bool:
         now = self.clock()
         entry = self._seen.get(key)
         if entry is not None and now - entry[0] < self.window:

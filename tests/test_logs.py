@@ -427,3 +427,4 @@ def test_timestamps_stay_right_across_midnight_and_a_clock_stepped_back(monkeypa
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+

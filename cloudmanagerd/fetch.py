@@ -76,6 +76,7 @@ class TrailingHasher:
         self.offset = 0
         self.written = 0
         self.final: int | None = None
+        self.error: OSError | None = None  # a read that failed: finish() then gives None
         self._chunk = chunk or HASH_CHUNK
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(self.POOL if sink is not None else 1):
@@ -96,7 +97,14 @@ class TrailingHasher:
                 target = self.final if self.final is not None else self.written
                 if self.offset < target:
                     buf = self._free.get()
-                    n = os.preadv(self.fd, [memoryview(buf)[: min(self._chunk, target - self.offset)]], self.offset)
+                    try:
+                        n = os.preadv(self.fd, [memoryview(buf)[: min(self._chunk, target - self.offset)]],
+                                      self.offset)
+                    except OSError as exc:
+                        # a read error on the temp (EIO): the fetch reads the file again itself and meets
+                        # the error there, where it is reported; a traceback from this thread helps no one
+                        self.error = exc
+                        return
                     if not n:
                         return
                     piece = memoryview(buf)[:n]

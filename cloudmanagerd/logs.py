@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,9 @@ class RepeatFilter(logging.Filter):
         self.clock = clock
         self.remember = remember
         self._seen: collections.OrderedDict[tuple[Any, ...], list[float]] = collections.OrderedDict()
+        # threads log at once and no handler lock is held here (LineHandler formats outside it): one
+        # thread's eviction could remove the kind another has just stored and is moving to the end
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         # an event with a MESSAGE_ID is an alert, and its source already says it once (a remote down once
@@ -99,6 +103,10 @@ class RepeatFilter(logging.Filter):
                                     failures, h if record.levelno >= logging.ERROR else None)
         else:
             key = (record.levelno, record.getMessage())
+        with self._lock:
+            return self._count(record, key, per_kind)
+
+    def _count(self, record: logging.LogRecord, key: tuple[Any, ...], per_kind: bool) -> bool:
         now = self.clock()
         entry = self._seen.get(key)
         if entry is not None and now - entry[0] < self.window:
@@ -142,9 +150,24 @@ class LineHandler(logging.StreamHandler):
         return True
 
 
+# What a name (a file dropped in the inbox, a remote's error) must not bring into a line as it is: line
+# breaks (\n, \r, and those str.splitlines and some viewers break on) would forge a second log line, and
+# control characters (ESC) would reach the terminal that shows it. Written as Python would escape them.
+_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 0x09},
+             0x0a: "\\n", 0x0d: "\\r", **_BREAKS}
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        if line.isprintable():  # nearly every line
+            return line
+        # and a name that is not UTF-8 gets its \udcXX escapes here, as in JSON, whatever the stream's errors=
+        return line.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode("utf-8")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return timestamp(record.created)
@@ -171,8 +194,9 @@ class JsonFormatter(logging.Formatter):
         line = json.dumps(out, ensure_ascii=False)
         if line.isascii():  # nearly every line: nothing to escape (the round trip below was a tenth of it)
             return line
-        # a name that is not UTF-8 (surrogate escapes) becomes a \udcXX escape, still valid JSON
-        return line.encode("utf-8", "backslashreplace").decode("utf-8")
+        # a name that is not UTF-8 (surrogate escapes) becomes a \udcXX escape, still valid JSON; the line
+        # breaks JSON leaves as they are (U+2028, NEL) as \uXXXX, or a reader splitting lines cuts the line
+        return line.encode("utf-8", "backslashreplace").decode("utf-8").translate(_BREAKS)
 
 
 _SRCFILE = logging._srcfile  # type: ignore[attr-defined]

@@ -814,3 +814,29 @@ def test_offers_from_other_threads_never_break_the_ingest_thread() -> None:
     finally:
         sys.setswitchinterval(switch)
     assert errors == []
+
+
+def test_a_read_error_in_the_trailing_hasher_gives_no_digest_and_no_thread_traceback(tmp_path, monkeypatch) -> None:
+    """EIO while the hasher reads the fetch's temp back: finish() says "no digest" (the fetch then reads
+    the file itself and meets the error where it is reported), and the thread ends without a traceback."""
+    from cloudmanagerd import fetch as fetch_module
+
+    path = tmp_path / "temp"
+    path.write_bytes(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    seen: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fetch_module.os, "preadv", failing)
+    try:
+        hasher = fetch_module.TrailingHasher(fd, chunk=1024)
+        hasher.advance(4096)
+        assert hasher.finish(4096) is None
+        assert isinstance(hasher.error, OSError) and hasher.error.errno == 5
+        assert seen == []
+        assert not hasher._thread.is_alive()
+    finally:
+        os.close(fd)

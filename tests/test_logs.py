@@ -365,3 +365,66 @@ def test_json_lines_escape_a_name_that_is_not_utf8(monkeypatch: pytest.MonkeyPat
     line = capsys.readouterr().err.strip()
     assert "caf\\udce9 \u00e9t\u00e9" in line  # the byte escaped, the UTF-8 kept as it is
     assert json.loads(line)["message"] == "registered caf\udce9 \u00e9t\u00e9"
+
+
+def test_the_journal_gets_the_callers_file_line_and_thread_even_after_a_text_setup(
+        monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    # the text and JSON handlers turn the caller lookups off process-wide: a later journal setup turns them on
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("info", "json")
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    setup_logging("info")
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, JournalHandler)
+    sent: list[dict[str, object]] = []
+    handler.send = lambda message, /, **fields: sent.append(fields)
+    logging.getLogger("cloudmanagerd.ingest").warning("file at risk %s", H, extra={"MESSAGE_ID": FILE_AT_RISK})
+    (got,) = sent
+    assert got["CODE_FILE"] == __file__ and int(str(got["CODE_LINE"])) > 0
+    assert got["CODE_FUNC"] == "test_the_journal_gets_the_callers_file_line_and_thread_even_after_a_text_setup"
+    assert got["THREAD_NAME"] == threading.current_thread().name
+    assert got["MESSAGE_ID"] == FILE_AT_RISK
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_name_with_a_line_break_or_control_characters_cannot_forge_a_log_line(
+        log_format: str, monkeypatch: pytest.MonkeyPatch, restore_logging: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a file dropped as "x\n<time> ERROR cloudmanagerd.uploads: remote nas down" must stay one line
+    # that reads as what it is, in the text log as in JSON; and no escape sequence reaches a terminal
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("info", log_format)
+    forged = "2026-01-01T00:00:00.000+00:00 ERROR cloudmanagerd.uploads: remote nas down"
+    names = [f"x\n{forged}", f"y\r{forged}", f"z\u2028{forged}", "w\x1b[2Jcleared\x00\x7f\x85",
+             os.fsdecode(b"v\xff\n") + forged]
+    log = logging.getLogger("cloudmanagerd.ingest")
+    for name in names:
+        log.info("registered %s", name)
+    lines = capsys.readouterr().err.splitlines()  # splitlines: \r, \u2028, \x85 ... count as breaks too
+    assert len(lines) == len(names), lines
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert not any("\x1b" in line or "\x00" in line for line in lines)
+    if log_format == "json":
+        assert [json.loads(line)["message"] for line in lines] == [f"registered {n}" for n in names]
+    else:
+        assert "registered x\\n2026-01-01T00:00:00.000+00:00 ERROR" in lines[0]
+        assert lines[4].endswith("registered v\\udcff\\n2026-01-01T00:00:00.000+00:00 ERROR cloudmanagerd.uploads: "
+                                 "remote nas down")
+
+
+def test_timestamps_stay_right_across_midnight_and_a_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the per-second cache is keyed by the record's own second: a clock stepped back an hour (or a
+    # day), then forward again, and a record of a second before one already stamped, all come out right
+    monkeypatch.setenv("TZ", "Asia/Kathmandu")  # +05:45: the offset's minutes must be kept
+    time.tzset()
+    try:
+        midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5, minutes=45)))
+        m = midnight.timestamp()
+        for t in (m - 0.001, m, m - 0.0004, m + 0.999, m - 3600.25, m - 86400.5, m + 0.5, m - 1e-7, m + 1 - 1e-7):
+            assert timestamp(t) == datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+        assert timestamp(m - 0.001) == "2026-02-28T23:59:59.999+05:45"
+        assert timestamp(m) == "2026-03-01T00:00:00.000+05:45"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pwd
@@ -300,50 +301,81 @@ class _WriteGate:
 
     Without it, threads meet at SQLite's lock, whose busy handler sleeps 1, 2, 5 ... 100 ms between
     tries without waking when the lock is freed: with four upload threads committing back to back,
-    the ingest thread's BEGIN IMMEDIATE waited 60-150 ms (a single drop's latency, at p99). Here a
-    waiter wakes the moment the lock is released, and background writers (threads that relaxed their
-    durability: the uploads) let a waiting foreground writer (ingest, a command) go first. Other
-    processes on the same file (nodes, API scripts) still meet at SQLite's lock."""
+    the ingest thread's BEGIN IMMEDIATE waited 60-150 ms (a single drop's latency, at p99). Here the
+    releasing thread hands the gate to the next waiter itself, and background writers (threads that
+    relaxed their durability: the uploads) let a waiting foreground writer (ingest, a command) go
+    first, FOREGROUND_TURNS times at most in a row. Handed over, not raced for: a waiter woken to race
+    lost every time to a writer calling tx() again at once, and an upload thread waited out the busy
+    timeout behind a steady ingest. Other processes on the same file (nodes, API scripts) still meet
+    at SQLite's lock."""
+
+    FOREGROUND_TURNS = 8
 
     def __init__(self, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.timeout = timeout
         self._lock = threading.Lock()
-        # one queue each, and one waiter woken per release: waking every waiter made them all contend
-        # for the GIL with the thread that had just taken the gate
-        self._turn = {background: threading.Condition(self._lock) for background in (True, False)}
+        # each waiter: its thread and a lock held until the gate is handed to it
+        self._queue: dict[bool, collections.deque[tuple[int, threading.Lock]]] = {
+            True: collections.deque(), False: collections.deque()}  # background, foreground
         self._owner: int | None = None
-        self.waiting = {True: 0, False: 0}  # background, foreground
+        self._passed = 0  # foreground turns in a row while a background writer waited
+
+    @property
+    def waiting(self) -> dict[bool, int]:
+        return {background: len(queue) for background, queue in self._queue.items()}
 
     @contextlib.contextmanager
     def hold(self, background: bool) -> Iterator[None]:
         me = threading.get_ident()
-        if self._owner == me:  # tx() within tx() on one thread: SQLite itself refuses it, as before
-            yield
-            return
+        if self._owner == me:
+            # tx() within tx() on one thread: the inner BEGIN would find the outer transaction open, roll
+            # it back (as one a failed COMMIT left) and commit the inner change alone: half of a change
+            raise RuntimeError("a write transaction opened within another on the same thread")
         with self._lock:
-            self.waiting[background] += 1
+            if self._owner is None:  # free means nobody waits: a release hands it to the next waiter
+                self._owner = me
+                entry = None
+            else:
+                entry = (me, threading.Lock())
+                entry[1].acquire()
+                self._queue[background].append(entry)
+        if entry is not None:
             try:
                 # as long as SQLite's busy timeout, and the same error after it
-                free = self._turn[background].wait_for(
-                    lambda: self._owner is None and not (background and self.waiting[False]), self.timeout)
-            finally:
-                self.waiting[background] -= 1
-            if not free:
-                self._wake()  # a wake-up that came with the timeout goes to the next waiter
+                handed = entry[1].acquire(timeout=self.timeout)
+            except BaseException:  # KeyboardInterrupt while waiting: not left in the queue to be handed it
+                if self._leave(background, entry):
+                    self._release()  # handed it just then: passed on
+                raise
+            if not handed and not self._leave(background, entry):
                 raise sqlite3.OperationalError("database is locked (by another thread of this process)")
-            self._owner = me
         try:
             yield
         finally:
-            with self._lock:
-                self._owner = None
-                self._wake()
+            self._release()
 
-    def _wake(self) -> None:
-        for background in (False, True):
-            if self.waiting[background]:
-                self._turn[background].notify()
+    def _leave(self, background: bool, entry: tuple[int, threading.Lock]) -> bool:
+        """A waiter gives up; True if the gate was handed to it meanwhile (it holds it then)."""
+        with self._lock:
+            if entry in self._queue[background]:
+                self._queue[background].remove(entry)
+                return False
+        return True
+
+    def _release(self) -> None:
+        with self._lock:
+            foreground, background = self._queue[False], self._queue[True]
+            if foreground and (not background or self._passed < self.FOREGROUND_TURNS):
+                self._passed = self._passed + 1 if background else 0
+                nxt = foreground.popleft()
+            elif background:
+                self._passed = 0
+                nxt = background.popleft()
+            else:
+                self._owner = None
                 return
+            self._owner = nxt[0]
+            nxt[1].release()
 
 
 class SqliteDatabase:
@@ -363,6 +395,7 @@ class SqliteDatabase:
         self._lock = threading.Lock()
         self._gate = _WriteGate()
         self._unchecked = 0  # rows written since the last checkpoint (counted under the gate)
+        self._behind = False  # the last checkpoint left pages in the WAL (a reader held them)
         # Set by whichever thread meets the error; read by the daemon's health check.
         self.corrupt: str | None = None  # the first "malformed"/"not a database" error, for good
         self.write_error: str | None = None  # the last failed write, until a write succeeds
@@ -545,17 +578,20 @@ class SqliteDatabase:
             before = conn.total_changes
             yield from self._tx(conn)
             self._unchecked += conn.total_changes - before
-        if self._unchecked >= CHECKPOINT_ROWS * (1 if background else 4):
+        # a checkpoint a reader held back is tried again after a few rows, as SQLite's own autocheckpoint
+        # tried at every commit: waiting for the full count again let the WAL grow by it each time
+        if self._unchecked >= (CHECKPOINT_ROWS // 16 if self._behind else CHECKPOINT_ROWS * (1 if background else 4)):
             self.checkpoint()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, conn: sqlite3.Connection | None = None) -> None:
         """Copy the WAL's pages into the database, outside the write gate: PASSIVE neither waits for nor
         holds SQLite's write lock, so writers go on meanwhile (as with SQLite's own autocheckpoint,
         which this replaces). An upload thread runs it, unless the ingest goes on alone; a failure
         (a full disk) is reported to the health check, and the next one tries again."""
         self._unchecked = 0
         with contextlib.suppress(sqlite3.Error):
-            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            busy, log, done = (conn or self.connection()).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._behind = done < log  # a reader still uses pages it would have overwritten
 
     def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
@@ -603,6 +639,12 @@ class SqliteDatabase:
                 return fsutil.copy_fd(src.fileno(), fd)
 
     def close(self) -> None:
+        # the rows this process wrote since its last checkpoint go into the database now: another
+        # process keeps the file open (the daemon beside an API script or a restore), so closing is no
+        # checkpoint, and a script writing less than CHECKPOINT_ROWS a run grew the WAL run after run
+        conn = getattr(self._local, "conn", None) or next((c for _t, c in self._all), None)
+        if conn is not None and (self._unchecked or self._behind):
+            self.checkpoint(conn)
         with self._lock:
             for _thread, conn in self._all:
                 with contextlib.suppress(sqlite3.Error):

@@ -164,3 +164,32 @@ def test_a_disk_that_fills_mid_commit_leaves_the_thread_able_to_write_again(tmp_
             assert catalog.counts(1, 1)["total_incoming"] == 7
         finally:
             catalog.close()
+
+
+def rows(catalog: Catalog) -> int:
+    return catalog.db.connection().execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0]
+
+
+def test_a_checkpoint_on_a_full_disk_is_reported_loses_nothing_and_is_done_once_there_is_room(
+        tmp_path: Path) -> None:
+    # the WAL's pages go into the database file, which must grow: on a full disk the checkpoint fails,
+    # the health check hears of it, every row stays readable (from the WAL), and closing does not raise
+    with tmpfs(tmp_path / "state", "4m") as state:
+        path = state / "catalog.sqlite3"
+        catalog = Catalog.open(f"sqlite:///{path}", "node1")
+        try:
+            with catalog.db.tx() as conn:
+                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                                 [(f"k{i}", "x" * 500) for i in range(2000)])
+            filler = fill(state)
+            catalog.db.checkpoint()
+            assert "full" in (catalog.db.write_error or "")
+            assert rows(catalog) == 2000
+            catalog.close()  # checkpoints what it wrote: fails again, quietly
+            filler.unlink()
+            catalog = Catalog.open(f"sqlite:///{path}", "node1")
+            catalog.db.checkpoint()
+            assert catalog.db.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+            assert rows(catalog) == 2000
+        finally:
+            catalog.close()

@@ -447,3 +447,44 @@ def test_a_process_that_writes_a_little_and_closes_leaves_no_wal_to_grow(catalog
             script.close()
         sizes.append(wal.stat().st_size)
     assert sizes[-1] < 2 * sizes[0], sizes
+
+
+def _busy() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database is locked")
+    exc.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    return exc
+
+
+def test_a_lock_sqlite_refuses_at_once_while_opening_is_tried_again(tmp_path: Path, monkeypatch) -> None:
+    """Several nodes opening a new file together: SQLite may answer "locked" at once instead of waiting
+    (where a wait could deadlock). The start tries again and opens the catalog, instead of failing."""
+    real = sqlite_backend.SqliteDatabase.check
+    calls: list[int] = []
+
+    def check_locked_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise _busy()
+        return real(self)
+
+    monkeypatch.setattr(sqlite_backend.SqliteDatabase, "check", check_locked_once)
+    catalog = Catalog.open(f"sqlite:///{tmp_path}/catalog.db", "node1")
+    try:
+        assert len(calls) == 2 and catalog.schema_version() == SCHEMA_VERSION
+    finally:
+        catalog.close()
+
+
+def test_a_lock_that_stays_is_reported_after_three_tries(tmp_path: Path, monkeypatch) -> None:
+    from cloudmanagerd.errors import StartupError
+
+    calls: list[int] = []
+
+    def always_locked(self):
+        calls.append(1)
+        raise _busy()
+
+    monkeypatch.setattr(sqlite_backend.SqliteDatabase, "check", always_locked)
+    with pytest.raises(StartupError, match="locked"):
+        Catalog.open(f"sqlite:///{tmp_path}/catalog.db", "node1")
+    assert len(calls) == 3

@@ -122,28 +122,35 @@ class Catalog:
     def open(cls, url: str, node: str, create: bool = True, clock: Callable[[], float] = time.time) -> Catalog:
         """`create=False`: an empty database is refused, not given a new schema (a snapshot to restore
         must be a catalog: an empty one would install as a catalog that knows no file)."""
-        if url.startswith("sqlite:///"):
-            catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node, clock)
-        elif url.lower().startswith(POSTGRES_SCHEMES):
-            from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
-            catalog = cls(PostgresDatabase(url), node, clock)
-        else:
-            raise StartupError(f"catalog {scrub(url)}: not a sqlite:/// or postgresql:// URL")
-        try:
-            # A damaged file must stop the start, not be run on: it would fail `ls` and every
-            # ingest for ever while saying "running" (issue 10).
-            damage = catalog.db.check()
-            if damage:
-                raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): {catalog.db.recovery_hint()}")
-            catalog.migrate(create)
-            catalog.sync_clock()
-        except DB_ERRORS as exc:
-            catalog.close()
-            raise StartupError(catalog.db.explain(exc)) from None
-        except BaseException:
-            catalog.close()
-            raise
-        return catalog
+        for attempt in (1, 2, 3):
+            if url.startswith("sqlite:///"):
+                catalog = cls(SqliteDatabase(url[len("sqlite:///"):]), node, clock)
+            elif url.lower().startswith(POSTGRES_SCHEMES):
+                from .postgres import PostgresDatabase  # only a PostgreSQL catalog needs the pool
+                catalog = cls(PostgresDatabase(url), node, clock)
+            else:
+                raise StartupError(f"catalog {scrub(url)}: not a sqlite:/// or postgresql:// URL")
+            began = time.monotonic()
+            try:
+                # A damaged file must stop the start, not be run on: it would fail `ls` and every
+                # ingest for ever while saying "running" (issue 10).
+                damage = catalog.db.check()
+                if damage:
+                    raise StartupError(f"catalog {catalog.db.where} is damaged ({damage}): "
+                                       f"{catalog.db.recovery_hint()}")
+                catalog.migrate(create)
+                catalog.sync_clock()
+            except DB_ERRORS as exc:
+                catalog.close()
+                if attempt < 3 and catalog.db.busy_at_once(exc, time.monotonic() - began):
+                    time.sleep(0.05 * attempt)
+                    continue
+                raise StartupError(catalog.db.explain(exc)) from None
+            except BaseException:
+                catalog.close()
+                raise
+            return catalog
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def close(self) -> None:
         self.db.close()

@@ -478,6 +478,11 @@ class PostgresDatabase:
     def recovery_hint(self) -> str:
         return f"restore {self.where} from a pg_dump backup (README: Catalog)"
 
+    @staticmethod
+    def busy_at_once(exc: BaseException, seconds: float) -> bool:
+        """PostgreSQL waits for its locks (the schema's advisory lock included): nothing to try again."""
+        return False
+
     def explain(self, exc: BaseException) -> str:
         first = scrub(str(exc)) or type(exc).__name__
         state = getattr(exc, "sqlstate", None)

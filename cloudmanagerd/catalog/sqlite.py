@@ -9,10 +9,10 @@ import pwd
 import sqlite3
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 
 from .. import fsutil
+from ..health import Recent
 
 BUSY_TIMEOUT_MS = 30_000
 IDENTITY_EVERY = 1.0  # seconds between two looks at the catalog's path (damage()): how late a replaced file is seen
@@ -401,7 +401,9 @@ class SqliteDatabase:
         self.write_error: str | None = None  # the last failed write, until a write succeeds
         self.write_error_code: int | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
-        self._identity_seen: tuple[float, str | None] = (-IDENTITY_EVERY, None)  # (monotonic, damage()) last looked
+        # what the catalog's path names, looked at once per IDENTITY_EVERY: status asks on every call, and
+        # each stat() lets a busy thread take the GIL for up to the switch interval (status p99, issue 12)
+        self._path_seen = Recent(self._look_at_path, IDENTITY_EVERY)
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)
 
@@ -520,7 +522,7 @@ class SqliteDatabase:
         rows = self.connection().execute("PRAGMA quick_check").fetchall()
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
-        self._identity_seen = (-IDENTITY_EVERY, None)
+        self._path_seen.refresh()  # the file just opened is the one the path names
         if rows == [("ok",)]:
             return None
         return "; ".join(str(r[0]) for r in rows[:3]) + (" ..." if len(rows) > 3 else "")
@@ -533,15 +535,7 @@ class SqliteDatabase:
             return self.corrupt
         if self._identity is None:
             return None
-        # the path is looked at once per IDENTITY_EVERY: status asks on every call, and each stat()
-        # lets a busy thread take the GIL for up to the switch interval (status p99, issue 12)
-        now = time.monotonic()
-        seen = self._identity_seen
-        if now - seen[0] < IDENTITY_EVERY:
-            return seen[1]
-        found = self._look_at_path()
-        self._identity_seen = (now, found)
-        return found
+        return self._path_seen.get()
 
     def _look_at_path(self) -> str | None:
         try:

@@ -517,20 +517,11 @@ def test_put_many_to_s3_with_wrong_credentials_is_a_remote_error_for_each(seawee
 
 def test_the_uploader_sends_rclone_batches_and_never_records_a_mismatching_object(tmp_path: Path,
                                                                                   empty_config: str) -> None:
-    import random
+    from test_uploads import World, step
 
-    from test_uploads import World, policy, step
-
-    from cloudmanagerd.uploads import Uploader
     world = World(tmp_path)
     remote = RcloneRemote("rc", f":local:{tmp_path}/objects", config=empty_config)
-    calls: list[int] = []
-    put_many = remote.put_many
-    remote.put_many = lambda items: calls.append(len(items)) or put_many(items)  # type: ignore[method-assign]
-    bad: list[str] = []
-    up = Uploader(world.catalog, world.cache, {"rc": remote}, ["rc"], policy(redundancy=1, concurrency=1),
-                  lease=60.0, now=world.now, rng=random.Random(1), bad_object=lambda h, size, why, seen: bad.append(h))
-    world.uploaders.append(up)
+    up, calls, bad = world.batch_uploader(remote)
     try:
         hashes = [world.add_file(f"rclone object {i:02d}".encode() * 40, ["rc"]) for i in range(12)]
         rotten = hashes[5]

@@ -550,20 +550,11 @@ def test_put_many_when_required_checksums_goes_through_put(seaweed, bucket, tmp_
 
 def test_the_uploader_sends_s3_batches_and_never_records_a_mismatching_object(seaweed, bucket,  # noqa: F811
                                                                                 tmp_path) -> None:
-    import random
+    from test_uploads import World, step
 
-    from test_uploads import World, policy, step
-
-    from cloudmanagerd.uploads import Uploader
     world = World(tmp_path)
     s3 = make_remote(seaweed, bucket)
-    bad: list[str] = []
-    calls: list[int] = []
-    put_many = s3.put_many
-    s3.put_many = lambda items: calls.append(len(items)) or put_many(items)  # type: ignore[method-assign]
-    up = Uploader(world.catalog, world.cache, {"s3": s3}, ["s3"], policy(redundancy=1, concurrency=1),
-                  lease=60.0, now=world.now, rng=random.Random(1), bad_object=lambda h, size, why, seen: bad.append(h))
-    world.uploaders.append(up)
+    up, calls, bad = world.batch_uploader(s3)
     try:
         hashes = [world.add_file(f"s3 object {i:02d}".encode() * 50, ["s3"]) for i in range(20)]
         rotten = hashes[7]
@@ -581,7 +572,7 @@ def test_the_uploader_sends_s3_batches_and_never_records_a_mismatching_object(se
         s3.close()
 
 
-# -- the batch PUTs' own signer and connections --------------------------------------------------
+# -- the batch PUTs' own connections --------------------------------------------------------
 
 def test_put_many_under_a_prefix_that_needs_encoding_lands_under_each_key(seaweed, bucket,  # noqa: F811
                                                                             tmp_path) -> None:

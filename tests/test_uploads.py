@@ -167,6 +167,19 @@ class World:
         self.uploaders.append(up)
         return up
 
+    def batch_uploader(self, remote) -> tuple[Uploader, list[int], list[str]]:
+        """One real remote's uploader, one pair at a time and redundancy 1: (uploader, the size of each
+        put_many batch the remote was given, the hashes reported as bad cache objects)."""
+        batches: list[int] = []
+        bad: list[str] = []
+        put_many = remote.put_many
+        remote.put_many = lambda items: batches.append(len(items)) or put_many(items)
+        up = Uploader(self.catalog, self.cache, {remote.name: remote}, [remote.name],
+                      policy(redundancy=1, concurrency=1), lease=60.0, now=self.now, rng=random.Random(1),
+                      bad_object=lambda h, size, why, seen: bad.append(h))
+        self.uploaders.append(up)
+        return up, batches, bad
+
     def reopen_catalog(self) -> Catalog:
         catalog = Catalog.open(self.url, "node1")
         self.catalogs.append(catalog)

@@ -89,6 +89,16 @@ def node_state(heartbeat: float, stopped: float | None, now: float, lease: float
     return "stopped" if stopped is not None else "up" if heartbeat > now - lease else "down"
 
 
+IN_CHUNK = 500  # values per IN (...) list: well below SQLite's limit on a statement's parameters
+
+
+def rows_in(conn: Any, sql: str, keys: Sequence[Any]) -> Iterator[Any]:
+    """The rows of `sql`, whose `{marks}` is an IN list, for all of `keys`: run once per IN_CHUNK of them."""
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
+        yield from conn.execute(sql.replace("{marks}", ",".join("?" * len(chunk))), chunk)
+
+
 def month_of(now: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(now))
 
@@ -251,9 +261,7 @@ class Catalog:
         # a statement per step for the whole batch, not per file: on a server each statement is a
         # round trip (executemany pipelines its rows), and a batch of files cost 4 per file
         with self.db.tx() as conn:
-            known = {h for i in range(0, len(hashes), 500) for (h,) in conn.execute(
-                f"SELECT hash FROM files WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))})",
-                hashes[i:i + 500])}
+            known = {h for (h,) in rows_in(conn, "SELECT hash FROM files WHERE hash IN ({marks})", hashes)}
             first = {r.hash: r for r in reversed(records)}  # the first name of each new content
             new = [h for h in hashes if h not in known]
             # ON CONFLICT DO NOTHING: another node may have registered the same content meanwhile
@@ -620,11 +628,9 @@ class Catalog:
                 "updated=? WHERE hash=? AND remote=?", [(now, h, remote) for h, remote, _, _ in copies])
             hashes = sorted({h for h, *_ in copies})
             proven: dict[str, list[float]] = {h: [] for h in hashes}
-            for i in range(0, len(hashes), 500):
-                for h, when in conn.execute(
-                        "SELECT hash, COALESCE(verified, created) FROM copies "
-                        f"WHERE hash IN ({','.join('?' * len(hashes[i:i + 500]))}) AND bad=0", hashes[i:i + 500]):
-                    proven[h].append(when)
+            for h, when in rows_in(conn, "SELECT hash, COALESCE(verified, created) FROM copies "
+                                   "WHERE hash IN ({marks}) AND bad=0", hashes):
+                proven[h].append(when)
             # given-up pairs go too once a file has its copies: `retry` must not over-copy
             conn.executemany("DELETE FROM uploads WHERE hash=? AND state IN ('queued', 'retrying', 'failed')",
                              [(h,) for h, times in proven.items() if len(times) >= redundancy])
